@@ -1,0 +1,28 @@
+"""lca's attention family: one signature, one mask, one merge, one oracle.
+
+All variants take ``q [batch, q_len, num_heads, head_dim]`` and
+``k, v [batch, kv_len, num_kv_heads, head_dim]`` and follow the semantics of
+:func:`reference_attention`.
+"""
+
+from lca.attention.blockwise import BlockSizes, blockwise_attention, blockwise_backward, blockwise_forward
+from lca.attention.impl import LocalImpl, get_impl, register_impl
+from lca.attention.inputs import LogitOptions
+from lca.attention.mask import Mask
+from lca.attention.merge import merge_attention, merge_lse
+from lca.attention.reference import reference_attention
+
+__all__ = [
+    "BlockSizes",
+    "LocalImpl",
+    "LogitOptions",
+    "Mask",
+    "blockwise_attention",
+    "blockwise_backward",
+    "blockwise_forward",
+    "get_impl",
+    "merge_attention",
+    "merge_lse",
+    "reference_attention",
+    "register_impl",
+]

@@ -1,0 +1,359 @@
+"""Memory-efficient blockwise attention: O(n) memory in the forward and the backward.
+
+The forward walks query blocks and, for each, key blocks with an online softmax
+(Rabe & Staats, "Self-attention Does Not Need O(n^2) Memory"; FlashAttention),
+never holding a ``[q_len, kv_len]`` array. The backward is a ``jax.custom_vjp``
+that recomputes each block from the saved output and log-sum-exp
+(FlashAttention-2), so nothing quadratic is saved for the gradient either.
+
+Key blocks that the causal/window mask hides entirely are skipped with
+``lax.cond`` on the block's position range (see ``Mask.block_visible``), so a
+causal pass does about half the work of a full one.
+
+``blockwise_forward`` / ``blockwise_backward`` are the building blocks that ring
+attention reuses for each step: they take explicit token positions, return the
+float32 output with its lse, and take the *global* lse in the backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from jax import lax
+
+from lca.attention import inputs
+from lca.attention.inputs import LogitOptions
+from lca.attention.mask import Mask
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Query and key block lengths. Lengths they do not divide are padded and masked."""
+
+    block_q: int = 512
+    block_kv: int = 512
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    mask: Mask
+    logit: LogitOptions
+    blocks: BlockSizes
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pad_axis(x, axis: int, size: int, mode: str = "constant"):
+    """Pad ``x`` along ``axis`` up to ``size`` (``mode='edge'`` repeats the last value)."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, mode=mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiling:
+    """Block layout of one call: how many blocks of which length on each side."""
+
+    q_len: int
+    kv_len: int
+    block_q: int
+    block_kv: int
+
+    @classmethod
+    def of(cls, q_len: int, kv_len: int, blocks: BlockSizes) -> "_Tiling":
+        return cls(q_len, kv_len, min(blocks.block_q, q_len), min(blocks.block_kv, kv_len))
+
+    @property
+    def num_q(self) -> int:
+        return _cdiv(self.q_len, self.block_q)
+
+    @property
+    def num_kv(self) -> int:
+        return _cdiv(self.kv_len, self.block_kv)
+
+    def q_blocks(self, x, pattern_in: str, pattern_out: str, **sizes):
+        """Pad the query axis (axis 1 of ``x``) and split it into leading blocks."""
+        x = _pad_axis(x, 1, self.num_q * self.block_q)
+        return rearrange(x, f"{pattern_in} -> {pattern_out}", t=self.block_q, **sizes)
+
+    def kv_side(self, k, v, kv_pos, kv_seg):
+        """Scan inputs over key blocks: k/v blocks, positions, validity, segments, ranges."""
+        padded = self.num_kv * self.block_kv
+        k_blk = rearrange(_pad_axis(k, 1, padded), "b (n t) h d -> n b t h d", t=self.block_kv)
+        v_blk = rearrange(_pad_axis(v, 1, padded), "b (n t) h d -> n b t h d", t=self.block_kv)
+        pos = _pad_axis(kv_pos, 0, padded, mode="edge").reshape(self.num_kv, self.block_kv)
+        valid = (jnp.arange(padded) < self.kv_len).reshape(self.num_kv, self.block_kv)
+        seg = None
+        if kv_seg is not None:
+            seg = rearrange(_pad_axis(kv_seg, 1, padded), "b (n t) -> n b t", t=self.block_kv)
+        return k_blk, v_blk, pos, valid, seg, pos.min(axis=1), pos.max(axis=1)
+
+    def q_positions(self, q_pos):
+        padded = self.num_q * self.block_q
+        pos = _pad_axis(q_pos, 0, padded, mode="edge").reshape(self.num_q, self.block_q)
+        return pos, pos.min(axis=1), pos.max(axis=1)
+
+    def q_segments(self, q_seg):
+        if q_seg is None:
+            return None
+        padded = self.num_q * self.block_q
+        return rearrange(_pad_axis(q_seg, 1, padded), "b (n t) -> n b t", t=self.block_q)
+
+
+def _block_logits(q_blk, k_blk, q_pos, kv_pos, kv_valid, q_seg, kv_seg, mask, logit):
+    """Masked logits ``[b, hk, g, tq, tk]`` of one block pair, and the unmasked capped ones.
+
+    ``q_blk [b, tq, hk, g, d]``, ``k_blk [b, tk, hk, d]``.
+    """
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+    capped = logit.apply(scores)
+    visible = (mask.visible(q_pos, kv_pos) & kv_valid[None, :])[None]  # [1, tq, tk]
+    if q_seg is not None:
+        visible = visible & (q_seg[:, :, None] == kv_seg[:, None, :])
+    return jnp.where(visible[:, None, None], capped, -jnp.inf), capped
+
+
+def _skip_unless(visible, compute, carry):
+    """Run ``compute(carry)`` only when the block may hold a visible pair."""
+    if visible is True:
+        return compute(carry)
+    return lax.cond(visible, compute, lambda c: c, carry)
+
+
+def _block_visible(mask: Mask, q_lo, q_hi, kv_lo, kv_hi):
+    return True if mask.is_full else mask.block_visible(q_lo, q_hi, kv_lo, kv_hi)
+
+
+def blockwise_forward(
+    q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, *, mask: Mask, logit: LogitOptions,
+    blocks: BlockSizes = BlockSizes(),
+):
+    """Attention of ``q`` over ``k, v`` with explicit positions, in O(n) memory.
+
+    Args:
+      q: ``[b, q_len, h, d]``; k, v: ``[b, kv_len, h_kv, d]``.
+      q_pos, kv_pos: int32 ``[q_len]``, ``[kv_len]`` token positions (mask frame).
+      q_seg, kv_seg: int32 ``[b, q_len]``, ``[b, kv_len]`` or both None.
+
+    Returns:
+      ``out [b, q_len, h, d]`` float32 (0 for rows with no visible key) and
+      ``lse [b, h, q_len]`` float32 (``-inf`` for those rows).
+    """
+    b, q_len, h, d = q.shape
+    kv_len, h_kv = k.shape[1], k.shape[2]
+    tiling = _Tiling.of(q_len, kv_len, blocks)
+    q_blocks = tiling.q_blocks(q, "b (n t) (hk g) d", "n b t hk g d", hk=h_kv)
+    q_pos_blk, q_lo, q_hi = tiling.q_positions(q_pos)
+    q_seg_blk = tiling.q_segments(q_seg)
+    kv_xs = tiling.kv_side(k, v, kv_pos, kv_seg)
+    g = h // h_kv
+    stats_shape = (b, h_kv, g, tiling.block_q)
+
+    def one_q_block(_, q_xs):
+        q_blk, qp, qs, qlo, qhi = q_xs
+
+        def kv_step(carry, kv_block):
+            k_blk, v_blk, kp, kvalid, ks, klo, khi = kv_block
+
+            def compute(carry):
+                m, l, acc = carry
+                logits, _ = _block_logits(q_blk, k_blk, qp, kp, kvalid, qs, ks, mask, logit)
+                m_new = jnp.maximum(m, logits.max(axis=-1))
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+                p = jnp.exp(logits - m_safe[..., None])
+                alpha = jnp.exp(m - m_safe)
+                l = alpha * l + p.sum(axis=-1)
+                pv = jnp.einsum(
+                    "bhgqk,bkhd->bhgqd", p.astype(v_blk.dtype), v_blk,
+                    preferred_element_type=jnp.float32,
+                )
+                return m_new, l, alpha[..., None] * acc + pv
+
+            return _skip_unless(_block_visible(mask, qlo, qhi, klo, khi), compute, carry), None
+
+        init = (
+            jnp.full(stats_shape, -jnp.inf, jnp.float32),
+            jnp.zeros(stats_shape, jnp.float32),
+            jnp.zeros(stats_shape + (d,), jnp.float32),
+        )
+        (m, l, acc), _ = lax.scan(kv_step, init, kv_xs)
+        has_key = l > 0
+        l_safe = jnp.where(has_key, l, 1.0)
+        lse = jnp.where(has_key, m + jnp.log(l_safe), -jnp.inf)
+        return None, (acc / l_safe[..., None], lse)
+
+    _, (out, lse) = lax.scan(one_q_block, None, (q_blocks, q_pos_blk, q_seg_blk, q_lo, q_hi))
+    out = rearrange(out, "n b hk g t d -> b (n t) (hk g) d")[:, :q_len]
+    lse = rearrange(lse, "n b hk g t -> b (hk g) (n t)")[..., :q_len]
+    return out, lse
+
+
+def blockwise_backward(
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse=None, *, mask: Mask,
+    logit: LogitOptions, blocks: BlockSizes = BlockSizes(),
+):
+    """Gradients of ``(out, lse) = attention(q, k, v)`` by block recomputation.
+
+    ``out``/``lse`` are the *final* output and log-sum-exp of the queries (for a
+    ring step that is the result over all keys, not just these), so the
+    gradients for this key set are exact pieces of the global ones.
+
+    Args:
+      out, dout: ``[b, q_len, h, d]``; lse, dlse: ``[b, h, q_len]`` (dlse may be None).
+
+    Returns:
+      ``(dq [b, q_len, h, d], dk [b, kv_len, h_kv, d], dv [b, kv_len, h_kv, d])`` float32.
+    """
+    b, q_len, h, d = q.shape
+    kv_len, h_kv = k.shape[1], k.shape[2]
+    tiling = _Tiling.of(q_len, kv_len, blocks)
+    # delta_i = sum_j p_ij dp_ij = dout_i . out_i; an lse cotangent adds p_ij * dlse_i to ds.
+    delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32), out.astype(jnp.float32))
+    if dlse is not None:
+        delta = delta - dlse.astype(jnp.float32)
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+    def row_blocks(x):  # [b, h, q_len] -> [n, b, hk, g, t]
+        return tiling.q_blocks(
+            rearrange(x, "b h q -> b q h"), "b (n t) (hk g)", "n b hk g t", hk=h_kv
+        )
+
+    q_xs = (
+        jnp.arange(tiling.num_q),
+        tiling.q_blocks(q, "b (n t) (hk g) d", "n b t hk g d", hk=h_kv),
+        tiling.q_blocks(dout, "b (n t) (hk g) d", "n b t hk g d", hk=h_kv),
+        row_blocks(lse_safe),
+        row_blocks(delta),
+        *tiling.q_positions(q_pos),
+        tiling.q_segments(q_seg),
+    )
+    kv_xs = tiling.kv_side(k, v, kv_pos, kv_seg)
+    dq_init = jnp.zeros((tiling.num_q, b, tiling.block_q, h_kv, h // h_kv, d), jnp.float32)
+
+    def one_kv_block(dq_all, kv_block):
+        k_blk, v_blk, kp, kvalid, ks, klo, khi = kv_block
+
+        def q_step(carry, q_block):
+            i, q_blk, do_blk, lse_blk, delta_blk, qp, qlo, qhi, qs = q_block
+
+            def compute(carry):
+                dk, dv, dq_all = carry
+                logits, capped = _block_logits(q_blk, k_blk, qp, kp, kvalid, qs, ks, mask, logit)
+                p = jnp.exp(logits - lse_blk[..., None])
+                dv = dv + jnp.einsum(
+                    "bhgqk,bqhgd->bkhd", p.astype(do_blk.dtype), do_blk,
+                    preferred_element_type=jnp.float32,
+                )
+                dp = jnp.einsum("bqhgd,bkhd->bhgqk", do_blk, v_blk, preferred_element_type=jnp.float32)
+                ds = p * (dp - delta_blk[..., None])
+                if logit.softcap is not None:
+                    ds = ds * (1.0 - jnp.square(capped / logit.softcap))
+                ds = (ds * logit.scale).astype(q_blk.dtype)
+                dq_i = jnp.einsum("bhgqk,bkhd->bqhgd", ds, k_blk, preferred_element_type=jnp.float32)
+                dq_all = dq_all.at[i].add(dq_i)
+                dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds, q_blk, preferred_element_type=jnp.float32)
+                return dk, dv, dq_all
+
+            return _skip_unless(_block_visible(mask, qlo, qhi, klo, khi), compute, carry), None
+
+        zeros_kv = jnp.zeros((b, tiling.block_kv, h_kv, d), jnp.float32)
+        (dk, dv, dq_all), _ = lax.scan(q_step, (zeros_kv, zeros_kv, dq_all), q_xs)
+        return dq_all, (dk, dv)
+
+    dq_all, (dk, dv) = lax.scan(one_kv_block, dq_init, kv_xs)
+    dq = rearrange(dq_all, "n b t hk g d -> b (n t) (hk g) d")[:, :q_len]
+    dk = rearrange(dk, "n b t h d -> b (n t) h d")[:, :kv_len]
+    dv = rearrange(dv, "n b t h d -> b (n t) h d")[:, :kv_len]
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(static: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    out, lse = blockwise_forward(
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg,
+        mask=static.mask, logit=static.logit, blocks=static.blocks,
+    )
+    return out.astype(q.dtype), lse
+
+
+def _attention_fwd(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    out, lse = _attention(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+
+
+def _attention_bwd(static, residuals, cotangents):
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
+    dout, dlse = cotangents
+    dq, dk, dv = blockwise_backward(
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse,
+        mask=static.mask, logit=static.logit, blocks=static.blocks,
+    )
+    no_grad = jax.tree.map(lambda _: None, (q_pos, kv_pos, q_seg, kv_seg))
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def blockwise_attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool = False,
+    segment_ids=None,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    block_q: int = 512,
+    block_kv: int = 512,
+    return_lse: bool = False,
+    q_positions=None,
+    kv_positions=None,
+):
+    """Memory-efficient attention with the exact semantics of ``reference_attention``.
+
+    Memory is O(q_len + kv_len) in the forward and the backward: only
+    ``[block_q, block_kv]`` logits exist at a time, and the custom backward
+    recomputes them from the saved output and lse. Key blocks hidden by the
+    causal/window mask are skipped.
+
+    Args:
+      q: ``[batch, q_len, num_heads, head_dim]``.
+      k, v: ``[batch, kv_len, num_kv_heads, head_dim]``; GQA/MQA never repeat K/V.
+      causal, segment_ids, window, softcap, scale, q_positions, kv_positions:
+        as in ``reference_attention``.
+      block_q, block_kv: block lengths (clamped to the sequence lengths; any
+        lengths work, the remainder is padded and masked).
+      return_lse: also return ``lse [batch, num_heads, q_len]`` float32
+        (differentiable too).
+
+    Returns:
+      ``out [batch, q_len, num_heads, head_dim]`` in q's dtype (and ``lse``).
+    """
+    b, q_len, kv_len, _, _, d = inputs.check_qkv(q, k, v)
+    segs = inputs.split_segment_ids(segment_ids, b, q_len, kv_len)
+    q_pos, kv_pos = inputs.positions(q_positions, kv_positions, q_len, kv_len)
+    static = _Static(
+        mask=inputs.make_mask(causal, window),
+        logit=inputs.logit_options(d, scale, softcap),
+        blocks=BlockSizes(block_q, block_kv),
+    )
+    q_seg, kv_seg = segs if segs is not None else (None, None)
+    out, lse = _attention(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,52 @@
+"""Local attention implementations that sharded variants run on each device.
+
+Ring, Ulysses and USP attention do not compute attention themselves: each step
+calls a *local implementation*, a pair of pure functions with the signatures of
+:func:`lca.attention.blockwise_forward` and :func:`lca.attention.blockwise_backward`:
+
+    forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, mask, logit, blocks)
+        -> (out [b, q_len, h, d] float32, lse [b, h, q_len] float32)
+    backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse, *, mask, logit, blocks)
+        -> (dq, dk, dv) float32
+
+``blocks`` may be None for the implementation's own defaults. Positions make a
+key chunk that sits elsewhere in the global sequence (a ring step) correct.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable
+
+from lca.attention.blockwise import BlockSizes, blockwise_backward, blockwise_forward
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalImpl:
+    name: str
+    forward: Callable
+    backward: Callable
+    default_blocks: BlockSizes | None = None
+
+
+_REGISTRY: dict[str, LocalImpl] = {}
+# Implementations registered on first use, so importing lca never imports Pallas.
+_LAZY: dict[str, str] = {"pallas": "kernels_pallas.lca_impl"}
+
+
+def register_impl(impl: LocalImpl) -> None:
+    _REGISTRY[impl.name] = impl
+
+
+def get_impl(name: str) -> LocalImpl:
+    """The local implementation called ``name`` (``"blockwise"``, ``"pallas"``)."""
+    if name not in _REGISTRY and name in _LAZY:
+        importlib.import_module(_LAZY[name])
+    if name not in _REGISTRY:
+        known = sorted(set(_REGISTRY) | set(_LAZY))
+        raise ValueError(f"impl must be one of {known}, got {name!r}.")
+    return _REGISTRY[name]
+
+
+register_impl(LocalImpl("blockwise", blockwise_forward, blockwise_backward, BlockSizes()))

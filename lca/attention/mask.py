@@ -1,0 +1,92 @@
+"""The one mask definition shared by every attention variant in lca.
+
+Visibility is decided from token *positions* and *segment ids*, never from array
+indices, so the same rule serves the dense oracle, blockwise loops, ring steps
+whose key chunk sits elsewhere in the global sequence, permuted (zigzag/striped)
+layouts and the Pallas kernels.
+
+Positions live in the key coordinate frame: key ``j`` of a plain call sits at
+position ``j`` and query ``i`` at ``i + (kv_len - q_len)`` (bottom-right
+alignment, as in ``jax.nn.dot_product_attention`` and FlashAttention).
+
+A query at position ``p`` sees a key at position ``s`` iff
+
+* ``causal``:  ``s <= p``
+* ``window=W``: ``|p - s| < W`` (with ``causal`` that is the W most recent keys,
+  the query's own included)
+* segments: the two segment ids are equal (packed documents).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Mask:
+    """Causal and/or sliding-window visibility over token positions.
+
+    Hashable and static, so it can be a ``jit`` static argument or a
+    ``custom_vjp`` non-differentiable argument.
+    """
+
+    causal: bool = False
+    window: int | None = None
+
+    def __post_init__(self):
+        if self.window is not None:
+            if isinstance(self.window, bool) or not isinstance(self.window, int):
+                raise ValueError(
+                    f"window must be a positive int or None, got {self.window!r}."
+                )
+            if self.window <= 0:
+                raise ValueError(
+                    f"window must be a positive int (W >= 1 keeps the query's own "
+                    f"position), got window={self.window}."
+                )
+
+    @property
+    def is_full(self) -> bool:
+        """True when positions play no role (every key is visible)."""
+        return not self.causal and self.window is None
+
+    def visible(self, q_pos, kv_pos):
+        """Boolean ``[..., q, kv]`` visibility from positions ``[..., q]`` and ``[..., kv]``."""
+        diff = q_pos[..., :, None] - kv_pos[..., None, :]
+        ok = jnp.ones(diff.shape, dtype=bool)
+        if self.causal:
+            ok = ok & (diff >= 0)
+        if self.window is not None:
+            ok = ok & (jnp.abs(diff) < self.window)
+        return ok
+
+    def block_visible(self, q_lo, q_hi, kv_lo, kv_hi):
+        """Could any query in ``[q_lo, q_hi]`` see any key in ``[kv_lo, kv_hi]``?
+
+        Conservative (it may say yes for an empty block whose positions are not
+        contiguous) and exact for contiguous blocks. This is what lets loops and
+        kernels skip key blocks that causal or window masking hides entirely.
+        """
+        # q - kv ranges over [q_lo - kv_hi, q_hi - kv_lo].
+        lo, hi = q_lo - kv_hi, q_hi - kv_lo
+        ok = jnp.asarray(True)
+        if self.causal:
+            ok = ok & (hi >= 0)
+        if self.window is not None:
+            # Some difference d in [lo, hi] with |d| < W.
+            ok = ok & (hi > -self.window) & (lo < self.window)
+        return ok
+
+
+def segment_visible(q_seg, kv_seg):
+    """Boolean ``[b, q, kv]`` from segment ids ``[b, q]`` and ``[b, kv]``."""
+    return q_seg[:, :, None] == kv_seg[:, None, :]
+
+
+def default_positions(q_len: int, kv_len: int):
+    """Bottom-right aligned positions: ``(q_pos [q_len], kv_pos [kv_len])`` int32."""
+    kv_pos = jnp.arange(kv_len, dtype=jnp.int32)
+    q_pos = jnp.arange(q_len, dtype=jnp.int32) + (kv_len - q_len)
+    return q_pos, kv_pos
