@@ -28,6 +28,7 @@ from jax import lax
 from lca.attention import inputs
 from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask
+from lca.parallel.vma import varying_like
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,10 +187,13 @@ def blockwise_forward(
 
             return _skip_unless(_block_visible(mask, qlo, qhi, klo, khi), compute, carry), None
 
-        init = (
-            jnp.full(stats_shape, -jnp.inf, jnp.float32),
-            jnp.zeros(stats_shape, jnp.float32),
-            jnp.zeros(stats_shape + (d,), jnp.float32),
+        init = varying_like(
+            (
+                jnp.full(stats_shape, -jnp.inf, jnp.float32),
+                jnp.zeros(stats_shape, jnp.float32),
+                jnp.zeros(stats_shape + (d,), jnp.float32),
+            ),
+            q, k, v, q_pos, kv_pos, q_seg, kv_seg,
         )
         (m, l, acc), _ = lax.scan(kv_step, init, kv_xs)
         has_key = l > 0
@@ -243,7 +247,10 @@ def blockwise_backward(
         tiling.q_segments(q_seg),
     )
     kv_xs = tiling.kv_side(k, v, kv_pos, kv_seg)
-    dq_init = jnp.zeros((tiling.num_q, b, tiling.block_q, h_kv, h // h_kv, d), jnp.float32)
+    varying = (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse)
+    dq_init = varying_like(
+        jnp.zeros((tiling.num_q, b, tiling.block_q, h_kv, h // h_kv, d), jnp.float32), *varying
+    )
 
     def one_kv_block(dq_all, kv_block):
         k_blk, v_blk, kp, kvalid, ks, klo, khi = kv_block
@@ -271,7 +278,7 @@ def blockwise_backward(
 
             return _skip_unless(_block_visible(mask, qlo, qhi, klo, khi), compute, carry), None
 
-        zeros_kv = jnp.zeros((b, tiling.block_kv, h_kv, d), jnp.float32)
+        zeros_kv = varying_like(jnp.zeros((b, tiling.block_kv, h_kv, d), jnp.float32), *varying)
         (dk, dv, dq_all), _ = lax.scan(q_step, (zeros_kv, zeros_kv, dq_all), q_xs)
         return dq_all, (dk, dv)
 

@@ -1,0 +1,35 @@
+"""Varying-manual-axes bookkeeping for code that runs inside ``jax.shard_map``.
+
+Inside ``shard_map`` every value carries the set of manual mesh axes it varies
+over. A freshly created accumulator (``jnp.zeros``) varies over none, while the
+per-device results added into it vary over the sharded axes, and ``scan`` /
+``cond`` demand equal types. ``varying_like`` marks fresh values accordingly;
+outside ``shard_map`` it is the identity.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax import lax
+
+
+def varying_axes(x) -> frozenset:
+    """The manual mesh axes ``x`` varies over (empty outside ``shard_map``)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))  # older spelling
+
+
+def varying_like(tree, *refs):
+    """Mark every leaf of ``tree`` as varying over the union of ``refs``' varying axes."""
+    axes = frozenset().union(*(varying_axes(r) for r in jax.tree.leaves(refs)))
+    if not axes:
+        return tree
+
+    def cast(x):
+        missing = tuple(sorted(axes - varying_axes(x)))
+        return lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, tree)
