@@ -142,7 +142,7 @@ def _block_visible(mask: Mask, q_lo, q_hi, kv_lo, kv_hi):
 
 def blockwise_forward(
     q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, *, mask: Mask, logit: LogitOptions,
-    blocks: BlockSizes = BlockSizes(),
+    blocks: BlockSizes | None = None,
 ):
     """Attention of ``q`` over ``k, v`` with explicit positions, in O(n) memory.
 
@@ -157,7 +157,7 @@ def blockwise_forward(
     """
     b, q_len, h, d = q.shape
     kv_len, h_kv = k.shape[1], k.shape[2]
-    tiling = _Tiling.of(q_len, kv_len, blocks)
+    tiling = _Tiling.of(q_len, kv_len, blocks or BlockSizes())
     q_blocks = tiling.q_blocks(q, "b (n t) (hk g) d", "n b t hk g d", hk=h_kv)
     q_pos_blk, q_lo, q_hi = tiling.q_positions(q_pos)
     q_seg_blk = tiling.q_segments(q_seg)
@@ -209,7 +209,7 @@ def blockwise_forward(
 
 def blockwise_backward(
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse=None, *, mask: Mask,
-    logit: LogitOptions, blocks: BlockSizes = BlockSizes(),
+    logit: LogitOptions, blocks: BlockSizes | None = None,
 ):
     """Gradients of ``(out, lse) = attention(q, k, v)`` by block recomputation.
 
@@ -225,7 +225,7 @@ def blockwise_backward(
     """
     b, q_len, h, d = q.shape
     kv_len, h_kv = k.shape[1], k.shape[2]
-    tiling = _Tiling.of(q_len, kv_len, blocks)
+    tiling = _Tiling.of(q_len, kv_len, blocks or BlockSizes())
     # delta_i = sum_j p_ij dp_ij = dout_i . out_i; an lse cotangent adds p_ij * dlse_i to ds.
     delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32), out.astype(jnp.float32))
     if dlse is not None:
