@@ -8,8 +8,8 @@ Backend rules (checked with a ``ValueError`` naming what would work):
 
 * ``gpu_portable``: powers of two >= 16 (Triton tiles), ``head_dim`` a power of
   two in [16, 256] on GPU; interpret mode (CPU) accepts any positive sizes.
-* ``mosaic_gpu``: multiples of 64 (one wgmma M tile per warpgroup), ``head_dim``
-  a multiple of 64 up to 256 (128-byte swizzle of bf16 rows).
+* ``mosaic_gpu``: currently the portable kernels (see ``gpu/hopper.py``), so
+  the ``gpu_portable`` rules.
 * ``tpu``: multiples of 128 (the lane width), ``head_dim`` up to 256 (VMEM).
 """
 
@@ -19,8 +19,8 @@ import dataclasses
 
 BACKENDS = ("gpu_portable", "mosaic_gpu", "tpu")
 
-_DEFAULTS = {"gpu_portable": (64, 64), "mosaic_gpu": (128, 128), "tpu": (512, 512)}
-_ALIGN = {"gpu_portable": 16, "mosaic_gpu": 64, "tpu": 128}
+_DEFAULTS = {"gpu_portable": (64, 64), "tpu": (512, 512)}
+_ALIGN = {"gpu_portable": 16, "tpu": 128}
 _MAX_HEAD_DIM = 256
 
 
@@ -39,7 +39,7 @@ class FlashBlockSizes:
 
     @classmethod
     def default(cls, backend: str) -> "FlashBlockSizes":
-        return cls(*_DEFAULTS[backend])
+        return cls(*_DEFAULTS[_rules(backend)])
 
 
 def _round_up(n: int, m: int) -> int:
@@ -68,6 +68,7 @@ def _check_block(name: str, value: int, backend: str, interpret: bool) -> None:
 
 
 def check_head_dim(head_dim: int, backend: str, interpret: bool) -> None:
+    backend = _rules(backend)
     if head_dim > _MAX_HEAD_DIM:
         raise ValueError(
             f"head_dim={head_dim} is too large for the {backend} kernel (tiles must fit in "
@@ -80,15 +81,16 @@ def check_head_dim(head_dim: int, backend: str, interpret: bool) -> None:
             f"head_dim={head_dim} is not valid for the gpu_portable kernel on GPU: use a power "
             f"of two in [16, {_MAX_HEAD_DIM}] (e.g. 64, 128)."
         )
-    if backend == "mosaic_gpu" and head_dim % 64:
-        raise ValueError(
-            f"head_dim={head_dim} is not valid for the mosaic_gpu kernel: use a multiple of 64 "
-            f"(64, 128, 192, 256), or backend='gpu_portable'."
-        )
+
+
+def _rules(backend: str) -> str:
+    # mosaic_gpu runs the portable kernels for now (kernels_pallas/gpu/hopper.py).
+    return "gpu_portable" if backend == "mosaic_gpu" else backend
 
 
 def resolve(block_q, block_kv, q_len: int, kv_len: int, backend: str, interpret: bool):
     """Validated ``FlashBlockSizes`` for one call: defaults filled in, clamped to the lengths."""
+    backend = _rules(backend)
     default = FlashBlockSizes.default(backend)
     blocks = FlashBlockSizes(
         default.block_q if block_q is None else block_q,
