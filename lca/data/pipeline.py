@@ -63,7 +63,7 @@ class DataConfig:
 
     source: "stdlib" (the interpreter's Python standard library), "text_dir" (files under `path` matching `glob`),
         or a synthetic task "passkey" | "multi_needle" | "assoc_recall" (one example of exactly seq_len + 1 tokens
-        per row, needle depth uniform in [0, 1]).
+        per row, needle depth uniform in [0, 1]; `packing` does not apply).
     eval_fraction: share of files held out for split="eval" (chosen by a hash of the relative path).
     packing: "concat" or "pad" (see the module docstring).
     shuffle: shuffle the documents (a new order every epoch); False keeps the sorted file order.
@@ -94,7 +94,7 @@ def validate(cfg: DataConfig, *, seq_len: int, global_batch: int, process_count:
     if cfg.num_workers < 0 or cfg.prefetch < 0:
         raise ValueError(f"data.num_workers={cfg.num_workers} and data.prefetch={cfg.prefetch} must be >= 0.")
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not one of {SPLITS}.")
+        raise ValueError(f"split={split!r} is not known; use one of {list(SPLITS)}.")
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len={seq_len!r} must be an int >= 2 (tokens per row).")
     if not isinstance(global_batch, int) or global_batch < 1:
@@ -291,8 +291,10 @@ def make_dataset(cfg: DataConfig, *, seq_len: int, global_batch: int, seed: int,
     validate(cfg, seq_len=seq_len, global_batch=global_batch, process_count=process_count, split=split)
     per_process = global_batch // process_count
     docs = documents(cfg, split=split, seed=seed, length=seq_len + 1)
-    ds = PackedBatchDataset(docs, seq_len=seq_len, rows=range(process_index * per_process, (process_index + 1) * per_process),
-                            num_streams=global_batch, packing=cfg.packing)
+    # A task example is exactly seq_len + 1 tokens: "pad" packing puts one per row (concat would shift them by one).
+    packing = "pad" if cfg.source in TASKS else cfg.packing
+    rows = range(process_index * per_process, (process_index + 1) * per_process)
+    ds = PackedBatchDataset(docs, seq_len=seq_len, rows=rows, num_streams=global_batch, packing=packing)
     if cfg.num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     elif cfg.prefetch > 0:
