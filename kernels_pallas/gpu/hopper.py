@@ -62,6 +62,9 @@ _SWIZZLE = 128  # bytes
 def _interpret_params(interpret: bool):
     if not interpret:
         return None
+    # jax 0.10.2 has no public alias for the Mosaic GPU interpret params (the TPU
+    # ones are ``pltpu.InterpretParams``); passing them to ``plgpu.kernel`` runs
+    # the kernel on CPU with simulated SMEM, TMA, barriers and wgmma.
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     return InterpretGPUParams()
