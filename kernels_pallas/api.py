@@ -9,15 +9,19 @@ Backends (``backend=``):
 
 * ``"gpu_portable"``: generic ``pl.pallas_call`` kernels (Triton on GPU);
   forward, dQ and dK/dV. On CPU it runs with ``interpret=True``.
-* ``"mosaic_gpu"``: the Hopper (sm_90) slot. The TMA + wgmma kernel is not
-  written yet (no GPU to validate it); it currently runs the portable kernels
-  (see ``kernels_pallas.gpu.hopper``).
+* ``"mosaic_gpu"``: Hopper (sm_90, H100/H200), explicit opt-in only. The
+  forward is a Mosaic GPU kernel (TMA pipeline + wgmma,
+  ``kernels_pallas.gpu.hopper``); the backward (dQ, dK/dV) runs the portable
+  kernels. Validated on CPU under the Mosaic GPU interpret mode and by lowering
+  for CUDA on CPU; never run on an H100/H200 yet.
 * ``"tpu"``: Mosaic TPU kernels with VMEM scratch (forward, dQ, dK/dV). On CPU
   they run under the TPU interpret mode (``pltpu.InterpretParams``).
 
-``backend="auto"`` picks ``"tpu"`` on TPU, ``"mosaic_gpu"`` on an NVIDIA GPU of
-compute capability 9.x (H100/H200), ``"gpu_portable"`` on other GPUs and on
-CPU. On CPU every backend is interpreted (``interpret`` is forced on).
+``backend="auto"`` picks ``"tpu"`` on TPU and ``"gpu_portable"`` on every GPU
+(Hopper included) and on CPU: it never selects the ``"mosaic_gpu"`` forward,
+which has not run on hardware (flip :func:`default_backend` once
+``tests/kernels/test_gpu.py`` passes on an H100/H200). On CPU every backend is
+interpreted (``interpret`` is forced on).
 
 The two pure functions :func:`kernel_forward` / :func:`kernel_backward` have
 the signatures of ``lca.attention.blockwise_forward`` / ``blockwise_backward``
@@ -43,14 +47,13 @@ from lca.attention.mask import Mask
 
 
 def default_backend(device=None) -> str:
-    """The backend ``"auto"`` picks for ``device`` (default: the first JAX device)."""
+    """The backend ``"auto"`` picks for ``device`` (default: the first JAX device).
+
+    Hopper gets ``"gpu_portable"`` too: the ``"mosaic_gpu"`` forward is only
+    validated in interpret mode, so it stays an explicit opt-in.
+    """
     device = device or jax.devices()[0]
-    if device.platform == "tpu":
-        return "tpu"
-    if device.platform in ("gpu", "cuda"):
-        capability = str(getattr(device, "compute_capability", ""))
-        return "mosaic_gpu" if capability.startswith("9") else "gpu_portable"
-    return "gpu_portable"
+    return "tpu" if device.platform == "tpu" else "gpu_portable"
 
 
 def _on_cpu() -> bool:
@@ -164,8 +167,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def resolve_config(head_dim: int, q_len: int, kv_len: int, *, mask: Mask, logit: LogitOptions,
                    block_q=None, block_kv=None, backend: str = "auto",
-                   interpret: bool = False) -> KernelConfig:
-    """Validate the backend, interpret flag and block sizes of one call."""
+                   interpret: bool = False, dtype=None) -> KernelConfig:
+    """Validate the backend, interpret flag, input dtype and block sizes of one call."""
     if backend == "auto":
         backend = default_backend()
     if backend not in blocks_lib.BACKENDS:
@@ -176,7 +179,9 @@ def resolve_config(head_dim: int, q_len: int, kv_len: int, *, mask: Mask, logit:
         raise ValueError(f"interpret must be a bool, got {interpret!r}.")
     interpret = interpret or _on_cpu()  # kernels cannot be compiled for the CPU
     blocks_lib.check_head_dim(head_dim, backend, interpret)
-    blocks = blocks_lib.resolve(block_q, block_kv, q_len, kv_len, backend, interpret)
+    if dtype is not None:
+        blocks_lib.check_dtype(dtype, backend, interpret)
+    blocks = blocks_lib.resolve(block_q, block_kv, q_len, kv_len, backend, interpret, head_dim)
     return KernelConfig(mask, logit, blocks, backend, interpret)
 
 
@@ -225,6 +230,7 @@ def flash_attention(
         mask=inputs.make_mask(causal, window),
         logit=inputs.logit_options(d, scale, softcap),
         block_q=block_q, block_kv=block_kv, backend=backend, interpret=interpret,
+        dtype=q.dtype,
     )
     q_seg, kv_seg = segs if segs is not None else (None, None)
     out, lse = _flash(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg)

@@ -26,7 +26,7 @@ def _config(q, k, mask, logit, blocks) -> api.KernelConfig:
     block_kv = None if blocks is None else blocks.block_kv
     return api.resolve_config(
         q.shape[-1], q.shape[1], k.shape[1], mask=mask, logit=logit,
-        block_q=block_q, block_kv=block_kv,
+        block_q=block_q, block_kv=block_kv, dtype=q.dtype,
     )
 
 

@@ -14,6 +14,10 @@ here in plain JAX from the token positions:
 Kernels iterate only over ``[first, last]`` (so blocks outside it are neither
 loaded nor computed) and skip blocks inside it whose ``vis`` is 0 (holes of
 zigzag/striped layouts). Segment ids are not used for skipping.
+
+Kernels that stream blocks through their own pipeline (the Mosaic GPU one)
+use :func:`block_lists` instead: per query block, the count and the indices of
+its visible key blocks, so holes are never even fetched.
 """
 
 from __future__ import annotations
@@ -113,3 +117,21 @@ def pad_segments(q_seg, kv_seg, tiling: Tiling):
         pad_axis(q_seg.astype(jnp.int32), 1, tiling.q_padded, mode="edge"),
         pad_axis(kv_seg.astype(jnp.int32), 1, tiling.kv_padded, mode="edge"),
     )
+
+
+def block_lists(vis, align: int = 1):
+    """Per row of ``vis [n, m]``: ``[count, j_0, ..., j_{count-1}, 0...]`` int32.
+
+    The indices of the nonzero entries of each row, in order, after the count;
+    rows are zero-padded to ``1 + m`` rounded up to ``align`` entries (a kernel
+    that TMA-copies rows asks for whole copy granules). ``block_lists(plan.vis)`` serves query blocks,
+    ``block_lists(plan.vis.T)`` key blocks.
+    """
+    n, m = vis.shape
+    width = -(-(1 + m) // align) * align
+    nonzero = vis != 0
+    # A stable sort of the hidden flags moves the visible indices to the front in order.
+    order = jnp.argsort(~nonzero, axis=1, stable=True).astype(jnp.int32)
+    count = nonzero.sum(axis=1, dtype=jnp.int32)
+    order = jnp.where(jnp.arange(m)[None, :] < count[:, None], order, 0)
+    return pad_axis(jnp.concatenate([count[:, None], order], axis=1), 1, width)

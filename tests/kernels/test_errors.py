@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas import FlashBlockSizes, flash_attention
+from kernels_pallas.blocks import check_dtype
 from kernels_pallas.block_math import visible
 from lca.attention.mask import Mask
 
@@ -51,3 +52,17 @@ def test_tile_visibility_is_the_mask_rule(mask):
     valid = jnp.ones((1, 10), bool)
     tile = visible(mask, q_pos[:, None], kv_pos[None, :], valid)
     np.testing.assert_array_equal(tile, mask.visible(q_pos, kv_pos))
+
+
+def test_mosaic_gpu_limits():
+    d64 = jnp.zeros((1, 8, 2, 64))
+    with pytest.raises(ValueError, match="block_q=96 .* mosaic_gpu .* power of two >= 64"):
+        flash_attention(d64, d64, d64, backend="mosaic_gpu", block_q=96)
+    with pytest.raises(ValueError, match="head_dim=16 is not valid for the mosaic_gpu kernel"):
+        flash_attention(Q, KV, KV, backend="mosaic_gpu")
+    d256 = jnp.zeros((1, 512, 1, 256))
+    with pytest.raises(ValueError, match="KiB of shared memory"):
+        flash_attention(d256, d256, d256, backend="mosaic_gpu", block_q=128, block_kv=256)
+    with pytest.raises(ValueError, match="needs bfloat16 or float16 inputs, got float32"):
+        check_dtype(jnp.float32, "mosaic_gpu", interpret=False)
+    check_dtype(jnp.float32, "mosaic_gpu", interpret=True)  # interpret mode accepts float32

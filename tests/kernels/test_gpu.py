@@ -1,6 +1,9 @@
 """The kernel checks at real sizes in bf16 on a GPU; skipped when none is present.
 
 Run on a GPU machine with ``pytest tests/kernels/test_gpu.py -m "slow or not slow"``.
+``mosaic_gpu`` (the Mosaic GPU forward of ``kernels_pallas/gpu/hopper.py`` with
+the portable backward) runs only on sm_90; until these tests pass on an
+H100/H200, ``backend="auto"`` does not pick it.
 """
 
 import jax
@@ -56,3 +59,34 @@ def test_bf16_real_sizes(backend, name):
         # bf16 inputs: compare relative to the gradient's scale.
         err = np.abs(g - rg).max() / max(np.abs(rg).max(), 1e-6)
         assert err < 3e-2, f"d{name_}: relative max error {err}"
+
+
+@pytest.mark.parametrize("block_kv", [64, 128])
+def test_mosaic_gpu_forward_zigzag_positions(block_kv):
+    """The Hopper forward with explicit positions (a ring step), GQA and segments, in bf16."""
+    if not _is_hopper():
+        pytest.skip("mosaic_gpu needs sm_90 (H100/H200)")
+    from kernels_pallas import api
+    from kernels_pallas.blocks import FlashBlockSizes
+    from lca.attention import inputs
+
+    b, q_len, kv_len, h, h_kv, d = 2, 1024, 3072, 8, 2, 128
+    q, k, v = random_qkv(2, b, q_len, kv_len, h, h_kv, d, jnp.bfloat16)
+    q_pos = jnp.arange(q_len, dtype=jnp.int32) + 4096
+    kv_pos = jnp.concatenate([jnp.arange(1024), jnp.arange(8192, 9216), jnp.arange(3500, 4524)])
+    kv_pos = kv_pos.astype(jnp.int32)
+    segs = packed_segments(b, kv_len)
+    q_seg, kv_seg = segs[:, :q_len], segs
+    mask = inputs.make_mask(True, 2500)
+    cfg = api.KernelConfig(mask, inputs.logit_options(d, None, 20.0),
+                           FlashBlockSizes(64, block_kv), "mosaic_gpu", False)
+    out, lse = jax.jit(lambda *a: api.kernel_forward(*a, cfg=cfg))(
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    ref_out, ref_lse = reference_attention(
+        *(x.astype(jnp.float32) for x in (q, k, v)), causal=True, window=2500, softcap=20.0,
+        return_lse=True, q_positions=q_pos, kv_positions=kv_pos, segment_ids=(q_seg, kv_seg),
+    )
+    finite = np.isfinite(np.asarray(ref_lse))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
+    np.testing.assert_allclose(np.float32(out), np.float32(ref_out), atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], atol=2e-2)
