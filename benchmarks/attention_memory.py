@@ -203,7 +203,7 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from machine import describe
 
-    machine = describe()
+    machine = f"{describe()}; load average at start {os.getloadavg()[0]:.1f}"
     points = []
     for t in map(int, args.lengths.split(",")):
         for method in args.methods.split(","):
