@@ -291,69 +291,52 @@ def ring_attention_shard(
 # --- global API -----------------------------------------------------------------------
 
 
-def check_input_layout(input_layout: str, layout: str) -> None:
-    if input_layout not in ("natural", layout):
-        raise ValueError(
-            f"input_layout must be 'natural' (tokens in sequence order) or equal to "
-            f"layout={layout!r} (tokens already reordered with lca.parallel.to_layout), "
-            f"got {input_layout!r}."
-        )
+def validate_global(q, k, v, *, n: int, axis, layout: str, input_layout: str, segment_ids,
+                    causal, window, softcap, scale, impl, group: int = 1):
+    """Trace-time checks shared by the global entry points, with the global shapes.
 
-
-def check_global_length(layout: str, input_layout: str, length: int, n: int, *, name: str,
-                        axis) -> None:
-    """The global length must split as ``layout`` (and its in-place conversion) needs."""
-    layouts.check_length(layout, length, n, name=name, axis=axis)
-    multiple = layouts.natural_input_multiple(layout, n)
-    if input_layout == "natural" and length % multiple:
-        raise ValueError(
-            f"{name} {length} must be a multiple of {multiple} to convert natural-order input "
-            f"to layout={layout!r} on {n} devices of mesh axis {axis!r}; pad it, reorder the "
-            f"data once with lca.parallel.to_layout and pass input_layout={layout!r}, or use "
-            f"layout='zigzag'."
-        )
+    ``n`` devices carry the layout over mesh axis ``axis``; each of their shards
+    is split ``group`` ways more (USP's Ulysses axis). Returns ``(q_seg, kv_seg)``
+    (``None``s without segments).
+    """
+    b, q_len, kv_len, _, _, d = inputs.check_qkv(q, k, v)
+    layouts.check_input_layout(input_layout, layout)
+    for name, length in (("q length", q_len), ("kv length", kv_len)):
+        layouts.check_global_length(layout, input_layout, length, n, name=name, axis=axis)
+        if length % (n * group):
+            raise ValueError(
+                f"{name} {length} must be a multiple of {n * group} = {n} ring shards (axis "
+                f"{axis!r}) x {group} Ulysses shards; pad it to a multiple of "
+                f"{n * group * layouts.required_multiple(layout, 1)}."
+            )
+    segs = inputs.split_segment_ids(segment_ids, b, q_len, kv_len)
+    inputs.make_mask(causal, window)
+    inputs.logit_options(d, scale, softcap)
+    get_impl(impl)
+    return segs if segs is not None else (None, None)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Global:
-    mesh: jax.sharding.Mesh
     axis: str
-    batch_axes: tuple
     layout: str
     input_layout: str
     kwargs: tuple  # shard-level keyword arguments, as sorted items
 
 
-def _ring_global(cfg: _Global, q, k, v, q_seg, kv_seg):
-    kwargs = dict(cfg.kwargs)
+def _global_shard(cfg: _Global, q, k, v, q_seg, kv_seg):
+    """Per-shard body of :func:`ring_attention`: to the layout, ring, back."""
     convert = cfg.input_layout == "natural"
-    seq = (cfg.axis,)
-    spec4 = seqshard.seq_spec(cfg.batch_axes, seq)
-    spec2 = seqshard.seq_spec(cfg.batch_axes, seq, ndim=2)
-    lse_spec = seqshard.seq_spec(cfg.batch_axes, seq, seq_dim=2, ndim=3)
-
-    def shard_fn(q, k, v, q_seg, kv_seg):
-        to = functools.partial(layouts.shard_to_layout, layout=cfg.layout, axis_name=cfg.axis)
-        if convert:
-            q, k, v = to(q), to(k), to(v)
-            q_seg, kv_seg = jax.tree.map(to, (q_seg, kv_seg))
-        segs = None if q_seg is None else (q_seg, kv_seg)
-        out, lse = ring_attention_shard(q, k, v, axis_name=cfg.axis, layout=cfg.layout,
-                                        segment_ids=segs, return_lse=True, **kwargs)
-        if convert:
-            out = layouts.shard_from_layout(out, cfg.layout, cfg.axis)
-            lse = layouts.shard_from_layout(lse, cfg.layout, cfg.axis, seq_axis=2)
-        return out, lse
-
-    args = [seqshard.constrain(x, cfg.mesh, spec4) for x in (q, k, v)]
-    segs = [None if s is None else seqshard.constrain(s, cfg.mesh, spec2) for s in (q_seg, kv_seg)]
-    return jax.shard_map(
-        shard_fn, mesh=cfg.mesh, in_specs=(spec4, spec4, spec4, spec2, spec2),
-        out_specs=(spec4, lse_spec), check_vma=seqshard.CHECK_VMA,
-    )(*args, *segs)
-
-
-_ring_global_jit = jax.jit(_ring_global, static_argnums=0)
+    to = functools.partial(layouts.shard_to_layout, layout=cfg.layout, axis_name=cfg.axis)
+    if convert:
+        q, k, v, q_seg, kv_seg = jax.tree.map(to, (q, k, v, q_seg, kv_seg))
+    segs = None if q_seg is None else (q_seg, kv_seg)
+    out, lse = ring_attention_shard(q, k, v, axis_name=cfg.axis, layout=cfg.layout,
+                                    segment_ids=segs, return_lse=True, **dict(cfg.kwargs))
+    if convert:
+        out = layouts.shard_from_layout(out, cfg.layout, cfg.axis)
+        lse = layouts.shard_from_layout(lse, cfg.layout, cfg.axis, seq_axis=2)
+    return out, lse
 
 
 def ring_attention(
@@ -391,25 +374,16 @@ def ring_attention(
     Returns:
       ``out`` like q (and ``lse``), in the order of the inputs.
     """
-    b, q_len, kv_len, _, _, _ = inputs.check_qkv(q, k, v)
     n = seqshard.mesh_axis_size(mesh, axis)
-    layouts.check_layout(layout)
-    check_input_layout(input_layout, layout)
-    check_global_length(layout, input_layout, q_len, n, name="q length", axis=axis)
-    check_global_length(layout, input_layout, kv_len, n, name="kv length", axis=axis)
-    segs = inputs.split_segment_ids(segment_ids, b, q_len, kv_len)
-    # Validate the options now (trace time), with the global shapes in the message.
-    inputs.make_mask(causal, window)
-    inputs.logit_options(q.shape[-1], scale, softcap)
-    get_impl(impl)
-    cfg = _Global(
-        mesh=mesh, axis=axis, layout=layout, input_layout=input_layout,
-        batch_axes=seqshard.batch_axes(mesh, (axis,), b, batch_axes),
-        kwargs=tuple(sorted(dict(causal=causal, window=window, softcap=softcap, scale=scale,
-                                 impl=impl, block_q=block_q, block_kv=block_kv).items())),
-    )
-    q_seg, kv_seg = segs if segs is not None else (None, None)
-    out, lse = _ring_global_jit(cfg, q, k, v, q_seg, kv_seg)
+    segs = validate_global(q, k, v, n=n, axis=axis, layout=layout, input_layout=input_layout,
+                           segment_ids=segment_ids, causal=causal, window=window,
+                           softcap=softcap, scale=scale, impl=impl)
+    cfg = _Global(axis=axis, layout=layout, input_layout=input_layout, kwargs=tuple(sorted(dict(
+        causal=causal, window=window, softcap=softcap, scale=scale, impl=impl,
+        block_q=block_q, block_kv=block_kv).items())))
+    out, lse = seqshard.run(_global_shard, cfg, mesh, (axis,),
+                            seqshard.batch_axes(mesh, (axis,), q.shape[0], batch_axes),
+                            q, k, v, *segs)
     out = seqshard.match_sharding(out, q, mesh)
     return (out, lse) if return_lse else out
 

@@ -64,6 +64,29 @@ def check_length(layout: str, seq_len: int, n: int, *, name: str = "sequence len
     return seq_len // n
 
 
+def check_input_layout(input_layout: str, layout: str) -> None:
+    if input_layout not in ("natural", layout):
+        raise ValueError(
+            f"input_layout must be 'natural' (tokens in sequence order) or equal to "
+            f"layout={layout!r} (tokens already reordered with lca.parallel.to_layout), "
+            f"got {input_layout!r}."
+        )
+
+
+def check_global_length(layout: str, input_layout: str, length: int, n: int, *, name: str,
+                        axis) -> None:
+    """The global length must split as ``layout`` (and its in-place conversion) needs."""
+    check_length(layout, length, n, name=name, axis=axis)
+    multiple = natural_input_multiple(layout, n)
+    if input_layout == "natural" and length % multiple:
+        raise ValueError(
+            f"{name} {length} must be a multiple of {multiple} to convert natural-order input "
+            f"to layout={layout!r} on {n} devices of mesh axis {axis!r}; pad it, reorder the "
+            f"data once with lca.parallel.to_layout and pass input_layout={layout!r}, or use "
+            f"layout='zigzag'."
+        )
+
+
 def local_positions(layout: str, local_len: int, n: int, index, xp=np):
     """Natural positions ``[local_len]`` of the tokens device ``index`` holds.
 

@@ -9,6 +9,7 @@ varying-manual-axes typing ``shard_map(check_vma=True)`` asks of loop carries.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -122,3 +123,23 @@ def vary(tree, axis_names):
         return lax.pcast(x, missing, to="varying") if missing else x
 
     return jax.tree.map(one, tree)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def run(shard_fn, cfg, mesh, seq_axes: tuple, batch: tuple, q, k, v, q_seg, kv_seg):
+    """``shard_fn(cfg, q, k, v, q_seg, kv_seg) -> (out, lse)`` over the sequence-sharded mesh.
+
+    Inputs are resharded to batch over ``batch`` and sequence over ``seq_axes``
+    (major to minor); ``out`` comes back sharded the same way, ``lse [b, h, len]``
+    with its sequence (dim 2) sharded.
+    """
+    spec4 = seq_spec(batch, seq_axes)
+    spec2 = seq_spec(batch, seq_axes, ndim=2)
+    lse_spec = seq_spec(batch, seq_axes, seq_dim=2, ndim=3)
+    args = [constrain(x, mesh, spec4) for x in (q, k, v)]
+    segs = [None if s is None else constrain(s, mesh, spec2) for s in (q_seg, kv_seg)]
+    return jax.shard_map(
+        functools.partial(shard_fn, cfg), mesh=mesh,
+        in_specs=(spec4, spec4, spec4, spec2, spec2), out_specs=(spec4, lse_spec),
+        check_vma=CHECK_VMA,
+    )(*args, *segs)
