@@ -64,12 +64,27 @@ def resolve_blocks(impl: str, block_q, block_kv) -> BlockSizes | None:
     return BlockSizes(block_q or base.block_q, block_kv or base.block_kv)
 
 
-def _split(x, parts: int, axis: int):
-    return [x] if x is None or parts == 1 else jnp.split(x, parts, axis=axis)
+def _chunk(x, i, size: int, axis: int):
+    """Chunk ``i`` (of length ``size``) of ``x`` along ``axis``; None stays None."""
+    return None if x is None else lax.dynamic_slice_in_dim(x, i * size, size, axis)
 
 
-def _pieces(x, parts: int, axis: int):
-    return [None] * parts if x is None else _split(x, parts, axis)
+def _put(x, piece, i, size: int, axis: int):
+    return lax.dynamic_update_slice_in_dim(x, piece, i * size, axis)
+
+
+def _over_pairs(chunks: int, body, carry):
+    """``carry = body(carry, a, c)`` for every (query chunk a, key chunk c) pair.
+
+    A scan rather than an unrolled loop: one copy of the local attention in the
+    program, whatever the number of chunks (compile time matters on TPU/CPU too).
+    """
+    if chunks == 1:
+        return body(carry, 0, 0)
+    a_idx, c_idx = np.divmod(np.arange(chunks * chunks, dtype=np.int32), chunks)
+    carry, _ = lax.scan(lambda cr, ac: (body(cr, *ac), None), carry,
+                        (jnp.asarray(a_idx), jnp.asarray(c_idx)))
+    return carry
 
 
 def _ring_perm(n: int):
@@ -90,48 +105,57 @@ def _when(visible, fn, carry):
 # --- one ring step --------------------------------------------------------------------
 
 
-def _forward_step(st: RingStatic, q_parts, kv, acc):
+def _forward_step(st: RingStatic, q_side, kv, acc):
     """Merge attention of every query chunk over every key chunk of ``kv`` into ``acc``."""
+    q, q_pos, q_seg = q_side
     k, v, kv_pos, kv_seg = kv
+    lq, lk = q.shape[1] // st.chunks, k.shape[1] // st.chunks
     local = get_impl(st.impl)
-    kv_parts = list(zip(_split(k, st.chunks, 1), _split(v, st.chunks, 1),
-                        _split(kv_pos, st.chunks, 0), _pieces(kv_seg, st.chunks, 1)))
-    new_acc = []
-    for (q_c, qp_c, qs_c), acc_c in zip(q_parts, acc):
-        for k_c, v_c, kp_c, ks_c in kv_parts:
 
-            def attend(a, q_c=q_c, qp_c=qp_c, qs_c=qs_c, k_c=k_c, v_c=v_c, kp_c=kp_c, ks_c=ks_c):
-                out, lse = local.forward(q_c, k_c, v_c, qp_c, kp_c, qs_c, ks_c,
-                                         mask=st.mask, logit=st.logit, blocks=st.blocks)
-                return merge_attention(a[0], a[1], out, lse)
+    def pair(acc, a, c):
+        out, lse = acc
+        q_a, qp_a, qs_a = _chunk(q, a, lq, 1), _chunk(q_pos, a, lq, 0), _chunk(q_seg, a, lq, 1)
+        k_c, v_c = _chunk(k, c, lk, 1), _chunk(v, c, lk, 1)
+        kp_c, ks_c = _chunk(kv_pos, c, lk, 0), _chunk(kv_seg, c, lk, 1)
 
-            acc_c = _when(_pair_visible(st.mask, qp_c, kp_c), attend, acc_c)
-        new_acc.append(acc_c)
-    return new_acc
+        def attend(part):
+            o, l = local.forward(q_a, k_c, v_c, qp_a, kp_c, qs_a, ks_c,
+                                 mask=st.mask, logit=st.logit, blocks=st.blocks)
+            return merge_attention(part[0], part[1], o, l)
+
+        part = (_chunk(out, a, lq, 1), _chunk(lse, a, lq, 2))
+        o, l = _when(_pair_visible(st.mask, qp_a, kp_c), attend, part)
+        return _put(out, o, a, lq, 1), _put(lse, l, a, lq, 2)
+
+    return _over_pairs(st.chunks, pair, acc)
 
 
-def _backward_step(st: RingStatic, q_parts, kv, grads):
-    """Add this key chunk's share of dQ (local) and dK/dV (travelling) to ``grads``."""
+def _backward_step(st: RingStatic, q_side, kv, grads):
+    """Add this key shard's share of dQ (local) and dK/dV (travelling) to ``grads``."""
+    q, q_pos, q_seg, out, lse, dout, dlse = q_side
     k, v, kv_pos, kv_seg = kv
-    dq, dk, dv = grads
+    lq, lk = q.shape[1] // st.chunks, k.shape[1] // st.chunks
     local = get_impl(st.impl)
-    kv_parts = list(zip(_split(k, st.chunks, 1), _split(v, st.chunks, 1),
-                        _split(kv_pos, st.chunks, 0), _pieces(kv_seg, st.chunks, 1)))
-    dk, dv = _split(dk, st.chunks, 1), _split(dv, st.chunks, 1)
-    dq = list(dq)
-    for a, (q_c, qp_c, qs_c, out_c, lse_c, do_c, dlse_c) in enumerate(q_parts):
-        for c, (k_c, v_c, kp_c, ks_c) in enumerate(kv_parts):
 
-            def grad(g, q_c=q_c, qp_c=qp_c, qs_c=qs_c, out_c=out_c, lse_c=lse_c, do_c=do_c,
-                     dlse_c=dlse_c, k_c=k_c, v_c=v_c, kp_c=kp_c, ks_c=ks_c):
-                gq, gk, gv = local.backward(q_c, k_c, v_c, qp_c, kp_c, qs_c, ks_c, out_c, lse_c,
-                                            do_c, dlse_c, mask=st.mask, logit=st.logit,
-                                            blocks=st.blocks)
-                return g[0] + gq, g[1] + gk, g[2] + gv
+    def pair(grads, a, c):
+        dq, dk, dv = grads
+        q_a, qp_a, qs_a = _chunk(q, a, lq, 1), _chunk(q_pos, a, lq, 0), _chunk(q_seg, a, lq, 1)
+        k_c, v_c = _chunk(k, c, lk, 1), _chunk(v, c, lk, 1)
+        kp_c, ks_c = _chunk(kv_pos, c, lk, 0), _chunk(kv_seg, c, lk, 1)
 
-            dq[a], dk[c], dv[c] = _when(_pair_visible(st.mask, qp_c, kp_c), grad,
-                                        (dq[a], dk[c], dv[c]))
-    return dq, jnp.concatenate(dk, axis=1), jnp.concatenate(dv, axis=1)
+        def grad(g):
+            gq, gk, gv = local.backward(
+                q_a, k_c, v_c, qp_a, kp_c, qs_a, ks_c, _chunk(out, a, lq, 1),
+                _chunk(lse, a, lq, 2), _chunk(dout, a, lq, 1), _chunk(dlse, a, lq, 2),
+                mask=st.mask, logit=st.logit, blocks=st.blocks,
+            )
+            return g[0] + gq, g[1] + gk, g[2] + gv
+
+        part = (_chunk(dq, a, lq, 1), _chunk(dk, c, lk, 1), _chunk(dv, c, lk, 1))
+        gq, gk, gv = _when(_pair_visible(st.mask, qp_a, kp_c), grad, part)
+        return _put(dq, gq, a, lq, 1), _put(dk, gk, c, lk, 1), _put(dv, gv, c, lk, 1)
+
+    return _over_pairs(st.chunks, pair, grads)
 
 
 # --- the ring ---------------------------------------------------------------------------
@@ -143,51 +167,41 @@ def _rotate(tree, st: RingStatic, n: int):
 
 def _ring_forward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     n = lax.axis_size(st.axis_name)
-    q_parts = list(zip(_split(q, st.chunks, 1), _split(q_pos, st.chunks, 0),
-                       _pieces(q_seg, st.chunks, 1)))
-    acc = []
-    for q_c, _, _ in q_parts:
-        # zeros_like keeps q's varying-axes type, which scan carries must preserve.
-        out0 = jnp.zeros_like(q_c, jnp.float32)
-        lse0 = jnp.full_like(rearrange(q_c[..., 0], "b q h -> b h q"), -jnp.inf, jnp.float32)
-        acc.append((out0, lse0))
+    q_side = (q, q_pos, q_seg)
+    # zeros_like keeps q's varying-axes type, which scan carries must preserve.
+    acc = (jnp.zeros_like(q, jnp.float32),
+           jnp.full_like(rearrange(q[..., 0], "b q h -> b h q"), -jnp.inf, jnp.float32))
     kv = seqshard.vary((k, v, kv_pos, kv_seg), st.axis_name)
 
     def step(carry, _):
         kv, acc = carry
         incoming = _rotate(kv, st, n)  # issued first: overlaps the compute below
-        return (incoming, _forward_step(st, q_parts, kv, acc)), None
+        return (incoming, _forward_step(st, q_side, kv, acc)), None
 
     (kv, acc), _ = lax.scan(step, (kv, acc), length=n - 1)
-    acc = _forward_step(st, q_parts, kv, acc)  # last chunk: nothing left to send
-    out = jnp.concatenate([o for o, _ in acc], axis=1)
-    lse = jnp.concatenate([l for _, l in acc], axis=2)
-    return out, lse
+    return _forward_step(st, q_side, kv, acc)  # last shard: nothing left to send
 
 
 def _ring_backward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse):
     n = lax.axis_size(st.axis_name)
     if dlse is None:
         dlse = jnp.zeros_like(lse)
-    q_parts = list(zip(_split(q, st.chunks, 1), _split(q_pos, st.chunks, 0),
-                       _pieces(q_seg, st.chunks, 1), _split(out, st.chunks, 1),
-                       _split(lse, st.chunks, 2), _split(dout, st.chunks, 1),
-                       _split(dlse, st.chunks, 2)))
-    dq = [jnp.zeros_like(q_c, jnp.float32) for q_c, *_ in q_parts]
+    q_side = (q, q_pos, q_seg, out, lse, dout, dlse)
+    dq = jnp.zeros_like(q, jnp.float32)
     kv = seqshard.vary((k, v, kv_pos, kv_seg), st.axis_name)
     dkv = (jnp.zeros_like(k, jnp.float32), jnp.zeros_like(v, jnp.float32))
 
     def step(carry, _):
         kv, dq, dkv = carry
         incoming = _rotate(kv, st, n)  # K/V go ahead; their gradients follow once computed
-        dq, dk, dv = _backward_step(st, q_parts, kv, (dq, *dkv))
+        dq, dk, dv = _backward_step(st, q_side, kv, (dq, *dkv))
         return (incoming, dq, _rotate((dk, dv), st, n)), None
 
     (kv, dq, dkv), _ = lax.scan(step, (kv, dq, dkv), length=n - 1)
-    dq, dk, dv = _backward_step(st, q_parts, kv, (dq, *dkv))
-    # dK/dV of the chunk held last belong to the next device: one hop home.
+    dq, dk, dv = _backward_step(st, q_side, kv, (dq, *dkv))
+    # dK/dV of the shard held last belong to the next device: one hop home.
     dk, dv = _rotate((dk, dv), st, n)
-    return jnp.concatenate(dq, axis=1), dk, dv
+    return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
