@@ -15,14 +15,15 @@ def make_inputs(batch, length, heads, kv_heads, head_dim=8, *, seed=0, kv_length
                 segments=False):
     """Deterministic ``q, k, v`` (f32) and, with ``segments``, packed ids crossing shards."""
     kv_length = length if kv_length is None else kv_length
-    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
-    q = jax.random.normal(kq, (batch, length, heads, head_dim), jnp.float32)
-    k = jax.random.normal(kk, (batch, kv_length, kv_heads, head_dim), jnp.float32)
-    v = jax.random.normal(kv, (batch, kv_length, kv_heads, head_dim), jnp.float32)
+    # numpy, not jax.random: compiling threefry for every shape costs seconds on CPU.
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    q = normal(batch, length, heads, head_dim)
+    k = normal(batch, kv_length, kv_heads, head_dim)
+    v = normal(batch, kv_length, kv_heads, head_dim)
     if not segments:
         return q, k, v, None
     # Documents of odd lengths, different per batch row, so boundaries fall mid-shard.
-    rng = np.random.default_rng(seed)
     rows = []
     for _ in range(batch):
         cuts = np.sort(rng.choice(np.arange(1, length), size=3, replace=False))
@@ -32,7 +33,7 @@ def make_inputs(batch, length, heads, kv_heads, head_dim=8, *, seed=0, kv_length
 
 def _loss_and_grads(fn, q, k, v):
     """One jitted program: ``(out, lse)`` and grads of a loss touching both."""
-    w_out = jax.random.normal(jax.random.PRNGKey(1), q.shape, jnp.float32)
+    w_out = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
 
     def loss(q, k, v):
         out, lse = fn(q, k, v)
