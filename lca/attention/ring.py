@@ -271,7 +271,8 @@ def ring_attention_shard(
     b, q_len, kv_len, _, _, d = inputs.check_qkv(q, k, v)
     n = bound_axis_size(axis_name)
     layouts.check_layout(layout)
-    chunks = layouts.num_chunks(layout)
+    # One device holds the whole sequence: its chunks are contiguous, nothing to balance.
+    chunks = layouts.num_chunks(layout) if n > 1 else 1
     for name, length in (("q", q_len), ("k", kv_len)):
         if length % chunks:
             raise ValueError(
