@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -332,22 +333,29 @@ def validate_global(q, k, v, *, n: int, axis, layout: str, input_layout: str, se
 
 
 @dataclasses.dataclass(frozen=True)
-class _Global:
+class GlobalCall:
+    """A shard-level attention (ring or Ulysses) run by a global entry point (hashable)."""
+
+    attention: Callable  # ring_attention_shard or ulysses_attention_shard
     axis: str
     layout: str
     input_layout: str
-    kwargs: tuple  # shard-level keyword arguments, as sorted items
+    kwargs: tuple  # its keyword arguments, as sorted items
+
+    @classmethod
+    def of(cls, attention, axis, layout, input_layout, **kwargs) -> "GlobalCall":
+        return cls(attention, axis, layout, input_layout, tuple(sorted(kwargs.items())))
 
 
-def _global_shard(cfg: _Global, q, k, v, q_seg, kv_seg):
-    """Per-shard body of :func:`ring_attention`: to the layout, ring, back."""
+def global_shard(cfg: GlobalCall, q, k, v, q_seg, kv_seg):
+    """Per-shard body of the global entry points: to the layout, attention, back."""
     convert = cfg.input_layout == "natural"
     to = functools.partial(layouts.shard_to_layout, layout=cfg.layout, axis_name=cfg.axis)
     if convert:
         q, k, v, q_seg, kv_seg = jax.tree.map(to, (q, k, v, q_seg, kv_seg))
     segs = None if q_seg is None else (q_seg, kv_seg)
-    out, lse = ring_attention_shard(q, k, v, axis_name=cfg.axis, layout=cfg.layout,
-                                    segment_ids=segs, return_lse=True, **dict(cfg.kwargs))
+    out, lse = cfg.attention(q, k, v, axis_name=cfg.axis, layout=cfg.layout, segment_ids=segs,
+                             return_lse=True, **dict(cfg.kwargs))
     if convert:
         out = layouts.shard_from_layout(out, cfg.layout, cfg.axis)
         lse = layouts.shard_from_layout(lse, cfg.layout, cfg.axis, seq_axis=2)
@@ -393,10 +401,10 @@ def ring_attention(
     segs = validate_global(q, k, v, n=n, axis=axis, layout=layout, input_layout=input_layout,
                            segment_ids=segment_ids, causal=causal, window=window,
                            softcap=softcap, scale=scale, impl=impl)
-    cfg = _Global(axis=axis, layout=layout, input_layout=input_layout, kwargs=tuple(sorted(dict(
-        causal=causal, window=window, softcap=softcap, scale=scale, impl=impl,
-        block_q=block_q, block_kv=block_kv).items())))
-    out, lse = seqshard.run(_global_shard, cfg, mesh, (axis,),
+    cfg = GlobalCall.of(ring_attention_shard, axis, layout, input_layout, causal=causal,
+                        window=window, softcap=softcap, scale=scale, impl=impl,
+                        block_q=block_q, block_kv=block_kv)
+    out, lse = seqshard.run(global_shard, cfg, mesh, (axis,),
                             seqshard.batch_axes(mesh, (axis,), q.shape[0], batch_axes),
                             q, k, v, *segs)
     out = seqshard.match_sharding(out, q, mesh)

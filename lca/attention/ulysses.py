@@ -28,7 +28,13 @@ from lca.attention.blockwise import BlockSizes
 from lca.attention.impl import get_impl
 from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask
-from lca.attention.ring import bound_axis_size, resolve_blocks, validate_global
+from lca.attention.ring import (
+    GlobalCall,
+    bound_axis_size,
+    global_shard,
+    resolve_blocks,
+    validate_global,
+)
 from lca.parallel import layout as layouts
 from lca.parallel import sequence_sharding as seqshard
 
@@ -159,29 +165,6 @@ def _global_positions(layout, q_positions, kv_positions, q_len, kv_len, n, axis_
             jnp.asarray(layouts.permutation(layout, kv_len * n, n)))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Global:
-    axis: str
-    layout: str
-    input_layout: str
-    kwargs: tuple
-
-
-def _global_shard(cfg: _Global, q, k, v, q_seg, kv_seg):
-    """Per-shard body of :func:`ulysses_attention`."""
-    convert = cfg.input_layout == "natural"
-    if convert:
-        to = functools.partial(layouts.shard_to_layout, layout=cfg.layout, axis_name=cfg.axis)
-        q, k, v, q_seg, kv_seg = jax.tree.map(to, (q, k, v, q_seg, kv_seg))
-    segs = None if q_seg is None else (q_seg, kv_seg)
-    out, lse = ulysses_attention_shard(q, k, v, axis_name=cfg.axis, layout=cfg.layout,
-                                       segment_ids=segs, return_lse=True, **dict(cfg.kwargs))
-    if convert:
-        out = layouts.shard_from_layout(out, cfg.layout, cfg.axis)
-        lse = layouts.shard_from_layout(lse, cfg.layout, cfg.axis, seq_axis=2)
-    return out, lse
-
-
 def ulysses_attention(
     q, k, v, *, mesh, axis: str = "context", causal: bool = False, segment_ids=None,
     window: int | None = None, softcap: float | None = None, scale: float | None = None,
@@ -203,10 +186,10 @@ def ulysses_attention(
     segs = validate_global(q, k, v, n=n, axis=axis, layout=layout, input_layout=input_layout,
                            segment_ids=segment_ids, causal=causal, window=window,
                            softcap=softcap, scale=scale, impl=impl)
-    cfg = _Global(axis=axis, layout=layout, input_layout=input_layout, kwargs=tuple(sorted(dict(
-        causal=causal, window=window, softcap=softcap, scale=scale, impl=impl,
-        block_q=block_q, block_kv=block_kv).items())))
-    out, lse = seqshard.run(_global_shard, cfg, mesh, (axis,),
+    cfg = GlobalCall.of(ulysses_attention_shard, axis, layout, input_layout, causal=causal,
+                        window=window, softcap=softcap, scale=scale, impl=impl,
+                        block_q=block_q, block_kv=block_kv)
+    out, lse = seqshard.run(global_shard, cfg, mesh, (axis,),
                             seqshard.batch_axes(mesh, (axis,), q.shape[0], batch_axes),
                             q, k, v, *segs)
     out = seqshard.match_sharding(out, q, mesh)
