@@ -268,6 +268,9 @@ def ring_attention_shard(
     Returns:
       local ``out [batch, q_len / n, num_heads, head_dim]`` in q's dtype (and
       ``lse [batch, num_heads, q_len / n]`` f32 with ``return_lse``).
+
+    Run the enclosing ``shard_map`` with ``check_vma=False`` for now: the
+    blockwise implementation starts its loop carries from non-varying constants.
     """
     b, q_len, kv_len, _, _, d = inputs.check_qkv(q, k, v)
     n = bound_axis_size(axis_name)

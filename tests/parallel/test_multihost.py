@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -41,10 +42,11 @@ def _run_workers(out_dir):
         )
         for i in range(2)
     ]
+    deadline = time.monotonic() + TIMEOUT_S  # one budget for both workers
     try:
-        logs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+        logs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
     except subprocess.TimeoutExpired:
-        logs = ["timed out"] * 2
+        logs = [f"timed out after {TIMEOUT_S} s"] * 2
     finally:
         for p in procs:  # never leave a worker behind (one may wait forever for its peer)
             if p.poll() is None:
