@@ -205,27 +205,36 @@ def _ring_backward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, l
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def ring_core(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    """Shard-level ring with explicit positions: ``(out in q.dtype, lse f32)``."""
-    out, lse = _ring_forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-    return out.astype(q.dtype), lse
+def attention_vjp(forward, backward):
+    """``f(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> (out in q.dtype, lse)`` with a custom VJP.
+
+    ``forward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> (out f32, lse)``;
+    ``backward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse)
+    -> (dq, dk, dv)`` from the saved output and lse (positions and segments get
+    no gradient).
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def attention(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+        out, lse = forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+        return out.astype(q.dtype), lse
+
+    def fwd(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+        out, lse = attention(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+        return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+
+    def bwd(st, residuals, cotangents):
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
+        dq, dk, dv = backward(st, *residuals, *cotangents)
+        no_grad = jax.tree.map(lambda _: None, (q_pos, kv_pos, q_seg, kv_seg))
+        return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad)
+
+    attention.defvjp(fwd, bwd)
+    return attention
 
 
-def _ring_core_fwd(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    out, lse = ring_core(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
-
-
-def _ring_core_bwd(st, residuals, cotangents):
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
-    dout, dlse = cotangents
-    dq, dk, dv = _ring_backward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse)
-    no_grad = jax.tree.map(lambda _: None, (q_pos, kv_pos, q_seg, kv_seg))
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad)
-
-
-ring_core.defvjp(_ring_core_fwd, _ring_core_bwd)
+# Shard-level ring with explicit positions: ``(out in q.dtype, lse f32)``.
+ring_core = attention_vjp(_ring_forward, _ring_backward)
 
 
 # --- shard-level API ------------------------------------------------------------------
@@ -400,13 +409,22 @@ def ring_attention(
     Returns:
       ``out`` like q (and ``lse``), in the order of the inputs.
     """
+    return run_global(ring_attention_shard, q, k, v, mesh=mesh, axis=axis, causal=causal,
+                      segment_ids=segment_ids, window=window, softcap=softcap, scale=scale,
+                      layout=layout, input_layout=input_layout, impl=impl, block_q=block_q,
+                      block_kv=block_kv, return_lse=return_lse, batch_axes=batch_axes)
+
+
+def run_global(attention, q, k, v, *, mesh, axis, layout, input_layout, segment_ids, causal,
+               window, softcap, scale, impl, block_q, block_kv, return_lse, batch_axes):
+    """Validate, then run the shard-level ``attention`` over one context axis of ``mesh``."""
     n = seqshard.mesh_axis_size(mesh, axis)
     segs = validate_global(q, k, v, n=n, axis=axis, layout=layout, input_layout=input_layout,
                            segment_ids=segment_ids, causal=causal, window=window,
                            softcap=softcap, scale=scale, impl=impl)
-    cfg = GlobalCall.of(ring_attention_shard, axis, layout, input_layout, causal=causal,
-                        window=window, softcap=softcap, scale=scale, impl=impl,
-                        block_q=block_q, block_kv=block_kv)
+    cfg = GlobalCall.of(attention, axis, layout, input_layout, causal=causal, window=window,
+                        softcap=softcap, scale=scale, impl=impl, block_q=block_q,
+                        block_kv=block_kv)
     out, lse = seqshard.run(global_shard, cfg, mesh, (axis,),
                             seqshard.batch_axes(mesh, (axis,), q.shape[0], batch_axes),
                             q, k, v, *segs)

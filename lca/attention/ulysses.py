@@ -16,7 +16,6 @@ exactly the kv heads its query heads use.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -29,11 +28,10 @@ from lca.attention.impl import get_impl
 from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask
 from lca.attention.ring import (
-    GlobalCall,
+    attention_vjp,
     bound_axis_size,
-    global_shard,
     resolve_blocks,
-    validate_global,
+    run_global,
 )
 from lca.parallel import layout as layouts
 from lca.parallel import sequence_sharding as seqshard
@@ -47,30 +45,17 @@ class LocalStatic:
     blocks: BlockSizes | None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def local_attention(st: LocalStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    """Attention through a registered local implementation, differentiable by its backward."""
-    out, lse = get_impl(st.impl).forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg,
-                                         mask=st.mask, logit=st.logit, blocks=st.blocks)
-    return out.astype(q.dtype), lse
+def _local_forward(st: LocalStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    return get_impl(st.impl).forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg,
+                                     mask=st.mask, logit=st.logit, blocks=st.blocks)
 
 
-def _local_fwd(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    out, lse = local_attention(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+def _local_backward(st: LocalStatic, *args):
+    return get_impl(st.impl).backward(*args, mask=st.mask, logit=st.logit, blocks=st.blocks)
 
 
-def _local_bwd(st, residuals, cotangents):
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
-    dout, dlse = cotangents
-    dq, dk, dv = get_impl(st.impl).backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse,
-                                            dout, dlse, mask=st.mask, logit=st.logit,
-                                            blocks=st.blocks)
-    no_grad = jax.tree.map(lambda _: None, (q_pos, kv_pos, q_seg, kv_seg))
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad)
-
-
-local_attention.defvjp(_local_fwd, _local_bwd)
+# Attention through a registered local implementation, differentiable by its backward.
+local_attention = attention_vjp(_local_forward, _local_backward)
 
 
 def check_heads(num_heads: int, num_kv_heads: int, n: int, axis) -> int:
@@ -183,14 +168,7 @@ def ulysses_attention(
     _, _, _, h, h_kv, _ = inputs.check_qkv(q, k, v)
     n = seqshard.mesh_axis_size(mesh, axis)
     check_heads(h, h_kv, n, axis)
-    segs = validate_global(q, k, v, n=n, axis=axis, layout=layout, input_layout=input_layout,
-                           segment_ids=segment_ids, causal=causal, window=window,
-                           softcap=softcap, scale=scale, impl=impl)
-    cfg = GlobalCall.of(ulysses_attention_shard, axis, layout, input_layout, causal=causal,
-                        window=window, softcap=softcap, scale=scale, impl=impl,
-                        block_q=block_q, block_kv=block_kv)
-    out, lse = seqshard.run(global_shard, cfg, mesh, (axis,),
-                            seqshard.batch_axes(mesh, (axis,), q.shape[0], batch_axes),
-                            q, k, v, *segs)
-    out = seqshard.match_sharding(out, q, mesh)
-    return (out, lse) if return_lse else out
+    return run_global(ulysses_attention_shard, q, k, v, mesh=mesh, axis=axis, causal=causal,
+                      segment_ids=segment_ids, window=window, softcap=softcap, scale=scale,
+                      layout=layout, input_layout=input_layout, impl=impl, block_q=block_q,
+                      block_kv=block_kv, return_lse=return_lse, batch_axes=batch_axes)
