@@ -283,6 +283,7 @@ def write_results(kinds, timing, memory, work, elapsed, load=None):
 
 def plot(kinds, timing, memory):
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -296,8 +297,10 @@ def plot(kinds, timing, memory):
              title="time (all devices share 2 cores)", xscale="log", yscale="log")
     ax_m.set(xlabel="N devices (512 tokens each)", ylabel="peak extra MB per device",
              title="memory per device", xscale="log")
+    ax_m.set_ylim(bottom=0)  # flat is the claim: do not zoom into the noise
     for ax in (ax_t, ax_m):
         ax.set_xticks(NS, [str(n) for n in NS])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend()
     fig.suptitle(MACHINE, fontsize=9)
     fig.tight_layout()
