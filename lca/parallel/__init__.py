@@ -1,6 +1,35 @@
 """Meshes, shardings and sequence permutations."""
 
+from lca.parallel.layout import (
+    LAYOUTS,
+    from_layout,
+    inverse_permutation,
+    local_positions,
+    permutation,
+    shard_from_layout,
+    shard_to_layout,
+    striped_permutation,
+    to_layout,
+    zigzag_permutation,
+)
 from lca.parallel.mesh import MESH_AXES, make_mesh, resolve_axis_sizes
-from lca.parallel.vma import varying_axes, varying_like
+from lca.parallel.vma import mark_varying, varying_axes, varying_like
 
-__all__ = ["MESH_AXES", "make_mesh", "resolve_axis_sizes", "varying_axes", "varying_like"]
+__all__ = [
+    "LAYOUTS",
+    "MESH_AXES",
+    "from_layout",
+    "inverse_permutation",
+    "local_positions",
+    "make_mesh",
+    "permutation",
+    "resolve_axis_sizes",
+    "shard_from_layout",
+    "shard_to_layout",
+    "striped_permutation",
+    "to_layout",
+    "mark_varying",
+    "varying_axes",
+    "varying_like",
+    "zigzag_permutation",
+]

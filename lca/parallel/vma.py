@@ -22,9 +22,13 @@ def varying_axes(x) -> frozenset:
     return frozenset(getattr(aval, "vma", ()))  # older spelling
 
 
-def varying_like(tree, *refs):
-    """Mark every leaf of ``tree`` as varying over the union of ``refs``' varying axes."""
-    axes = frozenset().union(*(varying_axes(r) for r in jax.tree.leaves(refs)))
+def mark_varying(tree, axis_names):
+    """Mark every leaf of ``tree`` as varying over ``axis_names`` (a name or names).
+
+    E.g. a loop carry that is the same on every device (replicated positions)
+    but becomes per-device after one ``ppermute`` has to start as varying.
+    """
+    axes = frozenset((axis_names,) if isinstance(axis_names, str) else axis_names)
     if not axes:
         return tree
 
@@ -33,3 +37,8 @@ def varying_like(tree, *refs):
         return lax.pcast(x, missing, to="varying") if missing else x
 
     return jax.tree.map(cast, tree)
+
+
+def varying_like(tree, *refs):
+    """Mark every leaf of ``tree`` as varying over the union of ``refs``' varying axes."""
+    return mark_varying(tree, frozenset().union(*(varying_axes(r) for r in jax.tree.leaves(refs))))

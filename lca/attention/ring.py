@@ -1,0 +1,463 @@
+"""Ring attention: exact attention over a sequence sharded across a mesh axis.
+
+Each of the ``n`` devices of the context axis keeps its query shard and passes
+its key/value shard around a ring with ``lax.ppermute``. At every step a device
+attends its queries to the key chunk it currently holds, through the local
+implementation ``impl`` (blockwise now, Pallas later), and merges the partial
+result into its running ``(out, lse)`` in float32 with :func:`merge_attention`.
+The transfer of the next chunk is issued before the current one is computed so
+the collective overlaps compute, and there is no transfer after the last step.
+
+Masking is purely positional: every token carries its global position, so any
+layout (``zigzag``, ``contiguous``, ``striped``) is correct under the one
+:class:`Mask`, and a (query chunk, key chunk) pair that the mask hides entirely
+(a causal chunk in the future, a window out of reach) is skipped with
+``lax.cond``. Zigzag gives every device two chunks, ``i`` and ``2n-1-i``, and
+splits the per-step work by chunk pairs, so all devices do the same causal work.
+
+The backward is a ``jax.custom_vjp`` that runs the ring again: K/V travel as in
+the forward and their gradients dK/dV travel with them, each step adding the
+exact piece ``impl.backward`` computes from the *global* output and lse; one
+extra hop brings dK/dV home. Memory per device is O(T/n): nothing of the full
+sequence length is ever gathered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+from jax import lax
+
+from lca.attention import inputs
+from lca.attention.blockwise import BlockSizes
+from lca.attention.impl import get_impl
+from lca.attention.inputs import LogitOptions
+from lca.attention.mask import Mask
+from lca.attention.merge import merge_attention
+from lca.parallel import layout as layouts
+from lca.parallel import sequence_sharding as seqshard
+from lca.parallel.vma import mark_varying
+
+
+@dataclasses.dataclass(frozen=True)
+class RingStatic:
+    """Everything static about one ring call (hashable: a ``custom_vjp`` nondiff arg)."""
+
+    axis_name: str
+    mask: Mask
+    logit: LogitOptions
+    impl: str
+    blocks: BlockSizes | None
+    chunks: int  # runs of consecutive positions per shard (zigzag: 2)
+
+
+def resolve_blocks(impl: str, block_q, block_kv) -> BlockSizes | None:
+    """User block sizes, else the implementation's defaults (None: its own choice)."""
+    default = get_impl(impl).default_blocks
+    if block_q is None and block_kv is None:
+        return default
+    base = default or BlockSizes()
+    return BlockSizes(block_q or base.block_q, block_kv or base.block_kv)
+
+
+def _chunk(x, i, size: int, axis: int):
+    """Chunk ``i`` (of length ``size``) of ``x`` along ``axis``; None stays None."""
+    return None if x is None else lax.dynamic_slice_in_dim(x, i * size, size, axis)
+
+
+def _put(x, piece, i, size: int, axis: int):
+    return lax.dynamic_update_slice_in_dim(x, piece, i * size, axis)
+
+
+def _over_pairs(chunks: int, body, carry):
+    """``carry = body(carry, a, c)`` for every (query chunk a, key chunk c) pair.
+
+    A scan rather than an unrolled loop: one copy of the local attention in the
+    program, whatever the number of chunks (compile time matters on TPU/CPU too).
+    """
+    if chunks == 1:
+        return body(carry, 0, 0)
+    a_idx, c_idx = np.divmod(np.arange(chunks * chunks, dtype=np.int32), chunks)
+    carry, _ = lax.scan(lambda cr, ac: (body(cr, *ac), None), carry,
+                        (jnp.asarray(a_idx), jnp.asarray(c_idx)))
+    return carry
+
+
+def _ring_perm(n: int):
+    return [(i, (i + 1) % n) for i in range(n)]
+
+
+def _pair_visible(mask: Mask, q_pos, kv_pos):
+    """Can any query of this chunk see any key of that chunk (from position ranges)?"""
+    if mask.is_full:
+        return True
+    return mask.block_visible(q_pos.min(), q_pos.max(), kv_pos.min(), kv_pos.max())
+
+
+def _when(visible, fn, carry):
+    return fn(carry) if visible is True else lax.cond(visible, fn, lambda c: c, carry)
+
+
+# --- one ring step --------------------------------------------------------------------
+
+
+def _forward_step(st: RingStatic, q_side, kv, acc):
+    """Merge attention of every query chunk over every key chunk of ``kv`` into ``acc``."""
+    q, q_pos, q_seg = q_side
+    k, v, kv_pos, kv_seg = kv
+    lq, lk = q.shape[1] // st.chunks, k.shape[1] // st.chunks
+    local = get_impl(st.impl)
+
+    def pair(acc, a, c):
+        out, lse = acc
+        q_a, qp_a, qs_a = _chunk(q, a, lq, 1), _chunk(q_pos, a, lq, 0), _chunk(q_seg, a, lq, 1)
+        k_c, v_c = _chunk(k, c, lk, 1), _chunk(v, c, lk, 1)
+        kp_c, ks_c = _chunk(kv_pos, c, lk, 0), _chunk(kv_seg, c, lk, 1)
+
+        def attend(part):
+            o, l = local.forward(q_a, k_c, v_c, qp_a, kp_c, qs_a, ks_c,
+                                 mask=st.mask, logit=st.logit, blocks=st.blocks)
+            return merge_attention(part[0], part[1], o, l)
+
+        part = (_chunk(out, a, lq, 1), _chunk(lse, a, lq, 2))
+        o, l = _when(_pair_visible(st.mask, qp_a, kp_c), attend, part)
+        return _put(out, o, a, lq, 1), _put(lse, l, a, lq, 2)
+
+    return _over_pairs(st.chunks, pair, acc)
+
+
+def _backward_step(st: RingStatic, q_side, kv, grads):
+    """Add this key shard's share of dQ (local) and dK/dV (travelling) to ``grads``."""
+    q, q_pos, q_seg, out, lse, dout, dlse = q_side
+    k, v, kv_pos, kv_seg = kv
+    lq, lk = q.shape[1] // st.chunks, k.shape[1] // st.chunks
+    local = get_impl(st.impl)
+
+    def pair(grads, a, c):
+        dq, dk, dv = grads
+        q_a, qp_a, qs_a = _chunk(q, a, lq, 1), _chunk(q_pos, a, lq, 0), _chunk(q_seg, a, lq, 1)
+        k_c, v_c = _chunk(k, c, lk, 1), _chunk(v, c, lk, 1)
+        kp_c, ks_c = _chunk(kv_pos, c, lk, 0), _chunk(kv_seg, c, lk, 1)
+
+        def grad(g):
+            gq, gk, gv = local.backward(
+                q_a, k_c, v_c, qp_a, kp_c, qs_a, ks_c, _chunk(out, a, lq, 1),
+                _chunk(lse, a, lq, 2), _chunk(dout, a, lq, 1), _chunk(dlse, a, lq, 2),
+                mask=st.mask, logit=st.logit, blocks=st.blocks,
+            )
+            return g[0] + gq, g[1] + gk, g[2] + gv
+
+        part = (_chunk(dq, a, lq, 1), _chunk(dk, c, lk, 1), _chunk(dv, c, lk, 1))
+        gq, gk, gv = _when(_pair_visible(st.mask, qp_a, kp_c), grad, part)
+        return _put(dq, gq, a, lq, 1), _put(dk, gk, c, lk, 1), _put(dv, gv, c, lk, 1)
+
+    return _over_pairs(st.chunks, pair, grads)
+
+
+# --- the ring ---------------------------------------------------------------------------
+
+
+def _rotate(tree, st: RingStatic, n: int):
+    return jax.tree.map(lambda x: lax.ppermute(x, st.axis_name, _ring_perm(n)), tree)
+
+
+def _ring_forward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    n = lax.axis_size(st.axis_name)
+    q_side = (q, q_pos, q_seg)
+    # zeros_like keeps q's varying-axes type, which scan carries must preserve.
+    acc = (jnp.zeros_like(q, jnp.float32),
+           jnp.full_like(rearrange(q[..., 0], "b q h -> b h q"), -jnp.inf, jnp.float32))
+    kv = mark_varying((k, v, kv_pos, kv_seg), st.axis_name)
+
+    def step(carry, _):
+        kv, acc = carry
+        incoming = _rotate(kv, st, n)  # issued first: overlaps the compute below
+        return (incoming, _forward_step(st, q_side, kv, acc)), None
+
+    (kv, acc), _ = lax.scan(step, (kv, acc), length=n - 1)
+    return _forward_step(st, q_side, kv, acc)  # last shard: nothing left to send
+
+
+def _ring_backward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse):
+    n = lax.axis_size(st.axis_name)
+    if dlse is None:
+        dlse = jnp.zeros_like(lse)
+    q_side = (q, q_pos, q_seg, out, lse, dout, dlse)
+    dq = jnp.zeros_like(q, jnp.float32)
+    kv = mark_varying((k, v, kv_pos, kv_seg), st.axis_name)
+    dkv = (jnp.zeros_like(k, jnp.float32), jnp.zeros_like(v, jnp.float32))
+
+    def step(carry, _):
+        kv, dq, dkv = carry
+        incoming = _rotate(kv, st, n)  # K/V go ahead; their gradients follow once computed
+        dq, dk, dv = _backward_step(st, q_side, kv, (dq, *dkv))
+        return (incoming, dq, _rotate((dk, dv), st, n)), None
+
+    (kv, dq, dkv), _ = lax.scan(step, (kv, dq, dkv), length=n - 1)
+    dq, dk, dv = _backward_step(st, q_side, kv, (dq, *dkv))
+    # dK/dV of the shard held last belong to the next device: one hop home.
+    dk, dv = _rotate((dk, dv), st, n)
+    return dq, dk, dv
+
+
+def attention_vjp(forward, backward):
+    """``f(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> (out in q.dtype, lse)`` with a custom VJP.
+
+    ``forward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> (out f32, lse)``;
+    ``backward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse)
+    -> (dq, dk, dv)`` from the saved output and lse (positions and segments get
+    no gradient).
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def attention(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+        out, lse = forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+        return out.astype(q.dtype), lse
+
+    def fwd(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+        out, lse = attention(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+        return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+
+    def bwd(st, residuals, cotangents):
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
+        dq, dk, dv = backward(st, *residuals, *cotangents)
+        no_grad = jax.tree.map(lambda _: None, (q_pos, kv_pos, q_seg, kv_seg))
+        return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad)
+
+    attention.defvjp(fwd, bwd)
+    return attention
+
+
+# Shard-level ring with explicit positions: ``(out in q.dtype, lse f32)``.
+ring_core = attention_vjp(_ring_forward, _ring_backward)
+
+
+# --- shard-level API ------------------------------------------------------------------
+
+
+def bound_axis_size(axis_name, *, arg: str = "axis_name") -> int:
+    """Size of a ``shard_map`` axis, or a ``ValueError`` when it is not bound here."""
+    try:
+        return lax.axis_size(axis_name)
+    except NameError as err:
+        raise ValueError(
+            f"{arg}={axis_name!r} is not a mesh axis of the enclosing jax.shard_map ({err}); "
+            f"call this inside shard_map over a mesh with that axis, or use the global form "
+            f"with mesh=..."
+        ) from None
+
+
+def ring_attention_shard(
+    q, k, v, *, axis_name: str, layout: str = "zigzag", q_positions=None, kv_positions=None,
+    segment_ids=None, causal: bool = False, window: int | None = None,
+    softcap: float | None = None, scale: float | None = None, impl: str = "blockwise",
+    block_q: int | None = None, block_kv: int | None = None, return_lse: bool = False,
+):
+    """Ring attention on local shards, inside your own ``jax.shard_map``.
+
+    Args:
+      q: local ``[batch, q_len / n, num_heads, head_dim]`` shard; k, v: local
+        ``[batch, kv_len / n, num_kv_heads, head_dim]`` shards, all in ``layout``
+        order over the ``n`` devices of ``axis_name``.
+      layout: ``"zigzag"``, ``"contiguous"`` or ``"striped"``: which global
+        tokens this shard holds (see :mod:`lca.parallel.layout`). Gives the
+        default positions and the chunking used to skip masked work.
+      q_positions, kv_positions: optional int32 ``[q_len / n]``, ``[kv_len / n]``
+        global positions of the local tokens (mask frame), overriding ``layout``.
+      segment_ids: local ``[batch, len / n]`` ids, or a pair (q, kv).
+      causal, window, softcap, scale: as in ``reference_attention``.
+      impl: local implementation (``lca.attention.impl.get_impl``).
+      block_q, block_kv: its block sizes (default: the implementation's).
+
+    Returns:
+      local ``out [batch, q_len / n, num_heads, head_dim]`` in q's dtype (and
+      ``lse [batch, num_heads, q_len / n]`` f32 with ``return_lse``).
+
+    """
+    b, q_len, kv_len, _, _, d = inputs.check_qkv(q, k, v)
+    n = bound_axis_size(axis_name)
+    layouts.check_layout(layout)
+    # One device holds the whole sequence: its chunks are contiguous, nothing to balance.
+    chunks = layouts.num_chunks(layout) if n > 1 else 1
+    for name, length in (("q", q_len), ("k", kv_len)):
+        if length % chunks:
+            raise ValueError(
+                f"layout={layout!r} needs an even local length ({chunks} chunks per device), "
+                f"got {name} shard length {length}; use a global length that is a multiple of "
+                f"{2 * n} or layout='contiguous'."
+            )
+    segs = inputs.split_segment_ids(segment_ids, b, q_len, kv_len)
+    q_seg, kv_seg = segs if segs is not None else (None, None)
+    if q_positions is None or kv_positions is None:
+        index = lax.axis_index(axis_name)
+        # Bottom-right alignment of the global lengths, as in a single-device call.
+        offset = (kv_len - q_len) * n
+        if q_positions is None:
+            q_positions = layouts.local_positions(layout, q_len, n, index, xp=jnp) + offset
+        if kv_positions is None:
+            kv_positions = layouts.local_positions(layout, kv_len, n, index, xp=jnp)
+    q_pos, kv_pos = inputs.positions(q_positions, kv_positions, q_len, kv_len)
+    st = RingStatic(
+        axis_name=axis_name,
+        mask=inputs.make_mask(causal, window),
+        logit=inputs.logit_options(d, scale, softcap),
+        impl=get_impl(impl).name,
+        blocks=resolve_blocks(impl, block_q, block_kv),
+        chunks=chunks,
+    )
+    out, lse = ring_core(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    return (out, lse) if return_lse else out
+
+
+# --- global API -----------------------------------------------------------------------
+
+
+def validate_global(q, k, v, *, n: int, axis, layout: str, input_layout: str, segment_ids,
+                    causal, window, softcap, scale, impl, group: int = 1):
+    """Trace-time checks shared by the global entry points, with the global shapes.
+
+    ``n`` devices carry the layout over mesh axis ``axis``; each of their shards
+    is split ``group`` ways more (USP's Ulysses axis). Returns ``(q_seg, kv_seg)``
+    (``None``s without segments).
+    """
+    b, q_len, kv_len, _, _, d = inputs.check_qkv(q, k, v)
+    layouts.check_input_layout(input_layout, layout)
+    for name, length in (("q length", q_len), ("kv length", kv_len)):
+        layouts.check_global_length(layout, input_layout, length, n, name=name, axis=axis)
+        if length % (n * group):
+            raise ValueError(
+                f"{name} {length} must be a multiple of {n * group} = {n} ring shards (axis "
+                f"{axis!r}) x {group} Ulysses shards; pad it to a multiple of "
+                f"{n * group * layouts.required_multiple(layout, 1)}."
+            )
+    segs = inputs.split_segment_ids(segment_ids, b, q_len, kv_len)
+    inputs.make_mask(causal, window)
+    inputs.logit_options(d, scale, softcap)
+    get_impl(impl)
+    return segs if segs is not None else (None, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalCall:
+    """A shard-level attention (ring or Ulysses) run by a global entry point (hashable)."""
+
+    attention: Callable  # ring_attention_shard or ulysses_attention_shard
+    axis: str
+    layout: str
+    input_layout: str
+    kwargs: tuple  # its keyword arguments, as sorted items
+
+    @classmethod
+    def of(cls, attention, axis, layout, input_layout, **kwargs) -> "GlobalCall":
+        return cls(attention, axis, layout, input_layout, tuple(sorted(kwargs.items())))
+
+
+def global_shard(cfg: GlobalCall, q, k, v, q_seg, kv_seg):
+    """Per-shard body of the global entry points: to the layout, attention, back."""
+    convert = cfg.input_layout == "natural"
+    to = functools.partial(layouts.shard_to_layout, layout=cfg.layout, axis_name=cfg.axis)
+    if convert:
+        q, k, v, q_seg, kv_seg = jax.tree.map(to, (q, k, v, q_seg, kv_seg))
+    segs = None if q_seg is None else (q_seg, kv_seg)
+    out, lse = cfg.attention(q, k, v, axis_name=cfg.axis, layout=cfg.layout, segment_ids=segs,
+                             return_lse=True, **dict(cfg.kwargs))
+    if convert:
+        out = layouts.shard_from_layout(out, cfg.layout, cfg.axis)
+        lse = layouts.shard_from_layout(lse, cfg.layout, cfg.axis, seq_axis=2)
+    return out, lse
+
+
+def ring_attention(
+    q, k, v, *, mesh, axis: str = "context", causal: bool = False, segment_ids=None,
+    window: int | None = None, softcap: float | None = None, scale: float | None = None,
+    layout: str = "zigzag", input_layout: str = "natural", impl: str = "blockwise",
+    block_q: int | None = None, block_kv: int | None = None, return_lse: bool = False,
+    batch_axes=None,
+):
+    """Exact attention with the sequence sharded over mesh axis ``axis``.
+
+    Takes global arrays (sharded any way or not at all, inside or outside
+    ``jax.jit``), runs the ring on ``n = mesh.shape[axis]`` devices and returns
+    the output with q's sharding. Memory per device is O(T / n).
+
+    Args:
+      q: ``[batch, q_len, num_heads, head_dim]``; k, v: ``[batch, kv_len,
+        num_kv_heads, head_dim]`` (GQA/MQA rotate only the kv heads).
+      mesh: a ``jax.sharding.Mesh`` (Explicit or Auto axes), e.g.
+        ``lca.parallel.make_mesh(data=2, context=4)``.
+      axis: the mesh axis the sequence is split over.
+      causal, segment_ids, window, softcap, scale: as in ``reference_attention``
+        (packed segments may cross shard boundaries).
+      layout: how tokens are spread over the ring: ``"zigzag"`` (balanced causal
+        work; length a multiple of ``2n``), ``"contiguous"`` or ``"striped"``.
+      input_layout: ``"natural"`` (q/k/v/segment_ids in sequence order; they are
+        moved to ``layout`` and back with collectives on the shards) or the same
+        value as ``layout``: the data pipeline already reordered tokens with
+        ``lca.parallel.to_layout`` and the output stays in that order.
+      impl, block_q, block_kv: per-step local attention and its block sizes.
+      return_lse: also return ``lse [batch, num_heads, q_len]`` float32.
+      batch_axes: mesh axes sharding the batch; default: every other axis of
+        size > 1 that divides it (``()`` to replicate the batch).
+
+    Returns:
+      ``out`` like q (and ``lse``), in the order of the inputs.
+    """
+    return run_global(ring_attention_shard, q, k, v, mesh=mesh, axis=axis, causal=causal,
+                      segment_ids=segment_ids, window=window, softcap=softcap, scale=scale,
+                      layout=layout, input_layout=input_layout, impl=impl, block_q=block_q,
+                      block_kv=block_kv, return_lse=return_lse, batch_axes=batch_axes)
+
+
+def run_global(attention, q, k, v, *, mesh, axis, layout, input_layout, segment_ids, causal,
+               window, softcap, scale, impl, block_q, block_kv, return_lse, batch_axes):
+    """Validate, then run the shard-level ``attention`` over one context axis of ``mesh``."""
+    n = seqshard.mesh_axis_size(mesh, axis)
+    segs = validate_global(q, k, v, n=n, axis=axis, layout=layout, input_layout=input_layout,
+                           segment_ids=segment_ids, causal=causal, window=window,
+                           softcap=softcap, scale=scale, impl=impl)
+    cfg = GlobalCall.of(attention, axis, layout, input_layout, causal=causal, window=window,
+                        softcap=softcap, scale=scale, impl=impl, block_q=block_q,
+                        block_kv=block_kv)
+    out, lse = seqshard.run(global_shard, cfg, mesh, (axis,),
+                            seqshard.batch_axes(mesh, (axis,), q.shape[0], batch_axes),
+                            q, k, v, *segs)
+    out = seqshard.match_sharding(out, q, mesh)
+    return (out, lse) if return_lse else out
+
+
+def ring_schedule(layout: str, seq_len: int, n: int, *, causal: bool = True,
+                  window: int | None = None, block: int | None = None) -> np.ndarray:
+    """``[n, n]`` (device, step) count of the tiles the ring computes for self-attention.
+
+    Evaluates the skip predicate the ring uses (``Mask.block_visible`` on each
+    chunk pair's position range) on the positions of ``layout``. With ``block``
+    it also applies it to the ``block x block`` tiles of each visible chunk pair,
+    as the blockwise implementation does, and counts tiles; else chunk pairs.
+    """
+    local = layouts.check_length(layout, seq_len, n)
+    chunks = layouts.num_chunks(layout)
+    mask = Mask(causal=causal, window=window)
+
+    def tiles(positions):
+        if block is None:
+            return [positions]
+        return [positions[i:i + block] for i in range(0, positions.size, block)]
+
+    def pair_work(qp, kp):
+        if not bool(_pair_visible(mask, qp, kp)):
+            return 0
+        return sum(bool(_pair_visible(mask, qt, kt)) for qt in tiles(qp) for kt in tiles(kp))
+
+    counts = np.zeros((n, n), np.int64)
+    for dev in range(n):
+        q_parts = np.split(layouts.local_positions(layout, local, n, dev), chunks)
+        for step in range(n):
+            kv_parts = np.split(layouts.local_positions(layout, local, n, (dev - step) % n), chunks)
+            counts[dev, step] = sum(pair_work(qp, kp) for qp in q_parts for kp in kv_parts)
+    return counts

@@ -1,0 +1,60 @@
+"""Sequence layouts: permutations, their inverses, and the in-shard_map conversions."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lca.parallel import (
+    from_layout,
+    local_positions,
+    make_mesh,
+    permutation,
+    shard_from_layout,
+    shard_to_layout,
+    striped_permutation,
+    to_layout,
+    zigzag_permutation,
+)
+
+
+def test_zigzag_device_i_holds_chunks_i_and_2n_minus_1_minus_i():
+    perm = zigzag_permutation(16, 4)  # 8 chunks of 2
+    np.testing.assert_array_equal(perm.reshape(4, 4), [
+        [0, 1, 14, 15], [2, 3, 12, 13], [4, 5, 10, 11], [6, 7, 8, 9]])
+    np.testing.assert_array_equal(striped_permutation(8, 4), [0, 4, 1, 5, 2, 6, 3, 7])
+    np.testing.assert_array_equal(permutation("contiguous", 8, 4), np.arange(8))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+def test_to_from_layout_round_trip_and_local_positions(layout):
+    x = np.arange(2 * 24).reshape(2, 24)
+    y = to_layout(x, layout, 3)
+    np.testing.assert_array_equal(from_layout(y, layout, 3), x)
+    np.testing.assert_array_equal(
+        y[0], np.concatenate([local_positions(layout, 8, 3, i) for i in range(3)]))
+
+
+def test_bad_lengths_and_layouts():
+    with pytest.raises(ValueError, match=r"sequence length 12 must be a multiple of 8 .*zigzag"):
+        zigzag_permutation(12, 4)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        permutation("spiral", 8, 2)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+def test_shard_conversion_matches_global_permutation(layout):
+    """Collective conversion on contiguous shards == global to_layout, and back."""
+    n = 4
+    mesh = make_mesh(context=n, devices=jax.devices()[:n], axis_types="auto")
+    x = np.arange(2 * 32 * 3, dtype=np.float32).reshape(2, 32, 3)
+    spec = P(None, "context")
+
+    def roundtrip(x):
+        y = shard_to_layout(x, layout, "context")
+        return y, shard_from_layout(y, layout, "context")
+
+    y, back = jax.jit(jax.shard_map(roundtrip, mesh=mesh, in_specs=spec, out_specs=(spec, spec)))(
+        jax.device_put(x, NamedSharding(mesh, spec)))
+    np.testing.assert_array_equal(np.asarray(y), to_layout(x, layout, n))
+    np.testing.assert_array_equal(np.asarray(back), x)
