@@ -28,17 +28,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from kernels_pallas.blocks import FlashBlockSizes
+from lca.attention.blockwise import pad_axis  # noqa: F401  (re-exported for the kernels)
 from lca.attention.mask import Mask
-
-
-def pad_axis(x, axis: int, size: int, mode: str = "constant"):
-    """Pad ``x`` along ``axis`` up to ``size`` (``mode='edge'`` repeats the last value)."""
-    extra = size - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, mode=mode)
 
 
 @dataclasses.dataclass(frozen=True)

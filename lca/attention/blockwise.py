@@ -56,7 +56,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _pad_axis(x, axis: int, size: int, mode: str = "constant"):
+def pad_axis(x, axis: int, size: int, mode: str = "constant"):
     """Pad ``x`` along ``axis`` up to ``size`` (``mode='edge'`` repeats the last value)."""
     extra = size - x.shape[axis]
     if extra == 0:
@@ -89,31 +89,31 @@ class _Tiling:
 
     def q_blocks(self, x, pattern_in: str, pattern_out: str, **sizes):
         """Pad the query axis (axis 1 of ``x``) and split it into leading blocks."""
-        x = _pad_axis(x, 1, self.num_q * self.block_q)
+        x = pad_axis(x, 1, self.num_q * self.block_q)
         return rearrange(x, f"{pattern_in} -> {pattern_out}", t=self.block_q, **sizes)
 
     def kv_side(self, k, v, kv_pos, kv_seg):
         """Scan inputs over key blocks: k/v blocks, positions, validity, segments, ranges."""
         padded = self.num_kv * self.block_kv
-        k_blk = rearrange(_pad_axis(k, 1, padded), "b (n t) h d -> n b t h d", t=self.block_kv)
-        v_blk = rearrange(_pad_axis(v, 1, padded), "b (n t) h d -> n b t h d", t=self.block_kv)
-        pos = _pad_axis(kv_pos, 0, padded, mode="edge").reshape(self.num_kv, self.block_kv)
+        k_blk = rearrange(pad_axis(k, 1, padded), "b (n t) h d -> n b t h d", t=self.block_kv)
+        v_blk = rearrange(pad_axis(v, 1, padded), "b (n t) h d -> n b t h d", t=self.block_kv)
+        pos = pad_axis(kv_pos, 0, padded, mode="edge").reshape(self.num_kv, self.block_kv)
         valid = (jnp.arange(padded) < self.kv_len).reshape(self.num_kv, self.block_kv)
         seg = None
         if kv_seg is not None:
-            seg = rearrange(_pad_axis(kv_seg, 1, padded), "b (n t) -> n b t", t=self.block_kv)
+            seg = rearrange(pad_axis(kv_seg, 1, padded), "b (n t) -> n b t", t=self.block_kv)
         return k_blk, v_blk, pos, valid, seg, pos.min(axis=1), pos.max(axis=1)
 
     def q_positions(self, q_pos):
         padded = self.num_q * self.block_q
-        pos = _pad_axis(q_pos, 0, padded, mode="edge").reshape(self.num_q, self.block_q)
+        pos = pad_axis(q_pos, 0, padded, mode="edge").reshape(self.num_q, self.block_q)
         return pos, pos.min(axis=1), pos.max(axis=1)
 
     def q_segments(self, q_seg):
         if q_seg is None:
             return None
         padded = self.num_q * self.block_q
-        return rearrange(_pad_axis(q_seg, 1, padded), "b (n t) -> n b t", t=self.block_q)
+        return rearrange(pad_axis(q_seg, 1, padded), "b (n t) -> n b t", t=self.block_q)
 
 
 def _block_logits(q_blk, k_blk, q_pos, kv_pos, kv_valid, q_seg, kv_seg, mask, logit):
