@@ -1,0 +1,325 @@
+"""Grain training pipeline: byte-tokenized documents packed into rows of `seq_len`, sharded per process, checkpointable.
+
+    it = make_train_iterator(DataConfig(), seq_len=2048, global_batch=8, seed=0)
+    batch = next(it)   # dict of numpy arrays, this process's global_batch // process_count rows
+
+Each batch (B = global_batch // process_count):
+    inputs       int32   [B, seq_len]  token ids (tokenizer: bytes 0..255, PAD_ID, EOS_ID)
+    targets      int32   [B, seq_len]  the next token: targets[:, i] is the token after inputs[:, i]
+    segment_ids  int32   [B, seq_len]  1, 2, ... per packed document piece in the row, 0 = padding
+    positions    int32   [B, seq_len]  position of the token within its document piece in this row
+    loss_mask    float32 [B, seq_len]  1 where the target continues the same document; 0 on padding and where the
+                                       target is the first token of the next document
+
+Packing (`DataConfig.packing`):
+- "concat" (default): documents (each followed by EOS_ID) are concatenated into an endless stream and cut into rows
+  of seq_len + 1 tokens that overlap by one token, so every token is the target exactly once. A document cut by a
+  row boundary continues in the next row of the same stream, with positions restarting at 0 there (the row cannot
+  attend to the previous row, and positions stay < seq_len). No padding.
+- "pad": whole documents are placed into a row while they fit; the rest of the row is padding (PAD_ID, segment 0).
+  Documents longer than seq_len + 1 tokens are truncated. Useful for the synthetic tasks and for evaluation.
+
+Sharding and determinism: the global batch has `global_batch` rows; row r of every batch comes from its own packing
+stream, which reads the documents r, r + G, r + 2G, ... (G = global_batch) of the shuffled, endlessly repeated
+document sequence (a new shuffle every epoch, `grain.MapDataset.shuffle(seed).repeat()`). Process p produces rows
+[p * B, (p + 1) * B), reading only its own documents, so the per-process batches are disjoint and their union (in
+process order) is exactly the batch a single process would produce: the data do not depend on the process count.
+
+Checkpointing: the iterator is a `grain.DatasetIterator` with `get_state() -> dict` (JSON-serialisable: per row the
+index of the current document and the offset in it) and `set_state(state)`; resuming continues bit-exactly. Save it
+with Orbax through grain's handler:
+
+    import grain, orbax.checkpoint as ocp
+    mngr = ocp.CheckpointManager(directory)
+    mngr.save(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it), ...))
+    mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it), ...))  # sets it in place
+
+(`grain.checkpoint.CheckpointHandler` writes one `process_<i>-of-<n>.json` per process; restoring checks that the
+row layout matches.) `num_workers > 0` moves the pipeline into grain worker processes (`mp_prefetch`): then each
+worker packs its own slice of the documents and batches are interleaved over workers, so the data order depends on
+num_workers (still deterministic and checkpointable). `prefetch > 0` packs ahead in a thread (same data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from lca.data.sources import SPLITS, StdlibSource, TextDirSource
+from lca.data.tasks import TASKS
+from lca.data.tokenizer import EOS_ID, PAD_ID
+
+FILE_SOURCES = ("stdlib", "text_dir")
+SOURCES = FILE_SOURCES + tuple(TASKS)
+PACKINGS = ("concat", "pad")
+FEATURES = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """What to train on and how to pack it.
+
+    source: "stdlib" (the interpreter's Python standard library), "text_dir" (files under `path` matching `glob`),
+        or a synthetic task "passkey" | "multi_needle" | "assoc_recall" (one example of exactly seq_len + 1 tokens
+        per row, needle depth uniform in [0, 1]).
+    eval_fraction: share of files held out for split="eval" (chosen by a hash of the relative path).
+    packing: "concat" or "pad" (see the module docstring).
+    shuffle: shuffle the documents (a new order every epoch); False keeps the sorted file order.
+    num_workers: grain worker processes (0 = in this process).
+    prefetch: batches packed ahead in a background thread (0 = none).
+    """
+
+    source: str = "stdlib"
+    path: str | None = None
+    glob: str = "**/*.txt"
+    eval_fraction: float = 0.05
+    packing: str = "concat"
+    shuffle: bool = True
+    num_workers: int = 0
+    prefetch: int = 2
+
+
+def validate(cfg: DataConfig, *, seq_len: int, global_batch: int, process_count: int = 1, split: str = "train") -> None:
+    """Raise ValueError naming the first bad field and what would work."""
+    if cfg.source not in SOURCES:
+        raise ValueError(f"data.source={cfg.source!r} is not a known source; use one of {list(SOURCES)}.")
+    if cfg.source == "text_dir" and not cfg.path:
+        raise ValueError("data.path is required for data.source='text_dir'; set data.path=/folder/of/text/files.")
+    if cfg.packing not in PACKINGS:
+        raise ValueError(f"data.packing={cfg.packing!r} is not known; use one of {list(PACKINGS)}.")
+    if not 0.0 < cfg.eval_fraction < 1.0:
+        raise ValueError(f"data.eval_fraction={cfg.eval_fraction!r} must be in (0, 1), e.g. 0.05.")
+    if cfg.num_workers < 0 or cfg.prefetch < 0:
+        raise ValueError(f"data.num_workers={cfg.num_workers} and data.prefetch={cfg.prefetch} must be >= 0.")
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {SPLITS}.")
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len={seq_len!r} must be an int >= 2 (tokens per row).")
+    if not isinstance(global_batch, int) or global_batch < 1:
+        raise ValueError(f"global_batch={global_batch!r} must be an int >= 1.")
+    if process_count < 1 or global_batch % process_count:
+        raise ValueError(f"global_batch={global_batch} is not divisible by process_count={process_count}; "
+                         f"use a multiple of {process_count}, e.g. {process_count * max(1, global_batch // process_count)}.")
+
+
+# ---------------------------------------------------------------------------------------------------- documents
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileDocument:
+    """index -> byte tokens of the file + EOS (a picklable callable, so grain worker processes can run it)."""
+
+    source: object
+
+    def __call__(self, index: int) -> np.ndarray:
+        return np.append(self.source.token_ids(int(index)), np.int32(EOS_ID))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TaskDocument:
+    """index -> one task example of `length` tokens, needle depth uniform in [0, 1], seeded by (seed, index)."""
+
+    task: str
+    length: int
+    seed: int
+
+    def __call__(self, index: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, int(index)])
+        return TASKS[self.task](self.length, float(rng.uniform()), rng).tokens
+
+
+def documents(cfg: DataConfig, *, split: str, seed: int, length: int) -> grain.MapDataset:
+    """Endless deterministic sequence of token arrays int32 [n]: shuffled files (reshuffled per epoch) or task examples.
+
+    `length` is the task example length (seq_len + 1); file documents have their own lengths.
+    """
+    if cfg.source in TASKS:
+        # A different stream of examples per split so eval examples are not the training ones.
+        split_seed = SPLITS.index(split)
+        return grain.MapDataset.range(2**62).map(_TaskDocument(cfg.source, length, seed * len(SPLITS) + split_seed))
+    if cfg.source == "stdlib":
+        source = StdlibSource(split=split, eval_fraction=cfg.eval_fraction)
+    else:
+        source = TextDirSource(cfg.path, cfg.glob, split=split, eval_fraction=cfg.eval_fraction)
+    docs = grain.MapDataset.range(len(source)).map(_FileDocument(source))
+    if cfg.shuffle:
+        docs = docs.shuffle(seed=seed)
+    return docs.repeat()
+
+
+# ---------------------------------------------------------------------------------------------------- packing
+
+
+def row_features(pieces, seq_len: int) -> dict:
+    """Features of one row from its document pieces (int32 arrays, total length <= seq_len + 1), padded with PAD_ID.
+
+    Returns inputs/targets/segment_ids/positions int32 [seq_len] and loss_mask float32 [seq_len].
+    """
+    lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+    used = int(lengths.sum())
+    if used > seq_len + 1:
+        raise ValueError(f"row_features: pieces hold {used} tokens, more than seq_len + 1 = {seq_len + 1}.")
+    tokens = np.full(seq_len + 1, PAD_ID, dtype=np.int32)
+    segments = np.zeros(seq_len + 1, dtype=np.int32)
+    positions = np.zeros(seq_len + 1, dtype=np.int32)
+    if used:
+        tokens[:used] = np.concatenate(pieces)
+        segments[:used] = np.repeat(np.arange(1, len(pieces) + 1, dtype=np.int32), lengths)
+        starts = np.cumsum(lengths) - lengths
+        positions[:used] = np.arange(used) - np.repeat(starts, lengths)
+    same_doc = (segments[:-1] == segments[1:]) & (segments[:-1] != 0)
+    return {
+        "inputs": tokens[:-1],
+        "targets": tokens[1:],
+        "segment_ids": segments[:-1],
+        "positions": positions[:-1],
+        "loss_mask": same_doc.astype(np.float32),
+    }
+
+
+class _Stream:
+    """One row's packing stream over documents first, first + step, first + 2 step, ... of `docs`.
+
+    State: `doc` (how many of its documents are fully consumed) and `offset` (tokens consumed of the next one).
+    """
+
+    def __init__(self, docs: grain.MapDataset, first: int, step: int):
+        self._docs, self._first, self._step = docs, first, step
+        self.doc, self.offset = 0, 0
+        self._cached = (-1, None)
+
+    def _tokens(self, n: int) -> np.ndarray:
+        if self._cached[0] != n:  # a long document spans many rows: read it once
+            self._cached = (n, self._docs[self._first + n * self._step])
+        return self._cached[1]
+
+    def concat_row(self, seq_len: int) -> list:
+        """Pieces of the next seq_len + 1 tokens; the state advances by seq_len (rows overlap by one token)."""
+        pieces, need = [], seq_len
+        while need:
+            doc = self._tokens(self.doc)
+            piece = doc[self.offset:self.offset + need]
+            pieces.append(piece)
+            need -= len(piece)
+            self.offset += len(piece)
+            if self.offset == len(doc):
+                self.doc, self.offset = self.doc + 1, 0
+        last = self._tokens(self.doc)[self.offset:self.offset + 1]  # peek: the target of the last input
+        if self.offset == 0:  # it starts the next document
+            pieces.append(last)
+        else:
+            pieces[-1] = np.concatenate([pieces[-1], last])
+        return pieces
+
+    def pad_row(self, seq_len: int) -> list:
+        """Whole documents (truncated to seq_len + 1) while they fit; at least one."""
+        pieces, used = [], 0
+        while True:
+            doc = self._tokens(self.doc)[:seq_len + 1]
+            if pieces and used + len(doc) > seq_len + 1:
+                return pieces
+            pieces.append(doc)
+            used += len(doc)
+            self.doc += 1
+
+
+class PackedBatchDataset(grain.IterDataset):
+    """Batches of packed rows `rows` (global row ids) of a global batch of `num_streams` rows; see module docstring."""
+
+    def __init__(self, docs: grain.MapDataset, *, seq_len: int, rows: range, num_streams: int, packing: str):
+        super().__init__(docs)
+        self.docs, self.seq_len, self.rows, self.num_streams, self.packing = docs, seq_len, rows, num_streams, packing
+
+    def __iter__(self) -> "PackedBatchIterator":
+        return PackedBatchIterator(self)
+
+    def __str__(self) -> str:
+        return (f"PackedBatchDataset(seq_len={self.seq_len}, rows={self.rows.start}..{self.rows.stop - 1} "
+                f"of {self.num_streams}, packing={self.packing!r})")
+
+
+class PackedBatchIterator(grain.DatasetIterator):
+    def __init__(self, ds: PackedBatchDataset):
+        super().__init__()
+        self._ds = ds
+        self._streams = [_Stream(ds.docs, r, ds.num_streams) for r in ds.rows]
+
+    def __next__(self) -> dict:
+        ds = self._ds
+        if ds.packing == "concat":
+            rows = [row_features(s.concat_row(ds.seq_len), ds.seq_len) for s in self._streams]
+        else:
+            rows = [row_features(s.pad_row(ds.seq_len), ds.seq_len) for s in self._streams]
+        return {k: np.stack([row[k] for row in rows]) for k in FEATURES}
+
+    def get_state(self) -> dict:
+        return {
+            "rows": [self._ds.rows.start, self._ds.rows.stop, self._ds.num_streams],
+            "doc": [int(s.doc) for s in self._streams],
+            "offset": [int(s.offset) for s in self._streams],
+        }
+
+    def set_state(self, state: dict) -> None:
+        rows = [self._ds.rows.start, self._ds.rows.stop, self._ds.num_streams]
+        if list(state["rows"]) != rows:
+            raise ValueError(f"data iterator state is for rows [start, stop, global_batch]={list(state['rows'])}, "
+                             f"this iterator has {rows}; restore with the same global_batch and process count.")
+        for s, doc, offset in zip(self._streams, state["doc"], state["offset"]):
+            s.doc, s.offset = int(doc), int(offset)
+
+
+# ---------------------------------------------------------------------------------------------------- entry points
+
+
+def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # only when the caller did not say: keeps the data pipeline usable without initialising JAX
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+    return process_index, process_count
+
+
+def make_dataset(cfg: DataConfig, *, seq_len: int, global_batch: int, seed: int, split: str = "train",
+                 process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+    """The grain IterDataset behind `make_train_iterator` (for composing further grain transformations)."""
+    process_index, process_count = _process_index_and_count(process_index, process_count)
+    validate(cfg, seq_len=seq_len, global_batch=global_batch, process_count=process_count, split=split)
+    per_process = global_batch // process_count
+    docs = documents(cfg, split=split, seed=seed, length=seq_len + 1)
+    ds = PackedBatchDataset(docs, seq_len=seq_len, rows=range(process_index * per_process, (process_index + 1) * per_process),
+                            num_streams=global_batch, packing=cfg.packing)
+    if cfg.num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    elif cfg.prefetch > 0:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
+    return ds
+
+
+def make_train_iterator(cfg: DataConfig, *, seq_len: int, global_batch: int, seed: int, split: str = "train",
+                        process_index: int | None = None, process_count: int | None = None) -> grain.DatasetIterator:
+    """Endless checkpointable iterator of this process's share of each global batch (see the module docstring).
+
+    process_index/process_count default to jax.process_index()/jax.process_count().
+    """
+    return iter(make_dataset(cfg, seq_len=seq_len, global_batch=global_batch, seed=seed, split=split,
+                             process_index=process_index, process_count=process_count))
+
+
+def eval_batches(cfg: DataConfig, *, seq_len: int, batch: int, num_batches: int, seed: int = 0,
+                 split: str = "eval") -> list[dict]:
+    """`num_batches` batches (same dict layout, `batch` rows each) of held-out text (split="eval"), for one process."""
+    if num_batches < 1:
+        raise ValueError(f"num_batches={num_batches!r} must be >= 1.")
+    cfg = dataclasses.replace(cfg, num_workers=0, prefetch=0)
+    it = make_train_iterator(cfg, seq_len=seq_len, global_batch=batch, seed=seed, split=split,
+                             process_index=0, process_count=1)
+    return [next(it) for _ in range(num_batches)]
+
+
+__all__ = ["DataConfig", "make_train_iterator", "make_dataset", "eval_batches", "validate", "row_features",
+           "documents", "PackedBatchDataset", "SOURCES", "PACKINGS", "FEATURES"]
