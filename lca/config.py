@@ -181,12 +181,8 @@ _PATTERN_ENTRIES = ("global", "local")
 
 def _schema() -> DictConfig:
     schema = OmegaConf.structured(Config)
-    try:  # TEMP until the data branch is merged
-        from lca.data.pipeline import DataConfig  # no JAX backend initialisation
-    except ImportError:
-        with _unfrozen(schema):
-            schema.data = {}
-        return schema
+    from lca.data.pipeline import DataConfig  # no JAX backend initialisation
+
     with _unfrozen(schema):
         schema.data = OmegaConf.structured(DataConfig)
     return schema

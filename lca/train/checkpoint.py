@@ -54,12 +54,26 @@ class _IteratorSnapshot:
         pass
 
 
+def _plain_array_saves_on_cpu() -> None:
+    """Save each array shard from one replica when running on CPU.
+
+    Orbax's replica-parallel saving slices replicated arrays so that replicas
+    write parts; every slice is a small XLA compilation, which on a CPU with fake
+    devices costs seconds per checkpoint and buys nothing.
+    """
+    if jax.default_backend() == "cpu":
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+        )
+
+
 class Checkpointer:
     """Save every ``every`` steps, keep the last ``keep``, restore the newest good one."""
 
     def __init__(self, directory: str | Path, *, every: int, keep: int, async_save: bool = True):
         self.directory = Path(directory).absolute()
         self.every, self.keep, self.async_save = every, keep, async_save
+        _plain_array_saves_on_cpu()
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:

@@ -72,6 +72,12 @@ def check_fits(cfg: Config, mesh: jax.sharding.Mesh) -> None:
             f"model.attention.kind must be 'auto' or one of {list(attention_registry.KINDS)}, "
             f"got {cfg.model.attention.kind!r}."
         )
+    from lca.data.pipeline import validate
+
+    try:
+        validate(cfg.data, seq_len=seq_len, global_batch=cfg.train.global_batch, process_count=jax.process_count())
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if not attention_registry.is_available(kind):
         raise ConfigError(
             f"model.attention.kind={kind!r} is not available here; available: {attention_registry.available_kinds()}."
@@ -106,9 +112,11 @@ def make_setup(cfg: Config, mesh: jax.sharding.Mesh) -> Setup:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, param_sh
     )
     # The optimizer state's layout follows the parameters' (moments are param-shaped).
-    opt_sh = jax.jit(tx.init).lower(sharded_params).compile().output_shardings
-    opt_abstract = jax.eval_shape(tx.init, abstract_params)
     rep = _replicated(mesh)
+    opt_sh = jax.jit(tx.init).lower(sharded_params).compile().output_shardings
+    # Scalars (counts) come back on one device; every leaf must live on the mesh.
+    opt_sh = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else rep, opt_sh)
+    opt_abstract = jax.eval_shape(tx.init, abstract_params)
     shardings = {"params": param_sh, "opt_state": opt_sh, "step": rep, "rng": rep}
     abstract = {
         "params": abstract_params,
