@@ -11,6 +11,9 @@ from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask
 from lca.attention.merge import merge_attention, merge_lse
 from lca.attention.reference import reference_attention
+from lca.attention.ring import ring_attention, ring_attention_shard, ring_schedule
+from lca.attention.ulysses import ulysses_attention, ulysses_attention_shard
+from lca.attention.usp import usp_attention, usp_attention_shard
 
 __all__ = [
     "BlockSizes",
@@ -25,4 +28,11 @@ __all__ = [
     "merge_lse",
     "reference_attention",
     "register_impl",
+    "ring_attention",
+    "ring_attention_shard",
+    "ring_schedule",
+    "ulysses_attention",
+    "ulysses_attention_shard",
+    "usp_attention",
+    "usp_attention_shard",
 ]
