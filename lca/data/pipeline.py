@@ -63,7 +63,7 @@ class DataConfig:
 
     source: "stdlib" (the interpreter's Python standard library), "text_dir" (files under `path` matching `glob`),
         or a synthetic task "passkey" | "multi_needle" | "assoc_recall" (one example of exactly seq_len + 1 tokens
-        per row, needle depth uniform in [0, 1]).
+        per row, needle depth uniform in [0, 1]; `packing` does not apply).
     eval_fraction: share of files held out for split="eval" (chosen by a hash of the relative path).
     packing: "concat" or "pad" (see the module docstring).
     shuffle: shuffle the documents (a new order every epoch); False keeps the sorted file order.
@@ -94,7 +94,7 @@ def validate(cfg: DataConfig, *, seq_len: int, global_batch: int, process_count:
     if cfg.num_workers < 0 or cfg.prefetch < 0:
         raise ValueError(f"data.num_workers={cfg.num_workers} and data.prefetch={cfg.prefetch} must be >= 0.")
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not one of {SPLITS}.")
+        raise ValueError(f"split={split!r} is not known; use one of {list(SPLITS)}.")
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len={seq_len!r} must be an int >= 2 (tokens per row).")
     if not isinstance(global_batch, int) or global_batch < 1:
@@ -231,6 +231,13 @@ class PackedBatchDataset(grain.IterDataset):
     def __init__(self, docs: grain.MapDataset, *, seq_len: int, rows: range, num_streams: int, packing: str):
         super().__init__(docs)
         self.docs, self.seq_len, self.rows, self.num_streams, self.packing = docs, seq_len, rows, num_streams, packing
+        self.worker, self.num_workers = 0, 1
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        """Called by grain's `mp_prefetch` on each worker's copy: worker w of W packs documents w, w + W, ... of
+        every row's stream, so the workers together use each document once (instead of grain slicing the file list)."""
+        del sequential_slice  # the document sequence is endless: only the interleaved split makes sense
+        self.worker, self.num_workers = sl.start or 0, sl.step or 1
 
     def __iter__(self) -> "PackedBatchIterator":
         return PackedBatchIterator(self)
@@ -244,7 +251,8 @@ class PackedBatchIterator(grain.DatasetIterator):
     def __init__(self, ds: PackedBatchDataset):
         super().__init__()
         self._ds = ds
-        self._streams = [_Stream(ds.docs, r, ds.num_streams) for r in ds.rows]
+        step = ds.num_streams * ds.num_workers
+        self._streams = [_Stream(ds.docs, r + ds.num_streams * ds.worker, step) for r in ds.rows]
 
     def __next__(self) -> dict:
         ds = self._ds
@@ -284,6 +292,14 @@ def _process_index_and_count(process_index, process_count) -> tuple[int, int]:
     return process_index, process_count
 
 
+def _absl_flags_parsed() -> None:
+    """grain 0.2.18's worker processes read an absl flag, which fails in programs that never parse absl flags."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def make_dataset(cfg: DataConfig, *, seq_len: int, global_batch: int, seed: int, split: str = "train",
                  process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
     """The grain IterDataset behind `make_train_iterator` (for composing further grain transformations)."""
@@ -291,9 +307,12 @@ def make_dataset(cfg: DataConfig, *, seq_len: int, global_batch: int, seed: int,
     validate(cfg, seq_len=seq_len, global_batch=global_batch, process_count=process_count, split=split)
     per_process = global_batch // process_count
     docs = documents(cfg, split=split, seed=seed, length=seq_len + 1)
-    ds = PackedBatchDataset(docs, seq_len=seq_len, rows=range(process_index * per_process, (process_index + 1) * per_process),
-                            num_streams=global_batch, packing=cfg.packing)
+    # A task example is exactly seq_len + 1 tokens: "pad" packing puts one per row (concat would shift them by one).
+    packing = "pad" if cfg.source in TASKS else cfg.packing
+    rows = range(process_index * per_process, (process_index + 1) * per_process)
+    ds = PackedBatchDataset(docs, seq_len=seq_len, rows=rows, num_streams=global_batch, packing=packing)
     if cfg.num_workers > 0:
+        _absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     elif cfg.prefetch > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
