@@ -170,7 +170,7 @@ _CHOICES = {
     "model.dtype": ("bfloat16", "float32", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
-    "model.attention.layout": ("zigzag", "contiguous"),
+    "model.attention.layout": ("zigzag", "contiguous", "striped"),
     "runtime.distributed": ("auto", "on", "off"),
 }
 _PATTERN_ENTRIES = ("global", "local")

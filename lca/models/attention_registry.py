@@ -117,7 +117,7 @@ def make_attention(
         raise ValueError(f"attention kind {kind!r} shards over a mesh; pass mesh=.")
     if kind == "usp":
         return functools.partial(
-            fn, mesh=mesh, ulysses_axis=ulysses_axis, ring_axis=ring_axis, impl=impl,
+            fn, mesh=mesh, ulysses_axis=ulysses_axis, ring_axis=ring_axis, impl=impl, layout=layout,
             block_q=block_q, block_kv=block_kv,
         )
     options = dict(mesh=mesh, axis=context_axis, impl=impl, block_q=block_q, block_kv=block_kv)

@@ -32,6 +32,22 @@ def attention_kind(cfg: Config, mesh: jax.sharding.Mesh | None) -> str:
     return attention_registry.resolve_kind(cfg.model.attention.kind, context)
 
 
+def sequence_chunks(cfg: Config, mesh: jax.sharding.Mesh | None) -> int:
+    """How many equal pieces the attention kind cuts a sequence into (lengths must divide)."""
+    if mesh is None:
+        return 1
+    kind = attention_kind(cfg, mesh)
+    att = cfg.model.attention
+    zigzag = 2 if att.layout == "zigzag" else 1
+    if kind == "ring":
+        return zigzag * mesh.shape["context"]
+    if kind == "ulysses":
+        return mesh.shape["context"]
+    if kind == "usp":
+        return zigzag * mesh.shape[att.ring_axis] * mesh.shape[att.ulysses_axis]
+    return mesh.shape["context"]
+
+
 def make_attend(cfg: Config, mesh: jax.sharding.Mesh | None) -> Callable:
     att = cfg.model.attention
     return attention_registry.make_attention(

@@ -54,6 +54,9 @@ class _IteratorSnapshot:
         pass
 
 
+_CPU_HANDLER_SET = False
+
+
 def _plain_array_saves_on_cpu() -> None:
     """Save each array shard from one replica when running on CPU.
 
@@ -61,7 +64,9 @@ def _plain_array_saves_on_cpu() -> None:
     write parts; every slice is a small XLA compilation, which on a CPU with fake
     devices costs seconds per checkpoint and buys nothing.
     """
-    if jax.default_backend() == "cpu":
+    global _CPU_HANDLER_SET
+    if jax.default_backend() == "cpu" and not _CPU_HANDLER_SET:
+        _CPU_HANDLER_SET = True
         ocp.type_handlers.register_type_handler(
             jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
         )

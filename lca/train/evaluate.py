@@ -48,16 +48,15 @@ def make_eval_logits_fn(setup, params):
 
 
 def check_eval_fits(cfg: Config, mesh) -> None:
-    from lca.models.build import attention_kind
+    from lca.models.build import sequence_chunks
 
-    context = mesh.shape["context"]
-    chunks = 2 * context if attention_kind(cfg, mesh) == "ring" and cfg.model.attention.layout == "zigzag" else context
+    chunks = sequence_chunks(cfg, mesh)
     lengths = [cfg.eval.seq_len or cfg.train.seq_len, *cfg.eval.context_lengths]
     bad = [n for n in lengths if n % chunks]
     if bad:
         raise ConfigError(
             f"eval lengths {bad} (eval.seq_len / eval.context_lengths) are not divisible by {chunks} "
-            f"(mesh.context={context}); use multiples of {chunks}."
+            f"(the attention's sequence pieces on mesh {dict(mesh.shape)}); use multiples of {chunks}."
         )
 
 

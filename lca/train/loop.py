@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lca.config import Config, ConfigError, save_config
 from lca.models import attention_registry
-from lca.models.build import abstract_model, attention_kind, init_params, num_params
+from lca.models.build import abstract_model, attention_kind, init_params, num_params, sequence_chunks
 from lca.parallel import make_mesh
 from lca.parallel.sharding import logical_to_spec, tree_shardings
 from lca.train.checkpoint import Checkpointer
@@ -50,15 +50,14 @@ def build_mesh(cfg: Config) -> jax.sharding.Mesh:
 
 def check_fits(cfg: Config, mesh: jax.sharding.Mesh) -> None:
     """Shapes the mesh cannot divide, as ConfigErrors naming the keys to change."""
-    context = mesh.shape["context"]
     kind = attention_kind(cfg, mesh)
-    # Ring's zigzag layout gives each device two chunks of the sequence.
-    chunks = 2 * context if kind == "ring" and cfg.model.attention.layout == "zigzag" else context
+    chunks = sequence_chunks(cfg, mesh)
     seq_len = cfg.train.seq_len
     if seq_len % chunks:
         raise ConfigError(
-            f"train.seq_len={seq_len} is not divisible by {chunks} (mesh.context={context}"
-            f"{', x2 for the zigzag ring layout' if chunks != context else ''}); use a multiple of {chunks}."
+            f"train.seq_len={seq_len} is not divisible by {chunks}, the number of pieces {kind!r} attention "
+            f"cuts it into on mesh {dict(mesh.shape)} (layout {cfg.model.attention.layout!r}); "
+            f"use a multiple of {chunks}."
         )
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = cfg.train.global_batch // cfg.train.grad_accum
@@ -204,12 +203,18 @@ def _log_memory(compiled) -> None:
         mem = None
     if mem is None:
         return
-    gib = 2.0**30
     log.info(
-        "memory per device: arguments %.3f GiB, outputs %.3f GiB, temporaries %.3f GiB, code %.3f GiB",
-        mem.argument_size_in_bytes / gib, mem.output_size_in_bytes / gib, mem.temp_size_in_bytes / gib,
-        mem.generated_code_size_in_bytes / gib,
+        "memory per device: arguments %s, outputs %s, temporaries %s, code %s",
+        *map(_bytes, (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes,
+                      mem.generated_code_size_in_bytes)),
     )
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def _flops(compiled) -> float | None:

@@ -77,7 +77,7 @@ def format_line(step: int, total: int, m: dict) -> str:
         f"step {m['step_time_s'] * 1e3:.0f} ms",
     ]
     if "tflops_per_device" in m:
-        parts.append(f"{m['tflops_per_device']:.3f} TFLOP/s/device")
+        parts.append(f"{m['tflops_per_device']:.3g} TFLOP/s/device")
     if "mfu" in m:
         parts.append(f"MFU {100 * m['mfu']:.1f}%")
     return " | ".join(parts)
