@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from lca.config import RuntimeConfig
+from lca.config import ConfigError, RuntimeConfig
 
 log = logging.getLogger("lca.train")
 
@@ -22,7 +22,14 @@ def set_cpu_devices(count: int) -> None:
     os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={count}"])
     import jax
 
-    jax.config.update("jax_num_cpu_devices", count)
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # JAX already started; fine if it has the devices asked for
+        if jax.device_count() != count:
+            raise ConfigError(
+                f"runtime.cpu_devices={count} but JAX already started with {jax.device_count()} devices; "
+                "set it before JAX initialises (the launchers do), or set runtime.cpu_devices=0."
+            ) from None
 
 
 def is_multi_process_env() -> bool:

@@ -67,7 +67,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         }
         metrics = {
             "loss": loss / count,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state["step"]),
             "tokens": count,
         }
