@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lca.config import Config, ConfigError, save_config
@@ -107,15 +108,13 @@ def make_setup(cfg: Config, mesh: jax.sharding.Mesh) -> Setup:
     graphdef, abstract_params, logical = abstract_model(cfg, mesh)
     param_sh = tree_shardings(logical, abstract_params, cfg.rules, mesh)
     tx = make_optimizer(cfg.train)
-    sharded_params = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, param_sh
-    )
-    # The optimizer state's layout follows the parameters' (moments are param-shaped).
     rep = _replicated(mesh)
-    opt_sh = jax.jit(tx.init).lower(sharded_params).compile().output_shardings
-    # Scalars (counts) come back on one device; every leaf must live on the mesh.
-    opt_sh = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else rep, opt_sh)
     opt_abstract = jax.eval_shape(tx.init, abstract_params)
+    # Moments are laid out like their parameters; counts and other scalars are replicated.
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, opt_abstract, param_sh, transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
     shardings = {"params": param_sh, "opt_state": opt_sh, "step": rep, "rng": rep}
     abstract = {
         "params": abstract_params,

@@ -1,8 +1,15 @@
 """Checkpoints: kill -9 and resume bit-identically, restore on 4 devices, skip a corrupt latest."""
 
+import hashlib
+import inspect
+import json
 import logging
+import os
 import shutil
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -34,13 +41,52 @@ def test_kill_9_then_resume_is_bit_identical(finished_run, tmp_path, launcher, t
     assert sorted(losses(reference)) == list(range(1, 9))
 
 
-def test_restore_onto_4_devices(finished_run, tmp_path, launcher):
+_RESTORE_SCRIPT = """
+import json, sys
+from lca.train.runtime import set_cpu_devices
+set_cpu_devices(4)
+import jax, numpy as np
+from lca.config import load_run_config
+from lca.train.checkpoint import Checkpointer
+from lca.train.loop import build_mesh, make_setup
+cfg = load_run_config(sys.argv[1], ["mesh.context=1", "runtime.cpu_devices=4"])
+setup = make_setup(cfg, build_mesh(cfg))
+step, state = Checkpointer(sys.argv[1] + "/checkpoints", every=2, keep=2).restore_latest(setup.abstract_state)
+print(json.dumps({"step": step, "devices": len(jax.devices()), "digest": DIGEST(state)}))
+"""
+
+
+def digest(state) -> str:
+    """A hash of every array's bytes: equal iff the states are bit-identical."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(state):
+        h.update(np.asarray(leaf).tobytes())
+    return h.hexdigest()
+
+
+def test_restore_onto_4_devices_is_exact(finished_run, tmp_path, tiny):
+    """A checkpoint written on 8 devices (data 2 x fsdp 2 x context 2) restores bit-exactly on 4."""
+    reference, _ = finished_run
+    cfg = tiny(reference)
+    setup = make_setup(cfg, build_mesh(cfg))
+    step, state = Checkpointer(reference / "checkpoints", every=2, keep=2).restore_latest(setup.abstract_state)
+    # The subprocess gets the same `digest` function, defined ahead of the script.
+    script = "import hashlib\nimport jax\nimport numpy as np\n" + inspect.getsource(digest) + _RESTORE_SCRIPT.replace("DIGEST", "digest")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", script, str(reference)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"step": step, "devices": 4, "digest": digest(state)}
+
+
+@pytest.mark.slow
+def test_training_continues_on_4_devices(finished_run, tmp_path, launcher):
     reference, _ = finished_run
     run_dir = tmp_path / "four"
     shutil.copytree(reference, run_dir)
     shutil.rmtree(run_dir / "checkpoints" / "8")  # resume from step 6 and redo 7, 8
     (run_dir / "metrics.jsonl").unlink()
-    # 8 devices (data 2 x fsdp 2 x context 2) -> 4 devices (data 2 x fsdp 2).
     proc = launcher(str(run_dir / "config.yaml"), f"run_dir={run_dir}", "mesh.context=1", devices=4)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from checkpoint 6" in proc.stderr
