@@ -112,7 +112,7 @@ def make_attention(
             f"attention kind {kind!r} is not available here ({err}); available: {available_kinds()}."
         ) from None
     if kind == "pallas":
-        return fn
+        return functools.partial(fn, block_q=block_q, block_kv=block_kv)
     if mesh is None:
         raise ValueError(f"attention kind {kind!r} shards over a mesh; pass mesh=.")
     if kind == "usp":

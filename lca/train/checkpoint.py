@@ -67,9 +67,15 @@ def _plain_array_saves_on_cpu() -> None:
     global _CPU_HANDLER_SET
     if jax.default_backend() == "cpu" and not _CPU_HANDLER_SET:
         _CPU_HANDLER_SET = True
-        ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
-        )
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        absl_log.setLevel(logging.ERROR)  # Orbax warns about the (intended) override
+        try:
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+            )
+        finally:
+            absl_log.setLevel(level)
 
 
 class Checkpointer:
