@@ -6,6 +6,7 @@ All variants take ``q [batch, q_len, num_heads, head_dim]`` and
 """
 
 from lca.attention.blockwise import BlockSizes, blockwise_attention, blockwise_backward, blockwise_forward
+from lca.attention.dispatch import attention
 from lca.attention.impl import LocalImpl, get_impl, register_impl
 from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask
@@ -20,6 +21,7 @@ __all__ = [
     "LocalImpl",
     "LogitOptions",
     "Mask",
+    "attention",
     "blockwise_attention",
     "blockwise_backward",
     "blockwise_forward",

@@ -1,0 +1,237 @@
+"""``flash_attention``: lca's fused attention kernels behind one differentiable call.
+
+Shapes follow lca: ``q [b, q_len, h, d]``, ``k, v [b, kv_len, h_kv, d]``,
+``lse [b, h, q_len]`` float32. Semantics are exactly those of
+:func:`lca.attention.reference_attention` (validation is shared through
+``lca.attention.inputs``).
+
+Backends (``backend=``):
+
+* ``"gpu_portable"``: generic ``pl.pallas_call`` kernels (Triton on GPU);
+  forward, dQ and dK/dV. On CPU it runs with ``interpret=True``.
+* ``"mosaic_gpu"``: Hopper (sm_90, H100/H200), explicit opt-in only. The
+  forward is a Mosaic GPU kernel (TMA pipeline + wgmma,
+  ``kernels_pallas.gpu.hopper``); the backward (dQ, dK/dV) runs the portable
+  kernels. Validated on CPU under the Mosaic GPU interpret mode and by lowering
+  for CUDA on CPU; never run on an H100/H200 yet.
+* ``"tpu"``: Mosaic TPU kernels with VMEM scratch (forward, dQ, dK/dV). On CPU
+  they run under the TPU interpret mode (``pltpu.InterpretParams``).
+
+``backend="auto"`` picks ``"tpu"`` on TPU and ``"gpu_portable"`` on every GPU
+(Hopper included) and on CPU: it never selects the ``"mosaic_gpu"`` forward,
+which has not run on hardware (flip :func:`default_backend` once
+``tests/kernels/test_gpu.py`` passes on an H100/H200). On CPU every backend is
+interpreted (``interpret`` is forced on).
+
+The two pure functions :func:`kernel_forward` / :func:`kernel_backward` have
+the signatures of ``lca.attention.blockwise_forward`` / ``blockwise_backward``
+(explicit positions, float32 results, backward from the *final* out/lse), so
+ring attention can use them per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas import blocks as blocks_lib
+from kernels_pallas import tiles
+from kernels_pallas.blocks import FlashBlockSizes
+from kernels_pallas.gpu import portable
+from lca.attention import inputs
+from lca.attention.inputs import LogitOptions
+from lca.attention.mask import Mask
+
+
+def default_backend(device=None) -> str:
+    """The backend ``"auto"`` picks for ``device`` (default: the first JAX device).
+
+    Hopper gets ``"gpu_portable"`` too: the ``"mosaic_gpu"`` forward is only
+    validated in interpret mode, so it stays an explicit opt-in.
+    """
+    device = device or jax.devices()[0]
+    return "tpu" if device.platform == "tpu" else "gpu_portable"
+
+
+def _on_cpu() -> bool:
+    return jax.devices()[0].platform == "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Everything static about one kernel call (hashable: a ``custom_vjp`` nondiff arg)."""
+
+    mask: Mask
+    logit: LogitOptions
+    blocks: FlashBlockSizes
+    backend: str
+    interpret: bool
+
+
+def _backend_module(backend: str):
+    if backend == "tpu":
+        from kernels_pallas.tpu import flash
+
+        return flash
+    if backend == "mosaic_gpu":
+        from kernels_pallas.gpu import hopper
+
+        return hopper
+    return portable
+
+
+def _prepare(q_pos, kv_pos, q_seg, kv_seg, q_len, kv_len, cfg: KernelConfig):
+    tiling = tiles.Tiling.of(q_len, kv_len, cfg.blocks)
+    plan = tiles.plan(q_pos, kv_pos, tiling, cfg.mask)
+    q_seg, kv_seg = tiles.pad_segments(q_seg, kv_seg, tiling)
+    return tiling, plan, q_seg, kv_seg
+
+
+def kernel_forward(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, *, cfg: KernelConfig,
+                   out_dtype=jnp.float32):
+    """Attention with explicit positions through the ``cfg.backend`` kernel.
+
+    Args:
+      q ``[b, q_len, h, d]``; k, v ``[b, kv_len, h_kv, d]``; q_pos ``[q_len]``,
+      kv_pos ``[kv_len]`` int32; q_seg ``[b, q_len]``, kv_seg ``[b, kv_len]`` or None.
+
+    Returns:
+      ``out [b, q_len, h, d]`` in ``out_dtype`` and ``lse [b, h, q_len]`` float32.
+    """
+    q_len, kv_len = q.shape[1], k.shape[1]
+    tiling, plan, q_seg, kv_seg = _prepare(q_pos, kv_pos, q_seg, kv_seg, q_len, kv_len, cfg)
+    out, lse = _backend_module(cfg.backend).forward(
+        tiles.pad_axis(q, 1, tiling.q_padded),
+        tiles.pad_axis(k, 1, tiling.kv_padded),
+        tiles.pad_axis(v, 1, tiling.kv_padded),
+        plan, q_seg, kv_seg,
+        tiling=tiling, mask=cfg.mask, logit=cfg.logit, out_dtype=out_dtype,
+        interpret=cfg.interpret,
+    )
+    return out[:, :q_len], lse[..., :q_len]
+
+
+def kernel_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse=None, *,
+                    cfg: KernelConfig):
+    """Gradients of ``(out, lse)`` w.r.t. ``q, k, v`` (float32), from the final ``out``/``lse``.
+
+    ``out, dout [b, q_len, h, d]``; ``lse, dlse [b, h, q_len]`` (dlse may be None).
+    """
+    q_len, kv_len = q.shape[1], k.shape[1]
+    tiling, plan, q_seg, kv_seg = _prepare(q_pos, kv_pos, q_seg, kv_seg, q_len, kv_len, cfg)
+    # FlashAttention-2: ds = p * (dp - delta) with delta = rowsum(dout * out); an lse
+    # cotangent adds p * dlse to ds, i.e. subtracts dlse from delta.
+    delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32), out.astype(jnp.float32))
+    if dlse is not None:
+        delta = delta - dlse.astype(jnp.float32)
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # empty rows: every logit is -inf anyway
+    dout = dout.astype(q.dtype)
+    dq, dk, dv = _backend_module(cfg.backend).backward(
+        tiles.pad_axis(q, 1, tiling.q_padded),
+        tiles.pad_axis(k, 1, tiling.kv_padded),
+        tiles.pad_axis(v, 1, tiling.kv_padded),
+        tiles.pad_axis(dout, 1, tiling.q_padded),
+        tiles.pad_axis(lse, 2, tiling.q_padded),
+        tiles.pad_axis(delta, 2, tiling.q_padded),
+        plan, q_seg, kv_seg,
+        tiling=tiling, mask=cfg.mask, logit=cfg.logit, interpret=cfg.interpret,
+    )
+    return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: KernelConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    return kernel_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, cfg=cfg, out_dtype=q.dtype)
+
+
+def _flash_fwd(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    out, lse = _flash(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+
+
+def _flash_bwd(cfg, residuals, cotangents):
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
+    dout, dlse = cotangents
+    dq, dk, dv = kernel_backward(
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse, cfg=cfg
+    )
+    no_grad = jax.tree.map(lambda _: None, (q_pos, kv_pos, q_seg, kv_seg))
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def resolve_config(head_dim: int, q_len: int, kv_len: int, *, mask: Mask, logit: LogitOptions,
+                   block_q=None, block_kv=None, backend: str = "auto",
+                   interpret: bool = False, dtype=None) -> KernelConfig:
+    """Validate the backend, interpret flag, input dtype and block sizes of one call."""
+    if backend == "auto":
+        backend = default_backend()
+    if backend not in blocks_lib.BACKENDS:
+        raise ValueError(
+            f"backend must be 'auto' or one of {blocks_lib.BACKENDS}, got {backend!r}."
+        )
+    if not isinstance(interpret, bool):
+        raise ValueError(f"interpret must be a bool, got {interpret!r}.")
+    interpret = interpret or _on_cpu()  # kernels cannot be compiled for the CPU
+    blocks_lib.check_head_dim(head_dim, backend, interpret)
+    if dtype is not None:
+        blocks_lib.check_dtype(dtype, backend, interpret)
+    blocks = blocks_lib.resolve(block_q, block_kv, q_len, kv_len, backend, interpret, head_dim)
+    return KernelConfig(mask, logit, blocks, backend, interpret)
+
+
+def flash_attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool = False,
+    segment_ids=None,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    interpret: bool = False,
+    q_positions=None,
+    kv_positions=None,
+):
+    """Fused flash attention with the exact semantics of ``reference_attention``.
+
+    Args:
+      q: ``[batch, q_len, num_heads, head_dim]``.
+      k, v: ``[batch, kv_len, num_kv_heads, head_dim]``; GQA/MQA through the
+        kernels' index maps (K/V are never repeated).
+      causal, segment_ids, window, softcap, scale, q_positions, kv_positions:
+        as in ``reference_attention``. Positions (e.g. a key offset) place a
+        chunk anywhere in a global sequence.
+      block_q, block_kv: tile sizes (None: the backend default, see
+        ``kernels_pallas.blocks``); any lengths work (padding is masked).
+      return_lse: also return ``lse [batch, num_heads, q_len]`` float32
+        (differentiable).
+      backend: ``"auto"``, ``"gpu_portable"``, ``"mosaic_gpu"`` or ``"tpu"``.
+      interpret: run in Pallas interpret mode (always on for CPU).
+
+    Returns:
+      ``out [batch, q_len, num_heads, head_dim]`` in q's dtype (and ``lse``).
+    """
+    b, q_len, kv_len, _, _, d = inputs.check_qkv(q, k, v)
+    segs = inputs.split_segment_ids(segment_ids, b, q_len, kv_len)
+    q_pos, kv_pos = inputs.positions(q_positions, kv_positions, q_len, kv_len)
+    cfg = resolve_config(
+        d, q_len, kv_len,
+        mask=inputs.make_mask(causal, window),
+        logit=inputs.logit_options(d, scale, softcap),
+        block_q=block_q, block_kv=block_kv, backend=backend, interpret=interpret,
+        dtype=q.dtype,
+    )
+    q_seg, kv_seg = segs if segs is not None else (None, None)
+    out, lse = _flash(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,46 @@
+"""Registers the Pallas kernels as lca's ``"pallas"`` local attention implementation.
+
+``get_impl("pallas")`` (see ``lca.attention.impl``) returns
+``LocalImpl("pallas", forward, backward, default_blocks)`` with
+
+    forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, mask, logit, blocks)
+        -> (out [b, q_len, h, d] float32, lse [b, h, q_len] float32)
+    backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse, *, mask, logit, blocks)
+        -> (dq, dk, dv) float32
+
+so ring/Ulysses/USP steps run the fused kernels on a chunk anywhere in the global
+sequence (positions decide the mask). The backend is the one ``"auto"`` picks for
+the first device; on CPU the kernels run in interpret mode automatically.
+``blocks`` may be an ``lca.attention.BlockSizes``/``FlashBlockSizes`` or None
+(the backend's defaults).
+"""
+
+from __future__ import annotations
+
+from kernels_pallas import api
+from lca.attention.impl import LocalImpl, register_impl
+
+
+def _config(q, k, mask, logit, blocks) -> api.KernelConfig:
+    block_q = None if blocks is None else blocks.block_q
+    block_kv = None if blocks is None else blocks.block_kv
+    return api.resolve_config(
+        q.shape[-1], q.shape[1], k.shape[1], mask=mask, logit=logit,
+        block_q=block_q, block_kv=block_kv, dtype=q.dtype,
+    )
+
+
+def forward(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, *, mask, logit, blocks=None):
+    cfg = _config(q, k, mask, logit, blocks)
+    return api.kernel_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, cfg=cfg)
+
+
+def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse=None, *, mask, logit,
+             blocks=None):
+    cfg = _config(q, k, mask, logit, blocks)
+    return api.kernel_backward(
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse, cfg=cfg
+    )
+
+
+register_impl(LocalImpl("pallas", forward, backward, default_blocks=None))

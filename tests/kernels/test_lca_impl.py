@@ -1,0 +1,61 @@
+"""The registered ``"pallas"`` LocalImpl with explicit positions, as ring steps call it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lca.attention import BlockSizes, get_impl, reference_attention
+from lca.attention.inputs import logit_options
+from lca.attention.mask import Mask
+from tests.kernels.compare import packed_segments, random_qkv
+
+
+@pytest.mark.parametrize("segmented", [False, True])
+def test_pallas_impl_with_key_offset_and_zigzag_positions(segmented):
+    b, q_len, kv_len, h, h_kv, d = 1, 24, 40, 4, 2, 16
+    q, k, v = random_qkv(3, b, q_len, kv_len, h, h_kv, d)
+    # Queries: a chunk at global offset 60. Keys: zigzag, two monotone runs (0..19, 100..119).
+    q_pos = jnp.arange(q_len, dtype=jnp.int32) + 60
+    kv_pos = jnp.concatenate([jnp.arange(20), jnp.arange(100, 120)]).astype(jnp.int32)
+    segs = packed_segments(b, 64)
+    q_seg, kv_seg = (segs[:, :q_len], segs[:, 20:20 + kv_len]) if segmented else (None, None)
+    mask, logit = Mask(causal=True, window=50), logit_options(d)
+    impl = get_impl("pallas")
+    kw = dict(mask=mask, logit=logit, blocks=BlockSizes(16, 16))
+
+    out, lse = impl.forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, **kw)
+    ref = lambda q, k, v: reference_attention(  # noqa: E731
+        q, k, v, causal=True, window=50, return_lse=True, q_positions=q_pos, kv_positions=kv_pos,
+        segment_ids=None if q_seg is None else (q_seg, kv_seg),
+    )
+    (ref_out, ref_lse), pullback = jax.vjp(ref, q, k, v)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(ref_lse))
+    assert not np.isfinite(np.asarray(lse)).all()  # the window hides some rows entirely
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], atol=2e-5)
+
+    dout = jax.random.normal(jax.random.PRNGKey(1), out.shape)
+    dlse = jnp.where(finite, jax.random.normal(jax.random.PRNGKey(2), lse.shape), 0.0)
+    grads = impl.backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse, **kw)
+    for name, g, rg in zip("qkv", grads, pullback((dout, dlse))):
+        np.testing.assert_allclose(g, rg, atol=2e-4, rtol=2e-4, err_msg=f"d{name}")
+
+
+@pytest.mark.slow
+def test_pallas_impl_default_blocks_and_no_dlse():
+    q, k, v = random_qkv(4, 1, 20, 20, 2, 1, 8)
+    q_pos, kv_pos = jnp.arange(20, dtype=jnp.int32), jnp.arange(20, dtype=jnp.int32)
+    impl = get_impl("pallas")
+    kw = dict(mask=Mask(causal=True), logit=logit_options(8), blocks=impl.default_blocks)
+    out, lse = impl.forward(q, k, v, q_pos, kv_pos, None, None, **kw)
+    (ref_out, _), pullback = jax.vjp(
+        lambda q, k, v: reference_attention(q, k, v, causal=True, return_lse=True), q, k, v
+    )
+    np.testing.assert_allclose(out, ref_out, atol=2e-5)
+    dout = jnp.ones_like(out)
+    grads = impl.backward(q, k, v, q_pos, kv_pos, None, None, out, lse, dout, None, **kw)
+    for g, rg in zip(grads, pullback((dout, jnp.zeros_like(lse)))):
+        np.testing.assert_allclose(g, rg, atol=2e-4, rtol=2e-4)
