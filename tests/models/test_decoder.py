@@ -70,7 +70,9 @@ def test_remat_changes_memory_not_math():
     data = {**batch(), "targets": batch(seed=1)["inputs"], "loss_mask": jnp.ones((2, SEQ))}
 
     def loss_and_grads(remat):
-        model = make_model(tiny(f"model.remat={remat}", "model.attention.kind=reference"), seed=2)
+        cfg = tiny(f"model.remat={remat}", "model.attention.kind=reference", "model.num_layers=1",
+                   "model.attention.pattern=[global]")
+        model = make_model(cfg, seed=2)
         graphdef, params = nnx.split(model, nnx.Param)
         fn = make_logits_fn(graphdef)
         return jax.jit(jax.value_and_grad(lambda p: token_losses(fn(p, data), data)[0]))(nnx.to_pure_dict(params))
@@ -103,7 +105,8 @@ def test_params_carry_logical_axes_and_float32():
 
 
 def test_bf16_compute_gives_float32_logits():
-    cfg = tiny("model.dtype=bfloat16", "model.attention.kind=blockwise")
+    cfg = tiny("model.dtype=bfloat16", "model.attention.kind=reference", "model.num_layers=1",
+               "model.attention.pattern=[global]")
     graphdef, params = nnx.split(make_model(cfg), nnx.Param)
     logits = jax.jit(make_logits_fn(graphdef))(nnx.to_pure_dict(params), batch())
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
