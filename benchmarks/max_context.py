@@ -128,7 +128,7 @@ def sweep(kinds, start: int, max_len: int, steps: int, cap_gb: float, point_time
     return rows
 
 
-MACHINE = f"{os.cpu_count()}-core CPU ({platform.machine()}), 8 fake JAX devices"
+MACHINE = f"{os.cpu_count()}-core CPU ({platform.machine()}), 8 fake JAX devices"  # the md adds RAM and load notes
 
 
 def write_report(rows: list[dict], args) -> None:
