@@ -1,0 +1,1 @@
+"""Command-line entry points: ``lca-train`` and ``lca-eval``."""

@@ -1,0 +1,39 @@
+"""``lca-eval RUN_DIR [key=value ...]``: evaluate the newest checkpoint of a run.
+
+Writes bits per byte and the needle-retrieval grid (table + heatmap) to
+``RUN_DIR/eval/``. Overrides change the run's saved config, e.g.
+``eval.context_lengths=[512,1024] eval.samples_per_cell=8``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from launch.common import run_cli, setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    run_dir, overrides = argv[0], argv[1:]
+
+    def body():
+        from lca.config import load_run_config
+        from lca.train.runtime import set_cpu_devices
+
+        set_cpu_devices(load_run_config(run_dir, overrides).runtime.cpu_devices)
+        setup_logging()
+        from lca.train.evaluate import evaluate_run
+
+        result = evaluate_run(run_dir, overrides)
+        print(json.dumps({"step": result["step"], **result["perplexity"],
+                          "retrieval_accuracy": result["retrieval"]["mean_accuracy"]}))
+
+    return run_cli("lca-eval", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Run configuration: typed schema, YAML files with inheritance, ``key=value`` overrides.
+
+A config file is YAML whose keys follow :class:`Config`. It may name a parent
+with ``base: other.yaml`` (a path relative to the file, or a name in
+``configs/``); the child's keys override the parent's. Command-line overrides
+are dotted ``key=value`` strings (``train.steps=100 mesh.context=4``) applied last.
+
+OmegaConf does the merging and the type checks against the schema; this module
+turns its errors into one :class:`ConfigError` line that names the key and, for an
+unknown key, suggests the closest valid one. The result is a tree of frozen
+dataclasses, so nothing downstream can mutate it.
+
+This module must not initialise JAX: the launcher reads ``runtime.cpu_devices``
+from the config before JAX picks its devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+RESOLVED_NAME = "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; launchers print it as one line."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    # A name in lca.models.attention_registry, or "auto": ring attention when the
+    # mesh's context axis is > 1 (blockwise if ring is unavailable), else blockwise.
+    kind: str = "auto"
+    # Cycled over layers: "global" layers see the whole (causal) context, "local"
+    # layers a sliding window of `window` tokens. ["local", "local", "local", "global"]
+    # makes every 4th layer global.
+    pattern: list[str] = dataclasses.field(default_factory=lambda: ["global"])
+    window: Optional[int] = None
+    softcap: Optional[float] = None
+    block_q: int = 512
+    block_kv: int = 512
+    layout: str = "zigzag"  # ring: token layout over the context axis
+    impl: str = "blockwise"  # ring/ulysses/usp: local implementation on each device
+    ulysses_axis: str = "tensor"  # usp only
+    ring_axis: str = "context"  # usp only
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: Optional[int] = None  # None: the byte tokenizer's vocabulary
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: Optional[int] = None  # None: d_model // num_heads
+    mlp_dim: int = 1024
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots | dots_no_batch
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1
+    fsdp: int = 1
+    context: int = 1
+    tensor: int = 1
+
+
+def _default_rules() -> dict[str, list[str]]:
+    return {
+        # activations
+        "batch": ["data", "fsdp"],
+        "sequence": ["context"],
+        "act_embed": [],
+        "act_heads": ["tensor"],
+        "act_kv_heads": ["tensor"],
+        "act_mlp": ["tensor"],
+        "act_vocab": ["tensor"],
+        # parameters
+        "embed": ["fsdp"],
+        "vocab": ["tensor"],
+        "heads": ["tensor"],
+        "kv_heads": ["tensor"],
+        "head_dim": [],
+        "mlp": ["tensor"],
+        "norm": [],
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    seq_len: int = 1024
+    global_batch: int = 8  # sequences per optimizer step, all processes together
+    grad_accum: int = 1  # micro-batches per step; global_batch % grad_accum == 0
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    progress_bar: bool = True  # only drawn on a terminal
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    enabled: bool = True
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    at_end: bool = True
+    seq_len: Optional[int] = None  # None: train.seq_len
+    batch: int = 8
+    num_batches: int = 4
+    retrieval_task: str = "passkey"
+    context_lengths: list[int] = dataclasses.field(default_factory=lambda: [256, 512])
+    depths: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.5, 1.0])
+    samples_per_cell: int = 4
+    seed: int = 1234
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    cpu_devices: int = 0  # > 0: run on this many fake CPU devices (set before JAX starts)
+    distributed: str = "auto"  # auto | on | off: call jax.distributed.initialize()
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    run_dir: str = "runs/${name}"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    rules: dict[str, list[str]] = dataclasses.field(default_factory=_default_rules)
+    # lca.data.pipeline.DataConfig; typed at load time (see _schema).
+    data: Any = None
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+
+_CHOICES = {
+    "model.dtype": ("bfloat16", "float32", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.attention.layout": ("zigzag", "contiguous", "striped"),
+    "runtime.distributed": ("auto", "on", "off"),
+}
+_PATTERN_ENTRIES = ("global", "local")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _schema() -> DictConfig:
+    schema = OmegaConf.structured(Config)
+    from lca.data.pipeline import DataConfig  # no JAX backend initialisation
+
+    with _unfrozen(schema):
+        schema.data = OmegaConf.structured(DataConfig)
+    return schema
+
+
+class _unfrozen:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def __enter__(self):
+        OmegaConf.set_readonly(self.cfg, False)
+
+    def __exit__(self, *exc):
+        OmegaConf.set_readonly(self.cfg, None)
+
+
+def find_config(name: str | Path) -> Path:
+    """A config path: as given if it exists, else ``configs/<name>[.yaml]``."""
+    path = Path(name)
+    candidates = [path, CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"config file {str(name)!r} not found (looked in the current directory and {CONFIG_DIR}); "
+        f"available: {sorted(p.stem for p in CONFIG_DIR.glob('*.yaml'))}."
+    )
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """``[(file, keys)]`` from the root ancestor down to ``path``, following ``base:``."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config inheritance cycle: {' -> '.join(str(p) for p in (*seen, path))}.")
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err}).".replace("\n", " ")) from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(content).__name__}.")
+    base = content.pop("base", None)
+    chain = []
+    if base is not None:
+        parent = path.parent / base
+        chain = _read_yaml_chain(parent if parent.is_file() else find_config(base), (*seen, path))
+    return [*chain, (path, content)]
+
+
+def _all_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and child._metadata.object_type not in (None, dict):
+            keys.extend(_all_keys(child, f"{full}."))
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        close = difflib.get_close_matches(key, _all_keys(schema), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        return ConfigError(f"unknown config key {key!r} in {origin}{hint}")
+    reason = str(getattr(err, "msg", err)).splitlines()[0]
+    return ConfigError(f"bad value for config key {key!r} in {origin}: {reason}.")
+
+
+def _merge(schema: DictConfig, layer, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, layer)
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema, origin) from None
+
+
+def _check_values(cfg: Config) -> None:
+    flat = {
+        "model.dtype": cfg.model.dtype,
+        "model.param_dtype": cfg.model.param_dtype,
+        "model.remat": cfg.model.remat,
+        "model.attention.layout": cfg.model.attention.layout,
+        "runtime.distributed": cfg.runtime.distributed,
+    }
+    for key, value in flat.items():
+        if value not in _CHOICES[key]:
+            raise ConfigError(f"config key {key!r} must be one of {list(_CHOICES[key])}, got {value!r}.")
+    att = cfg.model.attention
+    bad = [p for p in att.pattern if p not in _PATTERN_ENTRIES]
+    if not att.pattern or bad:
+        raise ConfigError(
+            f"config key 'model.attention.pattern' must be a non-empty list of {list(_PATTERN_ENTRIES)}, "
+            f"got {list(att.pattern)}."
+        )
+    if "local" in att.pattern and (att.window is None or att.window < 1):
+        raise ConfigError(
+            "config key 'model.attention.window' must be a positive int when "
+            f"model.attention.pattern has 'local' layers, got {att.window!r}."
+        )
+    m = cfg.model
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.num_kv_heads})."
+        )
+    if m.head_dim is None and m.d_model % m.num_heads:
+        raise ConfigError(
+            f"model.d_model ({m.d_model}) must be divisible by model.num_heads ({m.num_heads}), "
+            "or set model.head_dim."
+        )
+    t = cfg.train
+    if t.global_batch % t.grad_accum:
+        raise ConfigError(
+            f"train.global_batch ({t.global_batch}) must be divisible by train.grad_accum ({t.grad_accum})."
+        )
+    for key, value in {"train.steps": t.steps, "train.seq_len": t.seq_len, "checkpoint.every": cfg.checkpoint.every,
+                       "checkpoint.keep": cfg.checkpoint.keep, "train.log_every": t.log_every}.items():
+        if value < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1, got {value}.")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The validated, read-only config from a YAML file (and its bases) plus overrides.
+
+    >>> cfg = load_config("demo", ["train.steps=10"])
+    """
+    schema = _schema()
+    cfg = schema
+    if path is not None:
+        for file, content in _read_yaml_chain(find_config(path)):
+            cfg = _merge(cfg, content, str(file))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=100).")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    try:
+        result = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema, "the config") from None
+    _check_values(result)
+    return result
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, run_dir: str | Path) -> Path:
+    """Write the resolved config to ``run_dir/config.yaml`` (what ``lca-eval`` reloads)."""
+    path = Path(run_dir) / RESOLVED_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+def load_run_config(run_dir: str | Path, overrides=()) -> Config:
+    """The config a run was trained with, plus overrides."""
+    path = Path(run_dir) / RESOLVED_NAME
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no {RESOLVED_NAME}; is it a run directory made by lca-train?")
+    return load_config(path, overrides)

@@ -1,0 +1,145 @@
+"""Where training metrics go: the console, ``metrics.jsonl``, TensorBoard, a loss-curve PNG.
+
+``metrics.jsonl`` is append-only: a resumed run re-logs the steps after its last
+checkpoint, and readers take the last record of each step
+(:func:`read_metrics`), which is what the uninterrupted run would have logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("lca.train")
+
+# Dense bf16 peak FLOP/s per device, from vendor datasheets (matched on jax's device_kind).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """The device's peak FLOP/s if known (longest matching prefix), else None (e.g. CPU)."""
+    matches = [kind for kind in PEAK_FLOPS if device_kind.startswith(kind)]
+    return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+class MetricsWriter:
+    """One call per logged step: console line, JSONL record and TensorBoard scalars."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self._tb = None
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:  # optional: the JSONL file has everything
+                log.warning("tensorboardX is not installed; no TensorBoard event files")
+            else:
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "time": time.time()}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(f"train/{key}", float(value), step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def format_line(step: int, total: int, m: dict) -> str:
+    parts = [
+        f"step {step}/{total}",
+        f"loss {m['loss']:.4f}",
+        f"tokens/s {m['tokens_per_s']:,.0f}",
+        f"step {m['step_time_s'] * 1e3:.0f} ms",
+    ]
+    if "tflops_per_device" in m:
+        parts.append(f"{m['tflops_per_device']:.3g} TFLOP/s/device")
+    if "mfu" in m:
+        parts.append(f"MFU {100 * m['mfu']:.1f}%")
+    return " | ".join(parts)
+
+
+class ProgressBar:
+    """A one-line bar redrawn in place, only when stderr is a terminal."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total = total
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def update(self, step: int, loss: float | None = None) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * step / max(self.total, 1))
+        text = f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total}"
+        if loss is not None:
+            text += f" loss {loss:.4f}"
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def read_metrics(run_dir: str | Path) -> dict[int, dict]:
+    """``{step: record}``, the last record of each step winning (resumes re-log steps)."""
+    records: dict[int, dict] = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[record["step"]] = record
+    return dict(sorted(records.items()))
+
+
+def plot_loss_curve(run_dir: str | Path) -> Path | None:
+    """``loss.png`` from metrics.jsonl (None without matplotlib or metrics)."""
+    records = read_metrics(run_dir)
+    if not records:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; no loss-curve PNG")
+        return None
+    steps = list(records)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [records[s]["loss"] for s in steps])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title(Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    path = Path(run_dir) / "loss.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

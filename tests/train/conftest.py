@@ -1,0 +1,64 @@
+"""Shared training fixtures: a persistent compilation cache and one finished tiny run.
+
+The cache lets the subprocess runs (kill -9, restore on 4 devices) reuse the
+programs the in-process run compiled; it is set at collection time, before any
+test compiles anything, and removed at the end of the session.
+"""
+
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import pytest
+
+from lca.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+_CACHE = tempfile.mkdtemp(prefix="lca-test-jit-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def tiny_config(run_dir, *overrides):
+    return load_config("tiny", [f"run_dir={run_dir}", *overrides])
+
+
+def run_launcher(*args, devices: int = 8, env: dict | None = None, timeout: int = 300):
+    """``python -m launch.train ARGS`` in a fresh process sharing the compilation cache."""
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "JAX_COMPILATION_CACHE_DIR": _CACHE,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "launch.train", *args, f"runtime.cpu_devices={devices}"],
+        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def launcher():
+    return run_launcher
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """The tiny config trained uninterrupted for its 8 steps (checkpoints every 2, keep 2)."""
+    from lca.train import train
+
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = train(tiny_config(run_dir))
+    return run_dir, result
