@@ -141,6 +141,12 @@ def sweep(kinds, start: int, max_len: int, steps: int, cap_gb: float, point_time
 MACHINE = f"{os.cpu_count()}-core CPU ({platform.machine()})"
 
 
+def _status_text(row: dict) -> str:
+    error = row.get("error") or [""]
+    detail = error[0].split("RESOURCE_EXHAUSTED:")[-1].strip() if "RESOURCE_EXHAUSTED" in error[0] else ""
+    return f"{row['status']}: {detail}" if detail else row["status"]
+
+
 def write_report(rows: list[dict], args) -> None:
     import jax
 
@@ -172,7 +178,7 @@ def write_report(rows: list[dict], args) -> None:
     for r in rows:
         ok = r["status"] == "ok"
         lines.append(
-            f"| {r['kind']} | {r['seq_len']:,} | {r['status']} | "
+            f"| {r['kind']} | {r['seq_len']:,} | {_status_text(r)} | "
             + (f"{r['step_time_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['peak_extra_gib']:.2f} |" if ok else "| | |")
         )
     (RESULTS / "max_context.md").write_text("\n".join(lines) + "\n")
