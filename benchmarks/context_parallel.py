@@ -28,7 +28,6 @@ import functools
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 from lca.attention import ring_attention, ring_schedule  # noqa: E402
 from lca.parallel import make_mesh  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 MACHINE = "2-core CPU (x86-64), 24 GB, jax 0.10.2, 8 fake CPU devices"
 LOCAL_LEN = 512  # tokens per device
@@ -107,15 +107,7 @@ KINDS = ("lca-zigzag", "lca-contiguous", "ringattention")
 
 def time_point(kind, n, repeats=3):
     mesh = _mesh(n)
-    args = _inputs(n, mesh)
-    step = _fwd_bwd(kind, mesh)
-    jax.block_until_ready(step(*args))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(step(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(_fwd_bwd(kind, mesh), _inputs(n, mesh), repeats)
 
 
 def _status_kb(field):

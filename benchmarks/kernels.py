@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import pathlib
 import re
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from kernels_pallas import flash_attention
+from timing import median_seconds
 from lca.attention import blockwise_attention
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -58,16 +57,6 @@ def _impls(smoke: bool):
     return impls
 
 
-def _time(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _flops(b, t, h, d, causal: bool, backward: bool) -> float:
     fwd = 4.0 * b * h * t * t * d / (2 if causal else 1)
     return fwd * (3.5 if backward else 1.0)
@@ -82,7 +71,7 @@ def measure(attn, b, t, h, d, causal: bool, backward: bool, repeats: int):
         fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     else:
         fn = jax.jit(lambda q, k, v: attn(q, k, v, causal))
-    seconds = _time(fn, (q, k, v), repeats)
+    seconds = median_seconds(fn, (q, k, v), repeats)
     return _flops(b, t, h, d, causal, backward) / seconds / 1e12
 
 
