@@ -93,16 +93,18 @@ class _Tiling:
         return rearrange(x, f"{pattern_in} -> {pattern_out}", t=self.block_q, **sizes)
 
     def kv_side(self, k, v, kv_pos, kv_seg):
-        """Scan inputs over key blocks: k/v blocks, positions, validity, segments, ranges."""
+        """Scan inputs over key blocks: k/v blocks, positions, validity, segments, ranges, completeness."""
         padded = self.num_kv * self.block_kv
-        k_blk = rearrange(pad_axis(k, 1, padded), "b (n t) h d -> n b t h d", t=self.block_kv)
-        v_blk = rearrange(pad_axis(v, 1, padded), "b (n t) h d -> n b t h d", t=self.block_kv)
+        k_blk = rearrange(pad_axis(k, 1, padded), "b (n t) h d -> n b h t d", t=self.block_kv)
+        v_blk = rearrange(pad_axis(v, 1, padded), "b (n t) h d -> n b h t d", t=self.block_kv)
         pos = pad_axis(kv_pos, 0, padded, mode="edge").reshape(self.num_kv, self.block_kv)
         valid = (jnp.arange(padded) < self.kv_len).reshape(self.num_kv, self.block_kv)
         seg = None
         if kv_seg is not None:
             seg = rearrange(pad_axis(kv_seg, 1, padded), "b (n t) -> n b t", t=self.block_kv)
-        return k_blk, v_blk, pos, valid, seg, pos.min(axis=1), pos.max(axis=1)
+        # Which blocks hold no padding (None: none is padded).
+        complete = None if padded == self.kv_len else valid.all(axis=1)
+        return k_blk, v_blk, pos, valid, seg, pos.min(axis=1), pos.max(axis=1), complete
 
     def q_positions(self, q_pos):
         padded = self.num_q * self.block_q
@@ -116,28 +118,46 @@ class _Tiling:
         return rearrange(pad_axis(q_seg, 1, padded), "b (n t) -> n b t", t=self.block_q)
 
 
-def _block_logits(q_blk, k_blk, q_pos, kv_pos, kv_valid, q_seg, kv_seg, mask, logit):
+def _block_logits(q_blk, k_blk, q_pos, kv_pos, kv_valid, q_seg, kv_seg, mask, logit, masked):
     """Masked logits ``[b, hk, g, tq, tk]`` of one block pair, and the unmasked capped ones.
 
-    ``q_blk [b, tq, hk, g, d]``, ``k_blk [b, tk, hk, d]``.
+    ``q_blk [b, hk, g, tq, d]``, ``k_blk [b, hk, tk, d]``: head-major, so the
+    batched matmuls need no transposes inside the loops. ``masked=False``: the
+    caller knows every pair is visible.
     """
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bhgqd,bhkd->bhgqk", q_blk, k_blk, preferred_element_type=jnp.float32)
     capped = logit.apply(scores)
+    if not masked:
+        return capped, capped
     visible = (mask.visible(q_pos, kv_pos) & kv_valid[None, :])[None]  # [1, tq, tk]
     if q_seg is not None:
         visible = visible & (q_seg[:, :, None] == kv_seg[:, None, :])
     return jnp.where(visible[:, None, None], capped, -jnp.inf), capped
 
 
-def _skip_unless(visible, compute, carry):
-    """Run ``compute(carry)`` only when the block may hold a visible pair."""
+def _run_tile(mask: Mask, q_lo, q_hi, kv_lo, kv_hi, kv_complete, segmented: bool, compute,
+              carry):
+    """``compute(carry, masked=...)`` for one tile, or ``carry`` when the mask hides all of it.
+
+    A tile the mask hides none of (most tiles of a long causal pass) runs without
+    the mask: no position compare, no select. ``kv_complete`` (None: no padding)
+    says the key block holds no padding; with segments every tile is masked.
+    """
+    masked = functools.partial(compute, masked=True)
+    unmasked = functools.partial(compute, masked=False)
+    visible = True if mask.is_full else mask.block_visible(q_lo, q_hi, kv_lo, kv_hi)
+    if segmented:
+        return masked(carry) if visible is True else lax.cond(visible, masked, lambda c: c, carry)
+    full = True if mask.is_full else mask.block_full(q_lo, q_hi, kv_lo, kv_hi)
+    if kv_complete is not None:
+        full = kv_complete & full
+    if full is True:
+        return unmasked(carry)
     if visible is True:
-        return compute(carry)
-    return lax.cond(visible, compute, lambda c: c, carry)
-
-
-def _block_visible(mask: Mask, q_lo, q_hi, kv_lo, kv_hi):
-    return True if mask.is_full else mask.block_visible(q_lo, q_hi, kv_lo, kv_hi)
+        return lax.cond(full, unmasked, masked, carry)
+    # full implies visible, so the index is 0 (hidden), 1 (partly) or 2 (all visible).
+    index = visible.astype(jnp.int32) + full.astype(jnp.int32)
+    return lax.switch(index, [lambda c: c, masked, unmasked], carry)
 
 
 def blockwise_forward(
@@ -158,7 +178,7 @@ def blockwise_forward(
     b, q_len, h, d = q.shape
     kv_len, h_kv = k.shape[1], k.shape[2]
     tiling = _Tiling.of(q_len, kv_len, blocks or BlockSizes())
-    q_blocks = tiling.q_blocks(q, "b (n t) (hk g) d", "n b t hk g d", hk=h_kv)
+    q_blocks = tiling.q_blocks(q, "b (n t) (hk g) d", "n b hk g t d", hk=h_kv)
     q_pos_blk, q_lo, q_hi = tiling.q_positions(q_pos)
     q_seg_blk = tiling.q_segments(q_seg)
     kv_xs = tiling.kv_side(k, v, kv_pos, kv_seg)
@@ -169,23 +189,26 @@ def blockwise_forward(
         q_blk, qp, qs, qlo, qhi = q_xs
 
         def kv_step(carry, kv_block):
-            k_blk, v_blk, kp, kvalid, ks, klo, khi = kv_block
+            k_blk, v_blk, kp, kvalid, ks, klo, khi, kcomplete = kv_block
 
-            def compute(carry):
+            def compute(carry, masked):
                 m, l, acc = carry
-                logits, _ = _block_logits(q_blk, k_blk, qp, kp, kvalid, qs, ks, mask, logit)
+                logits, _ = _block_logits(q_blk, k_blk, qp, kp, kvalid, qs, ks, mask, logit,
+                                          masked)
                 m_new = jnp.maximum(m, logits.max(axis=-1))
-                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+                # Unmasked logits are finite, so is their max; masked rows may be all -inf.
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0) if masked else m_new
                 p = jnp.exp(logits - m_safe[..., None])
                 alpha = jnp.exp(m - m_safe)
                 l = alpha * l + p.sum(axis=-1)
                 pv = jnp.einsum(
-                    "bhgqk,bkhd->bhgqd", p.astype(v_blk.dtype), v_blk,
+                    "bhgqk,bhkd->bhgqd", p.astype(v_blk.dtype), v_blk,
                     preferred_element_type=jnp.float32,
                 )
                 return m_new, l, alpha[..., None] * acc + pv
 
-            return _skip_unless(_block_visible(mask, qlo, qhi, klo, khi), compute, carry), None
+            tile = _run_tile(mask, qlo, qhi, klo, khi, kcomplete, qs is not None, compute, carry)
+            return tile, None
 
         init = varying_like(
             (
@@ -239,8 +262,8 @@ def blockwise_backward(
 
     q_xs = (
         jnp.arange(tiling.num_q),
-        tiling.q_blocks(q, "b (n t) (hk g) d", "n b t hk g d", hk=h_kv),
-        tiling.q_blocks(dout, "b (n t) (hk g) d", "n b t hk g d", hk=h_kv),
+        tiling.q_blocks(q, "b (n t) (hk g) d", "n b hk g t d", hk=h_kv),
+        tiling.q_blocks(dout, "b (n t) (hk g) d", "n b hk g t d", hk=h_kv),
         row_blocks(lse_safe),
         row_blocks(delta),
         *tiling.q_positions(q_pos),
@@ -249,43 +272,50 @@ def blockwise_backward(
     kv_xs = tiling.kv_side(k, v, kv_pos, kv_seg)
     varying = (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse)
     dq_init = varying_like(
-        jnp.zeros((tiling.num_q, b, tiling.block_q, h_kv, h // h_kv, d), jnp.float32), *varying
+        jnp.zeros((tiling.num_q, b, h_kv, h // h_kv, tiling.block_q, d), jnp.float32), *varying
     )
 
     def one_kv_block(dq_all, kv_block):
-        k_blk, v_blk, kp, kvalid, ks, klo, khi = kv_block
+        k_blk, v_blk, kp, kvalid, ks, klo, khi, _ = kv_block
 
         def q_step(carry, q_block):
             i, q_blk, do_blk, lse_blk, delta_blk, qp, qlo, qhi, qs = q_block
 
             def compute(carry):
                 dk, dv, dq_all = carry
-                logits, capped = _block_logits(q_blk, k_blk, qp, kp, kvalid, qs, ks, mask, logit)
+                logits, capped = _block_logits(q_blk, k_blk, qp, kp, kvalid, qs, ks, mask, logit,
+                                               masked=True)
                 p = jnp.exp(logits - lse_blk[..., None])
                 dv = dv + jnp.einsum(
-                    "bhgqk,bqhgd->bkhd", p.astype(do_blk.dtype), do_blk,
+                    "bhgqk,bhgqd->bhkd", p.astype(do_blk.dtype), do_blk,
                     preferred_element_type=jnp.float32,
                 )
-                dp = jnp.einsum("bqhgd,bkhd->bhgqk", do_blk, v_blk, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_blk, v_blk, preferred_element_type=jnp.float32)
                 ds = p * (dp - delta_blk[..., None])
                 if logit.softcap is not None:
                     ds = ds * (1.0 - jnp.square(capped / logit.softcap))
                 ds = (ds * logit.scale).astype(q_blk.dtype)
-                dq_i = jnp.einsum("bhgqk,bkhd->bqhgd", ds, k_blk, preferred_element_type=jnp.float32)
+                dq_i = jnp.einsum("bhgqk,bhkd->bhgqd", ds, k_blk, preferred_element_type=jnp.float32)
                 dq_all = dq_all.at[i].add(dq_i)
-                dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds, q_blk, preferred_element_type=jnp.float32)
+                dk = dk + jnp.einsum("bhgqk,bhgqd->bhkd", ds, q_blk, preferred_element_type=jnp.float32)
                 return dk, dv, dq_all
 
-            return _skip_unless(_block_visible(mask, qlo, qhi, klo, khi), compute, carry), None
+            # Skip hidden tiles only: a three-way switch (as in the forward) with the
+            # whole dQ in its carry makes XLA copy dQ per tile, which costs more than
+            # the mask it would save.
+            visible = True if mask.is_full else mask.block_visible(qlo, qhi, klo, khi)
+            if visible is True:
+                return compute(carry), None
+            return lax.cond(visible, compute, lambda c: c, carry), None
 
-        zeros_kv = varying_like(jnp.zeros((b, tiling.block_kv, h_kv, d), jnp.float32), *varying)
+        zeros_kv = varying_like(jnp.zeros((b, h_kv, tiling.block_kv, d), jnp.float32), *varying)
         (dk, dv, dq_all), _ = lax.scan(q_step, (zeros_kv, zeros_kv, dq_all), q_xs)
         return dq_all, (dk, dv)
 
     dq_all, (dk, dv) = lax.scan(one_kv_block, dq_init, kv_xs)
-    dq = rearrange(dq_all, "n b t hk g d -> b (n t) (hk g) d")[:, :q_len]
-    dk = rearrange(dk, "n b t h d -> b (n t) h d")[:, :kv_len]
-    dv = rearrange(dv, "n b t h d -> b (n t) h d")[:, :kv_len]
+    dq = rearrange(dq_all, "n b hk g t d -> b (n t) (hk g) d")[:, :q_len]
+    dk = rearrange(dk, "n b h t d -> b (n t) h d")[:, :kv_len]
+    dv = rearrange(dv, "n b h t d -> b (n t) h d")[:, :kv_len]
     return dq, dk, dv
 
 

@@ -79,6 +79,20 @@ class Mask:
             ok = ok & (hi > -self.window) & (lo < self.window)
         return ok
 
+    def block_full(self, q_lo, q_hi, kv_lo, kv_hi):
+        """Does every query in ``[q_lo, q_hi]`` see every key in ``[kv_lo, kv_hi]``?
+
+        Exact for any positions in those ranges (it bounds every difference), so
+        a loop may drop the mask of such a block (segments and padding aside).
+        """
+        lo, hi = q_lo - kv_hi, q_hi - kv_lo
+        ok = jnp.asarray(True)
+        if self.causal:
+            ok = ok & (lo >= 0)
+        if self.window is not None:
+            ok = ok & (hi < self.window) & (lo > -self.window)
+        return ok
+
 
 def segment_visible(q_seg, kv_seg):
     """Boolean ``[b, q, kv]`` from segment ids ``[b, q]`` and ``[b, kv]``."""

@@ -12,8 +12,9 @@ Masking is purely positional: every token carries its global position, so any
 layout (``zigzag``, ``contiguous``, ``striped``) is correct under the one
 :class:`Mask`, and a (query chunk, key chunk) pair that the mask hides entirely
 (a causal chunk in the future, a window out of reach) is skipped with
-``lax.cond``. Zigzag gives every device two chunks, ``i`` and ``2n-1-i``, and
-splits the per-step work by chunk pairs, so all devices do the same causal work.
+``lax.cond``. Zigzag gives every device two chunks, ``i`` and ``2n-1-i``, so all
+devices do the same causal work, and each step after the first covers its
+visible chunk pairs with one local call (see ``_RECTANGLES``).
 
 The backward is a ``jax.custom_vjp`` that runs the ring again: K/V travel as in
 the forward and their gradients dK/dV travel with them, each step adding the
@@ -66,23 +67,12 @@ def resolve_blocks(impl: str, block_q, block_kv) -> BlockSizes | None:
     return BlockSizes(block_q or base.block_q, block_kv or base.block_kv)
 
 
-def _chunk(x, i, size: int, axis: int):
-    """Chunk ``i`` (of length ``size``) of ``x`` along ``axis``; None stays None."""
-    return None if x is None else lax.dynamic_slice_in_dim(x, i * size, size, axis)
-
-
-def _put(x, piece, i, size: int, axis: int):
-    return lax.dynamic_update_slice_in_dim(x, piece, i * size, axis)
-
-
 def _over_pairs(chunks: int, body, carry):
     """``carry = body(carry, a, c)`` for every (query chunk a, key chunk c) pair.
 
     A scan rather than an unrolled loop: one copy of the local attention in the
     program, whatever the number of chunks (compile time matters on TPU/CPU too).
     """
-    if chunks == 1:
-        return body(carry, 0, 0)
     a_idx, c_idx = np.divmod(np.arange(chunks * chunks, dtype=np.int32), chunks)
     carry, _ = lax.scan(lambda cr, ac: (body(cr, *ac), None), carry,
                         (jnp.asarray(a_idx), jnp.asarray(c_idx)))
@@ -104,60 +94,120 @@ def _when(visible, fn, carry):
     return fn(carry) if visible is True else lax.cond(visible, fn, lambda c: c, carry)
 
 
+# --- which chunk pairs one step computes -----------------------------------------------
+
+# With two chunks per shard (zigzag), a causal step after the first sees either
+# both query chunks against the first key chunk (the key shard comes from an
+# earlier device) or the second query chunk against both key chunks (a later
+# device): one rectangle, computed by ONE local call of twice a chunk pair's size
+# instead of a scan over four pairs. ``_RECTANGLES`` lists those shapes as
+# (query chunks, key chunks); a step whose visible pairs fit none of them (the
+# first step's diagonal, a window, user positions) walks the pairs one by one.
+_RECTANGLES = (((0, 1), (0,)), ((1,), (0, 1)))
+
+
+def _visibility(st: RingStatic, q_pos, kv_pos):
+    """``[chunks, chunks]`` bool: may query chunk a see key chunk c?"""
+    q_parts = jnp.split(q_pos, st.chunks)
+    kv_parts = jnp.split(kv_pos, st.chunks)
+    return jnp.stack([jnp.stack([jnp.asarray(_pair_visible(st.mask, qp, kp))
+                                 for kp in kv_parts]) for qp in q_parts])
+
+
+def _plan(st: RingStatic, q_pos, kv_pos):
+    """Branch index for this step: 0 skip, 1 + r for ``_RECTANGLES[r]``, last: pair by pair."""
+    vis = _visibility(st, q_pos, kv_pos)
+    branch = jnp.int32(1 + len(_RECTANGLES))
+    for r in reversed(range(len(_RECTANGLES))):
+        rows, cols = _RECTANGLES[r]
+        outside = np.ones(vis.shape, bool)
+        outside[np.ix_(rows, cols)] = False
+        branch = jnp.where(jnp.any(vis & outside), branch, 1 + r)
+    return jnp.where(jnp.any(vis), branch, 0)
+
+
+def _span(chunk_ids, length: int, chunks: int):
+    """Static (start, size) of consecutive chunks ``chunk_ids`` in a shard of ``length``."""
+    size = length // chunks
+    return chunk_ids[0] * size, len(chunk_ids) * size
+
+
+def _cut(x, span, axis: int):
+    """``x[span]`` along ``axis`` (start static or traced); None stays None."""
+    return None if x is None else lax.dynamic_slice_in_dim(x, span[0], span[1], axis)
+
+
+def _paste(x, piece, span, axis: int):
+    return lax.dynamic_update_slice_in_dim(x, piece, span[0], axis)
+
+
+def _by_plan(st: RingStatic, q_pos, kv_pos, rectangle, carry):
+    """Run this step's plan, a ``rectangle(carry, q_span, kv_span)`` call per chunk rectangle.
+
+    Spans are ``(start, size)`` along the local sequence. A plan that is no
+    rectangle runs one call per visible chunk pair.
+    """
+
+    def pairwise(carry):
+        lq, lk = q_pos.shape[0] // st.chunks, kv_pos.shape[0] // st.chunks
+
+        def pair(carry, q_chunk, kv_chunk):
+            qs, ks = (q_chunk * lq, lq), (kv_chunk * lk, lk)
+            visible = _pair_visible(st.mask, _cut(q_pos, qs, 0), _cut(kv_pos, ks, 0))
+            return _when(visible, lambda carry: rectangle(carry, qs, ks), carry)
+
+        return _over_pairs(st.chunks, pair, carry)
+
+    if st.chunks == 1 or st.mask.is_full:
+        return _when(_pair_visible(st.mask, q_pos, kv_pos),
+                     lambda c: rectangle(c, (0, q_pos.shape[0]), (0, kv_pos.shape[0])), carry)
+    spans = [(_span(rows, q_pos.shape[0], st.chunks), _span(cols, kv_pos.shape[0], st.chunks))
+             for rows, cols in _RECTANGLES]
+    branches = [lambda c: c]
+    branches += [functools.partial(lambda c, qs, ks: rectangle(c, qs, ks), qs=qs, ks=ks)
+                 for qs, ks in spans]
+    branches.append(pairwise)
+    return lax.switch(_plan(st, q_pos, kv_pos), branches, carry)
+
+
 # --- one ring step --------------------------------------------------------------------
 
 
 def _forward_step(st: RingStatic, q_side, kv, acc):
-    """Merge attention of every query chunk over every key chunk of ``kv`` into ``acc``."""
+    """Merge attention of the local queries over the key shard ``kv`` into ``acc``."""
     q, q_pos, q_seg = q_side
     k, v, kv_pos, kv_seg = kv
-    lq, lk = q.shape[1] // st.chunks, k.shape[1] // st.chunks
     local = get_impl(st.impl)
 
-    def pair(acc, a, c):
+    def rectangle(acc, qs, ks):
         out, lse = acc
-        q_a, qp_a, qs_a = _chunk(q, a, lq, 1), _chunk(q_pos, a, lq, 0), _chunk(q_seg, a, lq, 1)
-        k_c, v_c = _chunk(k, c, lk, 1), _chunk(v, c, lk, 1)
-        kp_c, ks_c = _chunk(kv_pos, c, lk, 0), _chunk(kv_seg, c, lk, 1)
+        o, l = local.forward(_cut(q, qs, 1), _cut(k, ks, 1), _cut(v, ks, 1), _cut(q_pos, qs, 0),
+                             _cut(kv_pos, ks, 0), _cut(q_seg, qs, 1), _cut(kv_seg, ks, 1),
+                             mask=st.mask, logit=st.logit, blocks=st.blocks)
+        o, l = merge_attention(_cut(out, qs, 1), _cut(lse, qs, 2), o, l)
+        return _paste(out, o, qs, 1), _paste(lse, l, qs, 2)
 
-        def attend(part):
-            o, l = local.forward(q_a, k_c, v_c, qp_a, kp_c, qs_a, ks_c,
-                                 mask=st.mask, logit=st.logit, blocks=st.blocks)
-            return merge_attention(part[0], part[1], o, l)
-
-        part = (_chunk(out, a, lq, 1), _chunk(lse, a, lq, 2))
-        o, l = _when(_pair_visible(st.mask, qp_a, kp_c), attend, part)
-        return _put(out, o, a, lq, 1), _put(lse, l, a, lq, 2)
-
-    return _over_pairs(st.chunks, pair, acc)
+    return _by_plan(st, q_pos, kv_pos, rectangle, acc)
 
 
 def _backward_step(st: RingStatic, q_side, kv, grads):
     """Add this key shard's share of dQ (local) and dK/dV (travelling) to ``grads``."""
     q, q_pos, q_seg, out, lse, dout, dlse = q_side
     k, v, kv_pos, kv_seg = kv
-    lq, lk = q.shape[1] // st.chunks, k.shape[1] // st.chunks
     local = get_impl(st.impl)
 
-    def pair(grads, a, c):
+    def rectangle(grads, qs, ks):
         dq, dk, dv = grads
-        q_a, qp_a, qs_a = _chunk(q, a, lq, 1), _chunk(q_pos, a, lq, 0), _chunk(q_seg, a, lq, 1)
-        k_c, v_c = _chunk(k, c, lk, 1), _chunk(v, c, lk, 1)
-        kp_c, ks_c = _chunk(kv_pos, c, lk, 0), _chunk(kv_seg, c, lk, 1)
+        gq, gk, gv = local.backward(
+            _cut(q, qs, 1), _cut(k, ks, 1), _cut(v, ks, 1), _cut(q_pos, qs, 0),
+            _cut(kv_pos, ks, 0), _cut(q_seg, qs, 1), _cut(kv_seg, ks, 1), _cut(out, qs, 1),
+            _cut(lse, qs, 2), _cut(dout, qs, 1), _cut(dlse, qs, 2),
+            mask=st.mask, logit=st.logit, blocks=st.blocks,
+        )
+        return (_paste(dq, _cut(dq, qs, 1) + gq, qs, 1), _paste(dk, _cut(dk, ks, 1) + gk, ks, 1),
+                _paste(dv, _cut(dv, ks, 1) + gv, ks, 1))
 
-        def grad(g):
-            gq, gk, gv = local.backward(
-                q_a, k_c, v_c, qp_a, kp_c, qs_a, ks_c, _chunk(out, a, lq, 1),
-                _chunk(lse, a, lq, 2), _chunk(dout, a, lq, 1), _chunk(dlse, a, lq, 2),
-                mask=st.mask, logit=st.logit, blocks=st.blocks,
-            )
-            return g[0] + gq, g[1] + gk, g[2] + gv
-
-        part = (_chunk(dq, a, lq, 1), _chunk(dk, c, lk, 1), _chunk(dv, c, lk, 1))
-        gq, gk, gv = _when(_pair_visible(st.mask, qp_a, kp_c), grad, part)
-        return _put(dq, gq, a, lq, 1), _put(dk, gk, c, lk, 1), _put(dv, gv, c, lk, 1)
-
-    return _over_pairs(st.chunks, pair, grads)
+    return _by_plan(st, q_pos, kv_pos, rectangle, grads)
 
 
 # --- the ring ---------------------------------------------------------------------------

@@ -141,17 +141,22 @@ def test_schedule_zigzag_balanced_contiguous_not():
 
 
 def test_ring_skips_exactly_the_scheduled_chunk_pairs():
-    """Count the local forward calls the ring actually runs, per device."""
+    """The area of the local calls the ring actually runs, per device, in chunk pairs.
+
+    Equal to the schedule's count of visible chunk pairs: nothing hidden is computed.
+    Zigzag steps after the first cover their two visible pairs with one call.
+    """
     n, length = 4, 32
     calls = []
 
     def counting_forward(q, k, v, q_pos, kv_pos, *rest, **kw):
-        jax.debug.callback(lambda p: calls.append(int(p)), q_pos[0], ordered=False)
+        area = q.shape[1] * k.shape[1]
+        jax.debug.callback(lambda p: calls.append((int(p), area)), q_pos[0], ordered=False)
         return blockwise_forward(q, k, v, q_pos, kv_pos, *rest, **kw)
 
     register_impl(LocalImpl("counting", counting_forward, blockwise_backward, BlockSizes()))
     q, k, v, _ = make_inputs(1, length, 2, 2)
-    for layout in ("zigzag", "contiguous"):
+    for layout, calls_per_device in (("zigzag", 3 + (n - 1)), ("contiguous", None)):
         calls.clear()
         out = ring_attention(q, k, v, mesh=context_mesh(n), causal=True, layout=layout,
                              impl="counting")
@@ -165,8 +170,11 @@ def test_ring_skips_exactly_the_scheduled_chunk_pairs():
         for dev in range(n):
             for p in local_positions(layout, local, n, dev)[::chunk]:
                 owner[int(p)] = dev
-        per_device = np.bincount([owner[p] for p in calls], minlength=n)
-        np.testing.assert_array_equal(per_device, ring_schedule(layout, length, n).sum(axis=1))
+        devices = [owner[p] for p, _ in calls]
+        pairs = np.bincount(devices, weights=[a // chunk**2 for _, a in calls], minlength=n)
+        np.testing.assert_array_equal(pairs, ring_schedule(layout, length, n).sum(axis=1))
+        if calls_per_device:  # the first step's three pairs, then one rectangle per step
+            np.testing.assert_array_equal(np.bincount(devices, minlength=n), calls_per_device)
 
 
 # --- bad input ---------------------------------------------------------------------------
