@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 from einops import rearrange
 from jax import lax
@@ -28,6 +27,7 @@ from jax import lax
 from lca.attention import inputs
 from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask
+from lca.attention.vjp import attention_vjp
 from lca.parallel.vma import varying_like
 
 
@@ -319,32 +319,17 @@ def blockwise_backward(
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(static: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    out, lse = blockwise_forward(
-        q, k, v, q_pos, kv_pos, q_seg, kv_seg,
-        mask=static.mask, logit=static.logit, blocks=static.blocks,
-    )
-    return out.astype(q.dtype), lse
+def _forward(static: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    return blockwise_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg,
+                             mask=static.mask, logit=static.logit, blocks=static.blocks)
 
 
-def _attention_fwd(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    out, lse = _attention(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+def _backward(static: _Static, *args):
+    return blockwise_backward(*args, mask=static.mask, logit=static.logit, blocks=static.blocks)
 
 
-def _attention_bwd(static, residuals, cotangents):
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
-    dout, dlse = cotangents
-    dq, dk, dv = blockwise_backward(
-        q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse,
-        mask=static.mask, logit=static.logit, blocks=static.blocks,
-    )
-    no_grad = jax.tree.map(lambda _: None, (q_pos, kv_pos, q_seg, kv_seg))
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+# ``(out in q.dtype, lse f32)``, differentiable by the recomputing backward.
+_attention = attention_vjp(_forward, _backward)
 
 
 def blockwise_attention(

@@ -40,6 +40,7 @@ from lca.attention.blockwise import BlockSizes
 from lca.attention.impl import get_impl
 from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask
+from lca.attention.vjp import attention_vjp
 from lca.attention.merge import merge_attention
 from lca.parallel import layout as layouts
 from lca.parallel import sequence_sharding as seqshard
@@ -254,34 +255,6 @@ def _ring_backward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, l
     # dK/dV of the shard held last belong to the next device: one hop home.
     dk, dv = _rotate((dk, dv), st, n)
     return dq, dk, dv
-
-
-def attention_vjp(forward, backward):
-    """``f(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> (out in q.dtype, lse)`` with a custom VJP.
-
-    ``forward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> (out f32, lse)``;
-    ``backward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse)
-    -> (dq, dk, dv)`` from the saved output and lse (positions and segments get
-    no gradient).
-    """
-
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-    def attention(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-        out, lse = forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-        return out.astype(q.dtype), lse
-
-    def fwd(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-        out, lse = attention(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-        return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
-
-    def bwd(st, residuals, cotangents):
-        q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
-        dq, dk, dv = backward(st, *residuals, *cotangents)
-        no_grad = jax.tree.map(lambda _: None, (q_pos, kv_pos, q_seg, kv_seg))
-        return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad)
-
-    attention.defvjp(fwd, bwd)
-    return attention
 
 
 # Shard-level ring with explicit positions: ``(out in q.dtype, lse f32)``.

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -27,12 +26,8 @@ from lca.attention.blockwise import BlockSizes
 from lca.attention.impl import get_impl
 from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask
-from lca.attention.ring import (
-    attention_vjp,
-    bound_axis_size,
-    resolve_blocks,
-    run_global,
-)
+from lca.attention.ring import bound_axis_size, resolve_blocks, run_global
+from lca.attention.vjp import attention_vjp
 from lca.parallel import layout as layouts
 from lca.parallel import sequence_sharding as seqshard
 
