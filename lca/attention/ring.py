@@ -145,8 +145,8 @@ def _paste(x, piece, span, axis: int):
 def _by_plan(st: RingStatic, q_pos, kv_pos, rectangle, carry):
     """Run this step's plan, a ``rectangle(carry, q_span, kv_span)`` call per chunk rectangle.
 
-    Spans are ``(start, size)`` along the local sequence. A plan that is no
-    rectangle runs one call per visible chunk pair.
+    Spans ``qs``, ``ks`` are ``(start, size)`` along the local sequence. A plan
+    that is no rectangle runs one call per visible chunk pair.
     """
 
     def pairwise(carry):
@@ -165,8 +165,7 @@ def _by_plan(st: RingStatic, q_pos, kv_pos, rectangle, carry):
     spans = [(_span(rows, q_pos.shape[0], st.chunks), _span(cols, kv_pos.shape[0], st.chunks))
              for rows, cols in _RECTANGLES]
     branches = [lambda c: c]
-    branches += [functools.partial(lambda c, qs, ks: rectangle(c, qs, ks), qs=qs, ks=ks)
-                 for qs, ks in spans]
+    branches += [functools.partial(rectangle, qs=qs, ks=ks) for qs, ks in spans]
     branches.append(pairwise)
     return lax.switch(_plan(st, q_pos, kv_pos), branches, carry)
 

@@ -64,6 +64,12 @@ def test_ring_matches_oracle_grid(case):
     _check_ring(*case, length=64, block=4)
 
 
+def test_ring_zigzag_tiles_straddle_chunks_with_window_and_padding():
+    # Chunks of 6 tokens under 4-token tiles: tiles straddle chunk boundaries, key blocks
+    # are padded, and the window leaves steps whose visible pairs are no rectangle.
+    _check_ring(4, "zigzag", True, 4, 2, True, 5, "explicit", length=48, block=4)
+
+
 def test_ring_window_cross_attention_softcap_default_blocks():
     # Sliding window, q_len != kv_len (bottom-right causal), softcap, default block sizes.
     q, k, v, _ = make_inputs(1, 16, 2, 1, kv_length=32)
