@@ -259,6 +259,18 @@ def _merge(schema: DictConfig, layer, origin: str) -> DictConfig:
         raise _explain(err, schema, origin) from None
 
 
+def _on_off_from_yaml_bools(cfg: DictConfig) -> DictConfig:
+    """``runtime.distributed=on`` as the user wrote it.
+
+    YAML 1.1 (and so OmegaConf, in files and in overrides) reads ``on``/``off``/
+    ``yes``/``no`` as booleans, which the string field then holds as ``"True"``/``"False"``.
+    """
+    value = cfg.runtime.distributed
+    if value in ("True", "False"):
+        cfg = OmegaConf.merge(cfg, {"runtime": {"distributed": "on" if value == "True" else "off"}})
+    return cfg
+
+
 def _check_values(cfg: Config) -> None:
     flat = {
         "model.dtype": cfg.model.dtype,
@@ -317,6 +329,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=100).")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    cfg = _on_off_from_yaml_bools(cfg)
     try:
         result = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:

@@ -24,6 +24,17 @@ def test_child_overrides_parent(tmp_path):
     assert (cfg.name, cfg.train.steps, cfg.train.lr) == ("p", 9, 0.5)
 
 
+@pytest.mark.parametrize("written, meant",
+                         [("on", "on"), ("off", "off"), ("auto", "auto"), ("yes", "on"), ("false", "off")])
+def test_distributed_on_off_survive_yaml_booleans(tmp_path, written, meant):
+    """YAML 1.1 reads on/off as booleans; the launch scripts pass runtime.distributed=on."""
+    assert load_config("tiny", [f"runtime.distributed={written}"]).runtime.distributed == meant
+    (tmp_path / "run.yaml").write_text(f"base: tiny\nruntime:\n  distributed: {written}\n")
+    assert load_config(tmp_path / "run.yaml").runtime.distributed == meant
+    with pytest.raises(ConfigError, match="'runtime.distributed' must be one of"):
+        load_config("tiny", ["runtime.distributed=maybe"])
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [
