@@ -23,10 +23,12 @@ log = logging.getLogger("lca.eval")
 
 def make_eval_logits_fn(setup, params):
     """``logits_fn(batch dict of numpy [b, l]) -> numpy logits [b, l, vocab]`` on the run's mesh."""
-    jitted = jax.jit(make_logits_fn(setup.graphdef))
     # Eval batches are small and of any shape: replicate them; the model's
-    # sharding constraints spread the work where the shapes divide.
+    # sharding constraints spread the work where the shapes divide. The logits
+    # come back replicated too, so that every process of a multi-controller run
+    # can read them (a sharded array spans devices other processes own).
     replicated = NamedSharding(setup.mesh, P())
+    jitted = jax.jit(make_logits_fn(setup.graphdef), out_shardings=replicated)
 
     def logits_fn(batch):
         inputs = np.asarray(batch["inputs"], np.int32)
