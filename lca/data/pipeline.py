@@ -270,12 +270,42 @@ class PackedBatchIterator(grain.DatasetIterator):
         }
 
     def set_state(self, state: dict) -> None:
-        rows = [self._ds.rows.start, self._ds.rows.stop, self._ds.num_streams]
-        if list(state["rows"]) != rows:
-            raise ValueError(f"data iterator state is for rows [start, stop, global_batch]={list(state['rows'])}, "
-                             f"this iterator has {rows}; restore with the same global_batch and process count.")
-        for s, doc, offset in zip(self._streams, state["doc"], state["offset"]):
+        """Continue from `state`: this iterator's own, or any covering its rows (see `merge_states`)."""
+        start, stop, streams = (int(x) for x in state["rows"])
+        mine = self._ds.rows
+        if streams != self._ds.num_streams or not start <= mine.start <= mine.stop <= stop:
+            raise ValueError(
+                f"data iterator state is for rows [start, stop, global_batch]={[start, stop, streams]}, "
+                f"this iterator has {[mine.start, mine.stop, self._ds.num_streams]}; restore with the same "
+                "global_batch, from the states of all processes merged (merge_states) if the process count changed."
+            )
+        first = mine.start - start
+        for s, doc, offset in zip(self._streams, state["doc"][first:], state["offset"][first:]):
             s.doc, s.offset = int(doc), int(offset)
+
+
+def merge_states(states: list[dict]) -> dict:
+    """One iterator state for the rows of all `states` (each a `PackedBatchIterator.get_state()`).
+
+    The data do not depend on the process count, so a run saved by P processes can
+    resume on any other count: merge the P saved states, and every new process's
+    iterator takes its own rows from the result (`set_state`). Raises ValueError if
+    the states are not consecutive rows of one global batch.
+    """
+    if not states:
+        raise ValueError("merge_states needs at least one state.")
+    ordered = sorted(states, key=lambda state: state["rows"][0])
+    start, _, streams = ordered[0]["rows"]
+    merged = {"rows": [start, start, streams], "doc": [], "offset": []}
+    for state in ordered:
+        begin, stop, count = state["rows"]
+        if count != streams or begin != merged["rows"][1] or len(state["doc"]) != stop - begin:
+            rows = [s["rows"] for s in ordered]
+            raise ValueError(f"data iterator states do not tile one global batch: rows {rows}.")
+        merged["rows"][1] = stop
+        merged["doc"] += list(state["doc"])
+        merged["offset"] += list(state["offset"])
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------------- entry points
@@ -340,5 +370,5 @@ def eval_batches(cfg: DataConfig, *, seq_len: int, batch: int, num_batches: int,
     return [next(it) for _ in range(num_batches)]
 
 
-__all__ = ["DataConfig", "make_train_iterator", "make_dataset", "eval_batches", "validate", "row_features",
-           "documents", "PackedBatchDataset", "SOURCES", "PACKINGS", "FEATURES"]
+__all__ = ["DataConfig", "make_train_iterator", "make_dataset", "eval_batches", "merge_states", "validate",
+           "row_features", "documents", "PackedBatchDataset", "SOURCES", "PACKINGS", "FEATURES"]

@@ -14,6 +14,11 @@ complete, so a run killed mid-save leaves no half checkpoint behind, and it only
 deletes old checkpoints (``keep``) after a newer one is committed. A committed
 checkpoint that fails to restore (a truncated or deleted file) is moved aside to
 ``<step>.corrupt`` with a warning and the previous one is used.
+
+Multi-process runs: every process restores the same step or none (a checkpoint
+that fails on one process is set aside on all of them, after all of them have
+tried it), and a run may resume on another process count: the saved iterator
+states are merged and each process takes its own rows (``lca.data.merge_states``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from typing import Any
 
 import grain.checkpoint
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +123,13 @@ class Checkpointer:
         shardings. The data iterator, if given, is set to the saved position.
         """
         for step in reversed(self.steps()):
+            error = None
             try:
                 state, data_state = self._restore(step, abstract_state, data_iterator is not None)
             except Exception as err:  # noqa: BLE001 - any failure means this checkpoint is unusable
-                self._quarantine(step, err)
+                error = err
+            if not _on_every_process(error is None):
+                self._quarantine(step, error or RuntimeError("it failed to restore on another process"))
                 continue
             if data_iterator is not None and data_state is not None:
                 data_iterator.set_state(data_state)
@@ -128,14 +138,18 @@ class Checkpointer:
 
     def _restore(self, step: int, abstract_state, with_data: bool):
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        has_data = (self.directory / str(step) / "data").is_dir()
-        if with_data and has_data:
+        data_dir = self.directory / str(step) / "data"
+        mine = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if with_data and mine.is_file():
             items["data"] = grain.checkpoint.CheckpointRestore(_IteratorSnapshot())
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        data = restored["data"].state if (with_data and has_data) else None
-        if with_data and not has_data:
+        if "data" in items:
+            return restored["state"], restored["data"].state
+        if with_data and data_dir.is_dir():
+            return restored["state"], _merged_data_state(data_dir, step)
+        if with_data:
             log.warning("checkpoint %d has no data-iterator state; the data restarts from the beginning", step)
-        return restored["state"], data
+        return restored["state"], None
 
     def _quarantine(self, step: int, err: Exception) -> None:
         """Move an unreadable checkpoint aside (kept for inspection) and forget it."""
@@ -149,6 +163,9 @@ class Checkpointer:
             if target.exists():
                 shutil.rmtree(target)
             (self.directory / str(step)).rename(target)
+        # No process may look at the directory again (or reopen its manager, which
+        # lists the steps) before the move is done.
+        _barrier(f"set aside checkpoint {step}")
         self._manager.close()
         self._manager = self._open()
 
@@ -159,3 +176,39 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _merged_data_state(data_dir: Path, step: int):
+    """This process's iterator state from the states a different process count saved, or None.
+
+    ``set_state`` takes the merged state of all saved processes and keeps its own rows.
+    """
+    from lca.data.pipeline import merge_states
+
+    files = sorted(data_dir.glob("process_*-of-*.json"))
+    try:
+        states = [json.loads(f.read_text())["json"] for f in files]
+        counts = {f.stem.rsplit("-of-", 1)[1] for f in files}
+        if len(counts) != 1 or len(files) != int(counts.pop()):
+            raise ValueError(f"the saved states are {[f.name for f in files]}")
+        merged = merge_states(states)
+    except (KeyError, TypeError, ValueError) as err:
+        log.warning("checkpoint %d: the data-iterator states of %d processes cannot be used by %d (%s); "
+                    "the data restarts from the beginning", step, len(files), jax.process_count(), err)
+        return None
+    log.info("checkpoint %d: data-iterator state of %d processes merged for %d", step, len(files),
+             jax.process_count())
+    return merged
+
+
+def _on_every_process(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process, so that all of them take the same branch."""
+    if jax.process_count() == 1:
+        return ok
+    flags = multihost_utils.process_allgather(np.asarray(ok, np.int32))
+    return bool(np.all(flags))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"lca checkpoint: {name}")

@@ -4,7 +4,8 @@ import grain
 import numpy as np
 import pytest
 
-from lca.data.pipeline import FEATURES, DataConfig, documents, eval_batches, make_train_iterator, row_features
+from lca.data.pipeline import (FEATURES, DataConfig, documents, eval_batches, make_train_iterator, merge_states,
+                               row_features)
 from lca.data.tokenizer import EOS_ID, PAD_ID, encode
 
 SEQ = 64
@@ -157,6 +158,34 @@ def test_resume_through_orbax_checkpoint(tmp_path):
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
         mngr.restore(mngr.latest_step(), args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
     assert_same(take(fresh, 3), expected)
+
+
+@pytest.mark.parametrize("saved_by, resumed_by", [(1, 2), (2, 4), (4, 1)])
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_resume_on_another_process_count(corpus, saved_by, resumed_by, prefetch):
+    """The merged states of P processes let Q processes continue with exactly the batches P would have made."""
+    cfg = dataclasses.replace(corpus[0], prefetch=prefetch)  # short documents of many lengths
+    saved = [iterator(cfg, process_index=p, process_count=saved_by) for p in range(saved_by)]
+    for it in saved:
+        take(it, 3)
+    merged = merge_states([it.get_state() for it in reversed(saved)])  # any order
+    assert merged["rows"] == [0, 4, 4]
+    assert len(set(zip(merged["doc"], merged["offset"]))) == 4  # every row is somewhere else
+    resumed = [iterator(cfg, process_index=p, process_count=resumed_by) for p in range(resumed_by)]
+    for it in resumed:
+        it.set_state(merged)
+
+    def global_batches(iterators):  # the next 2 global batches: the processes' rows in process order
+        return [{k: np.concatenate([b[k] for b in step]) for k in FEATURES}
+                for step in zip(*[take(it, 2) for it in iterators])]
+
+    assert_same(global_batches(resumed), global_batches(saved))
+
+
+def test_merge_states_rejects_gaps():
+    states = [iterator(process_index=p, process_count=4).get_state() for p in (0, 2, 3)]  # process 1 missing
+    with pytest.raises(ValueError, match="do not tile"):
+        merge_states(states)
 
 
 def test_state_for_other_layout_rejected():

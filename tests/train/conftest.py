@@ -8,9 +8,11 @@ test compiles anything, and removed at the end of the session.
 import atexit
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -42,6 +44,37 @@ def run_launcher(*args, devices: int = 8, env: dict | None = None, timeout: int 
         [sys.executable, "-m", "launch.train", *args, f"runtime.cpu_devices={devices}"],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def run_launcher_processes(*args, processes: int = 2, devices: int = 4, timeout: int = 300):
+    """``python -m launch.train ARGS`` as one multi-controller job of ``processes`` x ``devices`` CPU devices.
+
+    Returns the processes' ``(returncode, stderr)``; kills any left when one fails or time runs out.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": _CACHE,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+    env.pop("XLA_FLAGS", None)
+    distributed = ["runtime.distributed=on", f"runtime.coordinator_address=127.0.0.1:{port}",
+                   f"runtime.num_processes={processes}", f"runtime.cpu_devices={devices}"]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "launch.train", *args, *distributed, f"runtime.process_id={i}"],
+                         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i in range(processes)
+    ]
+    deadline = time.monotonic() + timeout  # one budget for all of them
+    try:
+        logs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[1] for p in procs]
+    except subprocess.TimeoutExpired:
+        logs = [f"timed out after {timeout} s"] * processes
+    finally:
+        for p in procs:  # a process whose peer died waits for it forever
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, log) for p, log in zip(procs, logs)]
 
 
 @pytest.fixture(scope="session")
