@@ -6,9 +6,10 @@ never holding a ``[q_len, kv_len]`` array. The backward is a ``jax.custom_vjp``
 that recomputes each block from the saved output and log-sum-exp
 (FlashAttention-2), so nothing quadratic is saved for the gradient either.
 
-Key blocks that the causal/window mask hides entirely are skipped with
-``lax.cond`` on the block's position range (see ``Mask.block_visible``), so a
-causal pass does about half the work of a full one.
+Key blocks that the causal/window mask or the segment ids hide entirely are
+skipped with ``lax.cond`` on the block's position and segment-id ranges (see
+``Mask.block_visible`` and ``segment_block_visible``), so a causal pass does about
+half the work of a full one, and a packed one only the work of its documents.
 
 ``blockwise_forward`` / ``blockwise_backward`` are the building blocks that ring
 attention reuses for each step: they take explicit token positions, return the
@@ -26,7 +27,7 @@ from jax import lax
 
 from lca.attention import inputs
 from lca.attention.inputs import LogitOptions
-from lca.attention.mask import Mask
+from lca.attention.mask import Mask, segment_block_full, segment_block_visible
 from lca.attention.vjp import attention_vjp
 from lca.parallel.vma import varying_like
 
@@ -93,7 +94,10 @@ class _Tiling:
         return rearrange(x, f"{pattern_in} -> {pattern_out}", t=self.block_q, **sizes)
 
     def kv_side(self, k, v, kv_pos, kv_seg):
-        """Scan inputs over key blocks: k/v blocks, positions, validity, segments, ranges, completeness."""
+        """Scan inputs over key blocks: k/v blocks, positions, validity, segments, ranges, completeness.
+
+        Segments are ``(ids [n, b, t], least [n, b], greatest [n, b])`` or None.
+        """
         padded = self.num_kv * self.block_kv
         k_blk = rearrange(pad_axis(k, 1, padded), "b (n t) h d -> n b h t d", t=self.block_kv)
         v_blk = rearrange(pad_axis(v, 1, padded), "b (n t) h d -> n b h t d", t=self.block_kv)
@@ -101,7 +105,7 @@ class _Tiling:
         valid = (jnp.arange(padded) < self.kv_len).reshape(self.num_kv, self.block_kv)
         seg = None
         if kv_seg is not None:
-            seg = rearrange(pad_axis(kv_seg, 1, padded), "b (n t) -> n b t", t=self.block_kv)
+            seg = _with_ranges(rearrange(pad_axis(kv_seg, 1, padded), "b (n t) -> n b t", t=self.block_kv))
         # Which blocks hold no padding (None: none is padded).
         complete = None if padded == self.kv_len else valid.all(axis=1)
         return k_blk, v_blk, pos, valid, seg, pos.min(axis=1), pos.max(axis=1), complete
@@ -112,10 +116,16 @@ class _Tiling:
         return pos, pos.min(axis=1), pos.max(axis=1)
 
     def q_segments(self, q_seg):
+        """``(ids [n, b, t], least [n, b], greatest [n, b])`` of the query blocks, or None."""
         if q_seg is None:
             return None
         padded = self.num_q * self.block_q
-        return rearrange(pad_axis(q_seg, 1, padded), "b (n t) -> n b t", t=self.block_q)
+        return _with_ranges(rearrange(pad_axis(q_seg, 1, padded), "b (n t) -> n b t", t=self.block_q))
+
+
+def _with_ranges(seg):
+    """Block segment ids ``[n, b, t]`` with their per-row ranges (padding's id 0 only widens them)."""
+    return seg, seg.min(axis=-1), seg.max(axis=-1)
 
 
 def _block_logits(q_blk, k_blk, q_pos, kv_pos, kv_valid, q_seg, kv_seg, mask, logit, masked):
@@ -135,20 +145,39 @@ def _block_logits(q_blk, k_blk, q_pos, kv_pos, kv_valid, q_seg, kv_seg, mask, lo
     return jnp.where(visible[:, None, None], capped, -jnp.inf), capped
 
 
-def _run_tile(mask: Mask, q_lo, q_hi, kv_lo, kv_hi, kv_complete, segmented: bool, compute,
-              carry):
+def _split_segments(q_seg, kv_seg):
+    """``(q ids, kv ids, ranges)`` of a tile from the blocks' ``(ids, least, greatest)`` (or None)."""
+    if q_seg is None:
+        return None, None, None
+    (q_ids, q_lo, q_hi), (kv_ids, kv_lo, kv_hi) = q_seg, kv_seg
+    return q_ids, kv_ids, (q_lo, q_hi, kv_lo, kv_hi)
+
+
+def _tile_visible(mask: Mask, q_lo, q_hi, kv_lo, kv_hi, segments):
+    """Could any pair of the tile be visible (True when that is known at trace time)?
+
+    ``segments``: None or the ``(least, greatest)`` segment ids of the query
+    block and of the key block, each ``[b]``.
+    """
+    visible = True if mask.is_full else mask.block_visible(q_lo, q_hi, kv_lo, kv_hi)
+    if segments is not None:
+        visible = segment_block_visible(*segments) & visible
+    return visible
+
+
+def _run_tile(mask: Mask, q_lo, q_hi, kv_lo, kv_hi, kv_complete, segments, compute, carry):
     """``compute(carry, masked=...)`` for one tile, or ``carry`` when the mask hides all of it.
 
-    A tile the mask hides none of (most tiles of a long causal pass) runs without
-    the mask: no position compare, no select. ``kv_complete`` (None: no padding)
-    says the key block holds no padding; with segments every tile is masked.
+    A tile the mask hides none of (most tiles of a long causal pass, the inside of
+    a packed document) runs without the mask: no position compare, no select.
+    ``kv_complete`` (None: no padding) says the key block holds no padding.
     """
     masked = functools.partial(compute, masked=True)
     unmasked = functools.partial(compute, masked=False)
-    visible = True if mask.is_full else mask.block_visible(q_lo, q_hi, kv_lo, kv_hi)
-    if segmented:
-        return masked(carry) if visible is True else lax.cond(visible, masked, lambda c: c, carry)
+    visible = _tile_visible(mask, q_lo, q_hi, kv_lo, kv_hi, segments)
     full = True if mask.is_full else mask.block_full(q_lo, q_hi, kv_lo, kv_hi)
+    if segments is not None:
+        full = segment_block_full(*segments) & full
     if kv_complete is not None:
         full = kv_complete & full
     if full is True:
@@ -186,10 +215,11 @@ def blockwise_forward(
     stats_shape = (b, h_kv, g, tiling.block_q)
 
     def one_q_block(_, q_xs):
-        q_blk, qp, qs, qlo, qhi = q_xs
+        q_blk, qp, qseg, qlo, qhi = q_xs
 
         def kv_step(carry, kv_block):
-            k_blk, v_blk, kp, kvalid, ks, klo, khi, kcomplete = kv_block
+            k_blk, v_blk, kp, kvalid, kseg, klo, khi, kcomplete = kv_block
+            qs, ks, seg_ranges = _split_segments(qseg, kseg)
 
             def compute(carry, masked):
                 m, l, acc = carry
@@ -207,7 +237,7 @@ def blockwise_forward(
                 )
                 return m_new, l, alpha[..., None] * acc + pv
 
-            tile = _run_tile(mask, qlo, qhi, klo, khi, kcomplete, qs is not None, compute, carry)
+            tile = _run_tile(mask, qlo, qhi, klo, khi, kcomplete, seg_ranges, compute, carry)
             return tile, None
 
         init = varying_like(
@@ -276,10 +306,11 @@ def blockwise_backward(
     )
 
     def one_kv_block(dq_all, kv_block):
-        k_blk, v_blk, kp, kvalid, ks, klo, khi, _ = kv_block
+        k_blk, v_blk, kp, kvalid, kseg, klo, khi, _ = kv_block
 
         def q_step(carry, q_block):
-            i, q_blk, do_blk, lse_blk, delta_blk, qp, qlo, qhi, qs = q_block
+            i, q_blk, do_blk, lse_blk, delta_blk, qp, qlo, qhi, qseg = q_block
+            qs, ks, seg_ranges = _split_segments(qseg, kseg)
 
             def compute(carry):
                 dk, dv, dq_all = carry
@@ -303,7 +334,7 @@ def blockwise_backward(
             # Skip hidden tiles only: a three-way switch (as in the forward) with the
             # whole dQ in its carry makes XLA copy dQ per tile, which costs more than
             # the mask it would save.
-            visible = True if mask.is_full else mask.block_visible(qlo, qhi, klo, khi)
+            visible = _tile_visible(mask, qlo, qhi, klo, khi, seg_ranges)
             if visible is True:
                 return compute(carry), None
             return lax.cond(visible, compute, lambda c: c, carry), None

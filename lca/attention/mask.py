@@ -99,6 +99,23 @@ def segment_visible(q_seg, kv_seg):
     return q_seg[:, :, None] == kv_seg[:, None, :]
 
 
+def segment_block_visible(q_lo, q_hi, kv_lo, kv_hi):
+    """Could a query block see a key block through its segment ids?
+
+    ``q_lo, q_hi, kv_lo, kv_hi [b]``: per batch row, the least and greatest segment
+    id in the query block and in the key block. Disjoint ranges in every row mean
+    no equal pair, so this is conservative and never wrong. In packed rows (ids
+    growing along the sequence) blocks a few documents apart have disjoint ranges,
+    which lets a loop skip them as it skips causally hidden ones.
+    """
+    return jnp.any((q_lo <= kv_hi) & (kv_lo <= q_hi))
+
+
+def segment_block_full(q_lo, q_hi, kv_lo, kv_hi):
+    """Is every query of the block in the segment of every key (one id per row on both sides)?"""
+    return jnp.all((q_lo == q_hi) & (kv_lo == kv_hi) & (q_lo == kv_lo))
+
+
 def default_positions(q_len: int, kv_len: int):
     """Bottom-right aligned positions: ``(q_pos [q_len], kv_pos [kv_len])`` int32."""
     kv_pos = jnp.arange(kv_len, dtype=jnp.int32)

@@ -73,6 +73,30 @@ def test_masked_key_blocks_are_skipped_not_computed():
     assert np.all(np.isfinite(windowed[:, 16:]))
 
 
+def test_key_blocks_of_other_documents_are_skipped_not_computed():
+    """Packed rows: a key block whose segment ids no query of a block shares is never computed.
+
+    Row 0 holds documents [0, 12), [12, 20), [20, 32); row 1 [0, 16), [16, 32).
+    Key block [8, 16) meets no document of query block [24, 32) in either row, so
+    NaN there must not reach those queries (it reaches the others, which see it).
+    """
+    q, k, v = random_qkv(1, 2, 32, 32, 2, 1, 8)
+    seg = np.zeros((2, 32), np.int32)
+    seg[0, 12:], seg[0, 20:], seg[1, 16:] = 1, 2, 1
+    seg = jnp.asarray(seg)
+    v = v.at[:, 8:16].set(jnp.nan)
+    attention = functools.partial(blockwise_attention, segment_ids=seg, block_q=8, block_kv=8)
+    for options in (dict(), dict(causal=True)):
+        out = attention(q, k, v, **options)
+        assert np.all(np.isfinite(out[:, 24:])), options
+        assert np.all(np.isnan(out[:, 8:16])), options
+        dq = jax.grad(lambda q: jnp.sum(attention(q, k, v, **options)[:, 24:]))(q)
+        assert np.all(np.isfinite(dq[:, 24:])), options
+    # One batch row whose documents do meet is enough to compute the block.
+    out = attention(q, k, v, segment_ids=seg.at[1].set(0))
+    assert np.all(np.isnan(out[1])) and np.all(np.isnan(out[0, 24:]))
+
+
 def test_jit_vmap_and_grad_compose():
     q, k, v = random_qkv(1, 3, 20, 20, 2, 1, 8)
     attention = functools.partial(blockwise_attention, causal=True, block_q=8, block_kv=8)
