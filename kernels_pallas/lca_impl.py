@@ -1,7 +1,7 @@
 """Registers the Pallas kernels as lca's ``"pallas"`` local attention implementation.
 
 ``get_impl("pallas")`` (see ``lca.attention.impl``) returns
-``LocalImpl("pallas", forward, backward, default_blocks)`` with
+``LocalImpl("pallas", forward, backward, default_blocks, attention=flash_attention)`` with
 
     forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, mask, logit, blocks)
         -> (out [b, q_len, h, d] float32, lse [b, h, q_len] float32)
@@ -43,4 +43,5 @@ def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse=None, *
     )
 
 
-register_impl(LocalImpl("pallas", forward, backward, default_blocks=None))
+register_impl(LocalImpl("pallas", forward, backward, default_blocks=None,
+                        attention=api.flash_attention))

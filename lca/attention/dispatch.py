@@ -4,15 +4,13 @@
 O(n) memory); ``impl="pallas"`` runs ``kernels_pallas.flash_attention`` (fused
 kernels; interpreted on CPU). Shapes: ``q [b, q_len, h, d]``,
 ``k, v [b, kv_len, h_kv, d]`` -> ``out [b, q_len, h, d]`` (and ``lse [b, h, q_len]``).
+Names resolve through the one registry of :mod:`lca.attention.impl`, the same
+that ring, Ulysses and USP steps use, so importing lca never imports Pallas.
 """
 
 from __future__ import annotations
 
-import importlib
-
-from lca.attention.blockwise import blockwise_attention
-
-IMPLS = ("blockwise", "pallas")
+from lca.attention.impl import get_impl
 
 
 def attention(q, k, v, *, impl: str = "blockwise", **options):
@@ -23,10 +21,10 @@ def attention(q, k, v, *, impl: str = "blockwise", **options):
     ``q_positions``, ``kv_positions``, ``block_q``, ``block_kv``; ``backend``
     and ``interpret`` for ``"pallas"``).
     """
-    if impl == "blockwise":
-        return blockwise_attention(q, k, v, **options)
-    if impl == "pallas":
-        # Imported on use so that importing lca never imports Pallas.
-        flash_attention = importlib.import_module("kernels_pallas").flash_attention
-        return flash_attention(q, k, v, **options)
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
+    local = get_impl(impl)
+    if local.attention is None:
+        raise ValueError(
+            f"impl={impl!r} is a ring/Ulysses step implementation without a single-device "
+            f"function; use impl='blockwise' or impl='pallas' here."
+        )
+    return local.attention(q, k, v, **options)

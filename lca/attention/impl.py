@@ -11,6 +11,10 @@ calls a *local implementation*, a pair of pure functions with the signatures of
 
 ``blocks`` may be None for the implementation's own defaults. Positions make a
 key chunk that sits elsewhere in the global sequence (a ring step) correct.
+
+``attention`` is the implementation's user-facing single-device function
+(``reference_attention``'s signature plus its own options such as block sizes),
+which :func:`lca.attention.attention` calls; None for step-only implementations.
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ import dataclasses
 import importlib
 from typing import Callable
 
-from lca.attention.blockwise import BlockSizes, blockwise_backward, blockwise_forward
+from lca.attention.blockwise import (
+    BlockSizes,
+    blockwise_attention,
+    blockwise_backward,
+    blockwise_forward,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +37,7 @@ class LocalImpl:
     forward: Callable
     backward: Callable
     default_blocks: BlockSizes | None = None
+    attention: Callable | None = None
 
 
 _REGISTRY: dict[str, LocalImpl] = {}
@@ -49,4 +59,5 @@ def get_impl(name: str) -> LocalImpl:
     return _REGISTRY[name]
 
 
-register_impl(LocalImpl("blockwise", blockwise_forward, blockwise_backward, BlockSizes()))
+register_impl(LocalImpl("blockwise", blockwise_forward, blockwise_backward, BlockSizes(),
+                        attention=blockwise_attention))

@@ -4,7 +4,14 @@ import jax
 import numpy as np
 import pytest
 
-from lca.attention import attention, reference_attention
+from lca.attention import (
+    LocalImpl,
+    attention,
+    blockwise_backward,
+    blockwise_forward,
+    reference_attention,
+    register_impl,
+)
 
 
 def test_impls_agree_with_reference():
@@ -21,3 +28,9 @@ def test_impls_agree_with_reference():
 def test_unknown_impl():
     with pytest.raises(ValueError, match="impl must be one of"):
         attention(None, None, None, impl="cudnn")
+
+
+def test_step_only_impl_says_what_works():
+    register_impl(LocalImpl("step-only", blockwise_forward, blockwise_backward))
+    with pytest.raises(ValueError, match="impl='step-only' is a ring/Ulysses step implementation"):
+        attention(None, None, None, impl="step-only")
