@@ -15,8 +15,11 @@ Causal self-attention with a fixed length per device over N = 1, 2, 4, 8 devices
   can provide it), lca contiguous, and `ringattention`'s `ringattention_jax`,
   all on the same inputs, repeats interleaved so machine noise hits all alike;
   their outputs and dQ are compared too.
-* **Peak memory per device** (fresh subprocess per point with N fake CPU
-  devices: VmHWM growth during one fwd+bwd divided by N, and XLA's temp size).
+* **Peak memory per device**, measured in the same one-process-per-device
+  runs: each device's process reads its own resident-set high-water mark
+  (VmHWM, reset after compilation) around one fwd+bwd of each kind, so the
+  number is one device's memory, as on an accelerator; the table gives the
+  largest over the devices, and XLA's temp buffer size of the compiled step.
 * **Causal work per device** (tiles computed, from the ring's skip predicate;
   tests/attention/test_ring.py checks that the ring runs exactly these).
 * **Bytes each device sends per ring step** (from what the ppermutes carry).
@@ -47,7 +50,7 @@ LOCAL_LEN = 2048  # tokens per device
 HEADS, HEAD_DIM, BATCH = 4, 64, 1
 BLOCK = 128
 NS = (1, 2, 4, 8)
-REPEATS = 5
+REPEATS = 7
 KINDS = ("lca-zigzag", "lca-zigzag-prelaid", "lca-contiguous", "ringattention")
 WORKER_TIMEOUT_S = 1500
 
@@ -136,6 +139,7 @@ def worker(rank, n, port, kinds):
     os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     import jax
     import numpy as np
+    import peak_memory
     from jax.experimental import multihost_utils
 
     jax.config.update("jax_num_cpu_devices", 1)
@@ -145,15 +149,21 @@ def worker(rank, n, port, kinds):
     from lca.parallel import from_layout, make_mesh
 
     mesh = make_mesh(context=n, devices=jax.devices())
-    steps, inputs, outs = {}, {}, {}
+    steps, inputs, outs, temp_mb = {}, {}, {}, {}
     for kind in kinds:
-        steps[kind] = _fwd_bwd(kind, mesh)
         inputs[kind] = _global_inputs(n, mesh, kind)
-        (_, out), (dq, _, _) = jax.block_until_ready(steps[kind](*inputs[kind]))  # compile
+        steps[kind] = _fwd_bwd(kind, mesh).lower(*inputs[kind]).compile()
+        temp_mb[kind] = steps[kind].memory_analysis().temp_size_in_bytes / 2**20
+        # The first run also allocates the runtime's pools: not part of the call's peak.
+        (_, out), (dq, _, _) = jax.block_until_ready(steps[kind](*inputs[kind]))
         outs[kind] = [np.asarray(multihost_utils.process_allgather(x, tiled=True))
                       for x in (out, dq)]
         if kind == "lca-zigzag-prelaid" and n > 1:
             outs[kind] = [np.asarray(from_layout(x, "zigzag", n)) for x in outs[kind]]
+    peak_mb = {}
+    for kind in kinds:  # this process is one device: its high-water mark is that device's
+        multihost_utils.sync_global_devices("memory")
+        peak_mb[kind] = peak_memory.measure(steps[kind], *inputs[kind])[0] / 2**20
     wall = {kind: [] for kind in kinds}
     cpu = {kind: [] for kind in kinds}
     for _ in range(REPEATS):
@@ -165,7 +175,8 @@ def worker(rank, n, port, kinds):
             cpu[kind].append(time.process_time() - c0)
     diff = {kind: max(float(np.abs(x - ref).max() / np.abs(ref).max())
                       for x, ref in zip(outs[kind], outs[kinds[0]])) for kind in kinds}
-    print("RESULT " + json.dumps(dict(rank=rank, wall=wall, cpu=cpu, diff=diff)), flush=True)
+    print("RESULT " + json.dumps(dict(rank=rank, wall=wall, cpu=cpu, diff=diff, peak_mb=peak_mb,
+                                      temp_mb=temp_mb)), flush=True)
     multihost_utils.sync_global_devices("done")
     jax.distributed.shutdown()
 
@@ -178,8 +189,10 @@ def _free_port() -> int:
 
 def run_ring(n, kinds):
     """Start ``n`` worker processes; per kind the median over repeats of the max over ranks."""
+    import peak_memory
+
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    env = {**peak_memory.env(), "PYTHONPATH": os.pathsep.join(
         [os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
     env.pop("XLA_FLAGS", None)
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(rank),
@@ -205,6 +218,9 @@ def run_ring(n, kinds):
         cpu=_median([max(r["cpu"][kind][i] for r in results) for i in range(REPEATS)]),
         cpu_per_rank=[_median(r["cpu"][kind]) for r in results],
         diff=results[0]["diff"][kind],
+        peak_mb=max(r["peak_mb"][kind] for r in results),
+        peak_mb_per_rank=[r["peak_mb"][kind] for r in results],
+        temp_mb=max(r["temp_mb"][kind] for r in results),
     ) for kind in kinds}
 
 
@@ -213,35 +229,7 @@ def _median(xs):
     return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
 
 
-# --- memory and schedule ------------------------------------------------------------------
-
-
-def memory_point(kind, n):
-    """In a fresh process with ``n`` fake devices: peak extra memory of one fwd+bwd per device."""
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", n)
-    import peak_memory
-
-    from lca.parallel import make_mesh
-
-    mesh = make_mesh(context=n, devices=jax.devices()[:n])
-    args = _global_inputs(n, mesh, kind)
-    compiled = _fwd_bwd(kind, mesh).lower(*args).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    jax.block_until_ready(compiled(*args))  # first run allocates the runtime's pools
-    peak, _ = peak_memory.measure(compiled, *args)
-    return dict(peak_extra_mb_per_device=peak / 2**20 / n, xla_temp_mb_per_device=temp / 2**20)
-
-
-def _memory_in_subprocess(kind, n):
-    import peak_memory
-
-    env = {**peak_memory.env(), "JAX_PLATFORMS": "cpu"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-point", kind, str(n)],
-                         capture_output=True, text=True, check=True, env=env, timeout=900).stdout
-    return json.loads(out.strip().splitlines()[-1])
+# --- traffic and schedule ------------------------------------------------------------------
 
 
 def bytes_per_step():
@@ -269,7 +257,6 @@ def causal_work():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=4, metavar=("RANK", "N", "PORT", "KINDS"))
-    parser.add_argument("--memory-point", nargs=2, metavar=("KIND", "N"))
     parser.add_argument("--ns", default=",".join(map(str, NS)), help="device counts to run")
     parser.add_argument("--render", action="store_true",
                         help="rewrite the table and plot from results/context_parallel.json")
@@ -277,10 +264,6 @@ def main():
     if args.worker:
         rank, n, port, kinds = args.worker
         worker(int(rank), int(n), int(port), kinds.split(","))
-        return
-    if args.memory_point:
-        kind, n = args.memory_point
-        print(json.dumps(memory_point(kind, int(n))))
         return
     if args.render:
         with open(os.path.join(RESULTS, "context_parallel.json")) as f:
@@ -302,11 +285,10 @@ def main():
     for n in ns:
         timing[n] = run_ring(n, kinds)
         print(n, json.dumps(timing[n]), flush=True)
-    memory = {f"{kind}|{n}": _memory_in_subprocess(kind, n) for n in ns for kind in kinds}
     raw = dict(kinds=list(kinds), ns=ns, cores=os.cpu_count(), machine=machine.describe(),
                local_len=LOCAL_LEN, repeats=REPEATS, work=causal_work(),
                elapsed=time.time() - started, load=(load_before, os.getloadavg()[0]),
-               timing={str(n): t for n, t in timing.items()}, memory=memory)
+               timing={str(n): t for n, t in timing.items()})
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "context_parallel.json"), "w") as f:
         json.dump(raw, f, indent=1)
@@ -378,17 +360,21 @@ def render(raw):
                          f"{point['diff']:.1e} |")
     lines += [
         "",
-        "## Peak memory per device (MB: VmHWM growth / XLA temp; fresh process per point, "
-        "N fake CPU devices)",
+        "## Peak memory per device (MiB: VmHWM growth / XLA temp)",
+        "",
+        "Measured in the same runs: each device is its own process, which reads its own "
+        "resident-set high-water mark (reset after compilation) around one fwd+bwd of each kind; "
+        "the largest over the N devices is given, then the XLA temp buffer size of the compiled "
+        "step. Inputs (q, k, v) are not counted; per device they stay "
+        f"{3 * BATCH * raw['local_len'] * HEADS * HEAD_DIM * 4 / 2**20:.0f} MiB at every N.",
         "",
         "| N | " + " | ".join(kinds) + " |",
         "|" + "---|" * (1 + len(kinds)),
     ]
     for n in ns:
-        cells = [raw["memory"][f"{k}|{n}"] for k in kinds]
+        cells = [raw["timing"][str(n)][k] for k in kinds]
         lines.append(f"| {n} | " + " | ".join(
-            f"{c['peak_extra_mb_per_device']:.1f} / {c['xla_temp_mb_per_device']:.1f}"
-            for c in cells) + " |")
+            f"{c['peak_mb']:.1f} / {c['temp_mb']:.1f}" for c in cells) + " |")
     lines += [
         "",
         f"## Causal work per device (tiles of {BLOCK} x {BLOCK} computed over the whole ring)",
@@ -437,7 +423,7 @@ def plot(raw):
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     for kind in kinds:
         ax_t.plot(ns, [_time_of(raw, n, kind) for n in ns], marker="o", label=kind)
-        ax_m.plot(ns, [raw["memory"][f"{kind}|{n}"]["xla_temp_mb_per_device"] for n in ns],
+        ax_m.plot(ns, [raw["timing"][str(n)][kind]["peak_mb"] for n in ns],
                   marker="o", label=kind)
     if max(ns) > cores:
         ax_t.axvspan(cores * 1.3, max(ns) * 1.15, color="0.92", zorder=0)
@@ -447,7 +433,7 @@ def plot(raw):
              ylabel="causal fwd+bwd time (s)", title="time per call (lower is better)",
              xscale="log", yscale="log")
     ax_m.set(xlabel=f"N devices ({raw['local_len']} tokens each)",
-             ylabel="XLA temp MB per device", title="memory per device (XLA temp buffers)",
+             ylabel="peak extra MiB per device", title="memory per device (own process VmHWM)",
              xscale="log")
     ax_m.set_ylim(bottom=0)  # flat is the claim: do not zoom into the noise
     for ax in (ax_t, ax_m):
