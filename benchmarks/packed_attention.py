@@ -107,12 +107,14 @@ def run(lengths, docs, kinds, repeats: int) -> list[dict]:
     return points
 
 
-def write_results(points, machine, out_dir):
+def write_results(points, machine, out_dir, *, elapsed: float, load: tuple[float, float]):
     os.makedirs(out_dir, exist_ok=True)
     lines = [
         "# Causal attention over packed documents: fwd+bwd time vs document length",
         "",
-        f"Machine: {machine}.",
+        f"Machine: {machine}. Run in {elapsed:.0f} s; 1-minute load average {load[0]:.1f} at the "
+        f"start and {load[1]:.1f} at the end.",
+        "",
         f"Batch 1, {HEADS} heads, head_dim {HEAD_DIM}, float32, causal, blocks {BLOCK}; documents of random "
         "length in [mean/2, 3 mean/2). Time of one jitted fwd+bwd (median of repeats after a warm-up), every "
         "kind on the same inputs in one process, their repeats interleaved. "
@@ -137,7 +139,8 @@ def write_results(points, machine, out_dir):
     with open(os.path.join(out_dir, "packed_attention.md"), "w") as f:
         f.write("\n".join(lines))
     with open(os.path.join(out_dir, "packed_attention.json"), "w") as f:
-        json.dump({"machine": machine, "points": points}, f, indent=1)
+        json.dump({"machine": machine, "elapsed": elapsed, "load": load, "points": points}, f,
+                  indent=1)
     _plot(points, machine, os.path.join(out_dir, "packed_attention.png"))
 
 
@@ -182,8 +185,10 @@ def main():
 
     lengths = [int(x) for x in args.lengths.split(",")]
     docs = [int(x) for x in args.docs.split(",")]
+    started, load_before = time.time(), os.getloadavg()[0]
     points = run(lengths, docs, args.kinds.split(","), args.repeats)
-    write_results(points, describe(), args.out)
+    write_results(points, describe(), args.out, elapsed=time.time() - started,
+                  load=(load_before, os.getloadavg()[0]))
 
 
 if __name__ == "__main__":
