@@ -1,5 +1,8 @@
 """Ring attention vs the oracle: forward, lse and gradients over meshes, layouts and masks."""
 
+import re
+from collections import Counter
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,6 +184,40 @@ def test_ring_skips_exactly_the_scheduled_chunk_pairs():
         np.testing.assert_array_equal(pairs, ring_schedule(layout, length, n).sum(axis=1))
         if calls_per_device:  # the first step's three pairs, then one rectangle per step
             np.testing.assert_array_equal(np.bincount(devices, minlength=n), calls_per_device)
+
+
+def _permuted_operands(fn, *args):
+    """``(dtype, shape)`` of every collective_permute operand in ``fn``'s lowered program."""
+    text = jax.jit(fn).lower(*args).as_text()
+    types = re.findall(r'"stablehlo\.collective_permute".* : \(tensor<([^>]*)>\)', text)
+    assert types, "no collective_permute in the lowered ring"
+    return Counter((t.rsplit("x", 1)[-1], tuple(int(s) for s in t.split("x")[:-1])) for t in types)
+
+
+def test_ring_sends_kv_heads_positions_and_segments_only():
+    """What travels around the ring, read from the lowered fwd+bwd program.
+
+    GQA 8:2 on 4 devices, bf16: the forward and the backward each rotate K and V
+    with their 2 kv heads (never repeated to the 8 query heads), their positions and
+    kv segment ids; the backward adds dK and dV in float32 inside the ring and once
+    more to bring them home. Contiguous layout, so no layout conversion permutes.
+    """
+    n, length = 4, 32
+    q, k, v, seg = make_inputs(1, length, 8, 2, segments=True)
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    mesh = context_mesh(n)
+
+    def loss(q, k, v):
+        out = ring_attention(q, k, v, mesh=mesh, causal=True, segment_ids=seg, layout="contiguous")
+        return out.astype(jnp.float32).sum()
+
+    kv_shard = (1, length // n, 2, 8)
+    assert _permuted_operands(jax.grad(loss, argnums=(0, 1, 2)), q, k, v) == Counter({
+        ("bf16", kv_shard): 4,  # K, V: forward ring and backward ring
+        ("f32", kv_shard): 4,  # dK, dV: in the backward ring, then one hop home
+        ("i32", (length // n,)): 2,  # kv positions, forward and backward
+        ("i32", (1, length // n)): 2,  # kv segment ids, forward and backward
+    })
 
 
 # --- bad input ---------------------------------------------------------------------------
