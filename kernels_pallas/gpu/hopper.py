@@ -53,6 +53,7 @@ from kernels_pallas.gpu.portable import backward
 from kernels_pallas.tiles import BlockPlan, Tiling, block_lists
 from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask
+from lca.parallel.vma import varying_struct
 
 __all__ = ["STAGES", "backward", "forward"]
 
@@ -230,8 +231,8 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
     return plgpu.kernel(
         entry,
         out_type=(
-            jax.ShapeDtypeStruct((b, tq, h, d), out_dtype),
-            jax.ShapeDtypeStruct((b, h, tq), jnp.float32),
+            varying_struct((b, tq, h, d), out_dtype, q),
+            varying_struct((b, h, tq), jnp.float32, q),
         ),
         grid=(nq, h, b),
         grid_names=("q", "h", "b"),

@@ -26,6 +26,7 @@ from kernels_pallas import block_math
 from kernels_pallas.tiles import BlockPlan, Tiling
 from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask
+from lca.parallel.vma import varying_struct
 
 
 def _params(interpret: bool):
@@ -118,8 +119,8 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
             _spec((None, None, bq), lambda bi, hi, i: (bi, hi, i)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, tq, h, d), out_dtype),
-            jax.ShapeDtypeStruct((b, h, tq), jnp.float32),
+            varying_struct((b, tq, h, d), out_dtype, q),
+            varying_struct((b, h, tq), jnp.float32, q),
         ],
         interpret=interpret,
         name="lca_flash_fwd_portable",
@@ -190,7 +191,7 @@ def _dq(q, k, v, do, lse, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, in
         grid=(b, h, nq),
         in_specs=in_specs,
         out_specs=_spec((None, bq, None, d), row),
-        out_shape=jax.ShapeDtypeStruct((b, tq, h, d), jnp.float32),
+        out_shape=varying_struct((b, tq, h, d), jnp.float32, q),
         interpret=interpret,
         name="lca_flash_dq_portable",
         **_params(interpret),
@@ -266,7 +267,7 @@ def _dkdv(q, k, v, do, lse, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, 
         grid=(b, h_kv, nk),
         in_specs=in_specs,
         out_specs=[_spec((None, bk, None, d), key), _spec((None, bk, None, d), key)],
-        out_shape=[jax.ShapeDtypeStruct((b, tk, h_kv, d), jnp.float32)] * 2,
+        out_shape=[varying_struct((b, tk, h_kv, d), jnp.float32, q)] * 2,
         interpret=interpret,
         name="lca_flash_dkdv_portable",
         **_params(interpret),

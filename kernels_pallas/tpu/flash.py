@@ -35,6 +35,7 @@ from kernels_pallas import block_math
 from kernels_pallas.tiles import BlockPlan, Tiling
 from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask
+from lca.parallel.vma import varying_struct
 
 
 def _call_options(interpret: bool, num_grid_dims: int):
@@ -156,8 +157,8 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
         kernel,
         grid_spec=grid_spec,
         out_shape=[
-            jax.ShapeDtypeStruct((b, h, tq, d), out_dtype),
-            jax.ShapeDtypeStruct((b, h, tq, 1), jnp.float32),
+            varying_struct((b, h, tq, d), out_dtype, q),
+            varying_struct((b, h, tq, 1), jnp.float32, q),
         ],
         name="lca_flash_fwd_tpu",
         **_call_options(interpret, 4),
@@ -223,7 +224,7 @@ def _dq(q, k, v, do, lse, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, in
     return pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((b, h, tq, d), jnp.float32),
+        out_shape=varying_struct((b, h, tq, d), jnp.float32, q),
         name="lca_flash_dq_tpu",
         **_call_options(interpret, 4),
     )(plan.vis, plan.kv_first, plan.kv_last, q, k, v, do, lse, delta, *tok_arrays)
@@ -292,7 +293,7 @@ def _dkdv(q, k, v, do, lse, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, 
     return pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct((b, h_kv, tk, d), jnp.float32)] * 2,
+        out_shape=[varying_struct((b, h_kv, tk, d), jnp.float32, q)] * 2,
         name="lca_flash_dkdv_tpu",
         **_call_options(interpret, 4),
     )(plan.vis, plan.q_first, plan.q_last, q, k, v, do, lse, delta, *tok_arrays)

@@ -23,12 +23,15 @@ import dataclasses
 import importlib
 from typing import Callable
 
+import jax
+
 from lca.attention.blockwise import (
     BlockSizes,
     blockwise_attention,
     blockwise_backward,
     blockwise_forward,
 )
+from lca.parallel.vma import varying_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +41,8 @@ class LocalImpl:
     backward: Callable
     default_blocks: BlockSizes | None = None
     attention: Callable | None = None
+    # Whether its steps type-check under ``jax.shard_map(check_vma=True)``.
+    check_vma: bool = True
 
 
 _REGISTRY: dict[str, LocalImpl] = {}
@@ -47,6 +52,25 @@ _LAZY: dict[str, str] = {"pallas": "kernels_pallas.lca_impl"}
 
 def register_impl(impl: LocalImpl) -> None:
     _REGISTRY[impl.name] = impl
+
+
+def check_vma_support(name: str, *arrays) -> None:
+    """``ValueError`` when ``name`` runs in a ``shard_map`` that checks varying axes and cannot.
+
+    Inside ``jax.shard_map(check_vma=True)`` sharded inputs carry the mesh axes they
+    vary over; under ``check_vma=False`` (what the global entry points use for such
+    implementations) they carry none.
+    """
+    if get_impl(name).check_vma:
+        return
+    axes = sorted(frozenset().union(*(varying_axes(x) for x in jax.tree.leaves(arrays))))
+    if axes:
+        raise ValueError(
+            f"impl={name!r} cannot run inside a jax.shard_map that checks varying manual axes "
+            f"(the inputs vary over {axes}); pass check_vma=False to your jax.shard_map, use "
+            f"the global form (ring_attention, ulysses_attention, usp_attention with mesh=...), "
+            f"or impl='blockwise'."
+        )
 
 
 def get_impl(name: str) -> LocalImpl:

@@ -37,7 +37,7 @@ from jax import lax
 
 from lca.attention import inputs
 from lca.attention.blockwise import BlockSizes
-from lca.attention.impl import get_impl
+from lca.attention.impl import check_vma_support, get_impl
 from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask
 from lca.attention.vjp import attention_vjp
@@ -305,6 +305,7 @@ def ring_attention_shard(
     b, q_len, kv_len, _, _, d = inputs.check_qkv(q, k, v)
     n = bound_axis_size(axis_name)
     layouts.check_layout(layout)
+    check_vma_support(impl, q, k, v)
     # One device holds the whole sequence: its chunks are contiguous, nothing to balance.
     chunks = layouts.num_chunks(layout) if n > 1 else 1
     for name, length in (("q", q_len), ("k", kv_len)):
@@ -448,7 +449,7 @@ def run_global(attention, q, k, v, *, mesh, axis, layout, input_layout, segment_
                         block_kv=block_kv)
     out, lse = seqshard.run(global_shard, cfg, mesh, (axis,),
                             seqshard.batch_axes(mesh, (axis,), q.shape[0], batch_axes),
-                            q, k, v, *segs)
+                            q, k, v, *segs, check_vma=get_impl(impl).check_vma)
     out = seqshard.match_sharding(out, q, mesh)
     return (out, lse) if return_lse else out
 

@@ -23,7 +23,7 @@ from jax import lax
 
 from lca.attention import inputs
 from lca.attention.blockwise import BlockSizes
-from lca.attention.impl import get_impl
+from lca.attention.impl import check_vma_support, get_impl
 from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask
 from lca.attention.ring import bound_axis_size, resolve_blocks, run_global
@@ -109,6 +109,7 @@ def ulysses_attention_shard(
     b, q_len, kv_len, h, h_kv, d = inputs.check_qkv(q, k, v)
     n = bound_axis_size(axis_name)
     repeat = check_heads(h, h_kv, n, axis_name)
+    check_vma_support(impl, q, k, v)
     segs = inputs.split_segment_ids(segment_ids, b, q_len, kv_len)
     q_seg, kv_seg = segs if segs is not None else (None, None)
     q_pos, kv_pos = _global_positions(layout, q_positions, kv_positions, q_len, kv_len, n,

@@ -19,6 +19,7 @@ import functools
 import jax
 
 from lca.attention import inputs
+from lca.attention.impl import get_impl
 from lca.attention.ring import bound_axis_size, ring_attention_shard, validate_global
 from lca.attention.ulysses import check_heads, gather_seq, heads_to_seq, seq_to_heads
 from lca.parallel import layout as layouts
@@ -129,6 +130,6 @@ def usp_attention(
     seq_axes = (ring_axis, ulysses_axis)
     out, lse = seqshard.run(_global_shard, cfg, mesh, seq_axes,
                             seqshard.batch_axes(mesh, seq_axes, b, batch_axes),
-                            q, k, v, *segs)
+                            q, k, v, *segs, check_vma=get_impl(impl).check_vma)
     out = seqshard.match_sharding(out, q, mesh)
     return (out, lse) if return_lse else out

@@ -98,13 +98,16 @@ def match_sharding(out, like, mesh):
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def run(shard_fn, cfg, mesh, seq_axes: tuple, batch: tuple, q, k, v, q_seg, kv_seg):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), static_argnames=("check_vma",))
+def run(shard_fn, cfg, mesh, seq_axes: tuple, batch: tuple, q, k, v, q_seg, kv_seg, *,
+        check_vma: bool = True):
     """``shard_fn(cfg, q, k, v, q_seg, kv_seg) -> (out, lse)`` over the sequence-sharded mesh.
 
     Inputs are resharded to batch over ``batch`` and sequence over ``seq_axes``
     (major to minor); ``out`` comes back sharded the same way, ``lse [b, h, len]``
-    with its sequence (dim 2) sharded.
+    with its sequence (dim 2) sharded. ``check_vma``: type-check varying manual
+    axes inside (off for local implementations that cannot be checked, see
+    ``LocalImpl.check_vma``).
     """
     spec4 = seq_spec(batch, seq_axes)
     spec2 = seq_spec(batch, seq_axes, ndim=2)
@@ -114,4 +117,5 @@ def run(shard_fn, cfg, mesh, seq_axes: tuple, batch: tuple, q, k, v, q_seg, kv_s
     return jax.shard_map(
         functools.partial(shard_fn, cfg), mesh=mesh,
         in_specs=(spec4, spec4, spec4, spec2, spec2), out_specs=(spec4, lse_spec),
+        check_vma=check_vma,
     )(*args, *segs)

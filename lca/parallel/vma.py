@@ -42,3 +42,15 @@ def mark_varying(tree, axis_names):
 def varying_like(tree, *refs):
     """Mark every leaf of ``tree`` as varying over the union of ``refs``' varying axes."""
     return mark_varying(tree, frozenset().union(*(varying_axes(r) for r in jax.tree.leaves(refs))))
+
+
+def varying_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
+    """``ShapeDtypeStruct`` of a value varying over the manual mesh axes of ``like``.
+
+    For the ``out_shape`` of a ``pallas_call``: inside a ``shard_map`` with
+    ``check_vma`` its outputs must say which manual axes they vary over
+    (outside one the set is empty).
+    """
+    axes = frozenset().union(*(varying_axes(r) for r in jax.tree.leaves(like)))
+    return jax.ShapeDtypeStruct(shape, dtype,
+                                manual_axis_type=jax.sharding.ManualAxisType(varying=axes))

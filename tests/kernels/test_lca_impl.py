@@ -59,3 +59,58 @@ def test_pallas_impl_default_blocks_and_no_dlse():
     grads = impl.backward(q, k, v, q_pos, kv_pos, None, None, out, lse, dout, None, **kw)
     for g, rg in zip(grads, pullback((dout, jnp.zeros_like(lse)))):
         np.testing.assert_allclose(g, rg, atol=2e-4, rtol=2e-4)
+
+
+# --- the kernels as the step of ring, Ulysses and USP -----------------------------------
+
+
+def _seqpar_cases():
+    from lca.attention import ring_attention, ulysses_attention, usp_attention
+    from lca.parallel import make_mesh
+
+    return {
+        "ring-zigzag": lambda **kw: ring_attention(mesh=make_mesh(data=2, context=4), **kw),
+        "ulysses": lambda **kw: ulysses_attention(mesh=make_mesh(data=2, context=4), **kw),
+        "usp": lambda **kw: usp_attention(mesh=make_mesh(data=2, context=2, tensor=2),
+                                          ulysses_axis="tensor", ring_axis="context", **kw),
+    }
+
+
+@pytest.mark.parametrize("variant", ["ring-zigzag", "ulysses", "usp"])
+def test_sequence_parallel_with_pallas_steps_matches_oracle(variant):
+    """impl='pallas' end to end: forward, lse and all gradients, GQA, packed segments."""
+    from tests.attention.seqpar_oracle import assert_matches_oracle, make_inputs
+
+    q, k, v, seg = make_inputs(2, 32, 4, 2, segments=True, seed=1)
+    call = _seqpar_cases()[variant]
+    kwargs = dict(causal=True, segment_ids=seg)
+    assert_matches_oracle(
+        lambda q, k, v: call(q=q, k=k, v=v, impl="pallas", block_q=4, block_kv=4,
+                             return_lse=True, **kwargs),
+        q, k, v, **kwargs,
+    )
+
+
+def test_pallas_step_in_a_checked_user_shard_map_says_what_to_do():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from lca.attention import ring_attention_shard, ulysses_attention_shard
+    from lca.parallel import make_mesh
+    from tests.attention.seqpar_oracle import make_inputs
+
+    mesh = make_mesh(context=4, devices=jax.devices()[:4])
+    spec = P(None, "context")
+    q, k, v, _ = make_inputs(1, 32, 4, 2)
+    q, k, v = (jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v))
+    for shard_fn in (ring_attention_shard, ulysses_attention_shard):
+        body = lambda q, k, v, f=shard_fn: f(q, k, v, axis_name="context", impl="pallas")  # noqa: E731
+        with pytest.raises(ValueError, match=r"impl='pallas' cannot run inside a jax.shard_map "
+                                             r"that checks .*\['context'\].*check_vma=False"):
+            jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec)(q, k, v)
+    # Unchecked, as the error suggests, the shard-level ring runs and is exact.
+    body = lambda q, k, v: ring_attention_shard(  # noqa: E731
+        q, k, v, axis_name="context", layout="contiguous", causal=True, impl="pallas",
+        block_q=4, block_kv=4)
+    out = jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(q, k, v)
+    want = reference_attention(*(np.asarray(x) for x in (q, k, v)), causal=True)
+    np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=2e-5)
