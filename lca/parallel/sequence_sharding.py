@@ -17,6 +17,11 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 def mesh_axis_size(mesh, axis: str, *, arg: str = "axis") -> int:
     """Size of mesh axis ``axis``, or a ``ValueError`` listing the mesh's axes."""
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise ValueError(
+            f"mesh must be a jax.sharding.Mesh with a {axis!r} axis, got {type(mesh).__name__}; "
+            f"e.g. mesh=lca.parallel.make_mesh(context=-1) (or jax.make_mesh)."
+        )
     if not isinstance(axis, str) or axis not in mesh.axis_names:
         sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
         raise ValueError(

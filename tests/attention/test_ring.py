@@ -230,6 +230,9 @@ def test_bad_inputs_name_sizes_and_fixes():
         ring_attention(q, k, v, mesh=mesh)
     with pytest.raises(ValueError, match=r"axis='seq' is not an axis of the mesh.*'context'"):
         ring_attention(q, k, v, mesh=mesh, axis="seq")
+    with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh with a 'context' axis, "
+                                         r"got NoneType; e.g. mesh=lca.parallel.make_mesh"):
+        ring_attention(q, k, v, mesh=None)
     q, k, v, _ = make_inputs(1, 32, 2, 2)
     with pytest.raises(ValueError, match="layout must be one of"):
         ring_attention(q, k, v, mesh=mesh, layout="spiral")

@@ -67,6 +67,8 @@ def test_heads_not_divisible_says_which_sizes_work():
         ulysses_attention(q, k, v, mesh=context_mesh(4))
     with pytest.raises(ValueError, match=r"axis='seq' is not an axis of the mesh"):
         ulysses_attention(q, k, v, mesh=context_mesh(2), axis="seq")
+    with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh"):
+        ulysses_attention(q, k, v, mesh="context")
     with pytest.raises(ValueError, match=r"6 query heads over the 4 devices"):
         jax.shard_map(lambda q, k, v: ulysses_attention_shard(q, k, v, axis_name="context"),
                       mesh=context_mesh(4, "auto"), in_specs=P(None, "context"),
