@@ -47,6 +47,16 @@ def test_ulysses_layouts_grid(n, layout):
     )
 
 
+def test_ulysses_cross_attention_window_softcap():
+    # q_len != kv_len (bottom-right causal), sliding window, softcap, GQA 4:2 on 4 devices.
+    q, k, v, _ = make_inputs(2, 32, 4, 2, kv_length=64, seed=5)
+    kwargs = dict(causal=True, window=9, softcap=5.0)
+    assert_matches_oracle(
+        lambda q, k, v: ulysses_attention(q, k, v, mesh=context_mesh(4), return_lse=True, **kwargs),
+        q, k, v, **kwargs,
+    )
+
+
 def test_ulysses_2d_mesh_presharded_batch():
     mesh = make_mesh(data=2, context=4)
     q, k, v, seg = make_inputs(2, 32, 4, 1, segments=True, seed=11)
