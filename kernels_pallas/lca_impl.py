@@ -45,6 +45,7 @@ def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse=None, *
 
 # Interpreted Pallas kernels (CPU) run their bodies as JAX ops whose grid indices
 # vary over no mesh axis, which shard_map's varying-axes check rejects, so
-# ring/Ulysses/USP run their shard_map unchecked for this implementation.
+# ring/Ulysses/USP run their shard_map unchecked for this implementation. Compiled
+# kernels (GPU, TPU) have not been tried under the check, so it is off for them too.
 register_impl(LocalImpl("pallas", forward, backward, default_blocks=None,
                         attention=api.flash_attention, check_vma=False))
