@@ -23,15 +23,13 @@ import dataclasses
 import importlib
 from typing import Callable
 
-import jax
-
 from lca.attention.blockwise import (
     BlockSizes,
     blockwise_attention,
     blockwise_backward,
     blockwise_forward,
 )
-from lca.parallel.vma import varying_axes
+from lca.parallel.vma import union_varying_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +61,7 @@ def check_vma_support(name: str, *arrays) -> None:
     """
     if get_impl(name).check_vma:
         return
-    axes = sorted(frozenset().union(*(varying_axes(x) for x in jax.tree.leaves(arrays))))
+    axes = sorted(union_varying_axes(*arrays))
     if axes:
         raise ValueError(
             f"impl={name!r} cannot run inside a jax.shard_map that checks varying manual axes "

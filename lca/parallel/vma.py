@@ -22,6 +22,11 @@ def varying_axes(x) -> frozenset:
     return frozenset(getattr(aval, "vma", ()))  # older spelling
 
 
+def union_varying_axes(*refs) -> frozenset:
+    """The manual mesh axes any leaf of ``refs`` varies over."""
+    return frozenset().union(*(varying_axes(r) for r in jax.tree.leaves(refs)))
+
+
 def mark_varying(tree, axis_names):
     """Mark every leaf of ``tree`` as varying over ``axis_names`` (a name or names).
 
@@ -41,7 +46,7 @@ def mark_varying(tree, axis_names):
 
 def varying_like(tree, *refs):
     """Mark every leaf of ``tree`` as varying over the union of ``refs``' varying axes."""
-    return mark_varying(tree, frozenset().union(*(varying_axes(r) for r in jax.tree.leaves(refs))))
+    return mark_varying(tree, union_varying_axes(*refs))
 
 
 def varying_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
@@ -51,6 +56,6 @@ def varying_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
     ``check_vma`` its outputs must say which manual axes they vary over
     (outside one the set is empty).
     """
-    axes = frozenset().union(*(varying_axes(r) for r in jax.tree.leaves(like)))
+    axes = union_varying_axes(*like)
     return jax.ShapeDtypeStruct(shape, dtype,
                                 manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
