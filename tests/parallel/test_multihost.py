@@ -19,6 +19,7 @@ import pytest
 
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tests.attention.seqpar_oracle import rel_err
 from tests.parallel.multihost_case import oracle_case, run_case
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,10 +68,6 @@ def _one_process_case():
     return {name: np.asarray(x) for name, x in run_case(to_global).items()}
 
 
-def _rel(got, want) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
 def test_two_processes_match_one_process(tmp_path):
     if jax.device_count() != 8:
         pytest.skip("needs exactly the 8 fake CPU devices of tests/conftest.py")
@@ -81,5 +78,5 @@ def test_two_processes_match_one_process(tmp_path):
     assert set(multi.files) == set(single) == set(oracle)
     for name in single:
         assert multi[name].shape == single[name].shape, (name, multi[name].shape)
-        assert _rel(multi[name], single[name]) <= SAME_PROGRAM_RTOL, (name, "vs 1 process")
-        assert _rel(multi[name], oracle[name]) <= ORACLE_RTOL, (name, "vs oracle")
+        assert rel_err(multi[name], single[name]) <= SAME_PROGRAM_RTOL, (name, "vs 1 process")
+        assert rel_err(multi[name], oracle[name]) <= ORACLE_RTOL, (name, "vs oracle")
