@@ -127,6 +127,11 @@ class CheckpointConfig:
     every: int = 100
     keep: int = 3
     async_save: bool = True
+    # Resume even though a key that shapes the saved state (model, data, global_batch,
+    # seed) differs from the run's config.yaml; the restore still refuses other shapes.
+    allow_config_change: bool = False
+    # When every checkpoint of the run is unreadable: false stops, true starts again at step 0.
+    restart_if_unusable: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,15 +309,51 @@ def _check_values(cfg: Config) -> None:
             f"model.d_model ({m.d_model}) must be divisible by model.num_heads ({m.num_heads}), "
             "or set model.head_dim."
         )
+    _check_train_values(cfg)
     t = cfg.train
     if t.global_batch % t.grad_accum:
         raise ConfigError(
             f"train.global_batch ({t.global_batch}) must be divisible by train.grad_accum ({t.grad_accum})."
         )
-    for key, value in {"train.steps": t.steps, "train.seq_len": t.seq_len, "checkpoint.every": cfg.checkpoint.every,
-                       "checkpoint.keep": cfg.checkpoint.keep, "train.log_every": t.log_every}.items():
+
+
+def _check_train_values(cfg: Config) -> None:
+    """Values no run can use: each a ConfigError naming the key and what would work."""
+    t, e = cfg.train, cfg.eval
+    at_least_one = {
+        "train.steps": t.steps, "train.seq_len": t.seq_len, "train.global_batch": t.global_batch,
+        "train.grad_accum": t.grad_accum, "train.log_every": t.log_every, "checkpoint.every": cfg.checkpoint.every,
+        "checkpoint.keep": cfg.checkpoint.keep, "eval.batch": e.batch, "eval.num_batches": e.num_batches,
+        "eval.samples_per_cell": e.samples_per_cell,
+    }
+    for key, value in at_least_one.items():
         if value < 1:
             raise ConfigError(f"config key {key!r} must be >= 1, got {value}.")
+    ranges = {  # key: (value, low, high, inclusive low, inclusive high, example)
+        "train.lr": (t.lr, 0.0, float("inf"), False, False, "3e-4"),
+        "train.min_lr_ratio": (t.min_lr_ratio, 0.0, 1.0, True, True, "0.1"),
+        "train.weight_decay": (t.weight_decay, 0.0, float("inf"), True, False, "0.1"),
+        "train.b1": (t.b1, 0.0, 1.0, True, False, "0.9"),
+        "train.b2": (t.b2, 0.0, 1.0, True, False, "0.95"),
+        "train.eps": (t.eps, 0.0, float("inf"), False, False, "1e-8"),
+        "train.clip_norm": (t.clip_norm, 0.0, float("inf"), False, True, "1.0"),
+    }
+    for key, (value, low, high, with_low, with_high, example) in ranges.items():
+        above = value >= low if with_low else value > low
+        below = value <= high if with_high else value < high
+        if not (above and below):
+            interval = f"{'[' if with_low else '('}{low:g}, {high:g}{']' if with_high else ')'}"
+            raise ConfigError(f"config key {key!r} must be in {interval}, got {value!r}; e.g. {key}={example}.")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"config key 'train.warmup_steps' must be >= 0, got {t.warmup_steps}.")
+    if cfg.runtime.cpu_devices < 0:
+        raise ConfigError(f"config key 'runtime.cpu_devices' must be >= 0, got {cfg.runtime.cpu_devices}.")
+    if e.seq_len is not None and e.seq_len < 2:
+        raise ConfigError(f"config key 'eval.seq_len' must be >= 2 or null (train.seq_len), got {e.seq_len}.")
+    if any(n < 2 for n in e.context_lengths):
+        raise ConfigError(f"config key 'eval.context_lengths' must hold lengths >= 2, got {list(e.context_lengths)}.")
+    if any(not 0.0 <= d <= 1.0 for d in e.depths):
+        raise ConfigError(f"config key 'eval.depths' must hold depths in [0, 1], got {list(e.depths)}.")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

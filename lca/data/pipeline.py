@@ -130,6 +130,24 @@ class _TaskDocument:
         return TASKS[self.task](self.length, float(rng.uniform()), rng).tokens
 
 
+def _file_source(cfg: DataConfig, split: str):
+    if cfg.source == "stdlib":
+        return StdlibSource(split=split, eval_fraction=cfg.eval_fraction)
+    return TextDirSource(cfg.path, cfg.glob, split=split, eval_fraction=cfg.eval_fraction)
+
+
+def check_sources(cfg: DataConfig, *, splits: tuple[str, ...] = ("train",)) -> None:
+    """Raise ValueError now if a file source is missing or has no documents in one of ``splits``.
+
+    Lets a launcher refuse an empty folder (or an empty held-out split) before it trains.
+    """
+    if cfg.source == "text_dir" and not cfg.path:
+        raise ValueError("data.path is required for data.source='text_dir'; set data.path=/folder/of/text/files.")
+    if cfg.source in FILE_SOURCES:
+        for split in splits:
+            _file_source(cfg, split)
+
+
 def documents(cfg: DataConfig, *, split: str, seed: int, length: int) -> grain.MapDataset:
     """Endless deterministic sequence of token arrays int32 [n]: shuffled files (reshuffled per epoch) or task examples.
 
@@ -139,10 +157,7 @@ def documents(cfg: DataConfig, *, split: str, seed: int, length: int) -> grain.M
         # A different stream of examples per split so eval examples are not the training ones.
         split_seed = SPLITS.index(split)
         return grain.MapDataset.range(2**62).map(_TaskDocument(cfg.source, length, seed * len(SPLITS) + split_seed))
-    if cfg.source == "stdlib":
-        source = StdlibSource(split=split, eval_fraction=cfg.eval_fraction)
-    else:
-        source = TextDirSource(cfg.path, cfg.glob, split=split, eval_fraction=cfg.eval_fraction)
+    source = _file_source(cfg, split)
     docs = grain.MapDataset.range(len(source)).map(_FileDocument(source))
     if cfg.shuffle:
         docs = docs.shuffle(seed=seed)
@@ -360,15 +375,22 @@ def make_train_iterator(cfg: DataConfig, *, seq_len: int, global_batch: int, see
 
 
 def eval_batches(cfg: DataConfig, *, seq_len: int, batch: int, num_batches: int, seed: int = 0,
-                 split: str = "eval") -> list[dict]:
-    """`num_batches` batches (same dict layout, `batch` rows each) of held-out text (split="eval"), for one process."""
+                 split: str = "eval", process_index: int | None = None,
+                 process_count: int | None = None) -> list[dict]:
+    """`num_batches` batches of held-out text (split="eval"): this process's rows of each `batch`-row batch.
+
+    Rows are split over processes as in training (process p gets rows [p * B, (p + 1) * B), B = batch //
+    process_count), so the processes' rows together are exactly one process's batch. process_index and
+    process_count default to jax.process_index() and jax.process_count(); pass 0 and 1 for the whole batch.
+    """
     if num_batches < 1:
         raise ValueError(f"num_batches={num_batches!r} must be >= 1.")
     cfg = dataclasses.replace(cfg, num_workers=0, prefetch=0)
     it = make_train_iterator(cfg, seq_len=seq_len, global_batch=batch, seed=seed, split=split,
-                             process_index=0, process_count=1)
+                             process_index=process_index, process_count=process_count)
     return [next(it) for _ in range(num_batches)]
 
 
 __all__ = ["DataConfig", "make_train_iterator", "make_dataset", "eval_batches", "merge_states", "validate",
+           "check_sources",
            "row_features", "documents", "PackedBatchDataset", "SOURCES", "PACKINGS", "FEATURES"]

@@ -66,8 +66,13 @@ class FileSource:
                              "check the path or pass a glob such as '**/*.md'.")
         selected = sorted(f for f in files if in_split(f, split, eval_fraction))
         if not selected:
-            raise ValueError(f"{name}: split={split!r} of the {len(files)} files under {str(root)!r} is empty "
-                             f"(eval_fraction={eval_fraction}); add files, raise eval_fraction, or use split='all'.")
+            # A file's split is fixed by a hash of its path, so only more files (or another fraction) help.
+            fraction = "raise" if split == "eval" else "lower"
+            raise ValueError(
+                f"{name}: the {split!r} split of the {len(files)} file(s) under {str(root)!r} is empty: each file goes "
+                f"to 'eval' with probability eval_fraction={eval_fraction} by a hash of its path; add files "
+                f"(about {max(2, round(1 / min(eval_fraction, 1 - eval_fraction)))} or more) or {fraction} "
+                "eval_fraction (data.eval_fraction).")
         self.root = root
         self.split = split
         self.paths = tuple(selected)

@@ -11,9 +11,17 @@ Each checkpoint ``<run_dir>/checkpoints/<step>/`` holds two items:
 
 Orbax writes each checkpoint into a temporary directory and renames it when
 complete, so a run killed mid-save leaves no half checkpoint behind, and it only
-deletes old checkpoints (``keep``) after a newer one is committed. A committed
-checkpoint that fails to restore (a truncated or deleted file) is moved aside to
-``<step>.corrupt`` with a warning and the previous one is used.
+deletes old checkpoints (``keep``) after a newer one is committed.
+
+Restoring reads the checkpoint's metadata first: a checkpoint whose arrays have
+other shapes or dtypes than the run's state (the config changed) is a
+:class:`CheckpointMismatch`, never corruption. Only a checkpoint that fails to
+read (a truncated or deleted file) is corrupt: it is moved aside, under a name
+no other set-aside uses (``<step>.corrupt-<time>``; nothing is ever deleted),
+with a warning naming the cause, and the previous one is used. ``keep`` counts
+only good checkpoints, since Orbax only sees directories named by a step.
+A read-only Checkpointer (``lca-eval``) skips corrupt checkpoints without moving
+anything and creates no directory.
 
 Multi-process runs: every process restores the same step or none (a checkpoint
 that fails on one process is set aside on all of them, after all of them have
@@ -25,7 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +41,16 @@ import grain.checkpoint
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
+from lca.config import ConfigError
+
 log = logging.getLogger(__name__)
+
+
+class CheckpointMismatch(ConfigError):
+    """A readable checkpoint that holds a differently shaped state than the run's config makes."""
 
 
 class _IteratorSnapshot:
@@ -86,11 +101,16 @@ def _plain_array_saves_on_cpu() -> None:
 
 
 class Checkpointer:
-    """Save every ``every`` steps, keep the last ``keep``, restore the newest good one."""
+    """Save every ``every`` steps, keep the last ``keep``, restore the newest good one.
 
-    def __init__(self, directory: str | Path, *, every: int, keep: int, async_save: bool = True):
+    ``read_only``: never create, move or write anything (for evaluation).
+    """
+
+    def __init__(self, directory: str | Path, *, every: int, keep: int, async_save: bool = True,
+                 read_only: bool = False):
         self.directory = Path(directory).absolute()
-        self.every, self.keep, self.async_save = every, keep, async_save
+        self.every, self.keep, self.async_save, self.read_only = every, keep, async_save, read_only
+        self.set_aside: list[tuple[int, str]] = []  # (step, the reason) of each unusable checkpoint met
         _plain_array_saves_on_cpu()
         self._manager = self._open()
 
@@ -98,8 +118,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self.keep,
             enable_async_checkpointing=self.async_save,
-            create=True,
-            cleanup_tmp_directories=True,  # leftovers of a run killed mid-save
+            create=not self.read_only,
+            cleanup_tmp_directories=not self.read_only,  # leftovers of a run killed mid-save
         )
         return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
@@ -108,6 +128,8 @@ class Checkpointer:
 
     def save(self, step: int, state, data_iterator=None) -> None:
         """Start saving ``state`` (and the iterator's current state) as checkpoint ``step``."""
+        if self.read_only:
+            raise RuntimeError(f"checkpoints in {self.directory} are opened read-only")
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot.of(data_iterator))
@@ -121,16 +143,26 @@ class Checkpointer:
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with the target
         shardings. The data iterator, if given, is set to the saved position.
+        Raises :class:`CheckpointMismatch` if the newest readable checkpoint holds
+        a state of other shapes. Unusable checkpoints are listed in ``set_aside``.
         """
         for step in reversed(self.steps()):
-            error = None
+            error, mismatch = None, []
             try:
-                state, data_state = self._restore(step, abstract_state, data_iterator is not None)
-            except Exception as err:  # noqa: BLE001 - any failure means this checkpoint is unusable
+                mismatch = state_mismatch(self.directory / str(step) / "state", abstract_state)
+                if not mismatch:
+                    state, data_state = self._restore(step, abstract_state, data_iterator is not None)
+            except Exception as err:  # noqa: BLE001 - any read failure means this checkpoint is unusable
                 error = err
             if not _on_every_process(error is None):
-                self._quarantine(step, error or RuntimeError("it failed to restore on another process"))
+                self._set_aside(step, error or RuntimeError("it failed to restore on another process"))
                 continue
+            if mismatch:
+                raise CheckpointMismatch(
+                    f"checkpoint {step} in {self.directory} holds a state of other shapes than this config makes "
+                    f"({'; '.join(mismatch[:3])}{'; ...' if len(mismatch) > 3 else ''}); "
+                    "train with the config the run was started with, or give a new run_dir."
+                )
             if data_iterator is not None and data_state is not None:
                 data_iterator.set_state(data_state)
             return step, state
@@ -151,20 +183,21 @@ class Checkpointer:
             log.warning("checkpoint %d has no data-iterator state; the data restarts from the beginning", step)
         return restored["state"], None
 
-    def _quarantine(self, step: int, err: Exception) -> None:
-        """Move an unreadable checkpoint aside (kept for inspection) and forget it."""
-        reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-        target = self.directory / f"{step}.corrupt"
-        log.warning(
-            "checkpoint %d in %s is unreadable (%s: %s); moved to %s and using the previous one",
-            step, self.directory, type(err).__name__, reason, target.name,
-        )
+    def _set_aside(self, step: int, err: Exception) -> None:
+        """Move an unreadable checkpoint aside under a new name (kept for inspection) and forget it."""
+        reason = describe_error(err)
+        self.set_aside.append((step, reason))
+        if self.read_only:
+            log.warning("checkpoint %d in %s is unreadable (%s); skipping it", step, self.directory, reason)
+            return
+        # Every process has finished reading it (the vote above is a collective);
+        # process 0 moves it, and no process lists the directory before the move is done.
+        target = _unused_name(self.directory, f"{step}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        log.warning("checkpoint %d in %s is unreadable (%s); moving it to %s and trying the previous one",
+                    step, self.directory, reason, target.name if jax.process_index() == 0 else "<step>.corrupt-<time>")
+        _barrier(f"before setting aside checkpoint {step}")
         if jax.process_index() == 0:
-            if target.exists():
-                shutil.rmtree(target)
             (self.directory / str(step)).rename(target)
-        # No process may look at the directory again (or reopen its manager, which
-        # lists the steps) before the move is done.
         _barrier(f"set aside checkpoint {step}")
         self._manager.close()
         self._manager = self._open()
@@ -176,6 +209,71 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def checkpoint_steps(directory: str | Path) -> list[int]:
+    """The committed checkpoints' steps in ``directory``, read without opening (or creating) anything."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def set_aside_names(directory: str | Path) -> list[str]:
+    """The names of the checkpoints set aside as unreadable in ``directory``, newest step first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    names = [p.name for p in directory.iterdir() if p.name.split(".", 1)[0].isdigit() and ".corrupt" in p.name]
+    return sorted(names, key=lambda name: (-int(name.split(".", 1)[0]), name))
+
+
+def state_mismatch(state_dir: Path, abstract_state) -> list[str]:
+    """``["params.x: saved (32,) float32, wanted (64,) float32", ...]`` from the checkpoint's metadata.
+
+    Reading the metadata raises if it is unreadable (that is corruption).
+    """
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        saved = _leaf_types(handler.metadata(epath.Path(state_dir)))
+    finally:
+        handler.close()
+    wanted = _leaf_types(abstract_state)
+    out = []
+    for key in sorted(set(saved) | set(wanted)):
+        have, want = saved.get(key), wanted.get(key)
+        if have != want:
+            describe = lambda t: "absent" if t is None else f"{tuple(t[0])} {t[1]}"  # noqa: E731
+            out.append(f"{key}: saved {describe(have)}, wanted {describe(want)}")
+    return out
+
+
+def _leaf_types(tree) -> dict[str, tuple]:
+    def name(path):
+        return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+    return {name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def describe_error(err: BaseException) -> str:
+    """``"Type: first line of the message"``: the cause, without the object reprs some libraries embed."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else ""
+    if "<bound method" in first:  # Orbax embeds TensorStore's spec repr: give the wrapped cause instead
+        first = first.split(" See full TensorStore details")[0].split("<bound method")[0].rstrip(" :.")
+        cause = err.__cause__ or err.__context__
+        if cause is not None and cause is not err:
+            first = f"{first}: {describe_error(cause)}"
+    return f"{type(err).__name__}: {first[:300]}" if first else type(err).__name__
+
+
+def _unused_name(directory: Path, name: str) -> Path:
+    target, n = directory / name, 1
+    while target.exists():
+        n += 1
+        target = directory / f"{name}-{n}"
+    return target
 
 
 def _merged_data_state(data_dir: Path, step: int):

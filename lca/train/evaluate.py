@@ -1,8 +1,11 @@
 """Evaluate a trained model: bits per byte on held-out text and a needle-retrieval grid.
 
 Used at the end of ``lca-train`` and by ``lca-eval RUN_DIR`` (which restores the
-newest checkpoint of the run onto this machine's mesh). Results go to
-``<run_dir>/eval/``: ``summary.json``, the retrieval table (markdown) and heatmap.
+newest good checkpoint of the run onto this machine's mesh, reading checkpoints
+only: a corrupt one is skipped, never moved). Results of checkpoint ``N`` go to
+``<run_dir>/eval/step_N/``: ``summary.json``, the retrieval table (markdown) and
+heatmap; the headline numbers also go to TensorBoard (``eval/*`` at step ``N``),
+next to the training curves.
 """
 
 from __future__ import annotations
@@ -13,9 +16,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lca.config import Config, ConfigError, load_run_config
+from lca.train.checkpoint import Checkpointer, checkpoint_steps
+from lca.train.metrics import write_tensorboard
+from lca.train.setup import build_mesh, check_data, check_eval_fits, make_setup
 from lca.train.step import make_logits_fn
 
 log = logging.getLogger("lca.eval")
@@ -49,61 +56,76 @@ def make_eval_logits_fn(setup, params):
     return logits_fn
 
 
-def check_eval_fits(cfg: Config, mesh) -> None:
-    from lca.models.build import sequence_chunks
-
-    chunks = sequence_chunks(cfg, mesh)
-    lengths = [cfg.eval.seq_len or cfg.train.seq_len, *cfg.eval.context_lengths]
-    bad = [n for n in lengths if n % chunks]
-    if bad:
-        raise ConfigError(
-            f"eval lengths {bad} (eval.seq_len / eval.context_lengths) are not divisible by {chunks} "
-            f"(the attention's sequence pieces on mesh {dict(mesh.shape)}); use multiples of {chunks}."
-        )
-
-
-def evaluate(cfg: Config, params, setup) -> dict:
-    """Bits per byte and the retrieval grid for ``params``; writes ``<run_dir>/eval/``."""
+def held_out_batches(cfg: Config) -> list[dict]:
+    """The eval batches: each process reads its own rows, and all processes get the whole batch."""
     from lca.data.pipeline import eval_batches
-    from lca.eval.perplexity import bits_per_byte
-    from lca.eval.retrieval import retrieval_grid, write_retrieval_report
 
-    check_eval_fits(cfg, setup.mesh)
-    logits_fn = make_eval_logits_fn(setup, params)
-    batches = eval_batches(
+    local = eval_batches(
         cfg.data, seq_len=cfg.eval.seq_len or cfg.train.seq_len, batch=cfg.eval.batch,
         num_batches=cfg.eval.num_batches, seed=cfg.eval.seed,
     )
-    ppl = bits_per_byte(logits_fn, batches)
+    if jax.process_count() == 1:
+        return local
+    # Rows of process p are rows [p * B, (p + 1) * B) of the batch: concatenated in process order.
+    return [multihost_utils.process_allgather(batch, tiled=True) for batch in local]
+
+
+def check_eval(cfg: Config, mesh) -> None:
+    """What would make the evaluation fail, as ConfigErrors, before anything is trained or written."""
+    check_eval_fits(cfg, mesh)
+    if cfg.eval.batch % jax.process_count():
+        raise ConfigError(
+            f"eval.batch={cfg.eval.batch} must be divisible by the {jax.process_count()} processes, "
+            "which read its rows between them."
+        )
+    check_data(cfg, splits=("eval",))
+
+
+def evaluate(cfg: Config, params, setup, *, step: int) -> dict:
+    """Bits per byte and the retrieval grid for ``params`` (checkpoint ``step``); writes ``eval/step_<step>/``."""
+    from lca.eval.perplexity import bits_per_byte
+    from lca.eval.retrieval import retrieval_grid, write_retrieval_report
+
+    check_eval(cfg, setup.mesh)
+    logits_fn = make_eval_logits_fn(setup, params)
+    ppl = bits_per_byte(logits_fn, held_out_batches(cfg))
     log.info("eval: %.4f bits per byte on %d held-out tokens", ppl["bits_per_byte"], ppl["tokens"])
     grid = retrieval_grid(
         logits_fn, task=cfg.eval.retrieval_task, context_lengths=tuple(cfg.eval.context_lengths),
         depths=tuple(cfg.eval.depths), samples_per_cell=cfg.eval.samples_per_cell, seed=cfg.eval.seed,
     )
-    out_dir = Path(cfg.run_dir) / "eval"
-    summary = {"perplexity": ppl, "retrieval": grid.to_dict()}
+    out_dir = Path(cfg.run_dir) / "eval" / f"step_{step}"
+    summary = {"step": step, "perplexity": ppl, "retrieval": grid.to_dict()}
+    accuracy = float(grid.accuracy.mean())
     if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
         paths = write_retrieval_report(grid, out_dir, title=f"{cfg.name}: {grid.task} retrieval accuracy")
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         summary["report"] = [str(p) for p in paths]
-    log.info("eval: %s accuracy %.3f over the grid; report in %s", grid.task, float(grid.accuracy.mean()), out_dir)
+        write_tensorboard(cfg.run_dir, step, {"eval/bits_per_byte": ppl["bits_per_byte"],
+                                              f"eval/{grid.task}_accuracy": accuracy})
+    summary["out_dir"] = str(out_dir)
+    log.info("eval: %s accuracy %.3f over the grid; results in %s", grid.task, accuracy, out_dir)
     return summary
 
 
 def evaluate_run(run_dir: str | Path, overrides=()) -> dict:
-    """``lca-eval``: evaluate the newest good checkpoint of ``run_dir``."""
-    from lca.train.checkpoint import Checkpointer
-    from lca.train.loop import build_mesh, make_setup
-
+    """``lca-eval``: evaluate the newest good checkpoint of ``run_dir`` (read-only on its checkpoints)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, [*overrides, f"run_dir={run_dir}"])
+    ckpt_dir = run_dir / "checkpoints"
+    if not checkpoint_steps(ckpt_dir):
+        raise ConfigError(f"{ckpt_dir} has no checkpoint to evaluate; train first (lca-train) or check the path.")
     mesh = build_mesh(cfg)
+    check_eval(cfg, mesh)
     setup = make_setup(cfg, mesh)
-    ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
-    step, state = ckpt.restore_latest(setup.abstract_state)
-    ckpt.close()
+    ckpt = Checkpointer(ckpt_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep, read_only=True)
+    try:
+        step, state = ckpt.restore_latest(setup.abstract_state)
+    finally:
+        ckpt.close()
     if state is None:
-        raise ConfigError(f"{run_dir}/checkpoints has no usable checkpoint to evaluate.")
+        raise ConfigError(f"{ckpt_dir} has no readable checkpoint to evaluate "
+                          f"({len(ckpt.set_aside)} unreadable: {ckpt.set_aside[0][1]}).")
     log.info("evaluating checkpoint %d of %s", step, run_dir)
-    return {"step": step, **evaluate(cfg, state["params"], setup)}
-
+    return evaluate(cfg, state["params"], setup, step=step)

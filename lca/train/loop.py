@@ -1,14 +1,21 @@
-"""The training run: mesh, sharded state, compiled step, loop, checkpoints, evaluation.
+"""The training loop: resume or start, step, log, checkpoint, stop cleanly, evaluate.
 
-``train(cfg)`` is what ``lca-train`` runs. It resumes from the newest good
-checkpoint in ``cfg.run_dir`` if there is one; given the same config, a resumed
-run computes exactly the losses of an uninterrupted one (same parameters, same
-optimizer state, data iterator at the same position, same compiled program).
+``train(cfg)`` is what ``lca-train`` runs. Before it writes anything it checks
+that the config fits the mesh, the data exist, ``run_dir`` can be written and,
+when the run has checkpoints, that the config has not changed what they hold
+(``lca.train.run_dir``). It then resumes from the newest good checkpoint in
+``cfg.run_dir`` if there is one; given the same config, a resumed run computes
+exactly the losses of an uninterrupted one (same parameters, same optimizer
+state, data iterator at the same position, same compiled program).
+
+A run stops early, with a :class:`lca.train.stopping.RunStopped` naming why, on
+SIGTERM or Ctrl-C (after saving the step it finished) and when the loss or the
+gradient norm stops being finite (checked at every log line and before every
+save, so a diverged state is never saved over a good checkpoint).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -18,126 +25,26 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lca.config import Config, ConfigError, save_config
-from lca.models import attention_registry
-from lca.models.build import abstract_model, attention_kind, init_params, num_params, sequence_chunks
-from lca.parallel import make_mesh
-from lca.parallel.sharding import logical_to_spec, tree_shardings
-from lca.train.checkpoint import Checkpointer
+from lca.models.build import num_params
+from lca.train.checkpoint import Checkpointer, checkpoint_steps, set_aside_names
+from lca.train.evaluate import check_eval, evaluate
 from lca.train.metrics import MetricsWriter, ProgressBar, format_line, peak_flops, plot_loss_curve
-from lca.train.optimizer import learning_rate, make_optimizer
+from lca.train.run_dir import check_resume, check_writable
 from lca.train.runtime import initialize_distributed
-from lca.train.step import BATCH_KEYS, make_train_step
+from lca.train.setup import (Setup, abstract_batch, build_mesh, check_data, check_fits, compile_step, init_state,
+                             make_setup)
+from lca.train.step import BATCH_KEYS
+from lca.train.stopping import RunStopped, StopSignals, check_finite
 
 log = logging.getLogger("lca.train")
 
 # Fault injection for the resume tests: SIGKILL this process right after this step.
 KILL_AT_STEP_ENV = "LCA_FAULT_KILL_AT_STEP"
 
-
-# --------------------------------------------------------------------------- mesh and checks
-
-
-def build_mesh(cfg: Config) -> jax.sharding.Mesh:
-    """The mesh from ``cfg.mesh``; a size that does not fit the devices is a ConfigError."""
-    try:
-        return make_mesh(**dataclasses.asdict(cfg.mesh), axis_types="auto")
-    except ValueError as err:
-        raise ConfigError(f"mesh does not fit the {jax.device_count()} devices: {err}") from None
-
-
-def check_fits(cfg: Config, mesh: jax.sharding.Mesh) -> None:
-    """Shapes the mesh cannot divide, as ConfigErrors naming the keys to change."""
-    kind = attention_kind(cfg, mesh)
-    chunks = sequence_chunks(cfg, mesh)
-    seq_len = cfg.train.seq_len
-    if seq_len % chunks:
-        raise ConfigError(
-            f"train.seq_len={seq_len} is not divisible by {chunks}, the number of pieces {kind!r} attention "
-            f"cuts it into on mesh {dict(mesh.shape)} (layout {cfg.model.attention.layout!r}); "
-            f"use a multiple of {chunks}."
-        )
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = cfg.train.global_batch // cfg.train.grad_accum
-    if micro % batch_shards or micro % jax.process_count():
-        raise ConfigError(
-            f"the micro-batch train.global_batch / train.grad_accum = {micro} must be divisible by "
-            f"mesh.data * mesh.fsdp = {batch_shards} and by the {jax.process_count()} processes."
-        )
-    if cfg.model.attention.kind not in ("auto", *attention_registry.KINDS):
-        raise ConfigError(
-            f"model.attention.kind must be 'auto' or one of {list(attention_registry.KINDS)}, "
-            f"got {cfg.model.attention.kind!r}."
-        )
-    from lca.data.pipeline import validate
-
-    try:
-        validate(cfg.data, seq_len=seq_len, global_batch=cfg.train.global_batch, process_count=jax.process_count())
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if not attention_registry.is_available(kind):
-        raise ConfigError(
-            f"model.attention.kind={kind!r} is not available here; available: {attention_registry.available_kinds()}."
-        )
-
-
-# --------------------------------------------------------------------------- state
-
-
-@dataclasses.dataclass
-class Setup:
-    """Everything a run derives from its config and mesh before the first step."""
-
-    cfg: Config
-    mesh: jax.sharding.Mesh
-    graphdef: object
-    tx: object
-    state_shardings: dict
-    abstract_state: dict
-    batch_sharding: NamedSharding
-
-
-def _replicated(mesh):
-    return NamedSharding(mesh, P())
-
-
-def make_setup(cfg: Config, mesh: jax.sharding.Mesh) -> Setup:
-    graphdef, abstract_params, logical = abstract_model(cfg, mesh)
-    param_sh = tree_shardings(logical, abstract_params, cfg.rules, mesh)
-    tx = make_optimizer(cfg.train)
-    rep = _replicated(mesh)
-    opt_abstract = jax.eval_shape(tx.init, abstract_params)
-    # Moments are laid out like their parameters; counts and other scalars are replicated.
-    opt_sh = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, opt_abstract, param_sh, transform_non_params=lambda _: rep,
-        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
-    )
-    shardings = {"params": param_sh, "opt_state": opt_sh, "step": rep, "rng": rep}
-    abstract = {
-        "params": abstract_params,
-        "opt_state": opt_abstract,
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
-    }
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-    batch_spec = logical_to_spec((None, "batch", "sequence"), cfg.rules, mesh)
-    return Setup(cfg, mesh, graphdef, tx, shardings, abstract, NamedSharding(mesh, batch_spec))
-
-
-def init_state(setup: Setup, seed: int) -> dict:
-    params = init_params(setup.cfg, setup.mesh, seed)
-    opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(params)
-    rep = _replicated(setup.mesh)
-    rng = jax.random.key_data(jax.random.key(seed))
-    return {
-        "params": params,
-        "opt_state": opt_state,
-        "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
-        "rng": jax.device_put(rng, rep),
-    }
+__all__ = ["train", "build_mesh", "check_fits", "make_setup", "init_state", "compile_step", "abstract_batch",
+           "to_global_batch", "make_data_iterator", "KILL_AT_STEP_ENV"]
 
 
 # --------------------------------------------------------------------------- batches
@@ -163,68 +70,6 @@ def to_global_batch(local: dict, setup: Setup) -> dict:
         global_shape = (accum, micro, *rows.shape[2:])
         out[key] = jax.make_array_from_process_local_data(setup.batch_sharding, rows, global_shape)
     return out
-
-
-def abstract_batch(setup: Setup) -> dict:
-    accum = setup.cfg.train.grad_accum
-    shape = (accum, setup.cfg.train.global_batch // accum, setup.cfg.train.seq_len)
-    dtypes = {"loss_mask": jnp.float32}
-    return {
-        key: jax.ShapeDtypeStruct(shape, dtypes.get(key, jnp.int32), sharding=setup.batch_sharding)
-        for key in BATCH_KEYS
-    }
-
-
-# --------------------------------------------------------------------------- compile
-
-
-def compile_step(setup: Setup):
-    """The train step compiled ahead of time, with its FLOPs per call (None if unknown)."""
-    step = make_train_step(setup.graphdef, setup.tx, learning_rate(setup.cfg.train))
-    rep = _replicated(setup.mesh)
-    jitted = jax.jit(
-        step,
-        in_shardings=(setup.state_shardings, setup.batch_sharding),
-        out_shardings=(setup.state_shardings, rep),
-        donate_argnums=0,
-    )
-    t0 = time.perf_counter()
-    compiled = jitted.lower(setup.abstract_state, abstract_batch(setup)).compile()
-    log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
-    _log_memory(compiled)
-    return compiled, _flops(compiled)
-
-
-def _log_memory(compiled) -> None:
-    try:
-        mem = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        mem = None
-    if mem is None:
-        return
-    log.info(
-        "memory per device: arguments %s, outputs %s, temporaries %s, code %s",
-        *map(_bytes, (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes,
-                      mem.generated_code_size_in_bytes)),
-    )
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-
-
-def _flops(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
 
 
 # --------------------------------------------------------------------------- loop
@@ -257,71 +102,166 @@ class _Interval:
 
 
 def train(cfg: Config, *, data_iterator=None) -> dict:
-    """Train (or resume) the run ``cfg`` describes; returns the final metrics and paths.
+    """Train (or resume) the run ``cfg`` describes; returns the final metrics and where the outputs went.
 
     ``data_iterator`` replaces the config's data pipeline (it must yield this
-    process's rows and have ``get_state``/``set_state``).
+    process's rows and have ``get_state``/``set_state``). Raises ConfigError
+    before writing anything when the run cannot start, RunStopped when it stops early.
     """
     initialize_distributed(cfg.runtime)
     mesh = build_mesh(cfg)
     check_fits(cfg, mesh)
+    if data_iterator is None:
+        check_data(cfg, splits=("train",))
+    if cfg.eval.at_end:
+        check_eval(cfg, mesh)
     run_dir = Path(cfg.run_dir)
-    is_main = jax.process_index() == 0
-    if is_main:
-        save_config(cfg, run_dir)
+    check_writable(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    resuming = cfg.checkpoint.enabled and bool(checkpoint_steps(ckpt_dir))
+    if resuming:
+        check_resume(cfg, run_dir)
+    elif cfg.checkpoint.enabled and set_aside_names(ckpt_dir) and not cfg.checkpoint.restart_if_unusable:
+        raise _no_usable_checkpoint(ckpt_dir)
     setup = make_setup(cfg, mesh)
     data = data_iterator if data_iterator is not None else make_data_iterator(cfg)
-
     ckpt = None
-    if cfg.checkpoint.enabled:
-        ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
-                            async_save=cfg.checkpoint.async_save)
-    start, state = (None, None) if ckpt is None else ckpt.restore_latest(setup.abstract_state, data)
-    if state is None:
-        start, state = 0, init_state(setup, cfg.train.seed)
-    else:
-        log.info("resumed from checkpoint %d in %s", start, ckpt.directory)
-    log.info(
-        "model: %s parameters, attention %r, mesh %s",
-        f"{num_params(state['params']):,}", attention_kind(cfg, mesh), dict(mesh.shape),
+    try:
+        start, state = None, None
+        if resuming:
+            ckpt = _checkpointer(cfg, ckpt_dir)
+            start, state = ckpt.restore_latest(setup.abstract_state, data)
+            if state is None and not cfg.checkpoint.restart_if_unusable:
+                raise _no_usable_checkpoint(ckpt_dir)
+        if state is None:
+            start, state = 0, init_state(setup, cfg.train.seed)
+            log.info("starting fresh in %s", run_dir)
+        else:
+            log.info("resuming from step %d (%s)", start, ckpt_dir / str(start))
+        if start >= cfg.train.steps:
+            log.info("this run already finished: checkpoint %d, train.steps=%d; nothing to train (raise train.steps "
+                     "to train on; lca-eval %s evaluates it)", start, cfg.train.steps, run_dir)
+            return {"final": {"step": start}, "run_dir": str(run_dir), "already_finished": True}
+        log.info("model: %s parameters, attention %r, mesh %s", f"{num_params(state['params']):,}", setup.kind,
+                 dict(mesh.shape))
+        compiled, flops = compile_step(setup)
+        is_main = jax.process_index() == 0
+        if is_main:
+            save_config(cfg, run_dir)
+        if ckpt is None and cfg.checkpoint.enabled:
+            ckpt = _checkpointer(cfg, ckpt_dir)
+        writer = MetricsWriter(run_dir, enabled=is_main)
+        try:
+            with StopSignals() as stops:
+                state, last = _steps(setup, compiled, flops, state, start, data, ckpt, writer, stops)
+            result = {"final": last, "run_dir": str(run_dir)}
+            if is_main:
+                result["loss_png"] = plot_loss_curve(run_dir)
+            if cfg.eval.at_end:
+                result["eval"] = evaluate(cfg, state["params"], setup, step=cfg.train.steps)
+        finally:
+            writer.close()
+        if ckpt is not None:
+            ckpt.wait()
+            result["checkpoints"] = ckpt.steps()
+        _log_outputs(cfg, result)
+        return result
+    finally:
+        if ckpt is not None:
+            ckpt.close()  # waits for the saves in flight, also when the run fails
+
+
+def _checkpointer(cfg: Config, directory: Path) -> Checkpointer:
+    c = cfg.checkpoint
+    return Checkpointer(directory, every=c.every, keep=c.keep, async_save=c.async_save)
+
+
+def _no_usable_checkpoint(ckpt_dir: Path) -> ConfigError:
+    return ConfigError(
+        f"no usable checkpoint is left in {ckpt_dir} (the unreadable ones are set aside there: "
+        f"{', '.join(set_aside_names(ckpt_dir)[:3])}); set checkpoint.restart_if_unusable=true to start again "
+        "at step 0 in this run_dir, or give a new run_dir."
     )
 
-    compiled, flops = compile_step(setup)
-    writer = MetricsWriter(run_dir, enabled=is_main)
-    bar = ProgressBar(cfg.train.steps, enabled=cfg.train.progress_bar and is_main)
+
+_all_finite = jax.jit(
+    lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                                    if jnp.issubdtype(x.dtype, jnp.inexact)]))
+)
+
+
+def _steps(setup: Setup, compiled, flops, state, start: int, data, ckpt, writer, stops: StopSignals):
+    """Steps ``start + 1 .. train.steps``; returns the last state and the last logged metrics."""
+    cfg = setup.cfg
+    total = cfg.train.steps
+    single = jax.process_count() == 1
+    bar = ProgressBar(total, enabled=cfg.train.progress_bar and jax.process_index() == 0)
     interval = _Interval(setup, flops)
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
     pending: list[tuple[int, dict]] = []
     last: dict = {}
-    for step in range(start, cfg.train.steps):
-        batch = to_global_batch(next(data), setup)
-        state, metrics = compiled(state, batch)
-        pending.append((step + 1, metrics))
-        interval.steps += 1
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            last = _flush(pending, interval, writer, cfg.train.steps)
-            bar.update(done, last["loss"])
-        if ckpt is not None and ckpt.should_save(done, final=done == cfg.train.steps):
-            ckpt.save(done, state, data)
-        if done == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-    bar.close()
-    if ckpt is not None:
-        ckpt.close()
-    writer.close()
-    result = {"final": last, "run_dir": str(run_dir)}
-    if is_main:
-        result["loss_png"] = plot_loss_curve(run_dir)
-    if cfg.eval.at_end:
-        from lca.train.evaluate import evaluate
+    saved = f"the last checkpoint, step {start}, stays in {ckpt.directory}" if start else "no checkpoint was saved"
+    try:
+        for step in range(start, total):
+            batch = to_global_batch(next(data), setup)
+            state, metrics = compiled(state, batch)
+            pending.append((step + 1, metrics))
+            interval.steps += 1
+            done = step + 1
+            # A signal is acted on after this step: at once with one process, at the next
+            # log line or save with several (they must agree, which takes a collective).
+            stop = stops.signum if single else None
+            save = ckpt is not None and ckpt.should_save(done, final=done == total or bool(stop))
+            if save or stop or done % cfg.train.log_every == 0 or done == total:
+                last = _flush(pending, interval, writer, total, saved)
+                bar.update(done, last["loss"])
+                if not single:
+                    stop = stops.agreed()
+                    save = ckpt is not None and ckpt.should_save(done, final=done == total or bool(stop))
+            if save:
+                if not bool(_all_finite(state)):
+                    raise RunStopped(f"the state after step {done} is not finite although its loss and gradient "
+                                     f"norm are; nothing was saved, {saved}; lower train.lr.", exit_code=1)
+                ckpt.save(done, state, data)
+                saved = f"the last checkpoint, step {done}, stays in {ckpt.directory}"
+            if done == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stop:
+                _stopped(stop, done, total, ckpt)
+    finally:
+        bar.close()
+    return state, last
 
-        result["eval"] = evaluate(cfg, state["params"], setup)
-    return result
+
+def _stopped(signum: int, done: int, total: int, ckpt) -> None:
+    name = StopSignals.describe(signum)
+    if ckpt is None:
+        where = "no checkpoint saved (checkpoint.enabled=false)"
+    else:
+        ckpt.wait()
+        where = f"checkpoint {done} saved in {ckpt.directory}; run the same command again to resume"
+    raise RunStopped(f"stopped by {name} after step {done} of {total}; {where}.", exit_code=128 + signum)
 
 
-def _flush(pending, interval: _Interval, writer: MetricsWriter, total: int) -> dict:
-    """Fetch the pending steps' metrics (one device sync), write them, log one line."""
+def _log_outputs(cfg: Config, result: dict) -> None:
+    """At the end, one place that says where everything went."""
+    if jax.process_index() != 0:
+        return
+    run_dir = Path(cfg.run_dir)
+    lines = [f"config        {run_dir / 'config.yaml'}", f"metrics       {run_dir / 'metrics.jsonl'}"]
+    if (run_dir / "tensorboard").is_dir():
+        lines.append(f"TensorBoard   tensorboard --logdir {run_dir / 'tensorboard'}")
+    if result.get("loss_png"):
+        lines.append(f"loss curve    {result['loss_png']}")
+    if "checkpoints" in result:
+        lines.append(f"checkpoints   {run_dir / 'checkpoints'} (steps {result['checkpoints']})")
+    if "eval" in result:
+        lines.append(f"evaluation    {result['eval']['out_dir']}")
+    log.info("outputs of this run:\n  %s", "\n  ".join(lines))
+
+
+def _flush(pending, interval: _Interval, writer: MetricsWriter, total: int, saved: str) -> dict:
+    """Fetch the pending steps' metrics (one device sync), write them, log one line; Diverged if not finite."""
     fetched = jax.device_get([m for _, m in pending])
     stats = interval.stats()
     for (step, _), metrics in zip(pending, fetched):
@@ -329,6 +269,9 @@ def _flush(pending, interval: _Interval, writer: MetricsWriter, total: int) -> d
     step = pending[-1][0]
     line = {**fetched[-1], **stats}
     log.info(format_line(step, total, line))
+    pending_steps = [s for s, _ in pending]
     pending.clear()
     interval.reset()
+    for step_done, metrics in zip(pending_steps, fetched):
+        check_finite(step_done, metrics, saved)
     return {"step": step, **{k: float(v) for k, v in line.items()}}

@@ -69,6 +69,24 @@ class MetricsWriter:
                 self._tb.close()
 
 
+def write_tensorboard(run_dir: str | Path, step: int, scalars: dict) -> bool:
+    """Add ``{"eval/name": value}`` scalars at ``step`` to ``run_dir/tensorboard`` (False without tensorboardX).
+
+    Its own event file in the training run's log folder, so TensorBoard shows them next to the training curves.
+    """
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return False
+    writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+    try:
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, float(value), step)
+    finally:
+        writer.close()
+    return True
+
+
 def format_line(step: int, total: int, m: dict) -> str:
     parts = [
         f"step {step}/{total}",
