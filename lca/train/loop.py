@@ -42,9 +42,11 @@ log = logging.getLogger("lca.train")
 
 # Fault injection for the resume tests: SIGKILL this process right after this step.
 KILL_AT_STEP_ENV = "LCA_FAULT_KILL_AT_STEP"
+# For the signal tests: after this step, wait (up to a minute) for a stop signal.
+PAUSE_AT_STEP_ENV = "LCA_FAULT_PAUSE_AT_STEP"
 
 __all__ = ["train", "build_mesh", "check_fits", "make_setup", "init_state", "compile_step", "abstract_batch",
-           "to_global_batch", "make_data_iterator", "KILL_AT_STEP_ENV"]
+           "to_global_batch", "make_data_iterator", "KILL_AT_STEP_ENV", "PAUSE_AT_STEP_ENV"]
 
 
 # --------------------------------------------------------------------------- batches
@@ -198,6 +200,7 @@ def _steps(setup: Setup, compiled, flops, state, start: int, data, ckpt, writer,
     bar = ProgressBar(total, enabled=cfg.train.progress_bar and jax.process_index() == 0)
     interval = _Interval(setup, flops)
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
+    pause_at = int(os.environ.get(PAUSE_AT_STEP_ENV, "0"))
     pending: list[tuple[int, dict]] = []
     last: dict = {}
     saved = f"the last checkpoint, step {start}, stays in {ckpt.directory}" if start else "no checkpoint was saved"
@@ -208,6 +211,8 @@ def _steps(setup: Setup, compiled, flops, state, start: int, data, ckpt, writer,
             pending.append((step + 1, metrics))
             interval.steps += 1
             done = step + 1
+            if done == pause_at:
+                _pause_for_signal(done, stops)
             # A signal is acted on after this step: at once with one process, at the next
             # log line or save with several (they must agree, which takes a collective).
             stop = stops.signum if single else None
@@ -231,6 +236,13 @@ def _steps(setup: Setup, compiled, flops, state, start: int, data, ckpt, writer,
     finally:
         bar.close()
     return state, last
+
+
+def _pause_for_signal(step: int, stops: StopSignals) -> None:
+    log.info("paused after step %d (%s) until a stop signal", step, PAUSE_AT_STEP_ENV)
+    deadline = time.monotonic() + 60
+    while stops.signum is None and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _stopped(signum: int, done: int, total: int, ckpt) -> None:

@@ -80,7 +80,8 @@ def check_resume(cfg: Config, run_dir: str | Path) -> None:
     if not path.is_file():
         return
     changes = config_changes(path.read_text(), cfg)
-    changes.pop(FORCE_KEY, None)
+    for key in (FORCE_KEY, "run_dir", "name"):  # where the run lives, not what it holds
+        changes.pop(key, None)
 
     def show(key):
         before, after = changes[key]

@@ -31,15 +31,20 @@ def tiny_config(run_dir, *overrides):
     return load_config("tiny", [f"run_dir={run_dir}", *overrides])
 
 
-def run_launcher(*args, devices: int = 8, env: dict | None = None, timeout: int = 300):
-    """``python -m launch.train ARGS`` in a fresh process sharing the compilation cache."""
-    full_env = {
+def launcher_env(env: dict | None = None) -> dict:
+    """The environment of a launcher subprocess: this checkout, the shared compilation cache, ``env``."""
+    return {
         **os.environ,
         "PYTHONPATH": str(REPO),
         "JAX_COMPILATION_CACHE_DIR": _CACHE,
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
         **(env or {}),
     }
+
+
+def run_launcher(*args, devices: int = 8, env: dict | None = None, timeout: int = 300):
+    """``python -m launch.train ARGS`` in a fresh process sharing the compilation cache."""
+    full_env = launcher_env(env)
     return subprocess.run(
         [sys.executable, "-m", "launch.train", *args, f"runtime.cpu_devices={devices}"],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,

@@ -12,5 +12,5 @@ def test_eval_cli_on_a_finished_run(finished_run, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 8 and 0 < summary["bits_per_byte"] < 20
     assert 0.0 <= summary["retrieval_accuracy"] <= 1.0
-    assert {p.name for p in (run_dir / "eval").iterdir()} >= {"summary.json", "passkey_retrieval.md",
-                                                              "passkey_retrieval.png"}
+    assert {p.name for p in (run_dir / "eval" / "step_8").iterdir()} >= {"summary.json", "passkey_retrieval.md",
+                                                                        "passkey_retrieval.png"}
