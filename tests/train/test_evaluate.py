@@ -14,3 +14,39 @@ def test_eval_cli_on_a_finished_run(finished_run, capsys):
     assert 0.0 <= summary["retrieval_accuracy"] <= 1.0
     assert {p.name for p in (run_dir / "eval" / "step_8").iterdir()} >= {"summary.json", "passkey_retrieval.md",
                                                                         "passkey_retrieval.png"}
+
+
+def test_eval_only_reads_checkpoints_and_keeps_each_steps_results(finished_run, tmp_path, capsys):
+    """A corrupt newest checkpoint is skipped, not moved; results go to eval/step_N/ and to TensorBoard."""
+    import shutil
+
+    reference, _ = finished_run
+    run_dir = tmp_path / "evaluated"
+    shutil.copytree(reference, run_dir, ignore=shutil.ignore_patterns("eval"))
+    victim = max((p for p in (run_dir / "checkpoints" / "8" / "state").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
+    events = set((run_dir / "tensorboard").iterdir())
+
+    overrides = ["eval.num_batches=1", "eval.batch=2", "eval.context_lengths=[256]", "eval.depths=[0.5]"]
+    assert eval_cli.main([str(run_dir), *overrides]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 6
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == before
+    assert [p.name for p in (run_dir / "eval").iterdir()] == ["step_6"]
+    assert set((run_dir / "tensorboard").iterdir()) > events  # eval/* scalars next to the training curves
+
+
+def test_eval_batches_are_split_over_processes():
+    """Each process reads its own rows; in process order they are the one-process batch."""
+    import numpy as np
+
+    from lca.data.pipeline import DataConfig, eval_batches
+
+    args = dict(seq_len=64, batch=4, num_batches=2, seed=3)
+    whole = eval_batches(DataConfig(), **args, process_index=0, process_count=1)
+    parts = [eval_batches(DataConfig(), **args, process_index=p, process_count=2) for p in range(2)]
+    for i, batch in enumerate(whole):
+        for key, rows in batch.items():
+            assert parts[0][i][key].shape[0] == 2
+            np.testing.assert_array_equal(np.concatenate([parts[0][i][key], parts[1][i][key]]), rows)
