@@ -116,7 +116,10 @@ def train(cfg: Config, *, data_iterator=None) -> dict:
     if data_iterator is None:
         check_data(cfg, splits=("train",))
     if cfg.eval.at_end:
-        check_eval(cfg, mesh)
+        try:
+            check_eval(cfg, mesh)
+        except ConfigError as err:
+            raise ConfigError(f"{err} (Or set eval.at_end=false to train without the final evaluation.)") from None
     run_dir = Path(cfg.run_dir)
     check_writable(run_dir)
     ckpt_dir = run_dir / "checkpoints"

@@ -97,8 +97,7 @@ def check_data(cfg: Config, *, splits: tuple[str, ...]) -> None:
     try:
         check_sources(cfg.data, splits=splits)
     except ValueError as err:
-        hint = " or set eval.at_end=false" if "eval" in splits and cfg.eval.at_end else ""
-        raise ConfigError(f"{err}{hint}".replace(".; or", "; or")) from None
+        raise ConfigError(str(err)) from None
 
 
 # --------------------------------------------------------------------------- state

@@ -60,6 +60,8 @@ def test_a_text_dir_without_enough_files(files, overrides, message, tmp_path, ca
     assert message in err and "split='all'" not in err
     if files:
         assert "data.eval_fraction" in err
+    if "eval.at_end=true" in overrides:
+        assert "eval.at_end=false" in err
     assert not run_dir.exists()
 
 

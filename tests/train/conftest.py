@@ -51,24 +51,28 @@ def run_launcher(*args, devices: int = 8, env: dict | None = None, timeout: int 
     )
 
 
+def start_launcher_processes(*args, processes: int = 2, devices: int = 4, env: dict | None = None):
+    """``python -m launch.train ARGS`` started as one multi-controller job of ``processes`` x ``devices`` CPU devices."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = launcher_env(env)
+    env.pop("XLA_FLAGS", None)
+    distributed = ["runtime.distributed=on", f"runtime.coordinator_address=127.0.0.1:{port}",
+                   f"runtime.num_processes={processes}", f"runtime.cpu_devices={devices}"]
+    return [
+        subprocess.Popen([sys.executable, "-m", "launch.train", *args, *distributed, f"runtime.process_id={i}"],
+                         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i in range(processes)
+    ]
+
+
 def run_launcher_processes(*args, processes: int = 2, devices: int = 4, timeout: int = 300):
     """``python -m launch.train ARGS`` as one multi-controller job of ``processes`` x ``devices`` CPU devices.
 
     Returns the processes' ``(returncode, stderr)``; kills any left when one fails or time runs out.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": _CACHE,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
-    env.pop("XLA_FLAGS", None)
-    distributed = ["runtime.distributed=on", f"runtime.coordinator_address=127.0.0.1:{port}",
-                   f"runtime.num_processes={processes}", f"runtime.cpu_devices={devices}"]
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "launch.train", *args, *distributed, f"runtime.process_id={i}"],
-                         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for i in range(processes)
-    ]
+    procs = start_launcher_processes(*args, processes=processes, devices=devices)
     deadline = time.monotonic() + timeout  # one budget for all of them
     try:
         logs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[1] for p in procs]

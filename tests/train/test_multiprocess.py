@@ -48,3 +48,41 @@ def test_two_processes_resume_a_one_process_run_past_a_corrupt_checkpoint(finish
     one = evaluate_run(run_dir)["perplexity"]
     assert two["tokens"] == one["tokens"]
     np.testing.assert_allclose(two["bits_per_byte"], one["bits_per_byte"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_process_after_the_same_step_with_a_checkpoint(tmp_path):
+    """Both processes get SIGTERM while paused after step 3: they agree, save checkpoint 3 and exit 143."""
+    import signal
+
+    from lca.train.loop import PAUSE_AT_STEP_ENV
+    from tests.train.conftest import start_launcher_processes
+
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 fake CPU devices of tests/conftest.py")
+    run_dir = tmp_path / "signalled"
+    procs = start_launcher_processes("tiny", f"run_dir={run_dir}", env={PAUSE_AT_STEP_ENV: "3"})
+    try:
+        logs = []
+        for proc in procs:
+            lines = []
+            for line in proc.stderr:
+                lines.append(line)
+                if "paused after step 3" in line:
+                    break
+            logs.append(lines)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc, lines in zip(procs, logs):
+            lines.append(proc.stderr.read())
+            proc.wait(timeout=120)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, lines in zip(procs, logs):
+        text = "".join(lines)
+        assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+        assert "lca-train: stopped by SIGTERM after step 3 of 8; checkpoint 3 saved" in text, text[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2", "3"]
