@@ -1,7 +1,9 @@
 """``lca-eval RUN_DIR [key=value ...]``: evaluate the newest checkpoint of a run.
 
-Writes bits per byte and the needle-retrieval grid (table + heatmap) to
-``RUN_DIR/eval/``. Overrides change the run's saved config, e.g.
+Reads the checkpoints only (an unreadable one is skipped, never moved). Writes bits
+per byte and the needle-retrieval grid (table + heatmap) of checkpoint N to
+``RUN_DIR/eval/step_N/``, and the headline numbers to TensorBoard. Overrides change
+the run's saved config, e.g.
 ``eval.context_lengths=[512,1024] eval.samples_per_cell=8``.
 """
 
