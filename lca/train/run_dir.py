@@ -79,7 +79,11 @@ def check_resume(cfg: Config, run_dir: str | Path) -> None:
     path = Path(run_dir) / RESOLVED_NAME
     if not path.is_file():
         return
-    changes = config_changes(path.read_text(), cfg)
+    try:
+        changes = config_changes(path.read_text(), cfg)
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read the run's saved config {path} ({type(err).__name__}); "
+                          "restore it or give a new run_dir.") from None
     for key in (FORCE_KEY, "run_dir", "name"):  # where the run lives, not what it holds
         changes.pop(key, None)
 

@@ -1,5 +1,6 @@
 """A run stops early without saving bad state: a diverged loss, SIGTERM or Ctrl-C."""
 
+import logging
 import signal
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def _train_until_paused(run_dir, pause_at):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
-def test_a_signal_saves_the_finished_step_and_the_run_resumes_exactly(sig, finished_run, tiny, tmp_path):
+def test_a_signal_saves_the_finished_step_and_the_run_resumes_exactly(sig, finished_run, tiny, tmp_path, caplog):
     from lca.train import train
 
     reference, _ = finished_run
@@ -95,9 +96,13 @@ def test_a_signal_saves_the_finished_step_and_the_run_resumes_exactly(sig, finis
         "run the same command again to resume."
     )
     assert "Traceback" not in rest
+    assert f"starting fresh in {run_dir}" in "".join(lines)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2", "3"]
 
-    train(tiny(run_dir))
+    with caplog.at_level(logging.INFO):
+        train(tiny(run_dir))
+    assert f"resuming from step 3 ({run_dir / 'checkpoints' / '3'})" in caplog.text
+    assert "outputs of this run" in caplog.text and str(run_dir / "metrics.jsonl") in caplog.text
     got = {s: r["loss"] for s, r in read_metrics(run_dir).items()}
     want = {s: r["loss"] for s, r in read_metrics(reference).items()}
     assert got == want
