@@ -288,7 +288,7 @@ def train(cfg: Config, *, data_iterator=None) -> dict:
 
     compiled, flops = compile_step(setup)
     writer = MetricsWriter(run_dir, enabled=is_main)
-    bar = ProgressBar(cfg.train.steps, enabled=cfg.train.progress_bar and is_main)
+    bar = ProgressBar(cfg.train.steps, initial=start, enabled=cfg.train.progress_bar and is_main)
     interval = _Interval(setup, flops)
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
     pending: list[tuple[int, dict]] = []
@@ -301,7 +301,7 @@ def train(cfg: Config, *, data_iterator=None) -> dict:
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             last = _flush(pending, interval, writer, cfg.train.steps)
-            bar.update(done, last["loss"])
+        bar.update(done, last.get("loss"))
         if ckpt is not None and ckpt.should_save(done, final=done == cfg.train.steps):
             ckpt.save(done, state, data)
         if done == kill_at:
