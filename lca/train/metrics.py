@@ -134,15 +134,15 @@ def plot_loss_curve(run_dir: str | Path) -> Path | None:
     if not records:
         return None
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone (notebooks)
     except ImportError:
         log.warning("matplotlib is not installed; no loss-curve PNG")
         return None
     steps = list(records)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.plot(steps, [records[s]["loss"] for s in steps])
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/token)")
@@ -151,5 +151,4 @@ def plot_loss_curve(run_dir: str | Path) -> Path | None:
     path = Path(run_dir) / "loss.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
