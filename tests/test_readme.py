@@ -37,7 +37,7 @@ import pytest
 from tests.fresh_env import REPO, copy_checkout, make_venv, user_env
 
 README = REPO / "README.md"
-SHELLS = ("bash", "sh", "shell", "console")
+SHELLS = ("bash", "sh", "shell")
 PYTHONS = ("python", "py", "python3")
 MARKERS = ("slow", "continues", "ci", "skip")
 FAST_TIMEOUT_S = 300  # an unmarked block over this is too slow for the default run: mark it slow
@@ -147,7 +147,8 @@ def user_checkout(tmp_path_factory):
 
 
 def report(block: Block, proc: subprocess.CompletedProcess, what: str) -> str:
-    return (f"README.md:{block.line} ({block.section}) {what}, exit code {proc.returncode}.\n"
+    return (f"README.md:{block.line} ({block.section}) {what}, exit code {proc.returncode}. Fix the README (or the "
+            f"code) so the block runs as written; if it takes minutes, mark it slow (see tests/test_readme.py).\n"
             f"--- block ---\n{block.code}--- stdout (tail) ---\n{proc.stdout[-4000:]}\n"
             f"--- stderr (tail) ---\n{proc.stderr[-6000:]}")
 
