@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,7 +26,21 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _shipped_config_dir() -> Path:
+    """The configs that ship with lca: the repository's top-level ``configs/``.
+
+    An installed wheel holds them as the package data ``lca.configs`` (setup.py maps
+    ``configs/`` there); a source checkout, editable install or ``PYTHONPATH`` run
+    reads the checkout's ``configs/`` next to the ``lca`` package.
+    """
+    package = Path(str(importlib.resources.files("lca")))
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+CONFIG_DIR = _shipped_config_dir()
 RESOLVED_NAME = "config.yaml"
 
 
@@ -204,8 +219,13 @@ class _unfrozen:
         OmegaConf.set_readonly(self.cfg, None)
 
 
+def shipped_configs() -> list[str]:
+    """The names of the configs that ship with lca (``lca-train NAME``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
 def find_config(name: str | Path) -> Path:
-    """A config path: as given if it exists, else ``configs/<name>[.yaml]``."""
+    """A config path: as given if it exists, else a shipped config ``configs/<name>[.yaml]``."""
     path = Path(name)
     candidates = [path, CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"]
     for candidate in candidates:
@@ -213,7 +233,7 @@ def find_config(name: str | Path) -> Path:
             return candidate
     raise ConfigError(
         f"config file {str(name)!r} not found (looked in the current directory and {CONFIG_DIR}); "
-        f"available: {sorted(p.stem for p in CONFIG_DIR.glob('*.yaml'))}."
+        f"available: {shipped_configs()}."
     )
 
 

@@ -79,30 +79,53 @@ def markdown_table(results: RetrievalResults, title: str) -> str:
     ])
 
 
-def write_retrieval_report(results: RetrievalResults, out_dir, *, title: str | None = None) -> ReportPaths:
-    """Write `<task>_retrieval.md` (table) and `<task>_retrieval.png` (heatmap, context length x depth) in out_dir."""
+# Heatmap geometry in inches: each grid cell, and the room around the cells for the
+# tick labels, axis labels, title and colorbar.
+CELL_SIZE = (0.9, 0.5)  # (per depth, per context length)
+MARGINS = (2.4, 1.3)  # (width, height)
+
+
+def heatmap_figure(results: RetrievalResults, title: str):
+    """The accuracy heatmap (context length x depth) as a matplotlib Figure sized to its grid."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's matplotlib backend alone
 
-    title = title or f"{results.task} retrieval accuracy"
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = out_dir / f"{results.task}_retrieval.md"
-    table.write_text(markdown_table(results, title))
-
-    fig = Figure(figsize=(1.2 + 0.9 * len(results.depths), 1.2 + 0.6 * len(results.context_lengths)))
+    rows, cols = results.accuracy.shape
+    fig = Figure(figsize=(MARGINS[0] + CELL_SIZE[0] * cols, MARGINS[1] + CELL_SIZE[1] * rows), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     image = ax.imshow(results.accuracy, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", origin="lower")
-    ax.set_xticks(range(len(results.depths)), [f"{d:.2f}" for d in results.depths])
-    ax.set_yticks(range(len(results.context_lengths)), [str(n) for n in results.context_lengths])
+    ax.set_xticks(range(cols), [f"{d:.2f}" for d in results.depths])
+    ax.set_yticks(range(rows), [str(n) for n in results.context_lengths])
     ax.set_xlabel("needle depth")
     ax.set_ylabel("context length (tokens)")
     ax.set_title(title)
     for (i, j), a in np.ndenumerate(results.accuracy):
         ax.text(j, i, f"{100 * a:.0f}", ha="center", va="center", fontsize=8)
     fig.colorbar(image, ax=ax, label="accuracy")
-    fig.tight_layout()
+    _grow_to_fit(fig)
+    return fig
+
+
+def _grow_to_fit(fig) -> None:
+    """Widen or heighten the figure until every label lies inside it (a long title over a small grid)."""
+    for _ in range(3):
+        fig.draw_without_rendering()
+        needed = fig.get_tightbbox()  # inches, the extent of everything drawn
+        width, height = fig.get_size_inches()
+        pad = 0.1
+        if needed.x0 >= 0 and needed.y0 >= 0 and needed.x1 <= width and needed.y1 <= height:
+            return
+        fig.set_size_inches(max(width, needed.width + 2 * pad), max(height, needed.height + 2 * pad))
+
+
+def write_retrieval_report(results: RetrievalResults, out_dir, *, title: str | None = None) -> ReportPaths:
+    """Write `<task>_retrieval.md` (table) and `<task>_retrieval.png` (heatmap, context length x depth) in out_dir."""
+    title = title or f"{results.task} retrieval accuracy"
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / f"{results.task}_retrieval.md"
+    table.write_text(markdown_table(results, title))
     heatmap = out_dir / f"{results.task}_retrieval.png"
-    fig.savefig(heatmap, dpi=120)
+    heatmap_figure(results, title).savefig(heatmap, dpi=120)
     return ReportPaths(table, heatmap)

@@ -1,5 +1,6 @@
 """Meshes, shardings and sequence permutations."""
 
+from lca.parallel.devices import use_cpu_devices
 from lca.parallel.layout import (
     LAYOUTS,
     from_layout,
@@ -28,6 +29,7 @@ __all__ = [
     "shard_to_layout",
     "striped_permutation",
     "to_layout",
+    "use_cpu_devices",
     "mark_varying",
     "varying_axes",
     "varying_like",

@@ -200,7 +200,7 @@ def _steps(setup: Setup, compiled, flops, state, start: int, data, ckpt, writer,
     cfg = setup.cfg
     total = cfg.train.steps
     single = jax.process_count() == 1
-    bar = ProgressBar(total, enabled=cfg.train.progress_bar and jax.process_index() == 0)
+    bar = ProgressBar(total, initial=start, enabled=cfg.train.progress_bar and jax.process_index() == 0)
     interval = _Interval(setup, flops)
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0"))
     pause_at = int(os.environ.get(PAUSE_AT_STEP_ENV, "0"))
@@ -222,10 +222,10 @@ def _steps(setup: Setup, compiled, flops, state, start: int, data, ckpt, writer,
             save = ckpt is not None and ckpt.should_save(done, final=done == total or bool(stop))
             if save or stop or done % cfg.train.log_every == 0 or done == total:
                 last = _flush(pending, interval, writer, total, saved)
-                bar.update(done, last["loss"])
                 if not single:
                     stop = stops.agreed()
                     save = ckpt is not None and ckpt.should_save(done, final=done == total or bool(stop))
+            bar.update(done, last.get("loss"))
             if save:
                 if not bool(_all_finite(state)):
                     raise RunStopped(f"the state after step {done} is not finite although its loss and gradient "

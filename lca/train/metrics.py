@@ -7,11 +7,15 @@ checkpoint, and readers take the last record of each step
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
 from pathlib import Path
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger("lca.train")
 
@@ -102,26 +106,32 @@ def format_line(step: int, total: int, m: dict) -> str:
 
 
 class ProgressBar:
-    """A one-line bar redrawn in place, only when stderr is a terminal."""
+    """A tqdm bar over the training steps, drawn only on a terminal.
 
-    def __init__(self, total: int, enabled: bool = True):
-        self.total = total
-        self.enabled = enabled and sys.stderr.isatty()
+    While it is open, log records to the console are printed above the bar
+    (tqdm's logging redirect), so log lines and the bar never share a line.
+    """
+
+    def __init__(self, total: int, *, initial: int = 0, enabled: bool = True, file=None):
+        file = sys.stderr if file is None else file
+        # disable=None: tqdm draws only when `file` is a terminal (not in CI logs or pipes).
+        self._bar = tqdm(total=total, initial=initial, unit="step", file=file, dynamic_ncols=True,
+                         disable=None if enabled else True)
+        self._redirect = contextlib.ExitStack()
+        if not self._bar.disable:
+            self._redirect.enter_context(logging_redirect_tqdm())
 
     def update(self, step: int, loss: float | None = None) -> None:
-        if not self.enabled:
+        """Move the bar to ``step`` (call it every step); ``loss`` when a new one is known."""
+        if self._bar.disable:
             return
-        width = 30
-        filled = int(width * step / max(self.total, 1))
-        text = f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total}"
         if loss is not None:
-            text += f" loss {loss:.4f}"
-        sys.stderr.write(text)
-        sys.stderr.flush()
+            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        self._bar.update(step - self._bar.n)
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+        self._bar.close()
+        self._redirect.close()
 
 
 def read_metrics(run_dir: str | Path) -> dict[int, dict]:
@@ -142,15 +152,15 @@ def plot_loss_curve(run_dir: str | Path) -> Path | None:
     if not records:
         return None
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone (notebooks)
     except ImportError:
         log.warning("matplotlib is not installed; no loss-curve PNG")
         return None
     steps = list(records)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.plot(steps, [records[s]["loss"] for s in steps])
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/token)")
@@ -159,5 +169,4 @@ def plot_loss_curve(run_dir: str | Path) -> Path | None:
     path = Path(run_dir) / "loss.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

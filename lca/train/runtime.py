@@ -6,6 +6,7 @@ import logging
 import os
 
 from lca.config import ConfigError, RuntimeConfig
+from lca.parallel.devices import use_cpu_devices
 
 log = logging.getLogger("lca.train")
 
@@ -14,22 +15,21 @@ _MULTI_PROCESS_HINTS = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRES
 
 
 def set_cpu_devices(count: int) -> None:
-    """Run on ``count`` fake CPU devices. Must be called before JAX initialises a backend."""
+    """``runtime.cpu_devices``: run on ``count`` fake CPU devices (0: leave JAX's devices alone).
+
+    Must be called before JAX initialises a backend; the launchers do.
+    """
     if count <= 0:
         return
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={count}"])
-    import jax
-
     try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:  # JAX already started; fine if it has the devices asked for
-        if jax.device_count() != count:
-            raise ConfigError(
-                f"runtime.cpu_devices={count} but JAX already started with {jax.device_count()} devices; "
-                "set it before JAX initialises (the launchers do), or set runtime.cpu_devices=0."
-            ) from None
+        use_cpu_devices(count)
+    except RuntimeError:
+        import jax
+
+        raise ConfigError(
+            f"runtime.cpu_devices={count} but JAX already started with {jax.device_count()} devices; "
+            "set it before JAX initialises (the launchers do), or set runtime.cpu_devices=0."
+        ) from None
 
 
 def is_multi_process_env() -> bool:
