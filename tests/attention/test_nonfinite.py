@@ -126,3 +126,16 @@ def test_ring_steps_do_not_leak(impl, name):
     ring = functools.partial(ring_attention, mesh=mesh, layout="contiguous", impl=impl,
                              block_q=block, block_kv=block)
     _check(ring, name, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_mosaic_gpu_forward_does_not_leak():
+    """The Hopper forward (Mosaic GPU interpret mode) gets the same operands as every kernel."""
+    q, k, v = (jax.random.normal(key, (1, 128, 2, 64)) for key in jax.random.split(jax.random.PRNGKey(1), 3))
+    bad_k, bad_v = k.at[:, 70, :, 3].set(jnp.nan), v.at[:, 100, :, 5].set(jnp.inf)
+    attention = functools.partial(flash_attention, causal=True, block_q=64, block_kv=64,
+                                  backend="mosaic_gpu", return_lse=True)
+    (out, lse), (c_out, c_lse) = attention(q, bad_k, bad_v), attention(q, k, v)
+    np.testing.assert_allclose(out[:, :70], c_out[:, :70], atol=1e-6)
+    np.testing.assert_allclose(lse[..., :70], c_lse[..., :70], atol=1e-6)
+    assert not np.isfinite(out[:, 70:]).all()
