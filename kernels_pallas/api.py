@@ -26,24 +26,26 @@ interpreted (``interpret`` is forced on).
 The two pure functions :func:`kernel_forward` / :func:`kernel_backward` have
 the signatures of ``lca.attention.blockwise_forward`` / ``blockwise_backward``
 (explicit positions, float32 results, backward from the *final* out/lse), so
-ring attention can use them per step.
+ring attention can use them per step. A NaN or inf in a key or value reaches
+only the queries that see it (see ``lca.attention.nonfinite``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 
 from kernels_pallas import blocks as blocks_lib
 from kernels_pallas import tiles
-from kernels_pallas.blocks import FlashBlockSizes
 from kernels_pallas.gpu import portable
-from lca.attention import inputs
+from lca.attention import inputs, nonfinite
+from lca.attention.blocks import BlockSizes
 from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask
+from lca.attention.tiling import Tiling
+from lca.attention.vjp import attention_vjp
 
 
 def default_backend(device=None) -> str:
@@ -66,7 +68,7 @@ class KernelConfig:
 
     mask: Mask
     logit: LogitOptions
-    blocks: FlashBlockSizes
+    blocks: BlockSizes  # every field resolved (``blocks_lib.resolve``)
     backend: str
     interpret: bool
 
@@ -83,9 +85,9 @@ def _backend_module(backend: str):
     return portable
 
 
-def _prepare(q_pos, kv_pos, q_seg, kv_seg, q_len, kv_len, cfg: KernelConfig):
-    tiling = tiles.Tiling.of(q_len, kv_len, cfg.blocks)
-    plan = tiles.plan(q_pos, kv_pos, tiling, cfg.mask)
+def _prepare(q_pos, kv_pos, q_seg, kv_seg, q_len, kv_len, blocks: BlockSizes, mask: Mask):
+    tiling = Tiling.of(q_len, kv_len, blocks)
+    plan = tiles.plan(q_pos, kv_pos, tiling, mask)
     q_seg, kv_seg = tiles.pad_segments(q_seg, kv_seg, tiling)
     return tiling, plan, q_seg, kv_seg
 
@@ -102,12 +104,12 @@ def kernel_forward(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, *, cfg: Kern
       ``out [b, q_len, h, d]`` in ``out_dtype`` and ``lse [b, h, q_len]`` float32.
     """
     q_len, kv_len = q.shape[1], k.shape[1]
-    tiling, plan, q_seg, kv_seg = _prepare(q_pos, kv_pos, q_seg, kv_seg, q_len, kv_len, cfg)
+    tiling, plan, q_seg, kv_seg = _prepare(q_pos, kv_pos, q_seg, kv_seg, q_len, kv_len,
+                                           cfg.blocks, cfg.mask)
+    # Non-finite keys reach only the rows that see them (see lca.attention.nonfinite).
+    k, v = nonfinite.forward_operands(k, v)
     out, lse = _backend_module(cfg.backend).forward(
-        tiles.pad_axis(q, 1, tiling.q_padded),
-        tiles.pad_axis(k, 1, tiling.kv_padded),
-        tiles.pad_axis(v, 1, tiling.kv_padded),
-        plan, q_seg, kv_seg,
+        tiling.pad_q(q), tiling.pad_kv(k), tiling.pad_kv(v), plan, q_seg, kv_seg,
         tiling=tiling, mask=cfg.mask, logit=cfg.logit, out_dtype=out_dtype,
         interpret=cfg.interpret,
     )
@@ -121,7 +123,8 @@ def kernel_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse=
     ``out, dout [b, q_len, h, d]``; ``lse, dlse [b, h, q_len]`` (dlse may be None).
     """
     q_len, kv_len = q.shape[1], k.shape[1]
-    tiling, plan, q_seg, kv_seg = _prepare(q_pos, kv_pos, q_seg, kv_seg, q_len, kv_len, cfg)
+    tiling, plan, q_seg, kv_seg = _prepare(q_pos, kv_pos, q_seg, kv_seg, q_len, kv_len,
+                                           cfg.blocks.backward, cfg.mask)
     # FlashAttention-2: ds = p * (dp - delta) with delta = rowsum(dout * out); an lse
     # cotangent adds p * dlse to ds, i.e. subtracts dlse from delta.
     delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32), out.astype(jnp.float32))
@@ -129,44 +132,29 @@ def kernel_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse=
         delta = delta - dlse.astype(jnp.float32)
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # empty rows: every logit is -inf anyway
     dout = dout.astype(q.dtype)
+    k, v = nonfinite.backward_operands(k, v)
     dq, dk, dv = _backend_module(cfg.backend).backward(
-        tiles.pad_axis(q, 1, tiling.q_padded),
-        tiles.pad_axis(k, 1, tiling.kv_padded),
-        tiles.pad_axis(v, 1, tiling.kv_padded),
-        tiles.pad_axis(dout, 1, tiling.q_padded),
-        tiles.pad_axis(lse, 2, tiling.q_padded),
-        tiles.pad_axis(delta, 2, tiling.q_padded),
-        plan, q_seg, kv_seg,
+        tiling.pad_q(q), tiling.pad_kv(k), tiling.pad_kv(v), tiling.pad_q(dout),
+        tiling.pad_q(lse, 2), tiling.pad_q(delta, 2), plan, q_seg, kv_seg,
         tiling=tiling, mask=cfg.mask, logit=cfg.logit, interpret=cfg.interpret,
     )
     return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: KernelConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+def _flash_forward(cfg: KernelConfig, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     return kernel_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, cfg=cfg, out_dtype=q.dtype)
 
 
-def _flash_fwd(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    out, lse = _flash(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+def _flash_backward(cfg: KernelConfig, *args):
+    return kernel_backward(*args, cfg=cfg)
 
 
-def _flash_bwd(cfg, residuals, cotangents):
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
-    dout, dlse = cotangents
-    dq, dk, dv = kernel_backward(
-        q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse, cfg=cfg
-    )
-    no_grad = jax.tree.map(lambda _: None, (q_pos, kv_pos, q_seg, kv_seg))
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+# ``(out in q.dtype, lse f32)``, differentiable by the kernels' backward.
+_flash = attention_vjp(_flash_forward, _flash_backward)
 
 
 def resolve_config(head_dim: int, q_len: int, kv_len: int, *, mask: Mask, logit: LogitOptions,
-                   block_q=None, block_kv=None, backend: str = "auto",
+                   blocks: BlockSizes | None = None, backend: str = "auto",
                    interpret: bool = False, dtype=None) -> KernelConfig:
     """Validate the backend, interpret flag, input dtype and block sizes of one call."""
     if backend == "auto":
@@ -181,7 +169,7 @@ def resolve_config(head_dim: int, q_len: int, kv_len: int, *, mask: Mask, logit:
     blocks_lib.check_head_dim(head_dim, backend, interpret)
     if dtype is not None:
         blocks_lib.check_dtype(dtype, backend, interpret)
-    blocks = blocks_lib.resolve(block_q, block_kv, q_len, kv_len, backend, interpret, head_dim)
+    blocks = blocks_lib.resolve(blocks, q_len, kv_len, backend, interpret, head_dim)
     return KernelConfig(mask, logit, blocks, backend, interpret)
 
 
@@ -229,7 +217,7 @@ def flash_attention(
         d, q_len, kv_len,
         mask=inputs.make_mask(causal, window),
         logit=inputs.logit_options(d, scale, softcap),
-        block_q=block_q, block_kv=block_kv, backend=backend, interpret=interpret,
+        blocks=BlockSizes(block_q, block_kv), backend=backend, interpret=interpret,
         dtype=q.dtype,
     )
     q_seg, kv_seg = segs if segs is not None else (None, None)

@@ -1,4 +1,4 @@
-"""Kernel block sizes: one small frozen dataclass, per-backend defaults and checks.
+"""Kernel block sizes: per-backend defaults and checks of :class:`lca.attention.BlockSizes`.
 
 A kernel tile is ``block_q`` queries by ``block_kv`` keys of one head. Lengths
 the blocks do not divide are padded and the padding is masked, so any sequence
@@ -19,9 +19,9 @@ Backend rules (checked with a ``ValueError`` naming what would work):
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
+
+from lca.attention.blocks import BlockSizes
 
 BACKENDS = ("gpu_portable", "mosaic_gpu", "tpu")
 
@@ -32,22 +32,12 @@ MOSAIC_GPU_STAGES = 2  # key blocks in flight in the Mosaic GPU forward's TMA pi
 _MOSAIC_GPU_SMEM = 227 * 1024  # bytes of shared memory per block on sm_90
 
 
-@dataclasses.dataclass(frozen=True)
-class FlashBlockSizes:
-    """``block_q`` queries by ``block_kv`` keys per kernel tile."""
-
-    block_q: int
-    block_kv: int
-
-    def __post_init__(self):
-        for name in ("block_q", "block_kv"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
-
-    @classmethod
-    def default(cls, backend: str) -> "FlashBlockSizes":
-        return cls(*_DEFAULTS[backend])
+def default_blocks(backend: str, head_dim: int | None = None) -> BlockSizes:
+    """The ``backend``'s sizes for what a caller leaves as None."""
+    block_q, block_kv = _DEFAULTS[backend]
+    if backend == "mosaic_gpu" and head_dim is not None and head_dim > 128:
+        block_kv = 64  # K/V stages must fit in SMEM
+    return BlockSizes(block_q, block_kv)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -112,7 +102,7 @@ def check_dtype(dtype, backend: str, interpret: bool) -> None:
         )
 
 
-def _check_smem(blocks: FlashBlockSizes, head_dim: int) -> None:
+def _check_smem(blocks: BlockSizes, head_dim: int) -> None:
     bq, bk, d = blocks.block_q, blocks.block_kv, head_dim
     # 16-bit Q, K/V stages and P tiles, and the output tile (at most float32).
     needed = 2 * (bq * d + 2 * MOSAIC_GPU_STAGES * bk * d + bq * bk) + 4 * bq * d
@@ -124,25 +114,23 @@ def _check_smem(blocks: FlashBlockSizes, head_dim: int) -> None:
         )
 
 
-def resolve(block_q, block_kv, q_len: int, kv_len: int, backend: str, interpret: bool,
-            head_dim: int | None = None):
-    """Validated ``FlashBlockSizes`` for one call: defaults filled in, clamped to the lengths."""
-    default = FlashBlockSizes.default(backend)
-    if backend == "mosaic_gpu" and block_kv is None and head_dim is not None and head_dim > 128:
-        default = FlashBlockSizes(default.block_q, 64)  # K/V stages must fit in SMEM
-    blocks = FlashBlockSizes(
-        default.block_q if block_q is None else block_q,
-        default.block_kv if block_kv is None else block_kv,
-    )
-    _check_block("block_q", blocks.block_q, backend, interpret)
-    _check_block("block_kv", blocks.block_kv, backend, interpret)
+def resolve(blocks: BlockSizes | None, q_len: int, kv_len: int, backend: str, interpret: bool,
+            head_dim: int | None = None) -> BlockSizes:
+    """Validated sizes for one call: defaults filled in, checked, clamped to the lengths.
 
-    def clamp(block: int, length: int) -> int:
+    Every field is set in the result; the backward's sizes default to the forward's.
+    """
+    blocks = (blocks or BlockSizes()).or_defaults(default_blocks(backend, head_dim))
+    blocks = blocks.or_defaults(BlockSizes(block_q_bwd=blocks.block_q, block_kv_bwd=blocks.block_kv))
+
+    def check_and_clamp(name: str, block: int) -> int:
+        _check_block(name, block, backend, interpret)
+        length = q_len if name.startswith("block_q") else kv_len
         if backend in ("gpu_portable", "mosaic_gpu"):
             return min(block, max(_ALIGN[backend], _next_pow2(length)))
         return min(block, _round_up(length, _ALIGN[backend]))
 
-    blocks = FlashBlockSizes(clamp(blocks.block_q, q_len), clamp(blocks.block_kv, kv_len))
+    blocks = blocks.map(check_and_clamp)
     if backend == "mosaic_gpu" and head_dim is not None:
-        _check_smem(blocks, head_dim)
+        _check_smem(blocks, head_dim)  # the Mosaic GPU kernel is the forward only
     return blocks

@@ -11,8 +11,8 @@
 so ring/Ulysses/USP steps run the fused kernels on a chunk anywhere in the global
 sequence (positions decide the mask). The backend is the one ``"auto"`` picks for
 the first device; on CPU the kernels run in interpret mode automatically.
-``blocks`` may be an ``lca.attention.BlockSizes``/``FlashBlockSizes`` or None
-(the backend's defaults).
+``blocks`` is an ``lca.attention.BlockSizes`` or None; None and None fields take
+the backend's defaults.
 """
 
 from __future__ import annotations
@@ -22,11 +22,8 @@ from lca.attention.impl import LocalImpl, register_impl
 
 
 def _config(q, k, mask, logit, blocks) -> api.KernelConfig:
-    block_q = None if blocks is None else blocks.block_q
-    block_kv = None if blocks is None else blocks.block_kv
     return api.resolve_config(
-        q.shape[-1], q.shape[1], k.shape[1], mask=mask, logit=logit,
-        block_q=block_q, block_kv=block_kv, dtype=q.dtype,
+        q.shape[-1], q.shape[1], k.shape[1], mask=mask, logit=logit, blocks=blocks, dtype=q.dtype,
     )
 
 

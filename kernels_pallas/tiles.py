@@ -1,7 +1,7 @@
-"""Tiling of one kernel call: padding, per-block position ranges and the block-skip plan.
+"""The block-skip plan of one kernel call, from per-block position ranges.
 
-Kernels see padded arrays (lengths rounded up to the blocks; padded keys are
-masked by index, padded queries are dropped) and a :class:`BlockPlan` computed
+Kernels see arrays padded to whole blocks (:class:`lca.attention.tiling.Tiling`;
+padded keys are masked by index, padded queries are dropped) and a :class:`BlockPlan` computed
 here in plain JAX from the token positions:
 
 * ``vis [nq, nk]`` int32: 1 where query block ``i`` may see key block ``j``
@@ -23,41 +23,12 @@ its visible key blocks, so holes are never even fetched.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax.numpy as jnp
 
-from kernels_pallas.blocks import FlashBlockSizes
-from lca.attention.blockwise import pad_axis  # noqa: F401  (re-exported for the kernels)
 from lca.attention.mask import Mask
-
-
-@dataclasses.dataclass(frozen=True)
-class Tiling:
-    q_len: int
-    kv_len: int
-    block_q: int
-    block_kv: int
-
-    @classmethod
-    def of(cls, q_len: int, kv_len: int, blocks: FlashBlockSizes) -> "Tiling":
-        return cls(q_len, kv_len, blocks.block_q, blocks.block_kv)
-
-    @property
-    def num_q(self) -> int:
-        return -(-self.q_len // self.block_q)
-
-    @property
-    def num_kv(self) -> int:
-        return -(-self.kv_len // self.block_kv)
-
-    @property
-    def q_padded(self) -> int:
-        return self.num_q * self.block_q
-
-    @property
-    def kv_padded(self) -> int:
-        return self.num_kv * self.block_kv
+from lca.attention.tiling import Tiling, pad_axis
 
 
 class BlockPlan(NamedTuple):
@@ -68,6 +39,34 @@ class BlockPlan(NamedTuple):
     kv_last: jnp.ndarray  # [nq] int32
     q_first: jnp.ndarray  # [nk] int32
     q_last: jnp.ndarray  # [nk] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelGrid:
+    """What a kernel's grid and block specs derive from (one subclass per kernel family).
+
+    A query-major kernel (forward, dQ) gives each program one query tile; a
+    key-major one (dK/dV) one key tile. Subclasses set ``HEADS_AXIS`` (their
+    array layout) and build ``queries()``, ``keys()`` and ``query_rows()`` specs.
+    """
+
+    HEADS_AXIS: ClassVar[int]
+
+    tiling: Tiling
+    group: int  # query heads per KV head
+    head_dim: int
+    key_major: bool
+
+    @classmethod
+    def of(cls, tiling: Tiling, q, k, *, key_major: bool):
+        """From ``q`` and ``k`` in the family's layout."""
+        return cls(tiling, q.shape[cls.HEADS_AXIS] // k.shape[cls.HEADS_AXIS], q.shape[-1],
+                   key_major)
+
+    def gradient_inputs(self, q, k, v, do, lse, delta):
+        """``[(array, spec)]`` of the tensors both backward kernels read."""
+        return [(q, self.queries()), (k, self.keys()), (v, self.keys()), (do, self.queries()),
+                (lse, self.query_rows()), (delta, self.query_rows())]
 
 
 def _first_last(vis, axis: int):
@@ -84,10 +83,8 @@ def _first_last(vis, axis: int):
 
 def plan(q_pos, kv_pos, tiling: Tiling, mask: Mask) -> BlockPlan:
     """The block-skip plan of one call from ``q_pos [q_len]`` and ``kv_pos [kv_len]``."""
-    q_pos = pad_axis(q_pos.astype(jnp.int32), 0, tiling.q_padded, mode="edge")
-    kv_pos = pad_axis(kv_pos.astype(jnp.int32), 0, tiling.kv_padded, mode="edge")
-    q_blk = q_pos.reshape(tiling.num_q, tiling.block_q)
-    kv_blk = kv_pos.reshape(tiling.num_kv, tiling.block_kv)
+    q_blk = tiling.q_position_blocks(q_pos)
+    kv_blk = tiling.kv_position_blocks(kv_pos)
     if mask.is_full:
         vis = jnp.ones((tiling.num_q, tiling.num_kv), bool)
     else:
@@ -97,7 +94,8 @@ def plan(q_pos, kv_pos, tiling: Tiling, mask: Mask) -> BlockPlan:
         vis = jnp.broadcast_to(vis, (tiling.num_q, tiling.num_kv))
     kv_first, kv_last = _first_last(vis, axis=1)
     q_first, q_last = _first_last(vis, axis=0)
-    return BlockPlan(q_pos, kv_pos, vis.astype(jnp.int32), kv_first, kv_last, q_first, q_last)
+    return BlockPlan(q_blk.reshape(-1), kv_blk.reshape(-1), vis.astype(jnp.int32), kv_first, kv_last,
+                     q_first, q_last)
 
 
 def pad_segments(q_seg, kv_seg, tiling: Tiling):
@@ -105,8 +103,8 @@ def pad_segments(q_seg, kv_seg, tiling: Tiling):
     if q_seg is None:
         return None, None
     return (
-        pad_axis(q_seg.astype(jnp.int32), 1, tiling.q_padded, mode="edge"),
-        pad_axis(kv_seg.astype(jnp.int32), 1, tiling.kv_padded, mode="edge"),
+        tiling.pad_q(q_seg.astype(jnp.int32), 1, mode="edge"),
+        tiling.pad_kv(kv_seg.astype(jnp.int32), 1, mode="edge"),
     )
 
 

@@ -50,9 +50,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels_pallas import block_math
 from kernels_pallas.blocks import MOSAIC_GPU_STAGES as STAGES
 from kernels_pallas.gpu.portable import backward
-from kernels_pallas.tiles import BlockPlan, Tiling, block_lists
+from kernels_pallas.tiles import BlockPlan, block_lists
 from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask
+from lca.attention.tiling import Tiling
 from lca.parallel.vma import varying_struct
 
 __all__ = ["STAGES", "backward", "forward"]

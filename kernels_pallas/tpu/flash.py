@@ -24,7 +24,6 @@ TPU correctness is tested on CPU through the TPU interpret mode only
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from einops import rearrange
 from jax import lax
@@ -32,9 +31,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import block_math
-from kernels_pallas.tiles import BlockPlan, Tiling
+from kernels_pallas.tiles import BlockPlan, KernelGrid
 from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask
+from lca.attention.tiling import Tiling
 from lca.parallel.vma import varying_struct
 
 
@@ -64,21 +64,112 @@ def _key_valid(tiling: Tiling, j):
     return idx < tiling.kv_len
 
 
-def _token_inputs(plan: BlockPlan, q_seg, kv_seg, q_block_index, kv_block_index, tiling):
-    """Specs and arrays for positions (and segments): query columns, key rows."""
-    bq, bk = tiling.block_q, tiling.block_kv
-    specs = [
-        pl.BlockSpec((bq, 1), lambda *g: (q_block_index(*g), 0)),
-        pl.BlockSpec((1, bk), lambda *g: (0, kv_block_index(*g))),
-    ]
-    arrays = [plan.q_pos[:, None], plan.kv_pos[None, :]]
-    if q_seg is not None:
-        specs += [
-            pl.BlockSpec((None, bq, 1), lambda *g: (g[0], q_block_index(*g), 0)),
-            pl.BlockSpec((None, 1, bk), lambda *g: (g[0], 0, kv_block_index(*g))),
+class _Grid(KernelGrid):
+    """Grid and block specs of one TPU kernel, arrays ``[b, heads, T, d]``.
+
+    Index maps get ``(*grid indices, vis, first, last)``. Query-major (forward,
+    dQ): grid ``(b, h, nq, nk)``, the key index streams inside ``[first, last]``
+    of query block ``i``. Key-major (dK/dV): grid ``(b, h_kv, nk, group * nq)``,
+    the innermost index ``t = g * nq + i`` walks the group's query heads and
+    their query blocks inside ``[first, last]`` of key block ``j``.
+    """
+
+    HEADS_AXIS = 1
+
+    def shape(self, b: int, heads: int):
+        t = self.tiling
+        if self.key_major:
+            return (b, heads, t.num_kv, self.group * t.num_q)
+        return (b, heads, t.num_q, t.num_kv)
+
+    def schedule(self, vis_ref, first_ref, last_ref, *, init, step, finish):
+        """One program's grid step: ``init()`` at the first, ``step(kv_block)`` on a visible
+        block of ``[first, last]``, ``finish()`` at the last (the accumulators live in VMEM)."""
+        own, t = pl.program_id(2), pl.program_id(3)
+        other = t % self.tiling.num_q if self.key_major else t
+        vis = vis_ref[other, own] if self.key_major else vis_ref[own, other]
+        pl.when(t == 0)(init)
+        run = (other >= first_ref[own]) & (other <= last_ref[own]) & (vis != 0)
+        pl.when(run)(lambda: step(own if self.key_major else t))
+        steps = self.group * self.tiling.num_q if self.key_major else self.tiling.num_kv
+        pl.when(t == steps - 1)(finish)
+
+    def q_index(self, bi, hi, a, c, vis=None, first=None, last=None):
+        if self.key_major:
+            return _clamp(c % self.tiling.num_q, first[a], last[a])
+        return a
+
+    def kv_index(self, bi, hi, a, c, vis=None, first=None, last=None):
+        if self.key_major:
+            return a
+        return _clamp(c, first[a], last[a])
+
+    def _q_head(self, g):
+        return g[1] * self.group + g[3] // self.tiling.num_q if self.key_major else g[1]
+
+    def _kv_head(self, g):
+        return g[1] if self.key_major else g[1] // self.group
+
+    def queries(self):
+        """``[b, h, Tq, d]`` arrays: q, dout, out."""
+        return pl.BlockSpec((None, None, self.tiling.block_q, self.head_dim),
+                            lambda *g: (g[0], self._q_head(g), self.q_index(*g), 0))
+
+    def query_rows(self):
+        """``[b, h, Tq, 1]`` per-query statistics: lse, delta."""
+        return pl.BlockSpec((None, None, self.tiling.block_q, 1),
+                            lambda *g: (g[0], self._q_head(g), self.q_index(*g), 0))
+
+    def keys(self):
+        """``[b, h_kv, Tk, d]`` arrays: k, v, dk, dv."""
+        return pl.BlockSpec((None, None, self.tiling.block_kv, self.head_dim),
+                            lambda *g: (g[0], self._kv_head(g), self.kv_index(*g), 0))
+
+    def token_inputs(self, plan: BlockPlan, q_seg, kv_seg):
+        """``[(array, spec)]`` of positions (and segments): query columns, key rows."""
+        bq, bk = self.tiling.block_q, self.tiling.block_kv
+        inputs = [
+            (plan.q_pos[:, None], pl.BlockSpec((bq, 1), lambda *g: (self.q_index(*g), 0))),
+            (plan.kv_pos[None, :], pl.BlockSpec((1, bk), lambda *g: (0, self.kv_index(*g)))),
         ]
-        arrays += [q_seg[:, :, None], kv_seg[:, None, :]]
-    return specs, arrays
+        if q_seg is not None:
+            inputs += [
+                (q_seg[:, :, None],
+                 pl.BlockSpec((None, bq, 1), lambda *g: (g[0], self.q_index(*g), 0))),
+                (kv_seg[:, None, :],
+                 pl.BlockSpec((None, 1, bk), lambda *g: (g[0], 0, self.kv_index(*g)))),
+            ]
+        return inputs
+
+
+def _call(kernel, grid: _Grid, shape, plan: BlockPlan, tensors, tokens, outputs, scratch, *,
+          name, interpret):
+    """``pallas_call`` of ``kernel(vis, first, last, *tensor_refs, token_refs, *out_refs, *scratch)``.
+
+    ``vis``/``first``/``last`` (the program's own side) are scalar-prefetched into
+    SMEM; ``tensors``/``tokens``: ``[(array, spec)]``; ``outputs``: ``[(struct, spec)]``.
+    """
+    n_in, n_tok = len(tensors), len(tokens)
+
+    def body(vis, first, last, *refs):
+        kernel(vis, first, last, *refs[:n_in], refs[n_in:n_in + n_tok], *refs[n_in + n_tok:])
+
+    first, last = (plan.q_first, plan.q_last) if grid.key_major else (plan.kv_first, plan.kv_last)
+    inputs = tensors + tokens
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3,
+        grid=shape,
+        in_specs=[spec for _, spec in inputs],
+        out_specs=[spec for _, spec in outputs],
+        scratch_shapes=scratch,
+    )
+    return pl.pallas_call(
+        body,
+        grid_spec=grid_spec,
+        out_shape=[struct for struct, _ in outputs],
+        name=name,
+        **_call_options(interpret, len(shape)),
+    )(plan.vis, first, last, *[array for array, _ in inputs])
 
 
 def _tile_visible(mask, tiling, j, tok_refs):
@@ -91,33 +182,18 @@ def _tile_visible(mask, tiling, j, tok_refs):
 def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Mask,
             logit: LogitOptions, out_dtype, interpret: bool):
     """``(out [b, Tq, h, d] out_dtype, lse [b, h, Tq] f32)`` on padded inputs."""
-    b, tq, h, d = q.shape
-    h_kv = k.shape[2]
-    group = h // h_kv
-    bq, bk, nq, nk = tiling.block_q, tiling.block_kv, tiling.num_q, tiling.num_kv
-    n_tok = 2 if q_seg is None else 4
+    q, k, v = _bhtd(q), _bhtd(k), _bhtd(v)
+    b, h, tq, d = q.shape
+    grid = _Grid.of(tiling, q, k, key_major=False)
 
-    def kv_index(bi, hi, i, j, vis, first, last):
-        return _clamp(j, first[i], last[i])
-
-    def q_index(bi, hi, i, j, *_):
-        return i
-
-    def kernel(vis_ref, first_ref, last_ref, q_ref, k_ref, v_ref, *rest):
-        tok_refs = rest[:n_tok]
-        o_ref, lse_ref, m_ref, l_ref, acc_ref = rest[n_tok:]
-        i, j = pl.program_id(2), pl.program_id(3)
-
-        @pl.when(j == 0)
-        def _init():
+    def kernel(vis_ref, first_ref, last_ref, q_ref, k_ref, v_ref, tok_refs, o_ref, lse_ref,
+               m_ref, l_ref, acc_ref):
+        def init():
             m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
             l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
             acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-        run = (j >= first_ref[i]) & (j <= last_ref[i]) & (vis_ref[i, j] != 0)
-
-        @pl.when(run)
-        def _step():
+        def step(j):
             ok = _tile_visible(mask, tiling, j, tok_refs)
             s, _ = block_math.logits(q_ref[...], k_ref[...], logit, ok)
             m, l, acc = block_math.online_softmax_step(
@@ -125,72 +201,36 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
             )
             m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
 
-        @pl.when(j == nk - 1)
-        def _finish():
+        def finish():
             out, lse = block_math.finalize(m_ref[...], l_ref[...], acc_ref[...])
             o_ref[...] = out.astype(o_ref.dtype)
             lse_ref[...] = lse
 
-    tok_specs, tok_arrays = _token_inputs(plan, q_seg, kv_seg, q_index, kv_index, tiling)
-    row = lambda bi, hi, i, j, *_: (bi, hi, i, 0)  # noqa: E731
-    kv = lambda bi, hi, i, j, *p: (bi, hi // group, kv_index(bi, hi, i, j, *p), 0)  # noqa: E731
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
-        grid=(b, h, nq, nk),
-        in_specs=[
-            pl.BlockSpec((None, None, bq, d), row),
-            pl.BlockSpec((None, None, bk, d), kv),
-            pl.BlockSpec((None, None, bk, d), kv),
-            *tok_specs,
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, bq, d), row),
-            pl.BlockSpec((None, None, bq, 1), row),
-        ],
-        scratch_shapes=[
-            pltpu.VMEM((bq, 1), jnp.float32),
-            pltpu.VMEM((bq, 1), jnp.float32),
-            pltpu.VMEM((bq, d), jnp.float32),
-        ],
+        grid.schedule(vis_ref, first_ref, last_ref, init=init, step=step, finish=finish)
+
+    bq = tiling.block_q
+    out, lse = _call(
+        kernel, grid, grid.shape(b, h), plan,
+        [(q, grid.queries()), (k, grid.keys()), (v, grid.keys())],
+        grid.token_inputs(plan, q_seg, kv_seg),
+        [(varying_struct((b, h, tq, d), out_dtype, q), grid.queries()),
+         (varying_struct((b, h, tq, 1), jnp.float32, q), grid.query_rows())],
+        [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+         pltpu.VMEM((bq, d), jnp.float32)],
+        name="lca_flash_fwd_tpu", interpret=interpret,
     )
-    out, lse = pl.pallas_call(
-        kernel,
-        grid_spec=grid_spec,
-        out_shape=[
-            varying_struct((b, h, tq, d), out_dtype, q),
-            varying_struct((b, h, tq, 1), jnp.float32, q),
-        ],
-        name="lca_flash_fwd_tpu",
-        **_call_options(interpret, 4),
-    )(plan.vis, plan.kv_first, plan.kv_last, _bhtd(q), _bhtd(k), _bhtd(v), *tok_arrays)
     return _btdh(out), lse[..., 0]
 
 
 def _dq(q, k, v, do, lse, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, interpret):
-    b, h, tq, d = q.shape
-    h_kv = k.shape[1]
-    group = h // h_kv
-    bq, bk, nq, nk = tiling.block_q, tiling.block_kv, tiling.num_q, tiling.num_kv
-    n_tok = 2 if q_seg is None else 4
-
-    def kv_index(bi, hi, i, j, vis, first, last):
-        return _clamp(j, first[i], last[i])
-
-    def q_index(bi, hi, i, j, *_):
-        return i
+    grid = _Grid.of(tiling, q, k, key_major=False)
 
     def kernel(vis_ref, first_ref, last_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               *rest):
-        tok_refs = rest[:n_tok]
-        dq_ref, acc_ref = rest[n_tok:]
-        i, j = pl.program_id(2), pl.program_id(3)
-
-        @pl.when(j == 0)
-        def _init():
+               tok_refs, dq_ref, acc_ref):
+        def init():
             acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-        @pl.when((j >= first_ref[i]) & (j <= last_ref[i]) & (vis_ref[i, j] != 0))
-        def _step():
+        def step(j):
             ok = _tile_visible(mask, tiling, j, tok_refs)
             k_tile = k_ref[...]
             _, ds = block_math.probs_and_dlogits(
@@ -199,65 +239,32 @@ def _dq(q, k, v, do, lse, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, in
             )
             acc_ref[...] += block_math.dq_tile(ds, k_tile)
 
-        @pl.when(j == nk - 1)
-        def _finish():
+        def finish():
             dq_ref[...] = acc_ref[...]
 
-    tok_specs, tok_arrays = _token_inputs(plan, q_seg, kv_seg, q_index, kv_index, tiling)
-    row = lambda bi, hi, i, j, *_: (bi, hi, i, 0)  # noqa: E731
-    kv = lambda bi, hi, i, j, *p: (bi, hi // group, kv_index(bi, hi, i, j, *p), 0)  # noqa: E731
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
-        grid=(b, h, nq, nk),
-        in_specs=[
-            pl.BlockSpec((None, None, bq, d), row),
-            pl.BlockSpec((None, None, bk, d), kv),
-            pl.BlockSpec((None, None, bk, d), kv),
-            pl.BlockSpec((None, None, bq, d), row),
-            pl.BlockSpec((None, None, bq, 1), row),
-            pl.BlockSpec((None, None, bq, 1), row),
-            *tok_specs,
-        ],
-        out_specs=pl.BlockSpec((None, None, bq, d), row),
-        scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
+        grid.schedule(vis_ref, first_ref, last_ref, init=init, step=step, finish=finish)
+
+    (dq,) = _call(
+        kernel, grid, grid.shape(q.shape[0], q.shape[1]), plan,
+        grid.gradient_inputs(q, k, v, do, lse, delta),
+        grid.token_inputs(plan, q_seg, kv_seg),
+        [(varying_struct(q.shape, jnp.float32, q), grid.queries())],
+        [pltpu.VMEM((tiling.block_q, grid.head_dim), jnp.float32)],
+        name="lca_flash_dq_tpu", interpret=interpret,
     )
-    return pl.pallas_call(
-        kernel,
-        grid_spec=grid_spec,
-        out_shape=varying_struct((b, h, tq, d), jnp.float32, q),
-        name="lca_flash_dq_tpu",
-        **_call_options(interpret, 4),
-    )(plan.vis, plan.kv_first, plan.kv_last, q, k, v, do, lse, delta, *tok_arrays)
+    return dq
 
 
 def _dkdv(q, k, v, do, lse, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, interpret):
-    b, h, tq, d = q.shape
-    h_kv, tk = k.shape[1], k.shape[2]
-    group = h // h_kv
-    bq, bk, nq, nk = tiling.block_q, tiling.block_kv, tiling.num_q, tiling.num_kv
-    n_tok = 2 if q_seg is None else 4
-
-    # Innermost axis t walks (query head of the group, query block): t = g * nq + i.
-    def q_index(bi, hk, j, t, vis, first, last):
-        return _clamp(t % nq, first[j], last[j])
-
-    def kv_index(bi, hk, j, t, *_):
-        return j
+    grid = _Grid.of(tiling, q, k, key_major=True)
 
     def kernel(vis_ref, first_ref, last_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               *rest):
-        tok_refs = rest[:n_tok]
-        dk_ref, dv_ref, dk_acc, dv_acc = rest[n_tok:]
-        j, t = pl.program_id(2), pl.program_id(3)
-        i = t % nq
-
-        @pl.when(t == 0)
-        def _init():
+               tok_refs, dk_ref, dv_ref, dk_acc, dv_acc):
+        def init():
             dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
             dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-        @pl.when((i >= first_ref[j]) & (i <= last_ref[j]) & (vis_ref[i, j] != 0))
-        def _step():
+        def step(j):
             ok = _tile_visible(mask, tiling, j, tok_refs)
             q_tile, do_tile = q_ref[...], do_ref[...]
             p, ds = block_math.probs_and_dlogits(
@@ -267,36 +274,21 @@ def _dkdv(q, k, v, do, lse, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, 
             dk_acc[...] += dk
             dv_acc[...] += dv
 
-        @pl.when(t == group * nq - 1)
-        def _finish():
+        def finish():
             dk_ref[...] = dk_acc[...]
             dv_ref[...] = dv_acc[...]
 
-    tok_specs, tok_arrays = _token_inputs(plan, q_seg, kv_seg, q_index, kv_index, tiling)
-    row = lambda bi, hk, j, t, *p: (bi, hk * group + t // nq, q_index(bi, hk, j, t, *p), 0)  # noqa: E731
-    key = lambda bi, hk, j, t, *_: (bi, hk, j, 0)  # noqa: E731
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
-        grid=(b, h_kv, nk, group * nq),
-        in_specs=[
-            pl.BlockSpec((None, None, bq, d), row),
-            pl.BlockSpec((None, None, bk, d), key),
-            pl.BlockSpec((None, None, bk, d), key),
-            pl.BlockSpec((None, None, bq, d), row),
-            pl.BlockSpec((None, None, bq, 1), row),
-            pl.BlockSpec((None, None, bq, 1), row),
-            *tok_specs,
-        ],
-        out_specs=[pl.BlockSpec((None, None, bk, d), key)] * 2,
-        scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32)] * 2,
+        grid.schedule(vis_ref, first_ref, last_ref, init=init, step=step, finish=finish)
+
+    grads = varying_struct(k.shape, jnp.float32, q)
+    return _call(
+        kernel, grid, grid.shape(k.shape[0], k.shape[1]), plan,
+        grid.gradient_inputs(q, k, v, do, lse, delta),
+        grid.token_inputs(plan, q_seg, kv_seg),
+        [(grads, grid.keys()), (grads, grid.keys())],
+        [pltpu.VMEM((tiling.block_kv, grid.head_dim), jnp.float32)] * 2,
+        name="lca_flash_dkdv_tpu", interpret=interpret,
     )
-    return pl.pallas_call(
-        kernel,
-        grid_spec=grid_spec,
-        out_shape=[varying_struct((b, h_kv, tk, d), jnp.float32, q)] * 2,
-        name="lca_flash_dkdv_tpu",
-        **_call_options(interpret, 4),
-    )(plan.vis, plan.q_first, plan.q_last, q, k, v, do, lse, delta, *tok_arrays)
 
 
 def backward(q, k, v, do, lse, delta, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling,

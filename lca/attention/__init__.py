@@ -5,7 +5,8 @@ All variants take ``q [batch, q_len, num_heads, head_dim]`` and
 :func:`reference_attention`.
 """
 
-from lca.attention.blockwise import BlockSizes, blockwise_attention, blockwise_backward, blockwise_forward
+from lca.attention.blocks import BlockSizes
+from lca.attention.blockwise import blockwise_attention, blockwise_backward, blockwise_forward
 from lca.attention.dispatch import attention
 from lca.attention.impl import LocalImpl, get_impl, register_impl
 from lca.attention.inputs import LogitOptions

@@ -11,6 +11,9 @@ skipped with ``lax.cond`` on the block's position and segment-id ranges (see
 ``Mask.block_visible`` and ``segment_block_visible``), so a causal pass does about
 half the work of a full one, and a packed one only the work of its documents.
 
+Keys and values a query cannot see never reach it, even when they are NaN or
+inf: the loops multiply only the operands of ``lca.attention.nonfinite``.
+
 ``blockwise_forward`` / ``blockwise_backward`` are the building blocks that ring
 attention reuses for each step: they take explicit token positions, return the
 float32 output with its lse, and take the *global* lse in the backward.
@@ -25,25 +28,17 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax import lax
 
-from lca.attention import inputs
+from lca.attention import inputs, nonfinite
+from lca.attention.blocks import BlockSizes
 from lca.attention.inputs import LogitOptions
 from lca.attention.mask import Mask, segment_block_full, segment_block_visible
+from lca.attention.tiling import Tiling
 from lca.attention.vjp import attention_vjp
 from lca.parallel.vma import varying_like
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Query and key block lengths. Lengths they do not divide are padded and masked."""
-
-    block_q: int = 512
-    block_kv: int = 512
-
-    def __post_init__(self):
-        for name in ("block_q", "block_kv"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+# blockwise's own sizes for what a caller leaves as None.
+DEFAULT_BLOCKS = BlockSizes(512, 512)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,74 +48,46 @@ class _Static:
     blocks: BlockSizes
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def _tiling(q_len: int, kv_len: int, blocks: BlockSizes | None, backward: bool) -> Tiling:
+    """Blocks with defaults filled in, shortened to the sequence lengths."""
+    blocks = (blocks or BlockSizes()).or_defaults(DEFAULT_BLOCKS)
+    blocks = blocks.backward if backward else blocks
+    return Tiling(q_len, kv_len, min(blocks.block_q, q_len), min(blocks.block_kv, kv_len))
 
 
-def pad_axis(x, axis: int, size: int, mode: str = "constant"):
-    """Pad ``x`` along ``axis`` up to ``size`` (``mode='edge'`` repeats the last value)."""
-    extra = size - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, mode=mode)
+def _q_blocks(tiling: Tiling, x, pattern_in: str, pattern_out: str, **sizes):
+    """Pad the query axis (axis 1 of ``x``) and split it into leading blocks."""
+    return rearrange(tiling.pad_q(x), f"{pattern_in} -> {pattern_out}", t=tiling.block_q, **sizes)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Tiling:
-    """Block layout of one call: how many blocks of which length on each side."""
+def _kv_side(tiling: Tiling, k, v, kv_pos, kv_seg):
+    """Scan inputs over key blocks: k/v blocks, positions, validity, segments, ranges, completeness.
 
-    q_len: int
-    kv_len: int
-    block_q: int
-    block_kv: int
+    Segments are ``(ids [n, b, t], least [n, b], greatest [n, b])`` or None.
+    """
+    k_blk, v_blk = (
+        rearrange(tiling.pad_kv(x), "b (n t) h d -> n b h t d", t=tiling.block_kv) for x in (k, v)
+    )
+    pos = tiling.kv_position_blocks(kv_pos)
+    valid = (jnp.arange(tiling.kv_padded) < tiling.kv_len).reshape(tiling.num_kv, tiling.block_kv)
+    seg = None
+    if kv_seg is not None:
+        seg = _with_ranges(rearrange(tiling.pad_kv(kv_seg), "b (n t) -> n b t", t=tiling.block_kv))
+    # Which blocks hold no padding (None: none is padded).
+    complete = None if tiling.kv_padded == tiling.kv_len else valid.all(axis=1)
+    return k_blk, v_blk, pos, valid, seg, pos.min(axis=1), pos.max(axis=1), complete
 
-    @classmethod
-    def of(cls, q_len: int, kv_len: int, blocks: BlockSizes) -> "_Tiling":
-        return cls(q_len, kv_len, min(blocks.block_q, q_len), min(blocks.block_kv, kv_len))
 
-    @property
-    def num_q(self) -> int:
-        return _cdiv(self.q_len, self.block_q)
+def _q_positions(tiling: Tiling, q_pos):
+    pos = tiling.q_position_blocks(q_pos)
+    return pos, pos.min(axis=1), pos.max(axis=1)
 
-    @property
-    def num_kv(self) -> int:
-        return _cdiv(self.kv_len, self.block_kv)
 
-    def q_blocks(self, x, pattern_in: str, pattern_out: str, **sizes):
-        """Pad the query axis (axis 1 of ``x``) and split it into leading blocks."""
-        x = pad_axis(x, 1, self.num_q * self.block_q)
-        return rearrange(x, f"{pattern_in} -> {pattern_out}", t=self.block_q, **sizes)
-
-    def kv_side(self, k, v, kv_pos, kv_seg):
-        """Scan inputs over key blocks: k/v blocks, positions, validity, segments, ranges, completeness.
-
-        Segments are ``(ids [n, b, t], least [n, b], greatest [n, b])`` or None.
-        """
-        padded = self.num_kv * self.block_kv
-        k_blk = rearrange(pad_axis(k, 1, padded), "b (n t) h d -> n b h t d", t=self.block_kv)
-        v_blk = rearrange(pad_axis(v, 1, padded), "b (n t) h d -> n b h t d", t=self.block_kv)
-        pos = pad_axis(kv_pos, 0, padded, mode="edge").reshape(self.num_kv, self.block_kv)
-        valid = (jnp.arange(padded) < self.kv_len).reshape(self.num_kv, self.block_kv)
-        seg = None
-        if kv_seg is not None:
-            seg = _with_ranges(rearrange(pad_axis(kv_seg, 1, padded), "b (n t) -> n b t", t=self.block_kv))
-        # Which blocks hold no padding (None: none is padded).
-        complete = None if padded == self.kv_len else valid.all(axis=1)
-        return k_blk, v_blk, pos, valid, seg, pos.min(axis=1), pos.max(axis=1), complete
-
-    def q_positions(self, q_pos):
-        padded = self.num_q * self.block_q
-        pos = pad_axis(q_pos, 0, padded, mode="edge").reshape(self.num_q, self.block_q)
-        return pos, pos.min(axis=1), pos.max(axis=1)
-
-    def q_segments(self, q_seg):
-        """``(ids [n, b, t], least [n, b], greatest [n, b])`` of the query blocks, or None."""
-        if q_seg is None:
-            return None
-        padded = self.num_q * self.block_q
-        return _with_ranges(rearrange(pad_axis(q_seg, 1, padded), "b (n t) -> n b t", t=self.block_q))
+def _q_segments(tiling: Tiling, q_seg):
+    """``(ids [n, b, t], least [n, b], greatest [n, b])`` of the query blocks, or None."""
+    if q_seg is None:
+        return None
+    return _with_ranges(rearrange(tiling.pad_q(q_seg), "b (n t) -> n b t", t=tiling.block_q))
 
 
 def _with_ranges(seg):
@@ -199,6 +166,7 @@ def blockwise_forward(
       q: ``[b, q_len, h, d]``; k, v: ``[b, kv_len, h_kv, d]``.
       q_pos, kv_pos: int32 ``[q_len]``, ``[kv_len]`` token positions (mask frame).
       q_seg, kv_seg: int32 ``[b, q_len]``, ``[b, kv_len]`` or both None.
+      blocks: tile sizes; None or None fields: ``DEFAULT_BLOCKS``.
 
     Returns:
       ``out [b, q_len, h, d]`` float32 (0 for rows with no visible key) and
@@ -206,11 +174,11 @@ def blockwise_forward(
     """
     b, q_len, h, d = q.shape
     kv_len, h_kv = k.shape[1], k.shape[2]
-    tiling = _Tiling.of(q_len, kv_len, blocks or BlockSizes())
-    q_blocks = tiling.q_blocks(q, "b (n t) (hk g) d", "n b hk g t d", hk=h_kv)
-    q_pos_blk, q_lo, q_hi = tiling.q_positions(q_pos)
-    q_seg_blk = tiling.q_segments(q_seg)
-    kv_xs = tiling.kv_side(k, v, kv_pos, kv_seg)
+    tiling = _tiling(q_len, kv_len, blocks, backward=False)
+    q_blocks = _q_blocks(tiling, q, "b (n t) (hk g) d", "n b hk g t d", hk=h_kv)
+    q_pos_blk, q_lo, q_hi = _q_positions(tiling, q_pos)
+    q_seg_blk = _q_segments(tiling, q_seg)
+    kv_xs = _kv_side(tiling, *nonfinite.forward_operands(k, v), kv_pos, kv_seg)
     g = h // h_kv
     stats_shape = (b, h_kv, g, tiling.block_q)
 
@@ -278,7 +246,7 @@ def blockwise_backward(
     """
     b, q_len, h, d = q.shape
     kv_len, h_kv = k.shape[1], k.shape[2]
-    tiling = _Tiling.of(q_len, kv_len, blocks or BlockSizes())
+    tiling = _tiling(q_len, kv_len, blocks, backward=True)
     # delta_i = sum_j p_ij dp_ij = dout_i . out_i; an lse cotangent adds p_ij * dlse_i to ds.
     delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32), out.astype(jnp.float32))
     if dlse is not None:
@@ -286,20 +254,20 @@ def blockwise_backward(
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
 
     def row_blocks(x):  # [b, h, q_len] -> [n, b, hk, g, t]
-        return tiling.q_blocks(
-            rearrange(x, "b h q -> b q h"), "b (n t) (hk g)", "n b hk g t", hk=h_kv
+        return _q_blocks(
+            tiling, rearrange(x, "b h q -> b q h"), "b (n t) (hk g)", "n b hk g t", hk=h_kv
         )
 
     q_xs = (
         jnp.arange(tiling.num_q),
-        tiling.q_blocks(q, "b (n t) (hk g) d", "n b hk g t d", hk=h_kv),
-        tiling.q_blocks(dout, "b (n t) (hk g) d", "n b hk g t d", hk=h_kv),
+        _q_blocks(tiling, q, "b (n t) (hk g) d", "n b hk g t d", hk=h_kv),
+        _q_blocks(tiling, dout, "b (n t) (hk g) d", "n b hk g t d", hk=h_kv),
         row_blocks(lse_safe),
         row_blocks(delta),
-        *tiling.q_positions(q_pos),
-        tiling.q_segments(q_seg),
+        *_q_positions(tiling, q_pos),
+        _q_segments(tiling, q_seg),
     )
-    kv_xs = tiling.kv_side(k, v, kv_pos, kv_seg)
+    kv_xs = _kv_side(tiling, *nonfinite.backward_operands(k, v), kv_pos, kv_seg)
     varying = (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse)
     dq_init = varying_like(
         jnp.zeros((tiling.num_q, b, h_kv, h // h_kv, tiling.block_q, d), jnp.float32), *varying
@@ -373,8 +341,8 @@ def blockwise_attention(
     window: int | None = None,
     softcap: float | None = None,
     scale: float | None = None,
-    block_q: int = 512,
-    block_kv: int = 512,
+    block_q: int | None = 512,
+    block_kv: int | None = 512,
     return_lse: bool = False,
     q_positions=None,
     kv_positions=None,
@@ -391,8 +359,8 @@ def blockwise_attention(
       k, v: ``[batch, kv_len, num_kv_heads, head_dim]``; GQA/MQA never repeat K/V.
       causal, segment_ids, window, softcap, scale, q_positions, kv_positions:
         as in ``reference_attention``.
-      block_q, block_kv: block lengths (clamped to the sequence lengths; any
-        lengths work, the remainder is padded and masked).
+      block_q, block_kv: block lengths, positive integers (None: 512; clamped to
+        the sequence lengths; any lengths work, the remainder is padded and masked).
       return_lse: also return ``lse [batch, num_heads, q_len]`` float32
         (differentiable too).
 

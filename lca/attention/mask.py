@@ -23,6 +23,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from lca.attention.static import positive_int
+
 
 @dataclasses.dataclass(frozen=True)
 class Mask:
@@ -37,15 +39,8 @@ class Mask:
 
     def __post_init__(self):
         if self.window is not None:
-            if isinstance(self.window, bool) or not isinstance(self.window, int):
-                raise ValueError(
-                    f"window must be a positive int or None, got {self.window!r}."
-                )
-            if self.window <= 0:
-                raise ValueError(
-                    f"window must be a positive int (W >= 1 keeps the query's own "
-                    f"position), got window={self.window}."
-                )
+            # W >= 1 keeps the query's own position; NumPy integers become int.
+            object.__setattr__(self, "window", positive_int("window", self.window))
 
     @property
     def is_full(self) -> bool:

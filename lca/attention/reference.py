@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from einops import rearrange
 
-from lca.attention import inputs
+from lca.attention import inputs, nonfinite
 from lca.attention.mask import segment_visible
 
 
@@ -44,7 +44,8 @@ def reference_attention(
     Returns:
       ``out [batch, q_len, num_heads, head_dim]`` in q's dtype, and with
       ``return_lse`` also ``lse [batch, num_heads, q_len]`` float32. A query with
-      no visible key gets ``out == 0`` and ``lse == -inf``.
+      no visible key gets ``out == 0`` and ``lse == -inf``. A NaN or inf in a key
+      or value changes only the outputs of the queries that see that key.
     """
     b, q_len, kv_len, h, h_kv, d = inputs.check_qkv(q, k, v)
     segs = inputs.split_segment_ids(segment_ids, b, q_len, kv_len)
@@ -52,9 +53,14 @@ def reference_attention(
     mask = inputs.make_mask(causal, window)
     q_positions, kv_positions = inputs.positions(q_positions, kv_positions, q_len, kv_len)
 
+    # Masks select, never multiply: a non-finite key or value reaches only the
+    # rows that see it (as NaN logits), and the products get zeros in its place,
+    # so no 0 * NaN reaches the other rows' outputs or gradients.
+    key_ok = rearrange(nonfinite.finite_keys(k, v), "b k hk -> b hk 1 1 k")
+    k, v = nonfinite.backward_operands(k, v)
     qg = rearrange(q, "b q (hk g) d -> b hk g q d", hk=h_kv).astype(jnp.float32)
     scores = jnp.einsum("bhgqd,bkhd->bhgqk", qg, k.astype(jnp.float32))
-    logits = logit.apply(scores)
+    logits = jnp.where(key_ok, logit.apply(scores), jnp.nan)
 
     visible = mask.visible(q_positions, kv_positions)[None]  # [1, q, kv]
     if segs is not None:

@@ -4,9 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas import FlashBlockSizes, flash_attention
+from kernels_pallas import flash_attention
 from kernels_pallas.blocks import check_dtype
 from kernels_pallas.block_math import visible
+from lca.attention.blocks import BlockSizes
 from lca.attention.mask import Mask
 
 Q = jnp.zeros((1, 32, 4, 16))
@@ -42,7 +43,7 @@ def test_bad_shapes_and_head_dims():
     with pytest.raises(ValueError, match="segment_ids must have|q_segment_ids must have"):
         flash_attention(Q, KV, KV, segment_ids=jnp.zeros((1, 31), jnp.int32))
     with pytest.raises(ValueError, match="block_kv must be a positive int"):
-        FlashBlockSizes(64, -1)
+        BlockSizes(64, -1)
 
 
 @pytest.mark.parametrize("mask", [Mask(), Mask(causal=True), Mask(window=3), Mask(True, 4)])

@@ -67,7 +67,7 @@ def test_mosaic_gpu_forward_zigzag_positions(block_kv):
     if not _is_hopper():
         pytest.skip("mosaic_gpu needs sm_90 (H100/H200)")
     from kernels_pallas import api
-    from kernels_pallas.blocks import FlashBlockSizes
+    from lca.attention.blocks import BlockSizes
     from lca.attention import inputs
 
     b, q_len, kv_len, h, h_kv, d = 2, 1024, 3072, 8, 2, 128
@@ -79,7 +79,7 @@ def test_mosaic_gpu_forward_zigzag_positions(block_kv):
     q_seg, kv_seg = segs[:, :q_len], segs
     mask = inputs.make_mask(True, 2500)
     cfg = api.KernelConfig(mask, inputs.logit_options(d, None, 20.0),
-                           FlashBlockSizes(64, block_kv), "mosaic_gpu", False)
+                           BlockSizes(64, block_kv), "mosaic_gpu", False)
     out, lse = jax.jit(lambda *a: api.kernel_forward(*a, cfg=cfg))(
         q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     ref_out, ref_lse = reference_attention(

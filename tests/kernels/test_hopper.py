@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas import api
-from kernels_pallas.blocks import FlashBlockSizes
+from lca.attention.blocks import BlockSizes
 from lca.attention import inputs, reference_attention
 from tests.kernels.compare import packed_segments, random_qkv, run_flash_case
 
@@ -51,7 +51,7 @@ def test_mosaic_gpu_bf16():
 
 
 def _config(mask, d, blocks=(64, 64), softcap=None, interpret=True):
-    return api.KernelConfig(mask, inputs.logit_options(d, None, softcap), FlashBlockSizes(*blocks),
+    return api.KernelConfig(mask, inputs.logit_options(d, None, softcap), BlockSizes(*blocks),
                             "mosaic_gpu", interpret)
 
 
