@@ -219,6 +219,24 @@ def test_retrieving_every_cached_block_equals_training(selection, rope, num_cach
     _close(got, want, 1e-5)
 
 
+def test_chunked_prefill_then_token_by_token_equals_one_pass():
+    # Chunks of 5 and 4 (prefill), then one token at a time: after each call the complete blocks of the local
+    # window move into the cache. Retrieving every cached block, each output equals the one-pass output.
+    L, n = 4, 14
+    q, k, v = _qkv(31, 1, n, n, 4, 2)
+    positions = jnp.arange(n)[None]
+    want = _jit(landmark_reference_attention, block_size=L)(apply_rope(q, positions), apply_rope(k, positions), v)
+    cache = empty_block_cache(1, L, 2, 8)
+    start, outs = 0, []
+    for lo, hi in [(0, 5), (5, 9), (9, 10), (10, 11), (11, 12), (12, 14)]:
+        run = _jit(landmark_retrieval_attention, block_size=L, top_k=max(1, cache.num_blocks), rope=apply_rope)
+        outs.append(run(q[:, lo:hi], k[:, start:hi], v[:, start:hi], cache))
+        complete = start + (hi - start) // L * L
+        cache = append_blocks(cache, k[:, start:complete], v[:, start:complete])
+        start = complete
+    _close(jnp.concatenate(outs, axis=1), want, 1e-5)
+
+
 def test_a_capped_cache_keeps_the_latest_blocks():
     L = 4
     _, k, v = _qkv(0, 1, 1, 6 * L, 2, 2)
