@@ -363,7 +363,7 @@ def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     )
     carry, _ = jax.lax.scan(step, init, (k_c, v_c, pos_c, valid_c, seg_c))
     out, lse = _finish(*carry)
-    return rearrange(out, "b hk g q d -> b q (hk g) d"), lse
+    return rearrange(out, "b hk g q d -> b q (hk g) d"), rearrange(lse, "b hk g q -> b (hk g) q")
 
 
 def _backward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout):
@@ -373,7 +373,7 @@ def _backward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout
     do = rearrange(dout.astype(jnp.float32), "b q (hk g) d -> b hk g q d", hk=h_kv)
     o = rearrange(out.astype(jnp.float32), "b q (hk g) d -> b hk g q d", hk=h_kv)
     delta = jnp.sum(do * o, axis=-1)  # [b, hk, g, q]
-    lse_safe = _finite(lse)
+    lse_safe = _finite(rearrange(lse, "b (hk g) q -> b hk g q", hk=h_kv))
     k_c, v_c, pos_c, valid_c, seg_c = _kv_chunks(st, k, v, kv_pos, kv_seg)
 
     def step(dq, chunk):
@@ -399,6 +399,25 @@ def _backward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout
     dk = rearrange(dk, "c b n l h d -> b (c n l) h d")[:, :kv_len]
     dv = rearrange(dv, "c b n l h d -> b (c n l) h d")[:, :kv_len]
     return rearrange(dq, "b hk g q d -> b q (hk g) d"), dk, dv
+
+
+def landmark_forward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *, block_size: int,
+                     scale: float, kv_block: int | None = None):
+    """Blockwise forward on resolved inputs: ``(out [b, q_len, h, d] f32, lse0 [b, h, q_len] f32)``.
+
+    ``lse0`` is group 0's log-sum-exp (``-inf`` for a query that sees nothing): with the output, all the
+    backward needs. Positions are resolved int32 ``[len]``; segment ids ``[b, len]`` or None. Kernels reuse
+    this pair (see ``kernels_pallas.landmark``).
+    """
+    st = _Static(block_size, _check_kv_block(kv_block, block_size), float(scale))
+    return _forward(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+
+
+def landmark_backward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, out, lse, dout, *,
+                      block_size: int, scale: float, kv_block: int | None = None):
+    """``(dq, dk, dv)`` float32 from the final ``out`` and ``lse0 [b, h, q_len]`` (recomputes each key chunk)."""
+    st = _Static(block_size, _check_kv_block(kv_block, block_size), float(scale))
+    return _backward(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, out, lse, dout)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
