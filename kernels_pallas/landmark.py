@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lca.attention import inputs
 from lca.attention import landmark as landmark_lib
 
 _NT = (((1,), (1,)), ((), ()))  # q @ k.T
@@ -192,22 +191,16 @@ def landmark_flash_attention(q, k, v, *, block_size: int, causal: bool = True, s
     ``block_q``: queries per program (padded; a power of two on GPU). ``interpret``: default True off GPU.
     Returns ``out [batch, q_len, num_heads, head_dim]`` in q's dtype.
     """
-    landmark_lib._check_causal(causal)
-    block_size = landmark_lib._check_block_size(block_size)
+    r = landmark_lib.resolve_inputs(q, k, v, block_size=block_size, causal=causal, segment_ids=segment_ids,
+                                    scale=scale, q_positions=q_positions, kv_positions=kv_positions)
     if isinstance(block_q, bool) or not isinstance(block_q, int) or block_q < 1:
         raise ValueError(f"block_q must be a positive int, got {block_q!r}.")
-    b, q_len, kv_len, _, _, d = inputs.check_qkv(q, k, v)
-    segs = inputs.split_segment_ids(segment_ids, b, q_len, kv_len)
-    logit = inputs.logit_options(d, scale)
-    q_pos, kv_pos = inputs.positions(q_positions, kv_positions, q_len, kv_len)
-    if kv_positions is not None:
-        landmark_lib._check_aligned_positions(kv_positions, block_size, block_size)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    q_seg, kv_seg = segs if segs is not None else (None, None)
-    st = _Static(block_size=block_size, block_q=min(block_q, -(-q_len // 8) * 8), scale=logit.scale, kv_len=kv_len,
-                 segmented=segs is not None, interpret=bool(interpret))
-    return _landmark_pallas(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    q_len, kv_len = q.shape[1], k.shape[1]
+    st = _Static(block_size=r.block_size, block_q=min(block_q, -(-q_len // 8) * 8), scale=r.scale, kv_len=kv_len,
+                 segmented=r.q_segment_ids is not None, interpret=bool(interpret))
+    return _landmark_pallas(st, q, k, v, r.q_positions, r.kv_positions, r.q_segment_ids, r.kv_segment_ids)
 
 
 __all__ = ["landmark_flash_attention"]

@@ -109,7 +109,7 @@ def _check_kv_block(kv_block, block_size: int) -> int:
     return int(kv_block)
 
 
-def _check_aligned_positions(kv_pos, block_size: int, kv_block: int):
+def _check_aligned_positions(kv_pos, block_size: int):
     """Each array chunk of ``block_size`` keys must hold one landmark block (checked when positions are concrete)."""
     try:
         pos = np.asarray(kv_pos)
@@ -473,18 +473,44 @@ def landmark_attention(
     Returns:
       ``out [batch, q_len, num_heads, head_dim]`` in q's dtype.
     """
+    kv_block = _check_kv_block(kv_block, _check_block_size(block_size))
+    r = resolve_inputs(q, k, v, block_size=block_size, causal=causal, segment_ids=segment_ids, scale=scale,
+                       q_positions=q_positions, kv_positions=kv_positions)
+    kv_len = k.shape[1]
+    st = _Static(block_size=r.block_size, kv_block=min(kv_block, -(-kv_len // r.block_size) * r.block_size),
+                 scale=r.scale)
+    return _landmark(st, q, k, v, r.q_positions, r.kv_positions, r.q_segment_ids, r.kv_segment_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """Validated landmark inputs: positions int32 ``[len]``, segment ids ``[b, len]`` or None, the logit scale."""
+
+    block_size: int
+    scale: float
+    q_positions: jax.Array
+    kv_positions: jax.Array
+    q_segment_ids: jax.Array | None
+    kv_segment_ids: jax.Array | None
+
+
+def resolve_inputs(q, k, v, *, block_size, causal=True, segment_ids=None, scale=None, q_positions=None,
+                   kv_positions=None) -> Resolved:
+    """Validate a blockwise or kernel call (ValueErrors name the argument) and fill in the defaults.
+
+    Custom ``kv_positions`` must keep each aligned chunk of ``block_size`` keys in one landmark block
+    (checked when concrete).
+    """
     _check_causal(causal)
     block_size = _check_block_size(block_size)
-    kv_block = _check_kv_block(kv_block, block_size)
     b, q_len, kv_len, _, _, d = inputs.check_qkv(q, k, v)
     segs = inputs.split_segment_ids(segment_ids, b, q_len, kv_len)
     logit = inputs.logit_options(d, scale)
     q_pos, kv_pos = inputs.positions(q_positions, kv_positions, q_len, kv_len)
     if kv_positions is not None:
-        _check_aligned_positions(kv_positions, block_size, kv_block)
+        _check_aligned_positions(kv_positions, block_size)
     q_seg, kv_seg = segs if segs is not None else (None, None)
-    st = _Static(block_size=block_size, kv_block=min(kv_block, -(-kv_len // block_size) * block_size), scale=logit.scale)
-    return _landmark(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    return Resolved(block_size, logit.scale, q_pos, kv_pos, q_seg, kv_seg)
 
 
 # ------------------------------------------------------------------------------------------------ retrieval

@@ -237,6 +237,27 @@ def test_chunked_prefill_then_token_by_token_equals_one_pass():
     _close(jnp.concatenate(outs, axis=1), want, 1e-5)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_retrieved_blocks_take_the_papers_positions(seed):
+    # top_k=1 of 3 cached blocks, one set for all heads: the retrieved block sits in slot 0 (an older block)
+    # or slot 1 (the most recent one); the local window starts at (k' + 1) L = 2 L. The oracle on that layout,
+    # rotated at those positions, must give the same output.
+    L, n_blocks, local = 4, 3, 5
+    q, k, v = _qkv(40 + seed, 1, n_blocks * L + local, n_blocks * L + local, 2, 2)
+    cache, k_local, v_local = _split_for_retrieval(k, v, n_blocks, L)
+    got, idx = _jit(landmark_retrieval_attention, block_size=L, top_k=1, selection="shared", rope=apply_rope,
+                    return_indices=True)(q[:, -1:], k_local, v_local, cache)
+    j = int(idx[0, 0, 0, 0])
+    slot = 1 if j == n_blocks - 1 else 0
+    kv_pos = jnp.concatenate([slot * L + jnp.arange(L), 2 * L + jnp.arange(local)]).astype(jnp.int32)
+    q_pos = kv_pos[-1:]
+    keys = jnp.concatenate([cache.keys[:, j], k_local], axis=1)
+    values = jnp.concatenate([cache.values[:, j], v_local], axis=1)
+    want = _jit(landmark_reference_attention, block_size=L, q_positions=q_pos, kv_positions=kv_pos)(
+        apply_rope(q[:, -1:], q_pos[None]), apply_rope(keys, kv_pos[None]), values)
+    _close(got, want, 1e-5)
+
+
 def test_a_capped_cache_keeps_the_latest_blocks():
     L = 4
     _, k, v = _qkv(0, 1, 1, 6 * L, 2, 2)
