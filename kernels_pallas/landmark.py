@@ -17,7 +17,6 @@ there; the reference kernel has the same constraint. GQA reads each KV head thro
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -160,27 +159,7 @@ def _padded_forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     return out[:, :q_len], lse[..., :q_len]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _landmark_pallas(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    out, _ = _padded_forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-    return out.astype(q.dtype)
-
-
-def _fwd(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    out, lse = _padded_forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-    out = out.astype(q.dtype)
-    return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
-
-
-def _bwd(st, residuals, dout):
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
-    dq, dk, dv = landmark_lib.landmark_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout,
-                                                block_size=st.block_size, scale=st.scale)
-    no_grad = jax.tree.map(lambda _: None, (q_pos, kv_pos, q_seg, kv_seg))
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad)
-
-
-_landmark_pallas.defvjp(_fwd, _bwd)
+_landmark_pallas = landmark_lib.landmark_vjp(_padded_forward)
 
 
 def landmark_flash_attention(q, k, v, *, block_size: int, causal: bool = True, segment_ids=None,

@@ -72,6 +72,7 @@ from einops import rearrange
 
 from lca.attention import inputs
 from lca.attention.mask import segment_visible
+from lca.attention.vjp import attention_vjp
 
 SELECTIONS = ("per_head", "shared")
 
@@ -420,26 +421,27 @@ def landmark_backward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segm
     return _backward(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, out, lse, dout)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _landmark(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    out, _ = _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-    return out.astype(q.dtype)
+def landmark_vjp(forward):
+    """``f(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> out`` in q's dtype, differentiable.
+
+    ``forward`` has the signature of :func:`landmark_forward` on resolved inputs (``static`` carries
+    ``block_size`` and ``scale``); the backward is :func:`landmark_backward`, from the saved output and lse0.
+    """
+
+    def backward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse):
+        del dlse  # lse0 is never returned to the caller, so its cotangent is zero
+        chunks = _Static(st.block_size, getattr(st, "kv_block", st.block_size), st.scale)
+        return _backward(chunks, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout)
+
+    with_lse = attention_vjp(forward, backward)
+
+    def attention(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+        return with_lse(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)[0]
+
+    return attention
 
 
-def _landmark_fwd(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    out, lse = _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-    out = out.astype(q.dtype)
-    return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
-
-
-def _landmark_bwd(st, residuals, dout):
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
-    dq, dk, dv = _backward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout)
-    no_grad = jax.tree.map(lambda _: None, (q_pos, kv_pos, q_seg, kv_seg))
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad)
-
-
-_landmark.defvjp(_landmark_fwd, _landmark_bwd)
+_landmark = landmark_vjp(_forward)
 
 
 def landmark_attention(

@@ -108,26 +108,22 @@ def strip_landmarks(features: dict, block_size: int) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class InsertLandmarks(grain.transforms.Map):
-    """Grain map: :func:`insert_landmarks` on each element (a row or a batch of features)."""
-
+class _LandmarkMap(grain.transforms.Map):
     block_size: int
 
     def __post_init__(self):
         _check_block_size(self.block_size)
+
+
+class InsertLandmarks(_LandmarkMap):
+    """Grain map: :func:`insert_landmarks` on each element (a row or a batch of features)."""
 
     def map(self, element: dict) -> dict:
         return insert_landmarks(element, self.block_size)
 
 
-@dataclasses.dataclass(frozen=True)
-class StripLandmarks(grain.transforms.Map):
+class StripLandmarks(_LandmarkMap):
     """Grain map: :func:`strip_landmarks` on each element."""
-
-    block_size: int
-
-    def __post_init__(self):
-        _check_block_size(self.block_size)
 
     def map(self, element: dict) -> dict:
         return strip_landmarks(element, self.block_size)

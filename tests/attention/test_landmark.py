@@ -18,41 +18,15 @@ from lca.attention.landmark import (
     landmark_weights,
 )
 from lca.models.rope import apply_rope
-
-
-def _qkv(seed, b, q_len, kv_len, h, hk, d=8, dtype=jnp.float32):
-    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
-    q = jax.random.normal(kq, (b, q_len, h, d), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (b, kv_len, hk, d), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (b, kv_len, hk, d), jnp.float32).astype(dtype)
-    return q, k, v
-
-
-def _packed(seed, b, n, mean_doc=7):
-    rng = np.random.RandomState(seed)
-    return jnp.asarray(np.cumsum(rng.rand(b, n) < 1.0 / mean_doc, axis=1), jnp.int32)
+from tests.attention.landmark_checks import assert_close as _close
+from tests.attention.landmark_checks import packed as _packed
+from tests.attention.landmark_checks import qkv as _qkv
+from tests.attention.landmark_checks import value_and_grads as _value_and_grads
 
 
 def _jit(fn, **options):
     """``fn`` with its keyword options fixed, compiled (eager dispatch is far slower on CPU)."""
     return jax.jit(lambda *arrays: fn(*arrays, **options))
-
-
-def _value_and_grads(fn, q, k, v, **options):
-    """``(out, (dq, dk, dv))`` of a probe loss, in one compiled call."""
-
-    @jax.jit
-    def run(q, k, v):
-        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, **options), q, k, v)
-        probe = jnp.sin(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape)).astype(out.dtype)
-        return out, vjp(probe)
-
-    return run(q, k, v)
-
-
-def _close(got, want, tol):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert np.max(np.abs(got - want)) <= tol * max(1.0, np.max(np.abs(want))), np.max(np.abs(got - want))
 
 
 # (batch, q_len, kv_len, heads, kv_heads, block_size, kv_block, packed, q_offset)
