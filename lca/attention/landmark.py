@@ -288,6 +288,12 @@ def _chunk_terms(qg, k_blk, v_blk, q_pos, kv_pos, kv_valid, q_seg, kv_seg, block
     return _ChunkTerms(x, own, landmark, landmark_x, average, group_probs)
 
 
+def _empty_state(qg):
+    """Group 0's running ``(max, sum, acc)`` before any key, for queries ``qg [b, hk, g, q, d]``."""
+    return (jnp.full(qg.shape[:-1], -jnp.inf, jnp.float32), jnp.zeros(qg.shape[:-1], jnp.float32),
+            jnp.zeros(qg.shape, jnp.float32))
+
+
 def _online_update(carry, terms: _ChunkTerms, v_blk):
     """Fold one chunk's group-0 items into the running ``(max, sum, acc)`` of group 0."""
     row_max, row_sum, acc = carry
@@ -357,11 +363,7 @@ def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
         terms = _chunk_terms(qg, k_blk, v_blk, q_pos, pos, valid, q_seg, seg, st.block_size, st.scale)
         return _online_update(carry, terms, v_blk), None
 
-    init = (
-        jnp.full(qg.shape[:-1], -jnp.inf, jnp.float32),
-        jnp.zeros(qg.shape[:-1], jnp.float32),
-        jnp.zeros(qg.shape, jnp.float32),
-    )
+    init = _empty_state(qg)
     carry, _ = jax.lax.scan(step, init, (k_c, v_c, pos_c, valid_c, seg_c))
     out, lse = _finish(*carry)
     return rearrange(out, "b hk g q d -> b q (hk g) d"), rearrange(lse, "b hk g q -> b (hk g) q")
@@ -674,11 +676,7 @@ def landmark_retrieval_attention(
     pos_blk = jnp.arange(padded, dtype=jnp.int32).reshape(-1, L)
     qg = rearrange(q_rot, "b t (hk g) d -> b hk g t d", hk=h_kv).astype(jnp.float32)
     terms = _chunk_terms(qg, k_blk, v_blk, q_local, pos_blk, pos_blk < s, None, None, L, logit.scale)
-    init = (
-        jnp.full(qg.shape[:-1], -jnp.inf, jnp.float32),
-        jnp.zeros(qg.shape[:-1], jnp.float32),
-        jnp.zeros(qg.shape, jnp.float32),
-    )
+    init = _empty_state(qg)
     carry = _online_update(init, terms, v_blk)
 
     idx = jnp.zeros((b, t, h, 0), jnp.int32)
