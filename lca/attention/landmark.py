@@ -423,19 +423,19 @@ def landmark_backward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segm
     return _backward(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, out, lse, dout)
 
 
-def landmark_vjp(forward):
+def landmark_vjp(forward, backward):
     """``f(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> out`` in q's dtype, differentiable.
 
-    ``forward`` has the signature of :func:`landmark_forward` on resolved inputs (``static`` carries
-    ``block_size`` and ``scale``); the backward is :func:`landmark_backward`, from the saved output and lse0.
+    ``forward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> (out f32, lse0 [b, h, q_len])`` and
+    ``backward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse0, dout) -> (dq, dk, dv)`` on resolved
+    inputs, as :func:`landmark_forward` / :func:`landmark_backward`; kernels bring their own pair.
     """
 
-    def backward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse):
+    def with_dlse(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse):
         del dlse  # lse0 is never returned to the caller, so its cotangent is zero
-        chunks = _Static(st.block_size, getattr(st, "kv_block", st.block_size), st.scale)
-        return _backward(chunks, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout)
+        return backward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout)
 
-    with_lse = attention_vjp(forward, backward)
+    with_lse = attention_vjp(forward, with_dlse)
 
     def attention(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
         return with_lse(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)[0]
@@ -443,7 +443,7 @@ def landmark_vjp(forward):
     return attention
 
 
-_landmark = landmark_vjp(_forward)
+_landmark = landmark_vjp(_forward, _backward)
 
 
 def landmark_attention(
