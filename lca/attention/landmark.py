@@ -38,6 +38,12 @@ Positions of retrieved blocks, the paper's "stingy" scheme as in the reference (
   t*L + L - 1``;
 * the local window (the keys after the last cached block) starts at ``(k' + 1) * L``.
 
+Public functions: :func:`landmark_reference_attention` (dense oracle) and :func:`landmark_weights` (its
+weight matrix); :func:`landmark_attention` (blockwise, O(n) memory, custom VJP) built from
+:func:`landmark_forward` / :func:`landmark_backward` through :func:`landmark_vjp`, which the Pallas kernels in
+``kernels_pallas.landmark`` reuse; :func:`landmark_retrieval_attention` with :class:`BlockCache`,
+:func:`empty_block_cache` and :func:`append_blocks` for inference.
+
 Deviations from the reference, and why:
 
 * The reference places memory at ``full_len - (k'+1) L`` so the local window keeps its true positions;

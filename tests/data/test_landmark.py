@@ -90,3 +90,26 @@ def test_bad_inputs():
         strip_landmarks({**row, "targets": row["targets"][:3]}, block_size=3)
     with pytest.raises(ValueError, match="segment_ids"):
         insert_landmarks({"positions": row["positions"]}, block_size=3)
+
+
+def test_inserted_rows_match_what_landmark_attention_reads():
+    # The attention finds landmarks by row index (j % L == L - 1) and keeps documents apart by segment id:
+    # on inserted rows, its landmark columns are exactly the LANDMARK_ID inputs, and every real token's row
+    # of weights sums to 1.
+    import jax
+    import jax.numpy as jnp
+
+    from lca.attention.landmark import landmark_weights
+
+    L = 4
+    rows = [row_features([encode("abcdefgh"), encode("ijklm"), encode("nopqrstuv")], seq_len=21),
+            row_features([encode("xyz" * 4)], seq_len=21)]
+    batch = insert_landmarks({k: np.stack([r[k] for r in rows]) for k in FEATURES}, L)
+    n = batch["inputs"].shape[1]
+    q = jax.random.normal(jax.random.PRNGKey(0), (2, n, 2, 8))
+    weights = np.asarray(landmark_weights(q, q, block_size=L, segment_ids=jnp.asarray(batch["segment_ids"])))
+    is_landmark = batch["inputs"] == LANDMARK_ID
+    assert np.all(is_landmark == ((np.arange(n) % L == L - 1) & (batch["segment_ids"] > 0)))
+    real = (batch["segment_ids"] > 0) & ~is_landmark
+    np.testing.assert_allclose(weights.sum(-1).transpose(0, 2, 1)[real], 1.0, atol=1e-5)
+    assert np.all(weights.transpose(0, 2, 1, 3)[:, :, :, np.arange(n) % L == L - 1] == 0)
