@@ -10,6 +10,15 @@ from lca.attention.blockwise import blockwise_attention, blockwise_backward, blo
 from lca.attention.dispatch import attention
 from lca.attention.impl import LocalImpl, get_impl, register_impl
 from lca.attention.inputs import LogitOptions
+from lca.attention.landmark import (
+    BlockCache,
+    append_blocks,
+    empty_block_cache,
+    landmark_attention,
+    landmark_reference_attention,
+    landmark_retrieval_attention,
+    landmark_weights,
+)
 from lca.attention.mask import Mask
 from lca.attention.merge import merge_attention, merge_lse
 from lca.attention.reference import reference_attention
@@ -18,15 +27,22 @@ from lca.attention.ulysses import ulysses_attention, ulysses_attention_shard
 from lca.attention.usp import usp_attention, usp_attention_shard
 
 __all__ = [
+    "BlockCache",
     "BlockSizes",
     "LocalImpl",
     "LogitOptions",
     "Mask",
+    "append_blocks",
     "attention",
     "blockwise_attention",
     "blockwise_backward",
     "blockwise_forward",
+    "empty_block_cache",
     "get_impl",
+    "landmark_attention",
+    "landmark_reference_attention",
+    "landmark_retrieval_attention",
+    "landmark_weights",
     "merge_attention",
     "merge_lse",
     "reference_attention",

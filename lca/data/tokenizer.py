@@ -4,7 +4,13 @@ Token ids:
     0..255      the byte values of the UTF-8 encoding
     PAD_ID=256  padding (never produced by `encode`; segment id 0 marks it in packed batches)
     EOS_ID=257  end of document; the pipeline appends it to every document it packs
-VOCAB_SIZE = 258. Models usually round the embedding table up (e.g. to a multiple of 128); ids >= 258 never occur.
+VOCAB_SIZE = 258: the ids text and packing produce. Models usually round the embedding table up (e.g. to a multiple
+of 128).
+
+Reserved special tokens, from VOCAB_SIZE up (inserted by model-specific transforms, never by `encode`; `decode`
+skips them):
+    LANDMARK_ID=258  landmark attention's block marker (lca.data.landmark)
+NUM_IDS = 259: an embedding table needs at least this many rows to hold every id; `check_token_id` says so.
 """
 
 from __future__ import annotations
@@ -15,6 +21,19 @@ NUM_BYTES = 256
 PAD_ID = 256
 EOS_ID = 257
 VOCAB_SIZE = 258
+LANDMARK_ID = 258
+SPECIAL_IDS = {"landmark": LANDMARK_ID}
+NUM_IDS = VOCAB_SIZE + len(SPECIAL_IDS)
+
+
+def check_token_id(token_id: int, vocab_size: int, *, name: str = "landmark_id") -> None:
+    """Raise ValueError unless `token_id` is a reserved special id below `vocab_size` (no byte, PAD or EOS)."""
+    if not VOCAB_SIZE <= token_id < NUM_IDS:
+        raise ValueError(f"{name}={token_id} collides with the byte vocabulary (ids 0..{VOCAB_SIZE - 1}); use a "
+                         f"reserved special id: {SPECIAL_IDS}.")
+    if token_id >= vocab_size:
+        raise ValueError(f"{name}={token_id} does not fit an embedding table of vocab_size={vocab_size}; use "
+                         f"vocab_size >= {token_id + 1} (e.g. {NUM_IDS} rounded up to a multiple of 128).")
 
 
 def encode(text: str, *, add_eos: bool = False) -> np.ndarray:

@@ -1,0 +1,729 @@
+"""Landmark attention (Mohtashami & Jaggi, 2023): a grouped softmax that lets a landmark stand for its block.
+
+A landmark token ends every block of ``block_size = L`` tokens (``L - 1`` ordinary tokens, then the
+landmark). Which key is a landmark, and which block it belongs to, is read from its *position*:
+
+    block(s) = s // L            landmark(s) = (s % L == L - 1)
+
+in lca's key coordinate frame (``kv_positions``, default ``arange(kv_len)``). The landmark block is thus
+aligned with position multiples of ``L``, as in the reference Triton kernel, where the attention block is
+the landmark block. The data transforms in :mod:`lca.data.landmark` put landmarks exactly there.
+
+Grouped softmax, for a query at position ``p`` in block ``B = p // L`` (all keys also pass the causal
+mask ``s <= p`` and the segment mask):
+
+* **group 0**: the ordinary keys of block ``B`` plus the landmarks of the earlier blocks ``j < B``, in one
+  softmax ``P0``. The query's own block's landmark is never in it, not even for the landmark query itself
+  (reference: "the landmark token for the current block should be ignored, even if we are processing the
+  landmark token itself"; the Triton kernel shifts the landmark query one position back).
+* **group j** (``j < B``): the ordinary keys of block ``j``, in their own softmax ``Pj``, each multiplied by
+  ``P0(landmark j)``.
+* landmarks carry no value weight; every row sums to 1 (0 for a query that sees nothing).
+
+Equivalently, landmark ``j`` is a pseudo-key of group 0 whose value is ``uj = sum_s Pj(s) v_s``, the
+softmax average of its block. The blockwise version and the retrieval path use that form.
+
+Retrieval at inference (:func:`landmark_retrieval_attention`): complete blocks leave the local window and
+go into a :class:`BlockCache` (keys before rotary embedding, values; the landmark key is slot ``L - 1``).
+Each query scores the ``n`` cached landmark keys, takes the top ``k`` blocks, and attends over them plus
+its local window with the same grouped softmax (retrieved blocks are earlier blocks).
+
+Positions of retrieved blocks, the paper's "stingy" scheme as in the reference (llama/llama_mem.py), with
+``k' = min(top_k, n)`` and the cache in age order (oldest first):
+
+* scoring: the landmark key of cached block ``i`` sits at position ``slot(i) * L + L - 1`` with
+  ``slot(i) = i - (n - k') + 1`` for the ``k'`` most recent blocks and ``0`` for all older ones;
+* attending: the retrieved blocks, sorted by age, take consecutive slots ``r = 0 .. k'-1``, moved one slot
+  up when the block is one of the ``k'`` most recent; a block in slot ``t`` holds positions ``t*L ..
+  t*L + L - 1``;
+* the local window (the keys after the last cached block) starts at ``(k' + 1) * L``.
+
+Public functions: :func:`landmark_reference_attention` (dense oracle) and :func:`landmark_weights` (its
+weight matrix); :func:`landmark_attention` (blockwise, O(n) memory, custom VJP) built from
+:func:`landmark_forward` / :func:`landmark_backward` through :func:`landmark_vjp`, which the Pallas kernels in
+``kernels_pallas.landmark`` reuse; :func:`landmark_retrieval_attention` with :class:`BlockCache`,
+:func:`empty_block_cache` and :func:`append_blocks` for inference.
+
+Deviations from the reference, and why:
+
+* The reference places memory at ``full_len - (k'+1) L`` so the local window keeps its true positions;
+  here the local window starts at ``(k' + 1) L``. Rotary embeddings only see differences, so this is the
+  same attention; with ``top_k >= n`` every block lands exactly ``L`` after its true position.
+* A landmark whose block has no ordinary key the query can see (a packed document that starts on the
+  landmark) is dropped from group 0. The reference divides by an empty group's zero (NaN in the llama
+  code; lost probability mass in lm_benchmark). Rows here always sum to 1.
+* The retrieval default is ``selection="per_head"`` (per query and per head), the reference code's default
+  (``cache_selection_method="per_token_and_head"``). ``"shared"`` is the paper's variant that retrieves one
+  set of blocks for all heads: softmax of the landmark scores per head, max over heads, then top-k. With
+  GQA, "head" means query head; each reads its kv head's cached block.
+* ``top_k`` larger than a capped cache's capacity is an error; a cache still holding fewer than ``top_k``
+  blocks retrieves all of them (the reference's ``min(top_k, n)``).
+* Only causal attention: the grouped softmax is defined over earlier blocks. No window or softcap. There
+  is no log-sum-exp output: group 0's normaliser is not a softmax over keys, so ring merging needs the
+  pseudo-key state (left for a ring step).
+* Rotary embeddings are applied inside the retrieval path (through the ``rope`` callable) because retrieved
+  keys are re-positioned per query; training-time functions take already-rotated ``q`` and ``k`` like
+  every other lca attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+
+from lca.attention import inputs
+from lca.attention.mask import segment_visible
+from lca.attention.vjp import attention_vjp
+
+SELECTIONS = ("per_head", "shared")
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def _check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 2:
+        raise ValueError(
+            f"block_size must be an int >= 2 (L - 1 ordinary tokens, then the landmark), got {block_size!r}; "
+            f"the paper uses 50 or 64."
+        )
+    return int(block_size)
+
+
+def _check_causal(causal):
+    if causal is not True:
+        raise ValueError(
+            f"causal must be True: landmark attention's grouped softmax is defined over earlier blocks, "
+            f"got causal={causal!r}."
+        )
+
+
+def _check_kv_block(kv_block, block_size: int) -> int:
+    if kv_block is None:
+        return block_size
+    if isinstance(kv_block, bool) or not isinstance(kv_block, (int, np.integer)) or kv_block < 1:
+        raise ValueError(f"kv_block must be a positive int, got {kv_block!r}.")
+    if kv_block % block_size:
+        raise ValueError(
+            f"kv_block={kv_block} must be a multiple of block_size={block_size}: each attention block holds "
+            f"whole landmark blocks; use e.g. kv_block={block_size * max(1, kv_block // block_size)}."
+        )
+    return int(kv_block)
+
+
+def _check_aligned_positions(kv_pos, block_size: int):
+    """Each array chunk of ``block_size`` keys must hold one landmark block (checked when positions are concrete)."""
+    try:
+        pos = np.asarray(kv_pos)
+    except jax.errors.TracerArrayConversionError:
+        return
+    first = np.repeat(pos[::block_size], block_size)[: len(pos)]
+    if np.any(pos // block_size != first // block_size):
+        raise ValueError(
+            f"kv_positions must put each aligned chunk of block_size={block_size} keys in one landmark block "
+            f"(positions j*L .. j*L + L - 1 in order, a chunk may be cut short), got {pos.tolist()[:3 * block_size]}"
+            f"...; use the default positions or the dense landmark_reference_attention."
+        )
+
+
+def _roles(positions, block_size: int):
+    """``(block id, is landmark)`` of each position."""
+    return positions // block_size, positions % block_size == block_size - 1
+
+
+# ------------------------------------------------------------------------------------------------ dense oracle
+
+
+def landmark_weights(
+    q,
+    k,
+    *,
+    block_size: int,
+    causal: bool = True,
+    segment_ids=None,
+    scale: float | None = None,
+    q_positions=None,
+    kv_positions=None,
+):
+    """The dense attention weights of the grouped softmax: ``[batch, num_heads, q_len, kv_len]`` float32.
+
+    Same arguments as :func:`landmark_reference_attention` (no values). Landmark columns are 0 and every
+    row with a visible key sums to 1.
+    """
+    _check_causal(causal)
+    block_size = _check_block_size(block_size)
+    if getattr(q, "ndim", None) != 4 or getattr(k, "ndim", None) != 4:
+        raise ValueError(f"q and k must be 4-D [batch, len, heads, head_dim], got {getattr(q, 'shape', q)} and "
+                         f"{getattr(k, 'shape', k)}.")
+    b, q_len, kv_len, _, h_kv, d = inputs.check_qkv(q, k, k)
+    segs = inputs.split_segment_ids(segment_ids, b, q_len, kv_len)
+    logit = inputs.logit_options(d, scale)
+    q_pos, kv_pos = inputs.positions(q_positions, kv_positions, q_len, kv_len)
+
+    qg = rearrange(q, "b q (hk g) d -> b hk g q d", hk=h_kv).astype(jnp.float32)
+    logits = logit.apply(jnp.einsum("bhgqd,bkhd->bhgqk", qg, k.astype(jnp.float32)))
+
+    visible = (kv_pos[None, :] <= q_pos[:, None])[None]  # [1, q, kv]
+    if segs is not None:
+        visible = visible & segment_visible(*segs)
+    q_block, _ = _roles(q_pos, block_size)
+    kv_block, kv_is_landmark = _roles(kv_pos, block_size)
+    own = visible & ~kv_is_landmark & (kv_block[None, :] == q_block[:, None])
+    earlier = visible & ~kv_is_landmark & (kv_block[None, :] < q_block[:, None])
+    same_block = kv_block[:, None] == kv_block[None, :]  # [kv, kv]
+    # A landmark stands for the ordinary keys of its block this query sees; with none, it is dropped.
+    group_seen = jnp.einsum("bqs,st->bqt", earlier.astype(jnp.float32), same_block.astype(jnp.float32)) > 0
+    landmark = visible & kv_is_landmark & (kv_block[None, :] < q_block[:, None]) & group_seen
+    own, earlier, landmark = (x[:, None, None] for x in (own, earlier, landmark))
+
+    p0 = _masked_softmax(logits, own | landmark, axis=-1)
+    # Group j's softmax, for each earlier key: its max and sum over the keys of its own block.
+    in_group = earlier[..., None, :] & same_block  # [b, 1, 1, q, key s, key t in block(s)]
+    group_logits = jnp.where(in_group, logits[..., None, :], -jnp.inf)
+    group_max = _finite(jnp.max(group_logits, axis=-1))
+    group_sum = jnp.sum(jnp.exp(group_logits - group_max[..., None]), axis=-1)
+    p_group = jnp.where(earlier, jnp.exp(logits - group_max) / jnp.where(earlier, group_sum, 1.0), 0.0)
+    # P0 of the landmark of each key's block.
+    p_landmark = jnp.einsum("bhgqt,st->bhgqs", jnp.where(landmark, p0, 0.0), same_block.astype(jnp.float32))
+    weights = jnp.where(own, p0, 0.0) + p_group * p_landmark
+    return rearrange(weights, "b hk g q k -> b (hk g) q k")
+
+
+def _finite(x):
+    return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+def _masked_softmax(logits, keep, axis):
+    masked = jnp.where(keep, logits, -jnp.inf)
+    unnorm = jnp.exp(masked - _finite(jnp.max(masked, axis=axis, keepdims=True)))
+    denom = jnp.sum(unnorm, axis=axis, keepdims=True)
+    return unnorm / jnp.where(denom > 0, denom, 1.0)
+
+
+def landmark_reference_attention(
+    q,
+    k,
+    v,
+    *,
+    block_size: int,
+    causal: bool = True,
+    segment_ids=None,
+    scale: float | None = None,
+    q_positions=None,
+    kv_positions=None,
+):
+    """Dense landmark attention (grouped softmax), the oracle every landmark variant is tested against.
+
+    Args:
+      q: ``[batch, q_len, num_heads, head_dim]`` (rotary embeddings already applied).
+      k, v: ``[batch, kv_len, num_kv_heads, head_dim]``, ``num_heads % num_kv_heads == 0``.
+      block_size: ``L``; the key at position ``s`` is the landmark of block ``s // L`` iff
+        ``s % L == L - 1`` (see the module docstring).
+      causal: must be True.
+      segment_ids: ``[batch, len]`` or ``(q_segment_ids, kv_segment_ids)``, as in ``reference_attention``.
+      scale: logit scale, default ``1 / sqrt(head_dim)``.
+      q_positions, kv_positions: int ``[q_len]`` / ``[kv_len]``; default bottom-right aligned.
+
+    Returns:
+      ``out [batch, q_len, num_heads, head_dim]`` in q's dtype; a query that sees no key gets 0.
+    """
+    inputs.check_qkv(q, k, v)
+    weights = landmark_weights(
+        q, k, block_size=block_size, causal=causal, segment_ids=segment_ids, scale=scale,
+        q_positions=q_positions, kv_positions=kv_positions,
+    )
+    h_kv = k.shape[2]
+    weights = rearrange(weights, "b (hk g) q k -> b hk g q k", hk=h_kv)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v.astype(jnp.float32))
+    return rearrange(out, "b q hk g d -> b q (hk g) d").astype(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ group 0 online
+
+
+def _block_groups(x, ordinary, values):
+    """Softmax of each block's ordinary keys: ``(has_group [..., n], average value uj [..., n, d], probs [..., n, L])``.
+
+    ``x [b, hk, g, q, n, L]`` logits, ``ordinary`` the same shape (keys of an earlier block the query sees),
+    ``values [b, n, L, hk, d]``.
+    """
+    masked = jnp.where(ordinary, x, -jnp.inf)
+    unnorm = jnp.exp(masked - _finite(jnp.max(masked, axis=-1, keepdims=True)))
+    denom = jnp.sum(unnorm, axis=-1, keepdims=True)
+    probs = unnorm / jnp.where(denom > 0, denom, 1.0)
+    average = jnp.einsum("bhgqnl,bnlhd->bhgqnd", probs, values)
+    return denom[..., 0] > 0, average, probs
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkTerms:
+    """Group-0 items of one key chunk for every query: its own-block keys and its landmark pseudo-keys."""
+
+    x: jax.Array  # [b, hk, g, q, n, L] logits
+    own: jax.Array  # [b, hk, g, q, n, L] bool: ordinary keys of the query's own block
+    landmark: jax.Array  # [b, hk, g, q, n, L] bool: the visible landmark of an earlier, seen block
+    landmark_x: jax.Array  # [b, hk, g, q, n] the landmark logit (-inf when absent)
+    average: jax.Array  # [b, hk, g, q, n, d] the block's softmax average value
+    group_probs: jax.Array  # [b, hk, g, q, n, L] within-block softmax of earlier ordinary keys
+
+
+def _chunk_terms(qg, k_blk, v_blk, q_pos, kv_pos, kv_valid, q_seg, kv_seg, block_size, scale):
+    """Grouped-softmax terms of one chunk of whole landmark blocks.
+
+    ``qg [b, hk, g, q, d]`` f32; ``k_blk, v_blk [b, n, L, hk, d]`` f32; ``q_pos [q]``; ``kv_pos, kv_valid
+    [n, L]``; ``q_seg [b, q]`` and ``kv_seg [b, n, L]`` or None.
+    """
+    x = jnp.einsum("bhgqd,bnlhd->bhgqnl", qg, k_blk) * scale
+    visible = kv_valid[None, None] & (kv_pos[None, None] <= q_pos[None, :, None, None])  # [1, q, n, L]
+    if q_seg is not None:
+        visible = visible & (q_seg[:, :, None, None] == kv_seg[:, None])
+    q_block, _ = _roles(q_pos, block_size)
+    kv_block, kv_is_landmark = _roles(kv_pos, block_size)
+    same = kv_block[None] == q_block[:, None, None]
+    before = kv_block[None] < q_block[:, None, None]
+    own = (visible & ~kv_is_landmark & same)[:, None, None]
+    earlier = (visible & ~kv_is_landmark & before)[:, None, None]
+    has_group, average, group_probs = _block_groups(x, earlier, v_blk)
+    landmark = (visible & kv_is_landmark & before)[:, None, None] & has_group[..., None]
+    landmark_x = jnp.max(jnp.where(landmark, x, -jnp.inf), axis=-1)
+    return _ChunkTerms(x, own, landmark, landmark_x, average, group_probs)
+
+
+def _empty_state(qg):
+    """Group 0's running ``(max, sum, acc)`` before any key, for queries ``qg [b, hk, g, q, d]``."""
+    return (jnp.full(qg.shape[:-1], -jnp.inf, jnp.float32), jnp.zeros(qg.shape[:-1], jnp.float32),
+            jnp.zeros(qg.shape, jnp.float32))
+
+
+def _online_update(carry, terms: _ChunkTerms, v_blk):
+    """Fold one chunk's group-0 items into the running ``(max, sum, acc)`` of group 0."""
+    row_max, row_sum, acc = carry
+    own_x = jnp.where(terms.own, terms.x, -jnp.inf)
+    chunk_max = jnp.maximum(jnp.max(own_x, axis=(-2, -1)), jnp.max(terms.landmark_x, axis=-1))
+    new_max = jnp.maximum(row_max, chunk_max)
+    safe = _finite(new_max)
+    p_own = jnp.exp(own_x - safe[..., None, None])
+    p_landmark = jnp.exp(terms.landmark_x - safe[..., None])
+    rescale = jnp.exp(jnp.where(jnp.isfinite(row_max), row_max - safe, -jnp.inf))
+    row_sum = row_sum * rescale + p_own.sum(axis=(-2, -1)) + p_landmark.sum(axis=-1)
+    acc = (
+        acc * rescale[..., None]
+        + jnp.einsum("bhgqnl,bnlhd->bhgqd", p_own, v_blk)
+        + jnp.einsum("bhgqn,bhgqnd->bhgqd", p_landmark, terms.average)
+    )
+    return new_max, row_sum, acc
+
+
+def _finish(row_max, row_sum, acc):
+    """``(out [..., d], lse0 [...])`` of group 0; ``lse0 = -inf`` for a query that sees nothing."""
+    seen = row_sum > 0
+    out = acc / jnp.where(seen, row_sum, 1.0)[..., None]
+    lse = jnp.where(seen, _finite(row_max) + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)
+    return out, lse
+
+
+# ------------------------------------------------------------------------------------------------ blockwise
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    block_size: int
+    kv_block: int
+    scale: float
+
+
+def _kv_chunks(st: _Static, k, v, kv_pos, kv_seg):
+    """Pad the keys to whole chunks and split: scan inputs ``[c, b, n, L, hk, d]`` etc."""
+    kv_len = k.shape[1]
+    n_chunks = -(-kv_len // st.kv_block)
+    padded = n_chunks * st.kv_block
+    extra = padded - kv_len
+    n, L = st.kv_block // st.block_size, st.block_size
+
+    def pad(x, axis):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, extra)
+        return jnp.pad(x, widths)
+
+    def chunks(x):
+        return rearrange(pad(x, 1).astype(jnp.float32), "b (c n l) h d -> c b n l h d", n=n, l=L)
+
+    pos = rearrange(pad(kv_pos, 0), "(c n l) -> c n l", n=n, l=L)
+    valid = rearrange(jnp.arange(padded) < kv_len, "(c n l) -> c n l", n=n, l=L)
+    seg = None if kv_seg is None else rearrange(pad(kv_seg, 1), "b (c n l) -> c b n l", n=n, l=L)
+    return chunks(k), chunks(v), pos, valid, seg
+
+
+def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    h_kv = k.shape[2]
+    qg = rearrange(q, "b q (hk g) d -> b hk g q d", hk=h_kv).astype(jnp.float32)
+    k_c, v_c, pos_c, valid_c, seg_c = _kv_chunks(st, k, v, kv_pos, kv_seg)
+
+    def step(carry, chunk):
+        k_blk, v_blk, pos, valid, seg = chunk
+        terms = _chunk_terms(qg, k_blk, v_blk, q_pos, pos, valid, q_seg, seg, st.block_size, st.scale)
+        return _online_update(carry, terms, v_blk), None
+
+    init = _empty_state(qg)
+    carry, _ = jax.lax.scan(step, init, (k_c, v_c, pos_c, valid_c, seg_c))
+    out, lse = _finish(*carry)
+    return rearrange(out, "b hk g q d -> b q (hk g) d"), rearrange(lse, "b hk g q -> b (hk g) q")
+
+
+def _backward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout):
+    """Recompute each chunk's terms from ``lse0`` and return ``(dq, dk, dv)`` float32."""
+    b, kv_len, h_kv, d = k.shape
+    qg = rearrange(q, "b q (hk g) d -> b hk g q d", hk=h_kv).astype(jnp.float32)
+    do = rearrange(dout.astype(jnp.float32), "b q (hk g) d -> b hk g q d", hk=h_kv)
+    o = rearrange(out.astype(jnp.float32), "b q (hk g) d -> b hk g q d", hk=h_kv)
+    delta = jnp.sum(do * o, axis=-1)  # [b, hk, g, q]
+    lse_safe = _finite(rearrange(lse, "b (hk g) q -> b hk g q", hk=h_kv))
+    k_c, v_c, pos_c, valid_c, seg_c = _kv_chunks(st, k, v, kv_pos, kv_seg)
+
+    def step(dq, chunk):
+        k_blk, v_blk, pos, valid, seg = chunk
+        t = _chunk_terms(qg, k_blk, v_blk, q_pos, pos, valid, q_seg, seg, st.block_size, st.scale)
+        p_own = jnp.where(t.own, jnp.exp(t.x - lse_safe[..., None, None]), 0.0)
+        has_landmark = jnp.isfinite(t.landmark_x)
+        p_landmark = jnp.where(has_landmark, jnp.exp(jnp.where(has_landmark, t.landmark_x, 0.0) - lse_safe[..., None]), 0.0)
+        do_v = jnp.einsum("bhgqd,bnlhd->bhgqnl", do, v_blk)
+        do_avg = jnp.einsum("bhgqd,bhgqnd->bhgqn", do, t.average)
+        in_groups = p_landmark[..., None] * t.group_probs  # final weights of earlier ordinary keys
+        dx = (
+            p_own * (do_v - delta[..., None, None])
+            + jnp.where(t.landmark, (p_landmark * (do_avg - delta[..., None]))[..., None], 0.0)
+            + in_groups * (do_v - do_avg[..., None])
+        ) * st.scale
+        dq = dq + jnp.einsum("bhgqnl,bnlhd->bhgqd", dx, k_blk)
+        dk = jnp.einsum("bhgqnl,bhgqd->bnlhd", dx, qg)
+        dv = jnp.einsum("bhgqnl,bhgqd->bnlhd", p_own + in_groups, do)
+        return dq, (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(qg), (k_c, v_c, pos_c, valid_c, seg_c))
+    dk = rearrange(dk, "c b n l h d -> b (c n l) h d")[:, :kv_len]
+    dv = rearrange(dv, "c b n l h d -> b (c n l) h d")[:, :kv_len]
+    return rearrange(dq, "b hk g q d -> b q (hk g) d"), dk, dv
+
+
+def landmark_forward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *, block_size: int,
+                     scale: float, kv_block: int | None = None):
+    """Blockwise forward on resolved inputs: ``(out [b, q_len, h, d] f32, lse0 [b, h, q_len] f32)``.
+
+    ``lse0`` is group 0's log-sum-exp (``-inf`` for a query that sees nothing): with the output, all the
+    backward needs. Positions are resolved int32 ``[len]``; segment ids ``[b, len]`` or None. Kernels reuse
+    this pair (see ``kernels_pallas.landmark``).
+    """
+    st = _Static(block_size, _check_kv_block(kv_block, block_size), float(scale))
+    return _forward(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+
+
+def landmark_backward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, out, lse, dout, *,
+                      block_size: int, scale: float, kv_block: int | None = None):
+    """``(dq, dk, dv)`` float32 from the final ``out`` and ``lse0 [b, h, q_len]`` (recomputes each key chunk)."""
+    st = _Static(block_size, _check_kv_block(kv_block, block_size), float(scale))
+    return _backward(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, out, lse, dout)
+
+
+def landmark_vjp(forward, backward):
+    """``f(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> out`` in q's dtype, differentiable.
+
+    ``forward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> (out f32, lse0 [b, h, q_len])`` and
+    ``backward(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse0, dout) -> (dq, dk, dv)`` on resolved
+    inputs, as :func:`landmark_forward` / :func:`landmark_backward`; kernels bring their own pair.
+    """
+
+    def with_dlse(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse):
+        del dlse  # lse0 is never returned to the caller, so its cotangent is zero
+        return backward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout)
+
+    with_lse = attention_vjp(forward, with_dlse)
+
+    def attention(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+        return with_lse(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)[0]
+
+    return attention
+
+
+_landmark = landmark_vjp(_forward, _backward)
+
+
+def landmark_attention(
+    q,
+    k,
+    v,
+    *,
+    block_size: int,
+    causal: bool = True,
+    segment_ids=None,
+    scale: float | None = None,
+    q_positions=None,
+    kv_positions=None,
+    kv_block: int | None = None,
+):
+    """O(n)-memory landmark attention with the exact semantics of :func:`landmark_reference_attention`.
+
+    A ``lax.scan`` over key chunks of ``kv_block`` keys (a multiple of ``block_size``, default
+    ``block_size``: the attention block is the landmark block, as in the reference kernel) keeps group 0's
+    online softmax; each chunk's blocks are summarised as landmark pseudo-keys. Only ``[q_len, kv_block]``
+    logits exist at a time. The custom backward recomputes them from the output and group 0's
+    log-sum-exp (residuals O(q_len + kv_len)).
+
+    Args:
+      q, k, v, block_size, causal, segment_ids, scale, q_positions: as in
+        :func:`landmark_reference_attention`.
+      kv_positions: as there, but every aligned chunk of ``block_size`` keys must lie in one landmark block
+        (checked when the positions are concrete); the default positions always do.
+      kv_block: keys per scan step, a multiple of ``block_size``.
+
+    Returns:
+      ``out [batch, q_len, num_heads, head_dim]`` in q's dtype.
+    """
+    kv_block = _check_kv_block(kv_block, _check_block_size(block_size))
+    r = resolve_inputs(q, k, v, block_size=block_size, causal=causal, segment_ids=segment_ids, scale=scale,
+                       q_positions=q_positions, kv_positions=kv_positions)
+    kv_len = k.shape[1]
+    st = _Static(block_size=r.block_size, kv_block=min(kv_block, -(-kv_len // r.block_size) * r.block_size),
+                 scale=r.scale)
+    return _landmark(st, q, k, v, r.q_positions, r.kv_positions, r.q_segment_ids, r.kv_segment_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """Validated landmark inputs: positions int32 ``[len]``, segment ids ``[b, len]`` or None, the logit scale."""
+
+    block_size: int
+    scale: float
+    q_positions: jax.Array
+    kv_positions: jax.Array
+    q_segment_ids: jax.Array | None
+    kv_segment_ids: jax.Array | None
+
+
+def resolve_inputs(q, k, v, *, block_size, causal=True, segment_ids=None, scale=None, q_positions=None,
+                   kv_positions=None) -> Resolved:
+    """Validate a blockwise or kernel call (ValueErrors name the argument) and fill in the defaults.
+
+    Custom ``kv_positions`` must keep each aligned chunk of ``block_size`` keys in one landmark block
+    (checked when concrete).
+    """
+    _check_causal(causal)
+    block_size = _check_block_size(block_size)
+    b, q_len, kv_len, _, _, d = inputs.check_qkv(q, k, v)
+    segs = inputs.split_segment_ids(segment_ids, b, q_len, kv_len)
+    logit = inputs.logit_options(d, scale)
+    q_pos, kv_pos = inputs.positions(q_positions, kv_positions, q_len, kv_len)
+    if kv_positions is not None:
+        _check_aligned_positions(kv_positions, block_size)
+    q_seg, kv_seg = segs if segs is not None else (None, None)
+    return Resolved(block_size, logit.scale, q_pos, kv_pos, q_seg, kv_seg)
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("keys", "values"), meta_fields=("capacity",))
+@dataclasses.dataclass(frozen=True)
+class BlockCache:
+    """Complete landmark blocks that left the local window, oldest first.
+
+    keys: ``[batch, n, L, num_kv_heads, head_dim]`` *before* rotary embeddings (retrieval re-positions
+      them); slot ``L - 1`` of each block is its landmark key.
+    values: same shape.
+    capacity: at most this many blocks are kept (the oldest are dropped); None = unbounded.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    capacity: int | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def landmark_keys(self):
+        """``[batch, n, num_kv_heads, head_dim]``."""
+        return self.keys[:, :, -1]
+
+
+def empty_block_cache(batch: int, block_size: int, num_kv_heads: int, head_dim: int, *, dtype=jnp.float32,
+                      capacity: int | None = None) -> BlockCache:
+    """A cache holding no block yet."""
+    block_size = _check_block_size(block_size)
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+        raise ValueError(f"capacity must be a positive int (blocks kept) or None (unbounded), got {capacity!r}.")
+    shape = (batch, 0, block_size, num_kv_heads, head_dim)
+    return BlockCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), capacity)
+
+
+def append_blocks(cache: BlockCache, k, v) -> BlockCache:
+    """Add complete blocks ``k, v [batch, m * L, num_kv_heads, head_dim]`` (before rotary); keep ``capacity``."""
+    L = cache.block_size
+    expect = (cache.keys.shape[0], None, *cache.keys.shape[3:])
+    for name, x in (("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4 or x.shape[0] != expect[0] or x.shape[2:] != expect[2:] or x.shape[1] % L:
+            raise ValueError(
+                f"{name} must be [batch, m * block_size, num_kv_heads, head_dim] = [{expect[0]}, m * {L}, "
+                f"{expect[2]}, {expect[3]}] (whole blocks ending with their landmark), got {getattr(x, 'shape', x)}."
+            )
+    keys = jnp.concatenate([cache.keys, rearrange(k.astype(cache.keys.dtype), "b (m l) h d -> b m l h d", l=L)], 1)
+    values = jnp.concatenate([cache.values, rearrange(v.astype(cache.values.dtype), "b (m l) h d -> b m l h d", l=L)], 1)
+    if cache.capacity is not None:
+        keys, values = keys[:, -cache.capacity:], values[:, -cache.capacity:]
+    return BlockCache(keys, values, cache.capacity)
+
+
+def _no_rope(x, positions):
+    del positions
+    return x
+
+
+def _stingy_slots(n: int, top_k: int):
+    """Scoring slot of each cached block (age order): the ``top_k`` most recent get 1..top_k, older ones 0."""
+    age = jnp.arange(n)
+    return jnp.where(age >= n - top_k, age - (n - top_k) + 1, 0)
+
+
+def _select_blocks(q_rot, landmark_keys, top_k: int, selection: str, scale: float):
+    """Top-k cached blocks per query ``[b, t, h, top_k]`` int32, ascending (oldest first)."""
+    h_kv = landmark_keys.shape[2]
+    qg = rearrange(q_rot, "b t (hk g) d -> b hk g t d", hk=h_kv).astype(jnp.float32)
+    scores = jnp.einsum("bhgtd,bnhd->bhgtn", qg, landmark_keys.astype(jnp.float32)) * scale
+    scores = rearrange(scores, "b hk g t n -> b t (hk g) n")
+    if selection == "shared":
+        scores = jnp.max(jax.nn.softmax(scores, axis=-1), axis=2, keepdims=True)
+        scores = jnp.broadcast_to(scores, (*q_rot.shape[:3], scores.shape[-1]))
+    _, idx = jax.lax.top_k(scores, top_k)
+    return jnp.sort(idx, axis=-1).astype(jnp.int32)
+
+
+def landmark_retrieval_attention(
+    q,
+    k,
+    v,
+    cache: BlockCache,
+    *,
+    block_size: int,
+    top_k: int,
+    selection: str = "per_head",
+    rope=None,
+    scale: float | None = None,
+    return_indices: bool = False,
+):
+    """Inference-time landmark attention: top-k cached blocks plus the local window, one grouped softmax.
+
+    Args:
+      q: ``[batch, t, num_heads, head_dim]`` queries of the current chunk, *before* rotary embeddings.
+      k, v: ``[batch, s, num_kv_heads, head_dim]`` (``s >= t``, before rotary) the local window: every key
+        after the last cached block, the chunk's own last; it starts on a block boundary, so local key
+        ``j`` is the landmark of local block ``j // L`` iff ``j % L == L - 1``. Queries are bottom-right
+        aligned (query ``i`` is local key ``s - t + i``).
+      cache: the complete blocks before the window (:class:`BlockCache`, same ``block_size``).
+      block_size: ``L``.
+      top_k: blocks retrieved per query (per head with ``selection="per_head"``); ``min(top_k, n)`` when the
+        cache holds fewer blocks; must not exceed a capped cache's capacity.
+      selection: ``"per_head"`` (default, the reference code's) or ``"shared"`` (one set for all heads: max
+        over heads of the per-head softmax of landmark scores, as in the paper).
+      rope: ``rope(x [b, l, heads, d], positions [b, l]) -> x`` applied to queries and keys at the paper's
+        retrieval positions (module docstring), e.g. ``lca.models.rope.apply_rope``; None = no rotation.
+      scale: logit scale, default ``1 / sqrt(head_dim)``.
+      return_indices: also return the retrieved block indices ``[batch, t, num_heads, k']`` (age order).
+
+    Returns:
+      ``out [batch, t, num_heads, head_dim]`` in q's dtype (and the indices). Memory grows with ``k'``
+      blocks per query plus the ``n`` landmark keys, not with the cached context.
+    """
+    block_size = _check_block_size(block_size)
+    b, t, s, h, h_kv, d = inputs.check_qkv(q, k, v)
+    if t > s:
+        raise ValueError(f"the local window k, v {k.shape} must hold the chunk's queries q {q.shape} (s >= t).")
+    if not isinstance(cache, BlockCache):
+        raise ValueError(f"cache must be a BlockCache (empty_block_cache / append_blocks), got {type(cache)}.")
+    if cache.keys.shape[0] != b or cache.keys.shape[2:] != (block_size, h_kv, d):
+        raise ValueError(
+            f"cache blocks {cache.keys.shape} must be [batch, n, block_size, num_kv_heads, head_dim] = "
+            f"[{b}, n, {block_size}, {h_kv}, {d}] to match q {q.shape} and k {k.shape}."
+        )
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r} is not known; use one of {list(SELECTIONS)}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (blocks retrieved per query), got {top_k!r}.")
+    if cache.capacity is not None and top_k > cache.capacity:
+        raise ValueError(
+            f"top_k={top_k} is larger than the cache (capacity={cache.capacity} blocks); use "
+            f"top_k <= {cache.capacity} or a larger capacity."
+        )
+    logit = inputs.logit_options(d, scale)
+    rope = _no_rope if rope is None else rope
+    n = cache.num_blocks
+    kk = min(int(top_k), n)
+    L = block_size
+
+    # Local window: positions (k' + 1) L + j, one grouped softmax chunk.
+    base = (kk + 1) * L
+    local_pos = jnp.arange(s, dtype=jnp.int32)
+    q_local = local_pos[s - t:]
+    batch_pos = lambda p: jnp.broadcast_to(p + base, (b, p.shape[0]))  # noqa: E731
+    q_rot = rope(q, batch_pos(q_local))
+    k_rot = rope(k, batch_pos(local_pos))
+    padded = -(-s // L) * L
+    widths = ((0, 0), (0, padded - s), (0, 0), (0, 0))
+    k_blk = rearrange(jnp.pad(k_rot, widths).astype(jnp.float32), "b (n l) h d -> b n l h d", l=L)
+    v_blk = rearrange(jnp.pad(v, widths).astype(jnp.float32), "b (n l) h d -> b n l h d", l=L)
+    pos_blk = jnp.arange(padded, dtype=jnp.int32).reshape(-1, L)
+    qg = rearrange(q_rot, "b t (hk g) d -> b hk g t d", hk=h_kv).astype(jnp.float32)
+    terms = _chunk_terms(qg, k_blk, v_blk, q_local, pos_blk, pos_blk < s, None, None, L, logit.scale)
+    init = _empty_state(qg)
+    carry = _online_update(init, terms, v_blk)
+
+    idx = jnp.zeros((b, t, h, 0), jnp.int32)
+    if kk:
+        slots = _stingy_slots(n, kk)
+        score_keys = rope(cache.landmark_keys, jnp.broadcast_to(slots * L + L - 1, (b, n)))
+        idx = _select_blocks(q_rot, score_keys, kk, selection, logit.scale)  # [b, t, h, k']
+        carry = _fold_retrieved(carry, qg, cache, idx, n, kk, rope, logit.scale)
+
+    out, _ = _finish(*carry)
+    out = rearrange(out, "b hk g t d -> b t (hk g) d").astype(q.dtype)
+    return (out, idx) if return_indices else out
+
+
+def _fold_retrieved(carry, qg, cache: BlockCache, idx, n: int, kk: int, rope, scale: float):
+    """Add the retrieved blocks, as landmark pseudo-keys, to group 0's running state."""
+    b, h_kv, g, t, d = qg.shape
+    L = cache.block_size
+    head_kv = jnp.arange(h_kv * g) // g  # the kv head each query head reads
+    # keys[b, idx[b, t, h, r], :, head_kv[h]] -> [b, t, h, r, L, d]
+    bi = jnp.arange(b)[:, None, None, None]
+    keys = cache.keys[bi, idx, :, head_kv[None, None, :, None]]
+    values = cache.values[bi, idx, :, head_kv[None, None, :, None]].astype(jnp.float32)
+    # Paper positions: rank r in age order, one slot up for the k' most recent blocks.
+    slot = jnp.arange(kk) + (idx >= n - kk)  # [b, t, h, k']
+    positions = slot[..., None] * L + jnp.arange(L)  # [b, t, h, k', L]
+    keys = rope(keys.reshape(b, -1, 1, d), positions.reshape(b, -1)).reshape(keys.shape)
+    x = jnp.einsum("bthd,bthrld->bthrl", rearrange(qg, "b hk g t d -> b t (hk g) d"), keys.astype(jnp.float32)) * scale
+    ordinary = jnp.arange(L) < L - 1
+    masked = jnp.where(ordinary, x, -jnp.inf)
+    unnorm = jnp.exp(masked - jnp.max(masked, axis=-1, keepdims=True))
+    average = jnp.einsum("bthrl,bthrld->bthrd", unnorm / unnorm.sum(-1, keepdims=True), values)
+    landmark_x = rearrange(x[..., L - 1], "b t (hk g) r -> b hk g t r", hk=h_kv)
+    average = rearrange(average, "b t (hk g) r d -> b hk g t r d", hk=h_kv)
+
+    row_max, row_sum, acc = carry
+    new_max = jnp.maximum(row_max, jnp.max(landmark_x, axis=-1))
+    rescale = jnp.exp(jnp.where(jnp.isfinite(row_max), row_max - new_max, -jnp.inf))
+    p = jnp.exp(landmark_x - new_max[..., None])
+    return (
+        new_max,
+        row_sum * rescale + p.sum(-1),
+        acc * rescale[..., None] + jnp.einsum("bhgtr,bhgtrd->bhgtd", p, average),
+    )

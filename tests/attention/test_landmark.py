@@ -1,0 +1,301 @@
+"""Landmark attention: the blockwise version and the retrieval path against the dense grouped-softmax oracle."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lca.attention import reference_attention
+from lca.attention.landmark import (
+    BlockCache,
+    append_blocks,
+    empty_block_cache,
+    landmark_attention,
+    landmark_reference_attention,
+    landmark_retrieval_attention,
+    landmark_weights,
+)
+from lca.models.rope import apply_rope
+from tests.attention.landmark_checks import assert_close as _close
+from tests.attention.landmark_checks import packed as _packed
+from tests.attention.landmark_checks import qkv as _qkv
+from tests.attention.landmark_checks import value_and_grads as _value_and_grads
+
+
+def _jit(fn, **options):
+    """``fn`` with its keyword options fixed, compiled (eager dispatch is far slower on CPU)."""
+    return jax.jit(lambda *arrays: fn(*arrays, **options))
+
+
+# (batch, q_len, kv_len, heads, kv_heads, block_size, kv_block, packed, q_offset)
+GRID = [
+    (1, 16, 16, 2, 2, 4, None, False, None),
+    (2, 23, 23, 4, 2, 5, 10, True, None),  # odd length, GQA, packed documents, two blocks per step
+    (1, 7, 19, 4, 1, 3, None, False, None),  # q_len < kv_len (bottom-right), MQA
+    (2, 33, 33, 2, 1, 8, 16, True, None),
+    (1, 9, 9, 2, 2, 16, None, False, None),  # shorter than one block
+    (1, 8, 24, 2, 2, 4, 8, False, 9),  # queries elsewhere in the sequence (a ring step's positions)
+]
+
+
+@pytest.mark.parametrize("b,q_len,kv_len,h,hk,L,kv_block,packed,q_offset", GRID)
+def test_blockwise_matches_oracle_forward_and_gradients(b, q_len, kv_len, h, hk, L, kv_block, packed, q_offset):
+    q, k, v = _qkv(len(GRID) + q_len, b, q_len, kv_len, h, hk)
+    options = dict(block_size=L)
+    if packed:
+        options["segment_ids"] = _packed(q_len, b, kv_len)
+    if q_offset is not None:
+        options["q_positions"] = jnp.arange(q_len, dtype=jnp.int32) + q_offset
+    want, want_grads = _value_and_grads(landmark_reference_attention, q, k, v, **options)
+    got, got_grads = _value_and_grads(landmark_attention, q, k, v, kv_block=kv_block, **options)
+    _close(got, want, 1e-5)
+    for got_g, want_g in zip(got_grads, want_grads):
+        _close(got_g, want_g, 1e-5)
+
+
+def test_blockwise_bfloat16_is_close_to_the_float32_oracle():
+    q, k, v = _qkv(3, 2, 30, 30, 4, 2, d=16, dtype=jnp.bfloat16)
+    want, want_grads = _value_and_grads(landmark_reference_attention, *(x.astype(jnp.float32) for x in (q, k, v)),
+                                        block_size=6)
+    got, grads = _value_and_grads(landmark_attention, q, k, v, block_size=6, kv_block=12)
+    assert got.dtype == jnp.bfloat16
+    _close(got, want, 2e-2)
+    for got_g, want_g in zip(grads, want_grads):
+        assert got_g.dtype == jnp.bfloat16
+        _close(got_g, want_g, 5e-2)
+
+
+def _reference_recipe_weights(logits, L):
+    """The reference's recipe (epfml/landmark-attention llama_mem.py), row by row, one head, default positions.
+
+    Block ids come from counting landmarks before each key; the query's own block ("last section") is the
+    latest visible one; its landmark is masked; landmarks and own-block keys share one softmax; each earlier
+    ordinary key is softmaxed inside its block and scaled by its landmark's probability; landmarks get 0.
+    """
+    n = logits.shape[0]
+    is_mem = (np.arange(n) % L) == L - 1
+    mem_ids = np.cumsum(is_mem) - is_mem
+    weights = np.zeros_like(logits)
+    for i in range(n):
+        vis = np.arange(n) <= i
+        last = vis & (mem_ids == mem_ids[vis].max())
+        vis = vis & ~(is_mem & last)
+        first = vis & (last | is_mem)
+        p0 = np.where(first, np.exp(logits[i] - logits[i][first].max()), 0.0)
+        p0 /= p0.sum()
+        weights[i] = np.where(last & vis, p0, 0.0)
+        for j in np.unique(mem_ids[vis & ~first]):
+            group = vis & ~first & (mem_ids == j)
+            pg = np.exp(logits[i][group] - logits[i][group].max())
+            landmark = is_mem & (mem_ids == j)
+            weights[i][group] = pg / pg.sum() * p0[landmark].sum()
+    return weights
+
+
+def test_oracle_follows_the_reference_recipe():
+    L, n, d = 4, 14, 8
+    q, k, _ = _qkv(5, 1, n, n, 1, 1, d)
+    logits = np.asarray(jnp.einsum("qd,kd->qk", q[0, :, 0], k[0, :, 0])) / np.sqrt(d)
+    want = _reference_recipe_weights(logits.astype(np.float64), L)
+    got = np.asarray(landmark_weights(q, k, block_size=L))[0, 0]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_rows_sum_to_one_and_landmarks_carry_no_value(packed):
+    L, n = 5, 31
+    q, k, v = _qkv(7, 2, n, n, 4, 2)
+    seg = _packed(11, 2, n) if packed else None
+    weights = np.asarray(_jit(landmark_weights, block_size=L, segment_ids=seg)(q, k))
+    # A landmark query that starts a document sees nothing (its own landmark is never in its group).
+    seg = np.ones((2, n), np.int32) if seg is None else np.asarray(seg)
+    starts = np.concatenate([np.ones((2, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    blind = starts & (np.arange(n) % L == L - 1)
+    np.testing.assert_allclose(weights.sum(-1), np.broadcast_to(np.where(blind, 0.0, 1.0)[:, None], weights.shape[:-1]),
+                               atol=1e-5)
+    assert np.all(weights[..., L - 1::L] == 0.0)
+    assert np.all(weights >= 0.0)
+    landmark = (np.arange(n) % L == L - 1)[None, :, None, None]
+    v_moved = jnp.where(landmark, v + 100.0, v)
+    seg = jnp.asarray(seg)
+    _close(_jit(landmark_attention, block_size=L, segment_ids=seg)(q, k, v_moved),
+           _jit(landmark_attention, block_size=L, segment_ids=seg)(q, k, v), 1e-5)
+
+
+def test_a_document_starting_on_a_landmark_drops_that_landmark():
+    # Document 2 starts exactly on the landmark at position 4: it sees that landmark but no key of its block.
+    L, n = 5, 12
+    q, k, v = _qkv(8, 1, n, n, 2, 2)
+    seg = jnp.asarray([[1] * 4 + [2] * 8], jnp.int32)
+    weights = np.asarray(_jit(landmark_weights, block_size=L, segment_ids=seg)(q, k))
+    sums = weights.sum(-1)[0]
+    np.testing.assert_allclose(np.delete(sums, 4, axis=-1), 1.0, atol=1e-5)
+    assert np.all(sums[:, 4] == 0.0)  # the landmark query itself sees nothing
+    assert np.all(weights[..., 5:, 4] == 0.0)
+    _close(_jit(landmark_attention, block_size=L, segment_ids=seg)(q, k, v),
+           _jit(landmark_reference_attention, block_size=L, segment_ids=seg)(q, k, v), 1e-5)
+
+
+def test_future_tokens_do_not_change_earlier_outputs():
+    L, n, cut = 4, 26, 13
+    q, k, v = _qkv(9, 1, n, n, 2, 1)
+    q2, k2, v2 = _qkv(10, 1, n, n, 2, 1)
+    later = (jnp.arange(n) > cut)[None, :, None, None]
+    mixed = [jnp.where(later, b, a) for a, b in ((q, q2), (k, k2), (v, v2))]
+    for fn in (landmark_attention, landmark_reference_attention):
+        run = _jit(fn, block_size=L)
+        a, b = run(q, k, v), run(*mixed)
+        np.testing.assert_array_equal(np.asarray(a[:, : cut + 1]), np.asarray(b[:, : cut + 1]))
+        assert np.abs(np.asarray(a[:, cut + 1:] - b[:, cut + 1:])).max() > 1e-3
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_without_a_complete_earlier_block_it_is_causal_attention(n):
+    L = 8  # n <= L - 1: no landmark is visible anywhere
+    q, k, v = _qkv(n, 2, n, n, 4, 2)
+    want = reference_attention(q, k, v, causal=True)
+    _close(_jit(landmark_reference_attention, block_size=L)(q, k, v), want, 1e-6)
+    _close(_jit(landmark_attention, block_size=L)(q, k, v), want, 1e-6)
+    # The first L - 1 queries of a longer sequence too.
+    q, k, v = _qkv(n, 1, 3 * L, 3 * L, 2, 2)
+    _close(_jit(landmark_attention, block_size=L)(q, k, v)[:, : L - 1],
+           reference_attention(q[:, : L - 1], k[:, : L - 1], v[:, : L - 1], causal=True), 1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+
+
+def _split_for_retrieval(k, v, num_cached, L, capacity=None):
+    cache = empty_block_cache(k.shape[0], L, k.shape[2], k.shape[3], capacity=capacity)
+    # Append in two steps to exercise append_blocks' concatenation.
+    first = (num_cached // 2) * L
+    cache = append_blocks(cache, k[:, :first], v[:, :first])
+    cache = append_blocks(cache, k[:, first: num_cached * L], v[:, first: num_cached * L])
+    return cache, k[:, num_cached * L:], v[:, num_cached * L:]
+
+
+@pytest.mark.parametrize(
+    "selection,rope,num_cached,t",
+    [("per_head", None, 0, 3), ("per_head", apply_rope, 1, 1), ("per_head", apply_rope, 4, 6), ("shared", None, 4, 6),
+     ("shared", apply_rope, 3, 2)],
+)
+def test_retrieving_every_cached_block_equals_training(selection, rope, num_cached, t):
+    L, n = 5, 29  # the local window ends in an incomplete block
+    q, k, v = _qkv(num_cached, 2, n, n, 4, 2)
+    positions = jnp.broadcast_to(jnp.arange(n), (2, n))
+    rq, rk = (q, k) if rope is None else (rope(q, positions), rope(k, positions))
+    want = _jit(landmark_reference_attention, block_size=L)(rq, rk, v)[:, n - t:]
+    cache, k_local, v_local = _split_for_retrieval(k, v, num_cached, L)
+    got = _jit(landmark_retrieval_attention, block_size=L, top_k=num_cached, selection=selection, rope=rope)(
+        q[:, n - t:], k_local, v_local, cache)
+    _close(got, want, 1e-5)
+
+
+def test_chunked_prefill_then_token_by_token_equals_one_pass():
+    # Chunks of 5 and 4 (prefill), then one token at a time: after each call the complete blocks of the local
+    # window move into the cache. Retrieving every cached block, each output equals the one-pass output.
+    L, n = 4, 14
+    q, k, v = _qkv(31, 1, n, n, 4, 2)
+    positions = jnp.arange(n)[None]
+    want = _jit(landmark_reference_attention, block_size=L)(apply_rope(q, positions), apply_rope(k, positions), v)
+    cache = empty_block_cache(1, L, 2, 8)
+    start, outs = 0, []
+    for lo, hi in [(0, 5), (5, 9), (9, 10), (10, 11), (11, 12), (12, 14)]:
+        run = _jit(landmark_retrieval_attention, block_size=L, top_k=max(1, cache.num_blocks), rope=apply_rope)
+        outs.append(run(q[:, lo:hi], k[:, start:hi], v[:, start:hi], cache))
+        complete = start + (hi - start) // L * L
+        cache = append_blocks(cache, k[:, start:complete], v[:, start:complete])
+        start = complete
+    _close(jnp.concatenate(outs, axis=1), want, 1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_retrieved_blocks_take_the_papers_positions(seed):
+    # top_k=1 of 3 cached blocks, one set for all heads: the retrieved block sits in slot 0 (an older block)
+    # or slot 1 (the most recent one); the local window starts at (k' + 1) L = 2 L. The oracle on that layout,
+    # rotated at those positions, must give the same output.
+    L, n_blocks, local = 4, 3, 5
+    q, k, v = _qkv(40 + seed, 1, n_blocks * L + local, n_blocks * L + local, 2, 2)
+    cache, k_local, v_local = _split_for_retrieval(k, v, n_blocks, L)
+    got, idx = _jit(landmark_retrieval_attention, block_size=L, top_k=1, selection="shared", rope=apply_rope,
+                    return_indices=True)(q[:, -1:], k_local, v_local, cache)
+    j = int(idx[0, 0, 0, 0])
+    slot = 1 if j == n_blocks - 1 else 0
+    kv_pos = jnp.concatenate([slot * L + jnp.arange(L), 2 * L + jnp.arange(local)]).astype(jnp.int32)
+    q_pos = kv_pos[-1:]
+    keys = jnp.concatenate([cache.keys[:, j], k_local], axis=1)
+    values = jnp.concatenate([cache.values[:, j], v_local], axis=1)
+    want = _jit(landmark_reference_attention, block_size=L, q_positions=q_pos, kv_positions=kv_pos)(
+        apply_rope(q[:, -1:], q_pos[None]), apply_rope(keys, kv_pos[None]), values)
+    _close(got, want, 1e-5)
+
+
+def test_a_capped_cache_keeps_the_latest_blocks():
+    L = 4
+    _, k, v = _qkv(0, 1, 1, 6 * L, 2, 2)
+    cache, _, _ = _split_for_retrieval(k, v, 6, L, capacity=4)
+    assert cache.num_blocks == 4
+    np.testing.assert_array_equal(np.asarray(cache.keys.reshape(1, -1, 2, 8)), np.asarray(k[:, 2 * L:]))
+    np.testing.assert_array_equal(np.asarray(cache.landmark_keys), np.asarray(k[:, 2 * L + L - 1:: L]))
+
+
+@pytest.mark.parametrize("selection", ["per_head", "shared"])
+def test_retrieval_picks_the_block_holding_a_planted_key(selection):
+    L, num_blocks, d = 6, 12, 16
+    q, k, v = _qkv(21, 1, 2 * L, num_blocks * L + 3, 2, 2, d)
+    target = 4
+    direction = q[0, -1, 0]  # the last query of head 0
+    planted = k.at[0, target * L + 2, :].set(direction).at[0, target * L + L - 1, :].set(3.0 * direction)
+    cache, k_local, v_local = _split_for_retrieval(planted, v, num_blocks, L)
+    _, idx = _jit(landmark_retrieval_attention, block_size=L, top_k=2, selection=selection, return_indices=True)(
+        q[:, -1:], k_local, v_local, cache)
+    assert idx.shape == (1, 1, 2, 2)
+    assert target in np.asarray(idx[0, 0, 0])
+    if selection == "shared":
+        np.testing.assert_array_equal(np.asarray(idx[0, 0, 0]), np.asarray(idx[0, 0, 1]))
+
+
+def test_retrieval_memory_follows_k_not_the_cache():
+    # Traced shapes: the retrieved keys are [b, t, h, k, L, d], whatever the cache length.
+    L, d = 4, 8
+    q, k, v = _qkv(0, 1, 2, 2, 2, 2, d)
+    cache = append_blocks(empty_block_cache(1, L, 2, d), *_qkv(1, 1, 64 * L, 64 * L, 2, 2, d)[1:])
+    jaxpr = jax.make_jaxpr(lambda q, k, v, c: landmark_retrieval_attention(q, k, v, c, block_size=L, top_k=2))(
+        q, k, v, cache)
+    biggest = max(int(np.prod(var.aval.shape)) for eqn in jaxpr.jaxpr.eqns for var in eqn.outvars)
+    assert biggest <= cache.keys.size // L, biggest  # the landmark keys, 1/L of the cache
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_bad_inputs_name_the_argument():
+    q, k, v = _qkv(0, 1, 8, 8, 2, 2)
+    with pytest.raises(ValueError, match="block_size"):
+        landmark_attention(q, k, v, block_size=1)
+    with pytest.raises(ValueError, match="block_size"):
+        landmark_reference_attention(q, k, v, block_size=4.0)
+    with pytest.raises(ValueError, match="kv_block=6 must be a multiple of block_size=4"):
+        landmark_attention(q, k, v, block_size=4, kv_block=6)
+    with pytest.raises(ValueError, match="causal"):
+        landmark_attention(q, k, v, block_size=4, causal=False)
+    with pytest.raises(ValueError, match="kv_positions"):
+        landmark_attention(q, k, v, block_size=4, kv_positions=jnp.arange(8, dtype=jnp.int32) + 2)
+    with pytest.raises(ValueError, match="num_heads must be a multiple"):
+        landmark_attention(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2), block_size=4)
+    cache = empty_block_cache(1, 4, 2, 8, capacity=3)
+    with pytest.raises(ValueError, match="top_k=4 is larger than the cache"):
+        landmark_retrieval_attention(q, k, v, cache, block_size=4, top_k=4)
+    with pytest.raises(ValueError, match="cache blocks"):
+        landmark_retrieval_attention(q, k, v, cache, block_size=5, top_k=1)
+    with pytest.raises(ValueError, match="selection"):
+        landmark_retrieval_attention(q, k, v, cache, block_size=4, top_k=1, selection="max")
+    with pytest.raises(ValueError, match="s >= t"):
+        landmark_retrieval_attention(q, k[:, :4], v[:, :4], cache, block_size=4, top_k=1)
+    with pytest.raises(ValueError, match="whole blocks"):
+        append_blocks(cache, k[:, :6], v[:, :6])
+    with pytest.raises(ValueError, match="capacity"):
+        empty_block_cache(1, 4, 2, 8, capacity=0)
+    assert isinstance(append_blocks(cache, k, v), BlockCache)
