@@ -50,9 +50,9 @@ def make_eval_logits_fn(setup, params):
 
 
 def check_eval_fits(cfg: Config, mesh) -> None:
-    from lca.models.build import sequence_chunks
+    from lca.models.build import sequence_multiple
 
-    chunks = sequence_chunks(cfg, mesh)
+    chunks = sequence_multiple(cfg, mesh)
     lengths = [cfg.eval.seq_len or cfg.train.seq_len, *cfg.eval.context_lengths]
     bad = [n for n in lengths if n % chunks]
     if bad:

@@ -22,8 +22,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lca.config import Config, ConfigError, save_config
-from lca.models import attention_registry
-from lca.models.build import abstract_model, attention_kind, init_params, num_params, sequence_chunks
+from lca.models.build import abstract_model, attention_name, init_params, num_params, sequence_multiple
 from lca.parallel import make_mesh
 from lca.parallel.sharding import logical_to_spec, tree_shardings
 from lca.train.checkpoint import Checkpointer
@@ -51,14 +50,12 @@ def build_mesh(cfg: Config) -> jax.sharding.Mesh:
 
 def check_fits(cfg: Config, mesh: jax.sharding.Mesh) -> None:
     """Shapes the mesh cannot divide, as ConfigErrors naming the keys to change."""
-    kind = attention_kind(cfg, mesh)
-    chunks = sequence_chunks(cfg, mesh)
+    multiple = sequence_multiple(cfg, mesh)
     seq_len = cfg.train.seq_len
-    if seq_len % chunks:
+    if seq_len % multiple:
         raise ConfigError(
-            f"train.seq_len={seq_len} is not divisible by {chunks}, the number of pieces {kind!r} attention "
-            f"cuts it into on mesh {dict(mesh.shape)} (layout {cfg.model.attention.layout!r}); "
-            f"use a multiple of {chunks}."
+            f"train.seq_len={seq_len} is not divisible by {multiple}, the sequence-length multiple that "
+            f"attention {attention_name(cfg, mesh)!r} needs on mesh {dict(mesh.shape)}; use a multiple of {multiple}."
         )
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = cfg.train.global_batch // cfg.train.grad_accum
@@ -67,21 +64,12 @@ def check_fits(cfg: Config, mesh: jax.sharding.Mesh) -> None:
             f"the micro-batch train.global_batch / train.grad_accum = {micro} must be divisible by "
             f"mesh.data * mesh.fsdp = {batch_shards} and by the {jax.process_count()} processes."
         )
-    if cfg.model.attention.kind not in ("auto", *attention_registry.KINDS):
-        raise ConfigError(
-            f"model.attention.kind must be 'auto' or one of {list(attention_registry.KINDS)}, "
-            f"got {cfg.model.attention.kind!r}."
-        )
     from lca.data.pipeline import validate
 
     try:
         validate(cfg.data, seq_len=seq_len, global_batch=cfg.train.global_batch, process_count=jax.process_count())
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if not attention_registry.is_available(kind):
-        raise ConfigError(
-            f"model.attention.kind={kind!r} is not available here; available: {attention_registry.available_kinds()}."
-        )
 
 
 # --------------------------------------------------------------------------- state
@@ -283,7 +271,7 @@ def train(cfg: Config, *, data_iterator=None) -> dict:
         log.info("resumed from checkpoint %d in %s", start, ckpt.directory)
     log.info(
         "model: %s parameters, attention %r, mesh %s",
-        f"{num_params(state['params']):,}", attention_kind(cfg, mesh), dict(mesh.shape),
+        f"{num_params(state['params']):,}", attention_name(cfg, mesh), dict(mesh.shape),
     )
 
     compiled, flops = compile_step(setup)
