@@ -36,7 +36,7 @@ def sequence_multiple(cfg: Config, mesh: jax.sharding.Mesh | None) -> int:
     if mesh is None:
         return 1
     sharded = math.prod(mesh.shape[axis] for axis in cfg.rules.get("sequence", []) if axis in mesh.shape)
-    return math.lcm(strategies.sequence_multiple(cfg.model, mesh), sharded)
+    return math.lcm(strategies.strategy_multiple(cfg.model, mesh), sharded)
 
 
 def attention_name(cfg: Config, mesh: jax.sharding.Mesh | None) -> str:

@@ -191,7 +191,7 @@ def make_attend(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> Callable:
                           block_q=att.block_q, block_kv=att.block_kv)
 
 
-def sequence_multiple(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> int:
+def strategy_multiple(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> int:
     """The multiple of which sequence lengths must be for the resolved strategy on ``mesh``."""
     if mesh is None:
         return 1

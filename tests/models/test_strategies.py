@@ -69,7 +69,7 @@ def test_sequence_multiple_on_a_mesh_with_renamed_axes():
 
 
 def test_ring_built_on_renamed_axes_matches_reference():
-    mesh = jax.make_mesh((2, 4), ("dp", "sp"))
+    mesh = jax.make_mesh((4, 2), ("dp", "sp"))
     q, k, v = qkv(length=32)
     attend = STRATEGIES["ring"].build(RingConfig(axis="sp"), mesh=mesh, impl=get_impl("blockwise"),
                                       block_q=8, block_kv=8)
