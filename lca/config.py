@@ -8,7 +8,11 @@ are dotted ``key=value`` strings (``train.steps=100 mesh.context=4``) applied la
 OmegaConf does the merging and the type checks against the schema; this module
 turns its errors into one :class:`ConfigError` line that names the key and, for an
 unknown key, suggests the closest valid one. The result is a tree of frozen
-dataclasses, so nothing downstream can mutate it.
+dataclasses, so nothing downstream can mutate it. ``model.mixers`` and
+``model.strategies`` hold one typed section per entry of the model's two catalogues
+(:data:`lca.models.mixers.MIXERS`, :data:`lca.models.strategies.STRATEGIES`), so a
+new entry brings its section without a change here; the entries that the config
+uses are checked when it loads.
 
 This module must not initialise JAX: the launcher reads ``runtime.cpu_devices``
 from the config before JAX picks its devices.
