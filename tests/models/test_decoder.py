@@ -41,11 +41,15 @@ def reference_logits():
     return logits_of(tiny(*overrides("reference")), None, batch())
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c != "reference"])
+# The two axes combine: a fused kernel as the ring's local implementation.
+MORE = {"pallas_ring": ["model.attention.impl=pallas", "model.attention.sequence=ring"]} if "pallas" in CASES else {}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "reference"] + list(MORE))
 def test_attention_matches_reference_model(case, reference_logits):
     # One mesh that every case can use: usp takes tensor as its Ulysses axis.
     mesh = make_mesh(data=2, context=2, tensor=2, axis_types="auto")
-    got = logits_of(tiny(*overrides(case)), mesh, batch())
+    got = logits_of(tiny(*(MORE[case] if case in MORE else overrides(case))), mesh, batch())
     np.testing.assert_allclose(np.asarray(got), np.asarray(reference_logits), atol=2e-4, rtol=2e-4)
 
 
