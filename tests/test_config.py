@@ -47,6 +47,17 @@ def test_distributed_on_off_survive_yaml_booleans(tmp_path, written, meant):
         ("model.mixers.local.window=0", "'model.mixers.local.window' must be a positive int"),
         ("model.num_kv_heads=3", "multiple of model.num_kv_heads"),
         ("train.steps", "must look like key=value"),
+        # The model's catalogues: mixers by model.pattern, sequence strategies, local implementations.
+        ("model.pattern=[lokal,global]", "config key 'model.pattern' has unknown value 'lokal'; did you mean 'local'?"),
+        ("model.mixers.lokal.window=3", "unknown config key 'model.mixers.lokal' in override 'model.mixers.lokal.window=3'; did you mean 'model.mixers.local'?"),
+        ("model.mixers.local.windo=3", "did you mean 'model.mixers.local.window'?"),
+        ("model.pattern=[]", "'model.pattern' must be a non-empty list of mixer kinds"),
+        ("model.attention.sequence=rign", "'model.attention.sequence' has unknown value 'rign'; did you mean 'ring'?"),
+        ("model.strategies.ring.layot=zigzag", "did you mean 'model.strategies.ring.layout'?"),
+        ("model.strategies.ring.layout=zag", "'model.strategies.ring.layout' must be one of"),
+        ("model.strategies.ring.axis=sp", "'model.strategies.ring.axis' must name a mesh axis"),
+        ("model.strategies.usp.ulysses_axis=context", "must be different mesh axes"),
+        ("model.attention.impl=flash", "config key 'model.attention.impl'"),
     ],
 )
 def test_errors_are_one_clear_line(override, expected):

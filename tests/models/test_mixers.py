@@ -58,28 +58,6 @@ def test_pattern_names_a_mixer_per_layer():
     assert [b.attn.window for b in model.blocks()] == [16, None, 16]
 
 
-@pytest.mark.parametrize(
-    "override, expected",
-    [
-        ("model.pattern=[lokal,global]", "config key 'model.pattern' has unknown value 'lokal'; did you mean 'local'?"),
-        ("model.mixers.lokal.window=3", "unknown config key 'model.mixers.lokal' in override 'model.mixers.lokal.window=3'; did you mean 'model.mixers.local'?"),
-        ("model.mixers.local.windo=3", "did you mean 'model.mixers.local.window'?"),
-        ("model.pattern=[]", "'model.pattern' must be a non-empty list of mixer kinds"),
-        ("model.attention.sequence=rign", "'model.attention.sequence' has unknown value 'rign'; did you mean 'ring'?"),
-        ("model.strategies.ring.layot=zigzag", "did you mean 'model.strategies.ring.layout'?"),
-        ("model.strategies.ring.layout=zag", "'model.strategies.ring.layout' must be one of"),
-        ("model.strategies.ring.axis=sp", "'model.strategies.ring.axis' must name a mesh axis"),
-        ("model.strategies.usp.ulysses_axis=context", "must be different mesh axes"),
-        ("model.attention.impl=flash", "config key 'model.attention.impl'"),
-    ],
-)
-def test_mixer_and_strategy_mistakes_fail_at_load_in_one_line(override, expected):
-    with pytest.raises(ConfigError) as info:
-        load_config("tiny", [override])
-    assert expected in str(info.value)
-    assert "\n" not in str(info.value)
-
-
 def test_unused_sections_are_not_checked():
     # tiny's local window is set; a global-only model may leave it unset.
     load_config("tiny", ["model.pattern=[global]", "model.mixers.local.window=null"])

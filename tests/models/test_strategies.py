@@ -83,3 +83,10 @@ def test_model_multiple_adds_the_sequence_sharding_of_the_rules():
     assert sequence_multiple(load_config("tiny"), mesh) == 4  # auto -> zigzag ring over 2
     assert sequence_multiple(load_config("tiny", ["model.attention.sequence=none"]), mesh) == 2  # rules: sequence -> context
     assert sequence_multiple(load_config("tiny", ["model.attention.sequence=none"]), None) == 1
+
+
+def test_strategy_that_cannot_run_the_impl_fails_at_load():
+    from lca.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sequence='ring' cannot run model.attention.impl='xla'"):
+        load_config("tiny", ["model.attention.sequence=ring", "model.attention.impl=xla"])
