@@ -60,6 +60,12 @@ def devices_for(kind: str) -> int:
     return 1 if kind in SINGLE_DEVICE_KINDS else 8
 
 
+def attention_overrides(kind: str) -> list[str]:
+    """A kind is a local implementation run unsplit, or a sequence strategy over blockwise."""
+    impl, sequence = (kind, "none") if kind in SINGLE_DEVICE_KINDS else ("blockwise", kind)
+    return [f"model.attention.impl={impl}", f"model.attention.sequence={sequence}"]
+
+
 def run_point(kind: str, seq_len: int, steps: int, cap_gb: float) -> dict:
     from lca.train.runtime import set_cpu_devices
 
@@ -73,7 +79,7 @@ def run_point(kind: str, seq_len: int, steps: int, cap_gb: float) -> dict:
     from lca.train.loop import build_mesh, check_fits, compile_step, init_state, make_setup, to_global_batch
 
     cfg = load_config("demo", [
-        f"model.attention.kind={kind}", f"train.seq_len={seq_len}", "train.global_batch=1", "mesh.data=1",
+        *attention_overrides(kind), f"train.seq_len={seq_len}", "train.global_batch=1", "mesh.data=1",
         f"mesh.context={devices}", "model.attention.block_q=512", "model.attention.block_kv=512",
     ])
     mesh = build_mesh(cfg)

@@ -8,7 +8,11 @@ are dotted ``key=value`` strings (``train.steps=100 mesh.context=4``) applied la
 OmegaConf does the merging and the type checks against the schema; this module
 turns its errors into one :class:`ConfigError` line that names the key and, for an
 unknown key, suggests the closest valid one. The result is a tree of frozen
-dataclasses, so nothing downstream can mutate it.
+dataclasses, so nothing downstream can mutate it. ``model.mixers`` and
+``model.strategies`` hold one typed section per entry of the model's two catalogues
+(:data:`lca.models.mixers.MIXERS`, :data:`lca.models.strategies.STRATEGIES`), so a
+new entry brings its section without a change here; the entries that the config
+uses are checked when it loads.
 
 This module must not initialise JAX: the launcher reads ``runtime.cpu_devices``
 from the config before JAX picks its devices.
@@ -53,21 +57,17 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-    # A name in lca.models.attention_registry, or "auto": ring attention when the
-    # mesh's context axis is > 1 (blockwise if ring is unavailable), else blockwise.
-    kind: str = "auto"
-    # Cycled over layers: "global" layers see the whole (causal) context, "local"
-    # layers a sliding window of `window` tokens. ["local", "local", "local", "global"]
-    # makes every 4th layer global.
-    pattern: list[str] = dataclasses.field(default_factory=lambda: ["global"])
-    window: Optional[int] = None
-    softcap: Optional[float] = None
+    """How the attention mixers compute attention: two independent choices."""
+
+    # Local implementation: how attention runs on one device (lca.attention.impl.get_impl):
+    # reference | xla | blockwise | pallas.
+    impl: str = "blockwise"
+    # Sequence strategy (lca.models.strategies.STRATEGIES): none | ring | ulysses | usp, or
+    # "auto": ring when its mesh axis (model.strategies.ring.axis) is > 1, else none.
+    # The chosen strategy's options are its section model.strategies.<name>.
+    sequence: str = "auto"
     block_q: int = 512
     block_kv: int = 512
-    layout: str = "zigzag"  # ring: token layout over the context axis
-    impl: str = "blockwise"  # ring/ulysses/usp: local implementation on each device
-    ulysses_axis: str = "tensor"  # usp only
-    ring_axis: str = "context"  # usp only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +85,15 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots | dots_no_batch
+    # The token mixer of each layer, cycled over the layers: kinds of lca.models.mixers.MIXERS.
+    # [local, local, local, global] makes every 4th layer global, the rest sliding-window.
+    pattern: list[str] = dataclasses.field(default_factory=lambda: ["global"])
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    # One typed section per catalogue entry, from the catalogues at load time (see _schema):
+    # model.mixers.<kind> is lca.models.mixers.MIXERS[kind].config, and
+    # model.strategies.<name> is lca.models.strategies.STRATEGIES[name].config.
+    mixers: Any = None
+    strategies: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,10 +198,8 @@ _CHOICES = {
     "model.dtype": ("bfloat16", "float32", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
-    "model.attention.layout": ("zigzag", "contiguous", "striped"),
     "runtime.distributed": ("auto", "on", "off"),
 }
-_PATTERN_ENTRIES = ("global", "local")
 
 
 # --------------------------------------------------------------------------- loading
@@ -201,11 +207,23 @@ _PATTERN_ENTRIES = ("global", "local")
 
 def _schema() -> DictConfig:
     schema = OmegaConf.structured(Config)
-    from lca.data.pipeline import DataConfig  # no JAX backend initialisation
+    # No JAX backend initialisation in any of these.
+    from lca.data.pipeline import DataConfig
+    from lca.models.mixers import MIXERS
+    from lca.models.strategies import STRATEGIES
 
-    with _unfrozen(schema):
+    with _unfrozen(schema), _unfrozen(schema.model):
         schema.data = OmegaConf.structured(DataConfig)
+        schema.model.mixers = _sections({kind: entry.config for kind, entry in MIXERS.items()})
+        schema.model.strategies = _sections({name: entry.config for name, entry in STRATEGIES.items()})
     return schema
+
+
+def _sections(configs: dict[str, type]) -> DictConfig:
+    """One typed node per catalogue entry; an unknown entry name is an unknown key."""
+    node = OmegaConf.create({name: OmegaConf.structured(config) for name, config in configs.items()})
+    OmegaConf.set_struct(node, True)
+    return node
 
 
 class _unfrozen:
@@ -262,7 +280,7 @@ def _all_keys(node: DictConfig, prefix: str = "") -> list[str]:
         full = f"{prefix}{key}"
         keys.append(full)
         child = node._get_node(key)
-        if isinstance(child, DictConfig) and child._metadata.object_type not in (None, dict):
+        if isinstance(child, DictConfig) and not child._is_none():
             keys.extend(_all_keys(child, f"{full}."))
     return keys
 
@@ -275,6 +293,13 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> Co
         return ConfigError(f"unknown config key {key!r} in {origin}{hint}")
     reason = str(getattr(err, "msg", err)).splitlines()[0]
     return ConfigError(f"bad value for config key {key!r} in {origin}: {reason}.")
+
+
+def choice_error(key: str, value: str, choices) -> ConfigError:
+    """``key`` holds ``value``, which is none of ``choices``: one line, with the closest choice."""
+    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ConfigError(f"config key {key!r} has unknown value {value!r}; {hint}choices: {list(choices)}.")
 
 
 def _merge(schema: DictConfig, layer, origin: str) -> DictConfig:
@@ -301,24 +326,15 @@ def _check_values(cfg: Config) -> None:
         "model.dtype": cfg.model.dtype,
         "model.param_dtype": cfg.model.param_dtype,
         "model.remat": cfg.model.remat,
-        "model.attention.layout": cfg.model.attention.layout,
         "runtime.distributed": cfg.runtime.distributed,
     }
     for key, value in flat.items():
         if value not in _CHOICES[key]:
             raise ConfigError(f"config key {key!r} must be one of {list(_CHOICES[key])}, got {value!r}.")
-    att = cfg.model.attention
-    bad = [p for p in att.pattern if p not in _PATTERN_ENTRIES]
-    if not att.pattern or bad:
-        raise ConfigError(
-            f"config key 'model.attention.pattern' must be a non-empty list of {list(_PATTERN_ENTRIES)}, "
-            f"got {list(att.pattern)}."
-        )
-    if "local" in att.pattern and (att.window is None or att.window < 1):
-        raise ConfigError(
-            "config key 'model.attention.window' must be a positive int when "
-            f"model.attention.pattern has 'local' layers, got {att.window!r}."
-        )
+    from lca.models import mixers, strategies
+
+    mixers.check(cfg.model)
+    strategies.check(cfg.model, tuple(field.name for field in dataclasses.fields(MeshConfig)))
     m = cfg.model
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(

@@ -8,10 +8,10 @@ from lca.config import ConfigError, load_config, load_run_config, save_config
 
 
 def test_demo_inherits_base_and_overrides_apply():
-    cfg = load_config("demo", ["train.steps=7", "model.attention.pattern=[global]", "eval.depths=[0.25]"])
+    cfg = load_config("demo", ["train.steps=7", "model.pattern=[global]", "eval.depths=[0.25]"])
     assert cfg.name == "demo" and cfg.run_dir == "runs/demo"  # interpolation of ${name}
     assert cfg.train.steps == 7
-    assert cfg.model.attention.pattern == ["global"]
+    assert cfg.model.pattern == ["global"]
     assert cfg.eval.depths == [0.25]
     assert cfg.data.source == "stdlib"  # from base.yaml
     assert cfg.train.weight_decay == 0.1  # schema default, in no file
@@ -44,9 +44,20 @@ def test_distributed_on_off_survive_yaml_booleans(tmp_path, written, meant):
         ("train.steps=abc", "bad value for config key 'train.steps'"),
         ("model.tie_embeddings=maybe", "bad value for config key 'model.tie_embeddings'"),
         ("model.remat=sometimes", "'model.remat' must be one of"),
-        ("model.attention.window=0", "'model.attention.window' must be a positive int"),
+        ("model.mixers.local.window=0", "'model.mixers.local.window' must be a positive int"),
         ("model.num_kv_heads=3", "multiple of model.num_kv_heads"),
         ("train.steps", "must look like key=value"),
+        # The model's catalogues: mixers by model.pattern, sequence strategies, local implementations.
+        ("model.pattern=[lokal,global]", "config key 'model.pattern' has unknown value 'lokal'; did you mean 'local'?"),
+        ("model.mixers.lokal.window=3", "unknown config key 'model.mixers.lokal' in override 'model.mixers.lokal.window=3'; did you mean 'model.mixers.local'?"),
+        ("model.mixers.local.windo=3", "did you mean 'model.mixers.local.window'?"),
+        ("model.pattern=[]", "'model.pattern' must be a non-empty list of mixer kinds"),
+        ("model.attention.sequence=rign", "'model.attention.sequence' has unknown value 'rign'; did you mean 'ring'?"),
+        ("model.strategies.ring.layot=zigzag", "did you mean 'model.strategies.ring.layout'?"),
+        ("model.strategies.ring.layout=zag", "'model.strategies.ring.layout' must be one of"),
+        ("model.strategies.ring.axis=sp", "'model.strategies.ring.axis' must name a mesh axis"),
+        ("model.strategies.usp.ulysses_axis=context", "must be different mesh axes"),
+        ("model.attention.impl=flash", "config key 'model.attention.impl'"),
     ],
 )
 def test_errors_are_one_clear_line(override, expected):
@@ -80,7 +91,7 @@ def test_result_is_read_only():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config("tiny", ["train.lr=0.25", "model.attention.window=8"])
+    cfg = load_config("tiny", ["train.lr=0.25", "model.mixers.local.window=8"])
     save_config(cfg, tmp_path)
     assert load_run_config(tmp_path) == cfg
     assert load_run_config(tmp_path, ["train.steps=3"]).train.steps == 3

@@ -29,6 +29,8 @@ from lca.attention.blockwise import (
     blockwise_backward,
     blockwise_forward,
 )
+from lca.attention.reference import reference_attention
+from lca.attention.xla import xla_attention
 from lca.parallel.vma import union_varying_axes
 
 
@@ -83,3 +85,7 @@ def get_impl(name: str) -> LocalImpl:
 
 register_impl(LocalImpl("blockwise", blockwise_forward, blockwise_backward, BlockSizes(),
                         attention=blockwise_attention))
+# Interim (house-model) until house-attn's one-dict catalogue lands: single-device-only
+# implementations, no ring/Ulysses step functions.
+register_impl(LocalImpl("reference", None, None, attention=reference_attention))
+register_impl(LocalImpl("xla", None, None, attention=xla_attention))

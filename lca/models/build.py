@@ -1,4 +1,4 @@
-"""Model construction from a run config: attention kernel, vocabulary, sharded init.
+"""Model construction from a run config: vocabulary, sequence multiple, sharded init.
 
 Parameters are created as a pure nested dict (``{"block_0": {"attn": ...}}``) of
 float32 arrays, laid out on the mesh from the first moment: ``init_params`` runs
@@ -8,13 +8,13 @@ device ever holds the whole model unsharded.
 
 from __future__ import annotations
 
-from typing import Callable
+import math
 
 import jax
 from flax import nnx
 
 from lca.config import Config
-from lca.models import attention_registry
+from lca.models import strategies
 from lca.models.decoder import Decoder, padded_vocab
 from lca.parallel.sharding import Sharder, tree_shardings
 
@@ -27,52 +27,52 @@ def vocab_size(cfg: Config) -> int:
     return padded_vocab(VOCAB_SIZE)
 
 
-def attention_kind(cfg: Config, mesh: jax.sharding.Mesh | None) -> str:
-    context = 1 if mesh is None else mesh.shape.get("context", 1)
-    return attention_registry.resolve_kind(cfg.model.attention.kind, context)
+def sequence_multiple(cfg: Config, mesh: jax.sharding.Mesh | None) -> int:
+    """Sequence lengths must be a multiple of this on ``mesh``.
 
-
-def sequence_chunks(cfg: Config, mesh: jax.sharding.Mesh | None) -> int:
-    """How many equal pieces the attention kind cuts a sequence into (lengths must divide)."""
+    The resolved sequence strategy's own multiple, and the number of devices the
+    ``sequence`` logical axis is sharded over (``cfg.rules``).
+    """
     if mesh is None:
         return 1
-    kind = attention_kind(cfg, mesh)
-    att = cfg.model.attention
-    zigzag = 2 if att.layout == "zigzag" else 1
-    if kind == "ring":
-        return zigzag * mesh.shape["context"]
-    if kind == "ulysses":
-        return mesh.shape["context"]
-    if kind == "usp":
-        return zigzag * mesh.shape[att.ring_axis] * mesh.shape[att.ulysses_axis]
-    return mesh.shape["context"]
+    sharded = math.prod(mesh.shape[axis] for axis in cfg.rules.get("sequence", []) if axis in mesh.shape)
+    return math.lcm(strategies.strategy_multiple(cfg.model, mesh), sharded)
 
 
-def make_attend(cfg: Config, mesh: jax.sharding.Mesh | None) -> Callable:
-    att = cfg.model.attention
-    return attention_registry.make_attention(
-        attention_kind(cfg, mesh), mesh=mesh, block_q=att.block_q, block_kv=att.block_kv, layout=att.layout,
-        impl=att.impl, ulysses_axis=att.ulysses_axis, ring_axis=att.ring_axis,
-    )
+def attention_name(cfg: Config, mesh: jax.sharding.Mesh | None) -> str:
+    """``"<impl> x <strategy>"`` as resolved on ``mesh``, for logs and messages."""
+    return f"{cfg.model.attention.impl} x {strategies.resolve(cfg.model, mesh)}"
+
+
+def _decoder(cfg: Config, mesh, seed: int) -> Decoder:
+    return Decoder(cfg.model, vocab_size=vocab_size(cfg), mesh=mesh, shard=Sharder(cfg.rules, mesh),
+                   rngs=nnx.Rngs(seed))
 
 
 def make_model(cfg: Config, mesh: jax.sharding.Mesh | None = None, *, seed: int = 0) -> Decoder:
     """The model with freshly initialised parameters (unsharded; for tests and small runs)."""
-    shard = Sharder(cfg.rules, mesh)
     with nnx.use_eager_sharding(False):
-        return Decoder(cfg.model, vocab_size=vocab_size(cfg), attend=make_attend(cfg, mesh), shard=shard,
-                       rngs=nnx.Rngs(seed))
+        return _decoder(cfg, mesh, seed)
+
+
+def split_params(model: Decoder):
+    """``(graphdef, params)``; a ValueError if the model holds anything but ``nnx.Param`` at construction."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if rest:
+        paths = [".".join(map(str, path)) for path, _ in nnx.to_flat_state(rest)]
+        raise ValueError(
+            f"the model holds non-parameter state at construction (at {paths}); the train step carries "
+            "nnx.Param only. A mixer creates state it keeps across calls (caches, streaming memory) in its "
+            "own inference methods, not in __init__."
+        )
+    return graphdef, params
 
 
 def abstract_model(cfg: Config, mesh: jax.sharding.Mesh | None = None):
     """``(graphdef, abstract params, logical specs)`` without allocating parameters."""
-    shard = Sharder(cfg.rules, mesh)
-    attend = make_attend(cfg, mesh)
     with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(
-            lambda: Decoder(cfg.model, vocab_size=vocab_size(cfg), attend=attend, shard=shard, rngs=nnx.Rngs(0))
-        )
-    graphdef, params = nnx.split(model, nnx.Param)
+        model = nnx.eval_shape(lambda: _decoder(cfg, mesh, 0))
+    graphdef, params = split_params(model)
     logical = nnx.to_pure_dict(nnx.get_partition_spec(params))
     return graphdef, nnx.to_pure_dict(params), logical
 
@@ -88,8 +88,7 @@ def init_params(cfg: Config, mesh: jax.sharding.Mesh, seed: int):
 
     def init():
         with nnx.use_eager_sharding(False):
-            model = Decoder(cfg.model, vocab_size=vocab_size(cfg), attend=make_attend(cfg, mesh),
-                            shard=Sharder(cfg.rules, mesh), rngs=nnx.Rngs(seed))
+            model = _decoder(cfg, mesh, seed)
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     return jax.jit(init, out_shardings=shardings)()

@@ -1,25 +1,28 @@
-"""A decoder-only language model in Flax NNX, with pluggable attention.
+"""A decoder-only language model in Flax NNX with a token-mixer slot per layer.
 
-Pre-norm blocks: ``x + attn(norm(x))`` then ``x + swiglu(norm(x))``; RMSNorm,
-rotary position embeddings from the batch's ``positions`` (so packed documents
-restart at 0), grouped-query attention whose kernel comes from
-:mod:`lca.models.attention_registry`, tied or untied output projection.
+Pre-norm blocks: ``x + mixer(norm(x))`` then ``x + swiglu(norm(x))``; RMSNorm, tied
+or untied output projection. Each layer's mixer is built from the catalogue
+:data:`lca.models.mixers.MIXERS` by the kind ``model.pattern`` gives that layer;
+the GQA attention kinds (``global``, ``local``) compute attention through
+``model.attention`` (local implementation x sequence strategy, :mod:`lca.models.strategies`).
 
 Parameters are float32 and carry logical axis names (``nnx.with_partitioning``);
-compute runs in ``cfg.dtype`` (bf16 by default) and logits are float32.
+compute runs in ``cfg.dtype`` (bf16 by default) and logits are float32. A layer's
+mixer sits in the slot named ``attn`` (parameter paths ``block_<i>.attn.*``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lca.config import ModelConfig
-from lca.models.rope import apply_rope
+from lca.models import strategies
+from lca.models.layers import dense, rms_norm
+from lca.models.mixers import MixerEnv, layer_mixers, make_mixer
 from lca.parallel.sharding import Sharder
 
 _REMAT_POLICIES = {
@@ -34,58 +37,12 @@ def padded_vocab(vocab_size: int, multiple: int = 128) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def _dense(rngs, d_in, d_out, names, cfg: ModelConfig, scale: float = 1.0):
-    init = nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
-    return nnx.Linear(
-        d_in, d_out, use_bias=False, kernel_init=nnx.with_partitioning(init, names),
-        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs,
-    )
-
-
-def _norm(rngs, cfg: ModelConfig):
-    return nnx.RMSNorm(
-        cfg.d_model, epsilon=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)), rngs=rngs,
-    )
-
-
-class Attention(nnx.Module):
-    """GQA self-attention; ``window`` makes it a sliding-window ("local") layer."""
-
-    def __init__(self, cfg: ModelConfig, *, attend: Callable, window: int | None, shard: Sharder, rngs):
-        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
-        self.head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
-        self.rope_theta, self.softcap, self.window = cfg.rope_theta, cfg.attention.softcap, window
-        self.attend, self.shard = attend, shard
-        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q = _dense(rngs, cfg.d_model, q_dim, ("embed", "heads"), cfg)
-        self.k = _dense(rngs, cfg.d_model, kv_dim, ("embed", "kv_heads"), cfg)
-        self.v = _dense(rngs, cfg.d_model, kv_dim, ("embed", "kv_heads"), cfg)
-        # Residual-branch output scaled down with depth (GPT-2 style) for a stable start.
-        self.o = _dense(rngs, q_dim, cfg.d_model, ("heads", "embed"), cfg, scale=1.0 / (2 * cfg.num_layers))
-
-    def __call__(self, x, positions, segment_ids):
-        """``x [b, l, d_model]`` -> ``[b, l, d_model]``."""
-        b, length, _ = x.shape
-        q = self.q(x).reshape(b, length, self.num_heads, self.head_dim)
-        k = self.k(x).reshape(b, length, self.num_kv_heads, self.head_dim)
-        v = self.v(x).reshape(b, length, self.num_kv_heads, self.head_dim)
-        q = self.shard(apply_rope(q, positions, self.rope_theta), ("batch", "sequence", "act_heads", None))
-        k = self.shard(apply_rope(k, positions, self.rope_theta), ("batch", "sequence", "act_kv_heads", None))
-        v = self.shard(v, ("batch", "sequence", "act_kv_heads", None))
-        out = self.attend(
-            q, k, v, causal=True, segment_ids=segment_ids, window=self.window, softcap=self.softcap, scale=None
-        )
-        out = self.shard(out.reshape(b, length, self.num_heads * self.head_dim), ("batch", "sequence", "act_heads"))
-        return self.o(out)
-
-
 class SwiGLU(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, shard: Sharder, rngs):
         self.shard = shard
-        self.gate = _dense(rngs, cfg.d_model, cfg.mlp_dim, ("embed", "mlp"), cfg)
-        self.up = _dense(rngs, cfg.d_model, cfg.mlp_dim, ("embed", "mlp"), cfg)
-        self.down = _dense(rngs, cfg.mlp_dim, cfg.d_model, ("mlp", "embed"), cfg, scale=1.0 / (2 * cfg.num_layers))
+        self.gate = dense(rngs, cfg.d_model, cfg.mlp_dim, ("embed", "mlp"), cfg)
+        self.up = dense(rngs, cfg.d_model, cfg.mlp_dim, ("embed", "mlp"), cfg)
+        self.down = dense(rngs, cfg.mlp_dim, cfg.d_model, ("mlp", "embed"), cfg, scale=1.0 / (2 * cfg.num_layers))
 
     def __call__(self, x):
         hidden = nnx.silu(self.gate(x)) * self.up(x)
@@ -93,12 +50,14 @@ class SwiGLU(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, attend: Callable, window: int | None, shard: Sharder, rngs):
-        self.shard = shard
-        self.attn_norm = _norm(rngs, cfg)
-        self.attn = Attention(cfg, attend=attend, window=window, shard=shard, rngs=rngs)
-        self.mlp_norm = _norm(rngs, cfg)
-        self.mlp = SwiGLU(cfg, shard=shard, rngs=rngs)
+    """``x + mixer(norm(x))``, then ``x + swiglu(norm(x))``; the mixer is ``kind`` from the catalogue."""
+
+    def __init__(self, kind: str, env: MixerEnv, *, rngs):
+        cfg, self.shard, self.kind = env.model, env.shard, kind
+        self.attn_norm = rms_norm(rngs, cfg)
+        self.attn = make_mixer(kind, env, rngs=rngs)  # the token-mixer slot
+        self.mlp_norm = rms_norm(rngs, cfg)
+        self.mlp = SwiGLU(cfg, shard=env.shard, rngs=rngs)
 
     def __call__(self, x, positions, segment_ids):
         x = x + self.attn(self.attn_norm(x), positions, segment_ids)
@@ -106,22 +65,15 @@ class Block(nnx.Module):
         return self.shard(x, ("batch", "sequence", "act_embed"))
 
 
-def layer_windows(cfg: ModelConfig) -> list[int | None]:
-    """Each layer's attention window: the pattern cycled over layers ("global" -> None)."""
-    pattern = cfg.attention.pattern
-    return [
-        cfg.attention.window if pattern[i % len(pattern)] == "local" else None for i in range(cfg.num_layers)
-    ]
-
-
 class Decoder(nnx.Module):
     """Decoder-only LM: ``tokens [b, l]`` -> float32 ``logits [b, l, vocab]``.
 
-    ``attend`` is the attention callable every layer uses (the layer pattern
-    decides the window); ``shard`` constrains activations to the mesh layout.
+    ``mesh`` is what sharded sequence strategies split over (None: one device, or
+    XLA's placement); ``shard`` constrains activations to the mesh layout.
     """
 
-    def __init__(self, cfg: ModelConfig, *, vocab_size: int, attend: Callable, shard: Sharder | None = None, rngs):
+    def __init__(self, cfg: ModelConfig, *, vocab_size: int, mesh: jax.sharding.Mesh | None = None,
+                 shard: Sharder | None = None, rngs):
         shard = shard or Sharder()
         self.shard, self.num_layers, self.tie = shard, cfg.num_layers, cfg.tie_embeddings
         self.remat_policy = cfg.remat
@@ -133,11 +85,12 @@ class Decoder(nnx.Module):
             embedding_init=nnx.with_partitioning(nnx.initializers.normal(cfg.d_model**-0.5), ("vocab", "embed")),
             rngs=rngs,
         )
-        for i, window in enumerate(layer_windows(cfg)):
-            setattr(self, f"block_{i}", Block(cfg, attend=attend, window=window, shard=shard, rngs=rngs))
-        self.final_norm = _norm(rngs, cfg)
+        env = MixerEnv(model=cfg, attend=strategies.make_attend(cfg, mesh), mesh=mesh, shard=shard)
+        for i, kind in enumerate(layer_mixers(cfg)):
+            setattr(self, f"block_{i}", Block(kind, env, rngs=rngs))
+        self.final_norm = rms_norm(rngs, cfg)
         if not self.tie:
-            self.unembed = _dense(rngs, cfg.d_model, vocab_size, ("embed", "vocab"), cfg)
+            self.unembed = dense(rngs, cfg.d_model, vocab_size, ("embed", "vocab"), cfg)
 
     def blocks(self) -> list[Block]:
         return [getattr(self, f"block_{i}") for i in range(self.num_layers)]

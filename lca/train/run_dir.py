@@ -17,10 +17,12 @@ log = logging.getLogger("lca.train")
 
 # Keys under `model.` that change how the model computes, not what its state holds.
 COMPUTE_ONLY_MODEL_KEYS = frozenset({
-    "model.dtype", "model.remat", "model.attention.kind", "model.attention.impl", "model.attention.layout",
-    "model.attention.block_q", "model.attention.block_kv", "model.attention.ulysses_axis",
-    "model.attention.ring_axis",
+    "model.dtype", "model.remat", "model.attention.impl", "model.attention.sequence",
+    "model.attention.block_q", "model.attention.block_kv",
 })
+# Sections under `model.` whose every key is compute-only: how the sequence is split
+# over the mesh (layouts, axis names) never changes a parameter.
+COMPUTE_ONLY_MODEL_SECTIONS = ("model.strategies.",)
 # Keys outside `model.` that the saved state depends on: the data iterator's position
 # counts documents of one source, shuffle and row layout.
 STATE_KEYS = frozenset({
@@ -58,7 +60,8 @@ def _flat(node, prefix: str = "") -> dict:
 
 def shapes_state(key: str) -> bool:
     """Whether changing ``key`` on resume changes what the saved state means."""
-    return key in STATE_KEYS or (key.startswith("model.") and key not in COMPUTE_ONLY_MODEL_KEYS)
+    compute_only = key in COMPUTE_ONLY_MODEL_KEYS or key.startswith(COMPUTE_ONLY_MODEL_SECTIONS)
+    return key in STATE_KEYS or (key.startswith("model.") and not compute_only)
 
 
 def config_changes(saved_yaml: str, cfg: Config) -> dict[str, tuple]:

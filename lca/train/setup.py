@@ -23,8 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lca.config import Config, ConfigError
-from lca.models import attention_registry
-from lca.models.build import attention_kind, make_model, sequence_chunks
+from lca.models.build import attention_name, make_model, sequence_multiple, split_params
 from lca.parallel import make_mesh
 from lca.parallel.sharding import logical_to_spec, tree_shardings
 from lca.train.optimizer import learning_rate, make_optimizer
@@ -46,14 +45,12 @@ def build_mesh(cfg: Config) -> jax.sharding.Mesh:
 
 def check_fits(cfg: Config, mesh: jax.sharding.Mesh) -> None:
     """Shapes the mesh cannot divide, as ConfigErrors naming the keys to change."""
-    kind = attention_kind(cfg, mesh)
-    chunks = sequence_chunks(cfg, mesh)
+    multiple = sequence_multiple(cfg, mesh)
     seq_len = cfg.train.seq_len
-    if seq_len % chunks:
+    if seq_len % multiple:
         raise ConfigError(
-            f"train.seq_len={seq_len} is not divisible by {chunks}, the number of pieces {kind!r} attention "
-            f"cuts it into on mesh {dict(mesh.shape)} (layout {cfg.model.attention.layout!r}); "
-            f"use a multiple of {chunks}."
+            f"train.seq_len={seq_len} is not divisible by {multiple}, the sequence-length multiple that "
+            f"attention {attention_name(cfg, mesh)!r} needs on mesh {dict(mesh.shape)}; use a multiple of {multiple}."
         )
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = cfg.train.global_batch // cfg.train.grad_accum
@@ -62,25 +59,16 @@ def check_fits(cfg: Config, mesh: jax.sharding.Mesh) -> None:
             f"the micro-batch train.global_batch / train.grad_accum = {micro} must be divisible by "
             f"mesh.data * mesh.fsdp = {batch_shards} and by the {jax.process_count()} processes."
         )
-    if cfg.model.attention.kind not in ("auto", *attention_registry.KINDS):
-        raise ConfigError(
-            f"model.attention.kind must be 'auto' or one of {list(attention_registry.KINDS)}, "
-            f"got {cfg.model.attention.kind!r}."
-        )
     from lca.data.pipeline import validate
 
     try:
         validate(cfg.data, seq_len=seq_len, global_batch=cfg.train.global_batch, process_count=jax.process_count())
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if not attention_registry.is_available(kind):
-        raise ConfigError(
-            f"model.attention.kind={kind!r} is not available here; available: {attention_registry.available_kinds()}."
-        )
 
 
 def check_eval_fits(cfg: Config, mesh: jax.sharding.Mesh) -> None:
-    chunks = sequence_chunks(cfg, mesh)
+    chunks = sequence_multiple(cfg, mesh)
     lengths = [cfg.eval.seq_len or cfg.train.seq_len, *cfg.eval.context_lengths]
     bad = [n for n in lengths if n % chunks]
     if bad:
@@ -115,7 +103,7 @@ class Setup:
     abstract_state: dict
     batch_sharding: NamedSharding
     init_params: Callable  # seed (int32 scalar) -> params, already sharded
-    kind: str  # the attention kind "auto" resolved to on this mesh
+    kind: str  # the attention "<impl> x <strategy>" resolved on this mesh
 
 
 def _replicated(mesh):
@@ -128,7 +116,7 @@ def _trace_model(cfg: Config, mesh: jax.sharding.Mesh):
 
     def init(seed):
         # A key, not an int: the seed is an argument of the traced program.
-        graphdef, params = nnx.split(make_model(cfg, mesh, seed=jax.random.key(seed)), nnx.Param)
+        graphdef, params = split_params(make_model(cfg, mesh, seed=jax.random.key(seed)))
         built["graphdef"] = graphdef
         built["logical"] = nnx.to_pure_dict(nnx.get_partition_spec(params))
         return nnx.to_pure_dict(params)
@@ -160,7 +148,7 @@ def make_setup(cfg: Config, mesh: jax.sharding.Mesh) -> Setup:
     init_sharded = jax.jit(lambda seed: jax.tree.unflatten(treedef, init_program(seed)), out_shardings=param_sh)
     batch_spec = logical_to_spec((None, "batch", "sequence"), cfg.rules, mesh)
     return Setup(cfg, mesh, graphdef, tx, shardings, abstract, NamedSharding(mesh, batch_spec), init_sharded,
-                 attention_kind(cfg, mesh))
+                 attention_name(cfg, mesh))
 
 
 def init_state(setup: Setup, seed: int) -> dict:

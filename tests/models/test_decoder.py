@@ -1,4 +1,4 @@
-"""The decoder: every attention kind matches the model with reference attention; packing; remat."""
+"""The decoder: every attention combination matches the model with reference attention; packing; remat."""
 
 import jax
 import jax.numpy as jnp
@@ -7,10 +7,11 @@ import pytest
 from flax import nnx
 
 from lca.config import load_config
-from lca.models import available_kinds, layer_windows, make_model
+from lca.models import layer_mixers, make_model
 from lca.models.build import abstract_model
 from lca.parallel import make_mesh
 from lca.train.step import make_logits_fn, token_losses
+from tests.models.attention_cases import CASES, overrides
 
 SEQ = 64
 
@@ -37,20 +38,24 @@ def logits_of(cfg, mesh, data):
 
 @pytest.fixture(scope="module")
 def reference_logits():
-    return logits_of(tiny("model.attention.kind=reference"), None, batch())
+    return logits_of(tiny(*overrides("reference")), None, batch())
 
 
-@pytest.mark.parametrize("kind", [k for k in available_kinds() if k != "reference"])
-def test_kind_matches_reference_model(kind, reference_logits):
-    # One mesh that every kind can use: usp takes tensor as its Ulysses axis.
+# The two axes combine: a fused kernel as the ring's local implementation.
+MORE = {"pallas_ring": ["model.attention.impl=pallas", "model.attention.sequence=ring"]} if "pallas" in CASES else {}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "reference"] + list(MORE))
+def test_attention_matches_reference_model(case, reference_logits):
+    # One mesh that every case can use: usp takes tensor as its Ulysses axis.
     mesh = make_mesh(data=2, context=2, tensor=2, axis_types="auto")
-    got = logits_of(tiny(f"model.attention.kind={kind}"), mesh, batch())
+    got = logits_of(tiny(*(MORE[case] if case in MORE else overrides(case))), mesh, batch())
     np.testing.assert_allclose(np.asarray(got), np.asarray(reference_logits), atol=2e-4, rtol=2e-4)
 
 
 def test_packed_document_equals_document_alone():
     """RoPE positions and segment ids make a packed document see only itself, from position 0."""
-    model = make_model(tiny("model.attention.kind=blockwise"), seed=1)
+    model = make_model(tiny(*overrides("blockwise")), seed=1)
     graphdef, params = nnx.split(model, nnx.Param)
     fn = jax.jit(make_logits_fn(graphdef))
     params = nnx.to_pure_dict(params)
@@ -70,8 +75,7 @@ def test_remat_changes_memory_not_math():
     data = {**batch(), "targets": batch(seed=1)["inputs"], "loss_mask": jnp.ones((2, SEQ))}
 
     def loss_and_grads(remat):
-        cfg = tiny(f"model.remat={remat}", "model.attention.kind=reference", "model.num_layers=1",
-                   "model.attention.pattern=[global]")
+        cfg = tiny(f"model.remat={remat}", *overrides("reference"), "model.num_layers=1", "model.pattern=[global]")
         model = make_model(cfg, seed=2)
         graphdef, params = nnx.split(model, nnx.Param)
         fn = make_logits_fn(graphdef)
@@ -83,9 +87,9 @@ def test_remat_changes_memory_not_math():
 
 
 def test_layer_pattern_cycles_over_layers():
-    cfg = load_config("tiny", ["model.num_layers=8", "model.attention.pattern=[local,local,local,global]",
-                               "model.attention.window=32"])
-    assert layer_windows(cfg.model) == [32, 32, 32, None] * 2
+    cfg = load_config("tiny", ["model.num_layers=8", "model.pattern=[local,local,local,global]",
+                               "model.mixers.local.window=32"])
+    assert layer_mixers(cfg.model) == ["local", "local", "local", "global"] * 2
     model = make_model(cfg)
     assert [b.attn.window for b in model.blocks()] == [32, 32, 32, None] * 2
 
@@ -105,8 +109,7 @@ def test_params_carry_logical_axes_and_float32():
 
 
 def test_bf16_compute_gives_float32_logits():
-    cfg = tiny("model.dtype=bfloat16", "model.attention.kind=reference", "model.num_layers=1",
-               "model.attention.pattern=[global]")
+    cfg = tiny("model.dtype=bfloat16", *overrides("reference"), "model.num_layers=1", "model.pattern=[global]")
     graphdef, params = nnx.split(make_model(cfg), nnx.Param)
     logits = jax.jit(make_logits_fn(graphdef))(nnx.to_pure_dict(params), batch())
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())

@@ -1,12 +1,12 @@
-"""End to end: the tiny config trains a few steps with every attention kind that imports."""
+"""End to end: the tiny config trains a few steps with every attention combination that imports."""
 
 import math
 
 import pytest
 
 from lca.config import ConfigError
-from lca.models import available_kinds
 from lca.train.metrics import read_metrics
+from tests.models.attention_cases import CASES, overrides
 
 # usp needs a second sequence axis: Ulysses over `tensor`, the ring over `context`.
 MESHES = {"usp": ["mesh.fsdp=1", "mesh.tensor=2"]}
@@ -17,12 +17,12 @@ def first_losses():
     return {}
 
 
-@pytest.mark.parametrize("kind", available_kinds())
+@pytest.mark.parametrize("kind", list(CASES))
 def test_every_kind_trains(kind, tiny, tmp_path, first_losses):
     from lca.train import train
 
-    cfg = tiny(tmp_path, f"model.attention.kind={kind}", "train.steps=3", "checkpoint.enabled=false",
-               "model.num_layers=1", "model.attention.pattern=[global]", *MESHES.get(kind, []))
+    cfg = tiny(tmp_path, *overrides(kind), "train.steps=3", "checkpoint.enabled=false",
+               "model.num_layers=1", "model.pattern=[global]", *MESHES.get(kind, []))
     result = train(cfg)
     records = read_metrics(tmp_path)
     assert sorted(records) == [1, 2, 3]
@@ -48,7 +48,8 @@ def test_loss_falls_with_training(finished_run):
         (["mesh.data=3"], "mesh does not fit the 8 devices"),
         (["train.seq_len=66"], "train.seq_len=66 is not divisible by 4"),
         (["train.global_batch=6"], "must be divisible by mesh.data * mesh.fsdp = 4"),
-        (["model.attention.kind=magic"], "model.attention.kind must be 'auto' or one of"),
+        (["model.attention.sequence=magic"], "config key 'model.attention.sequence' has unknown value 'magic'"),
+        (["model.attention.impl=magic"], "config key 'model.attention.impl'"),
     ],
 )
 def test_shape_errors_are_config_errors(tiny, tmp_path, overrides, message):

@@ -1,0 +1,76 @@
+"""Token mixers: the catalogue of what a decoder layer may use to mix tokens.
+
+A decoder block is ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``. ``model.pattern``
+names a mixer kind per layer (cycled over the layers), e.g. ``[local, local, local,
+global]``. A mixer is an ``nnx.Module`` that may own parameters and state, built as
+
+    MIXERS[kind].module(section, env, rngs=rngs)
+
+from its typed config section ``section = model.mixers.<kind>`` (an instance of
+``MIXERS[kind].config``) and the :class:`MixerEnv` every mixer shares, and called as
+
+    mixer(x [b, l, d_model], positions [b, l], segment_ids [b, l]) -> [b, l, d_model]
+
+To add a mixer kind: write its module and its config dataclass (a frozen dataclass;
+an optional ``check(self, key, model)`` raises ``lca.config.ConfigError`` for bad
+values), and add one entry to :data:`MIXERS`. The config then accepts
+``model.mixers.<kind>.*`` (typed, unknown keys rejected at load) and
+``model.pattern`` may name it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+
+from lca.config import ConfigError, ModelConfig, choice_error
+from lca.models.gqa import Attention, GlobalAttentionConfig, LocalAttentionConfig
+from lca.parallel.sharding import Sharder
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerEnv:
+    """What every mixer may use besides its own section."""
+
+    model: ModelConfig  # sizes, dtypes, rope_theta, num_layers
+    # The model's attention (model.attention: local implementation x sequence strategy):
+    # attend(q, k, v, *, causal, segment_ids, window, softcap, scale) -> out, global arrays.
+    attend: Callable
+    mesh: jax.sharding.Mesh | None
+    shard: Sharder  # constrains activations to the mesh layout by logical axis names
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixer:
+    config: type  # its typed section, model.mixers.<kind>
+    module: Callable  # (section, env, *, rngs) -> nnx.Module
+
+
+MIXERS: dict[str, Mixer] = {
+    "global": Mixer(GlobalAttentionConfig, Attention),
+    "local": Mixer(LocalAttentionConfig, Attention),
+}
+
+
+def layer_mixers(model: ModelConfig) -> list[str]:
+    """Each layer's mixer kind: ``model.pattern`` cycled over ``model.num_layers``."""
+    return [model.pattern[i % len(model.pattern)] for i in range(model.num_layers)]
+
+
+def make_mixer(kind: str, env: MixerEnv, *, rngs):
+    return MIXERS[kind].module(env.model.mixers[kind], env, rngs=rngs)
+
+
+def check(model: ModelConfig) -> None:
+    """Load-time checks: ``model.pattern`` names known kinds; the sections it uses are valid."""
+    if not model.pattern:
+        raise ConfigError(f"config key 'model.pattern' must be a non-empty list of mixer kinds from {list(MIXERS)}.")
+    for kind in model.pattern:
+        if kind not in MIXERS:
+            raise choice_error("model.pattern", kind, list(MIXERS))
+    for kind in dict.fromkeys(model.pattern):
+        section = model.mixers[kind]
+        if hasattr(section, "check"):
+            section.check(f"model.mixers.{kind}", model)
