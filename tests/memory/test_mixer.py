@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 from lca.memory import neural_memory as nm
-from lca.memory.mixer import MemoryMixer
+from lca.memory.mixer import MemoryMixer, as_arrays
 
 CONFIG = nm.MemoryConfig(d_model=16, num_heads=2, chunk_size=4, num_persistent=2)
 
@@ -16,7 +16,7 @@ def test_mixer_is_the_functional_layer_from_a_fresh_state():
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 16))
     positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
     y = nnx.jit(lambda m, x, p: m(x, p, jnp.zeros_like(p)))(mixer, x, positions)
-    params = mixer.params()
+    params = as_arrays(mixer.parameters)
     want, _ = nm.memory_layer(params, nm.fresh_state(params, CONFIG, 2), x, config=CONFIG)
     assert y.shape == x.shape
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
