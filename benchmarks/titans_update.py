@@ -162,31 +162,20 @@ def write_results(speed, sweep, machine, chunk, out_dir):
 
 
 def _plot(sweep, machine, chunk, path):
-    import matplotlib
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from log_axes import plot_memory_and_time
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for method, style in (("chunked", "o-"), ("sequential", "s--")):
-        pts = sorted((p for p in sweep if p["method"] == method and "error" not in p), key=lambda p: p["T"])
-        if not pts:
-            continue
-        ts = [p["T"] for p in pts]
-        axes[0].plot(ts, [max(p["peak_bytes"], 1) / 2**20 for p in pts], style, label=f"{method} peak")
-        axes[1].plot(ts, [p["seconds"] for p in pts], style, label=method)
+    curves = [
+        (method, style, [p for p in sweep if p["method"] == method and "error" not in p])
+        for method, style in (("chunked", "o-"), ("sequential", "s--"))
+    ]
     ts = sorted({p["T"] for p in sweep})
-    axes[0].plot(ts, [t * DIM * 4 / 2**20 for t in ts], ":", color="gray", label="output y")
-    for ax, ylabel in zip(axes, ("peak extra memory (MiB)", "time per call (s)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length T")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Titans memory update, head_dim {DIM}, depth {DEPTH}, chunk {chunk}, forward — {machine}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot_memory_and_time(
+        curves,
+        f"Titans memory update, head_dim {DIM}, depth {DEPTH}, chunk {chunk}, forward — {machine}",
+        path,
+        reference=("output y", ts, [t * DIM * 4 / 2**20 for t in ts]),
+    )
 
 
 def main():

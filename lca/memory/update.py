@@ -13,10 +13,12 @@ default takes all chunks' gradients at the call's start weights).
 
 Within a chunk the state is affine in (M_0, S_0, grad_1..grad_C):
 
-    [M_t; S_t] = Phi_t [M_0; S_0] + sum_{s<=t} c_{t,s} [1; 1]-weighted grad_s,
+    [M_t; S_t] = Phi_t [M_0; S_0] + sum_{s<=t} [c_{t,s}; d_{t,s}] grad_s,
     Phi_t = prod_{r<=t} [[1 - alpha_r, eta_r], [0, eta_r]],
 
-and the scalar coefficients come from one ``jax.lax.associative_scan``. Each
+i.e. the recurrence on the pair is ``[M_t; S_t] = [[1 - alpha_t, eta_t], [0, eta_t]] [M_{t-1}; S_{t-1}]
+- theta_t [grad_t; grad_t]``, and all scalar coefficients come from one
+``jax.lax.associative_scan`` over these affine maps. Each
 per-token gradient of an MLP layer is an outer product ``delta_s a_s^T``, so the
 outputs ``M_t(q_t)`` and the chunk-end state are batched matmuls (the "dual form"):
 no per-token weights are ever materialised. Chunks run in a ``lax.scan``, so
