@@ -5,6 +5,8 @@
 - :mod:`lca.memory.sequential`: the token-by-token oracle of the same update.
 - :mod:`lca.memory.neural_memory`: the functional layer ``memory_layer(params, state, x)``.
 - :mod:`lca.memory.mixer`: the LMM token mixer (``nnx.Module``).
+- :mod:`lca.memory.mag`: MAG, sliding-window attention gated by the memory (functional + mixer).
+- :mod:`lca.memory.context_parallel`: the exact pipelined memory over a context-sharded mesh.
 """
 
 from lca.memory.neural_memory import (
