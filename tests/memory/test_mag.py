@@ -54,8 +54,9 @@ def test_mag_equals_dense_composition():
 
 def test_future_tokens_do_not_change_earlier_outputs():
     params, x, positions = _setup()
-    y = mag.mag_layer(params, x, positions, config=CONFIG)
-    y2 = mag.mag_layer(params, x.at[:, 9:].set(0.0), positions, config=CONFIG)
+    layer = jax.jit(lambda p, x, pos: mag.mag_layer(p, x, pos, config=CONFIG))
+    y = layer(params, x, positions)
+    y2 = layer(params, x.at[:, 9:].set(0.0), positions)
     np.testing.assert_allclose(y2[:, :9], y[:, :9], rtol=0, atol=0)
     assert not np.allclose(y2[:, 9:], y[:, 9:])
 
@@ -63,7 +64,7 @@ def test_future_tokens_do_not_change_earlier_outputs():
 def test_mag_mixer_gradients_reach_every_parameter():
     mixer = mag.MagMixer(CONFIG, rngs=nnx.Rngs(0))
     _, x, positions = _setup(length=9)
-    grads = nnx.grad(lambda m: jnp.sum(m(x, positions, None) ** 2))(mixer)
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x, positions, None) ** 2)))(mixer)
     leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))
     assert len(leaves) == 4 + 6 + 2  # attention + memory projections/gates/conv/persistent + memory MLP
     for g in leaves:

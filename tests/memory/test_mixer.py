@@ -17,7 +17,7 @@ def test_mixer_is_the_functional_layer_from_a_fresh_state():
     positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
     y = nnx.jit(lambda m, x, p: m(x, p, jnp.zeros_like(p)))(mixer, x, positions)
     params = as_arrays(mixer.parameters)
-    want, _ = nm.memory_layer(params, nm.fresh_state(params, CONFIG, 2), x, config=CONFIG)
+    want = jax.jit(lambda p, x: nm.memory_layer(p, nm.fresh_state(p, CONFIG, 2), x, config=CONFIG)[0])(params, x)
     assert y.shape == x.shape
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
 
@@ -25,7 +25,7 @@ def test_mixer_is_the_functional_layer_from_a_fresh_state():
 def test_mixer_gradients_reach_every_parameter():
     mixer = MemoryMixer(CONFIG, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.PRNGKey(2), (1, 7, 16))
-    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(mixer)
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) ** 2)))(mixer)
     leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))
     assert len(leaves) == 8  # w_qkv, w_out, w_gates, b_gates, conv, persistent, 2 memory layers
     for g in leaves:

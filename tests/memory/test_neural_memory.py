@@ -83,11 +83,12 @@ def test_memorises_random_pairs_at_test_time():
     keys = tokens.k.transpose(0, 2, 1, 3)  # [b, l, h, d]
     values = tokens.v.transpose(0, 2, 1, 3)
 
+    @jax.jit
     def error(state):
-        return float(jnp.mean(jnp.sum((nm.retrieve(state, keys, config=config) - values) ** 2, -1)))
+        return jnp.mean(jnp.sum((nm.retrieve(state, keys, config=config) - values) ** 2, -1))
 
     before = error(state)
-    _, state = nm.memory_layer(params, state, x, config=config)
+    _, state = jax.jit(functools.partial(nm.memory_layer, config=config))(params, state, x)
     after = error(state)
     assert after < 0.75 * before, (before, after)
 
@@ -103,8 +104,9 @@ def test_retrieve_reads_the_open_chunk():
     def read_chunk_start(state):
         return jax.vmap(jax.vmap(lambda w, q: nm.mlp.apply(w, q, CONFIG.act), (0, 1), 1))(state.weights, q)
 
-    assert not np.allclose(nm.retrieve(partial, q, config=CONFIG), read_chunk_start(partial), atol=1e-4)
-    _close(nm.retrieve(full, q, config=CONFIG), read_chunk_start(full))
+    retrieve = jax.jit(functools.partial(nm.retrieve, config=CONFIG))
+    assert not np.allclose(retrieve(partial, q), read_chunk_start(partial), atol=1e-4)
+    _close(retrieve(full, q), read_chunk_start(full))
 
 
 @pytest.mark.parametrize(
