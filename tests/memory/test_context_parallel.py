@@ -1,6 +1,5 @@
 """The pipelined context-parallel memory equals the single-device memory, exactly up to float32."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
