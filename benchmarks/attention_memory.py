@@ -154,35 +154,16 @@ def _cell_missing(p):
 
 
 def _plot(points, machine, path):
-    import matplotlib
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from log_axes import plot_memory_and_time
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     styles = {"naive": "o-", "xla": "s-", "blockwise": "^-"}
-    for mode, dash in (("fwd", ""), ("fwd+bwd", "--")):
-        for m in METHODS:
-            pts = sorted(
-                (p for p in points if p["method"] == m and p["mode"] == mode and "error" not in p),
-                key=lambda p: p["T"],
-            )
-            if not pts:
-                continue
-            ts = [p["T"] for p in pts]
-            style = styles[m] + ("-" if dash else "")
-            axes[0].plot(ts, [max(p["peak_bytes"], 1) / 2**20 for p in pts], style, label=f"{m} {mode}")
-            axes[1].plot(ts, [p["seconds"] for p in pts], style, label=f"{m} {mode}")
-    for ax, ylabel in zip(axes, ("peak extra memory (MiB)", "time per call (s)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length T")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Causal attention, head_dim 64, float32 — {machine}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    curves = [
+        (f"{m} {mode}", styles[m] + dash, [p for p in points if p["method"] == m and p["mode"] == mode and "error" not in p])
+        for mode, dash in (("fwd", ""), ("fwd+bwd", "-"))
+        for m in METHODS
+    ]
+    plot_memory_and_time(curves, f"Causal attention, head_dim 64, float32 — {machine}", path, title_size=9)
 
 
 def main():

@@ -150,6 +150,9 @@ def _plot(points, machine, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from log_axes import style_log_log
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t in sorted({p["T"] for p in points}):
         pts = [p for p in points if p["T"] == t and p["doc"]]
@@ -161,12 +164,7 @@ def _plot(points, machine, path):
             xy = [(p["doc"], p["seconds"][kind]) for p in pts if kind in p["seconds"]]
             if xy:
                 ax.plot(*zip(*xy), style, color=line.get_color(), alpha=0.7, label=f"{kind}, T={t:,}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("mean document length (tokens)")
-    ax.set_ylabel("fwd+bwd time (s)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    style_log_log(ax, "mean document length (tokens)", "fwd+bwd time (s)")
     ax.set_title(f"Packed causal attention — {machine}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

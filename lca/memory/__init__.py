@@ -1,1 +1,33 @@
-"""memory"""
+"""Titans neural long-term memory (Behrouz, Zhong & Mirrokni, 2025): test-time learning in JAX.
+
+- :mod:`lca.memory.mlp`: the memory model M (an MLP) and its closed-form per-token gradients.
+- :mod:`lca.memory.update`: the chunk-parallel update (momentum + forgetting, associative scan).
+- :mod:`lca.memory.sequential`: the token-by-token oracle of the same update.
+- :mod:`lca.memory.neural_memory`: the functional layer ``memory_layer(params, state, x)``.
+- :mod:`lca.memory.mixer`: the LMM token mixer (``nnx.Module``).
+- :mod:`lca.memory.mag`: MAG, sliding-window attention gated by the memory (functional + mixer).
+- :mod:`lca.memory.context_parallel`: the exact pipelined memory over a context-sharded mesh.
+"""
+
+from lca.memory.neural_memory import (
+    MemoryConfig,
+    MemoryState,
+    fresh_state,
+    init_params,
+    init_state,
+    memory_layer,
+    retrieve,
+)
+from lca.memory.update import MemoryTokens, memorize_chunked
+
+__all__ = [
+    "MemoryConfig",
+    "MemoryState",
+    "MemoryTokens",
+    "fresh_state",
+    "init_params",
+    "init_state",
+    "memorize_chunked",
+    "memory_layer",
+    "retrieve",
+]

@@ -1,0 +1,90 @@
+"""The Titans memory on a context-sharded mesh: an exact pipelined scan with ``ppermute``.
+
+The memory is a recurrence over the sequence, so device ``i`` (holding the ``i``-th
+contiguous shard of every row) needs the state that device ``i - 1`` ends with. The
+whole :class:`~lca.memory.neural_memory.MemoryState` (chunk-start weights, momentum,
+open chunk, conv tail) travels, so the result is exactly the single-device one: no
+stale weights, and the chunk grid need not align with the shards.
+
+To keep devices busy the batch is cut into ``micro_batches``: at pipeline step ``s``
+device ``i`` runs micro-batch ``s - i`` and hands its end state to device ``i + 1``
+(GPipe-style). With ``P`` devices and ``M`` micro-batches there are ``M + P - 1`` steps,
+so the idle fraction of the schedule is ``(P - 1) / (M + P - 1)``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lca.memory.neural_memory import MemoryConfig, fresh_state, memory_layer
+from lca.parallel.vma import mark_varying
+
+
+def idle_fraction(devices: int, micro_batches: int) -> float:
+    """Share of pipeline steps a device waits: ``(P - 1) / (M + P - 1)``."""
+    return (devices - 1) / (micro_batches + devices - 1)
+
+
+def memory_layer_shard(params: dict, x: jax.Array, *, config: MemoryConfig, axis_name: str, micro_batches: int = 1):
+    """Inside ``shard_map``: ``x [b, l_local, d_model]`` is this device's contiguous shard -> ``y`` alike.
+
+    Every sequence starts from :func:`fresh_state` on the first device of ``axis_name``.
+    """
+    b, length, d = x.shape
+    if b % micro_batches:
+        raise ValueError(f"micro_batches={micro_batches} must divide the batch {b}")
+    devices = jax.lax.axis_size(axis_name)
+    index = jax.lax.axis_index(axis_name)
+    xs = x.reshape(micro_batches, b // micro_batches, length, d)
+    first = fresh_state(params, config, b // micro_batches)
+    forward = [(i, i + 1) for i in range(devices - 1)]
+
+    def step(carry, s):
+        inbox, ys = carry
+        m = s - index
+        active = (m >= 0) & (m < micro_batches)
+        mc = jnp.clip(m, 0, micro_batches - 1)
+        start = jax.tree.map(lambda a, r: jnp.where(index == 0, a, r), first, inbox)
+        y, end = memory_layer(params, start, xs[mc], config=config)
+        ys = jnp.where(active, ys.at[mc].set(y), ys)
+        return (jax.lax.ppermute(end, axis_name, forward), ys), None
+
+    steps = jnp.arange(micro_batches + devices - 1)
+    # the inbox is per-device after the first ppermute, so it starts as varying
+    inbox = mark_varying(first, axis_name)
+    (_, ys), _ = jax.lax.scan(step, (inbox, jnp.zeros_like(xs)), steps)
+    return ys.reshape(b, length, d)
+
+
+def context_parallel_memory(
+    params: dict,
+    x: jax.Array,
+    *,
+    config: MemoryConfig,
+    mesh: jax.sharding.Mesh,
+    axis_name: str = "context",
+    micro_batches: int = 1,
+) -> jax.Array:
+    """The memory layer (from a fresh state) on ``x [b, l, d_model]`` split over ``mesh[axis_name]``.
+
+    Equals ``memory_layer(params, fresh_state(...), x)[0]``; ``l`` must divide evenly.
+    """
+    if not isinstance(mesh, jax.sharding.Mesh) or axis_name not in mesh.shape:
+        raise ValueError(f"mesh must be a jax.sharding.Mesh with an axis {axis_name!r}, got {mesh!r}")
+    devices = mesh.shape[axis_name]
+    if x.ndim != 3 or x.shape[1] % devices:
+        raise ValueError(
+            f"x must be [batch, length, d_model] with length divisible by the {devices} devices of "
+            f"{axis_name!r}, got shape {x.shape}"
+        )
+    if x.shape[0] % micro_batches:
+        raise ValueError(f"micro_batches={micro_batches} must divide the batch {x.shape[0]}")
+    spec = P(None, axis_name)
+    body = functools.partial(memory_layer_shard, config=config, axis_name=axis_name, micro_batches=micro_batches)
+    x = jax.sharding.reshard(x, NamedSharding(mesh, spec))
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), spec), out_specs=spec)(params, x)

@@ -1,0 +1,107 @@
+"""Titans MAG, memory as a gate (paper Sec. 4.2): sliding-window attention gated by the memory.
+
+For ``x [b, l, d_model]`` with persistent tokens ``P`` (shared by both branches):
+
+    a = SW-Attn*([P || x])   sliding-window causal attention; every query also sees P
+    m = LMM([P || x])        the neural memory (:mod:`lca.memory.neural_memory`) on the same stream
+    out = (rms(a) * g_a) * sigmoid(rms(m) * g_m)
+
+``*`` is the attention with the persistent prefix: the window applies to the
+sequence only, and the prefix is merged in by log-sum-exp
+(:func:`lca.attention.merge_attention`), so P stays visible to every query however
+long the sequence. The paper's gate is "normalise both branches with learnable
+vector-valued weights, then a non-linearity"; we read it as above.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from lca.attention import attention, merge_attention
+from lca.memory import neural_memory as nm
+from lca.memory.mixer import as_arrays, as_variables
+from lca.models.rope import apply_rope
+
+
+@dataclasses.dataclass(frozen=True)
+class MagConfig:
+    """MAG layer: a neural memory beside ``window``-token sliding-window attention."""
+
+    memory: nm.MemoryConfig
+    num_heads: int = 2
+    window: int = 64
+    impl: str = "blockwise"
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        d = self.memory.d_model
+        if not isinstance(self.num_heads, int) or self.num_heads < 1 or d % self.num_heads:
+            raise ValueError(f"MagConfig.num_heads={self.num_heads!r} must be a positive int dividing d_model={d}")
+        if (d // self.num_heads) % 2:
+            raise ValueError(f"MagConfig: head_dim = d_model / num_heads = {d // self.num_heads} must be even for RoPE")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"MagConfig.window must be a positive int, got {self.window!r}")
+
+
+def init_params(key: jax.Array, config: MagConfig) -> dict:
+    d = config.memory.d_model
+    k_mem, k_qkv, k_out = jax.random.split(key, 3)
+    return {
+        "memory": nm.init_params(k_mem, config.memory),
+        "w_qkv": jax.random.normal(k_qkv, (d, 3 * d), jnp.float32) / jnp.sqrt(d),
+        "w_out": jax.random.normal(k_out, (d, d), jnp.float32) / jnp.sqrt(d),
+        "gain_attn": jnp.ones((d,), jnp.float32),
+        "gain_memory": jnp.ones((d,), jnp.float32),
+    }
+
+
+def _rms(x):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+
+
+def _heads(z, h):
+    return (rearrange(t, "b l (h d) -> b l h d", h=h) for t in jnp.split(z, 3, axis=-1))
+
+
+def _attention_branch(params, x, positions, segment_ids, config: MagConfig):
+    h = config.num_heads
+    q, k, v = _heads(x @ params["w_qkv"], h)
+    q, k = apply_rope(q, positions, config.rope_theta), apply_rope(k, positions, config.rope_theta)
+    persistent = params["memory"].get("persistent")
+    local = dict(impl=config.impl, causal=True, window=config.window, segment_ids=segment_ids)
+    if persistent is None:
+        out = attention(q, k, v, **local)
+    else:
+        _, pk, pv = _heads(jnp.broadcast_to(persistent, (x.shape[0],) + persistent.shape) @ params["w_qkv"], h)
+        out, lse = attention(q, k, v, return_lse=True, **local)
+        prefix, prefix_lse = attention(q, pk, pv, impl=config.impl, return_lse=True)
+        out = merge_attention(out, lse, prefix, prefix_lse)[0].astype(x.dtype)
+    return rearrange(out, "b l h d -> b l (h d)") @ params["w_out"]
+
+
+def mag_layer(params: dict, x: jax.Array, positions: jax.Array, segment_ids=None, *, config: MagConfig) -> jax.Array:
+    """One MAG layer on a whole sequence ``x [b, l, d_model]`` -> ``[b, l, d_model]``."""
+    a = _attention_branch(params, x, positions, segment_ids, config)
+    state = nm.fresh_state(params["memory"], config.memory, x.shape[0])
+    m, _ = nm.memory_layer(params["memory"], state, x, config=config.memory)
+    return _rms(a) * params["gain_attn"] * jax.nn.sigmoid(_rms(m) * params["gain_memory"])
+
+
+class MagMixer(nnx.Module):
+    """MAG with the mixer call signature ``mixer(x, positions, segment_ids)``.
+
+    The attention branch honours ``segment_ids``; the memory branch carries across a row
+    (packing is not supported by the memory yet).
+    """
+
+    def __init__(self, config: MagConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.parameters = as_variables(init_params(rngs.params(), config))
+
+    def __call__(self, x, positions, segment_ids=None):
+        return mag_layer(as_arrays(self.parameters), x, positions, segment_ids, config=self.config)

@@ -1,0 +1,275 @@
+"""Titans neural long-term memory as a pure-functional layer (LMM: the memory alone).
+
+``memory_layer(params, state, x, config=...) -> (y, new_state)`` for ``x [b, l, d_model]``:
+
+1. q, k, v = SiLU(causal depthwise conv(x W_{q,k,v})) split into heads; q and k are
+   l2-normalised (paper Sec. 4.4).
+2. theta_t = max_lr * sigmoid(x_t w_theta + b), eta_t = sigmoid(...), alpha_t = sigmoid(...),
+   one scalar per head and token (data-dependent, paper Eq. 13-14).
+3. The memory (an MLP per head, :mod:`lca.memory.mlp`) learns k -> v with the
+   chunk-parallel update (:mod:`lca.memory.update`); the output is ``M_t(q_t)``, after
+   the token's own update, heads merged by ``W_o``.
+
+The state carries across calls: chunk-start memory weights and momentum, the
+tokens of the open (partial) chunk and the conv tail. The chunk grid is counted
+from the first token ever streamed, so streaming a sequence in pieces gives the
+same outputs and state as one call. Persistent memory tokens (learned,
+data-independent) are the first tokens the memory sees: :func:`fresh_state`
+streams them.
+
+Departures from the paper, and why: no biases in the memory MLP (the paper does
+not specify them); ``theta`` is scaled by ``max_lr`` (as in lucidrains) because a
+raw sigmoid step of up to 1 diverges for a deep memory; the output has no extra
+normalisation or gate (those belong to the MAG/MAL/MAC wrappers).
+Packed sequences (several documents in one row) are not supported: the memory
+would carry across documents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from lca.memory import mlp
+from lca.memory.update import MemoryTokens, chunk_step, memorize_chunked
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": jax.nn.gelu,
+    "tanh": jnp.tanh,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """Shape and update rule of one neural memory layer.
+
+    chunk_size: tokens whose gradients share the chunk-start weights; 1 is fully
+        online gradient descent, larger is more parallel (fewer sequential steps).
+    depth: layers of the memory MLP (1 = linear memory); hidden width is
+        ``expansion * head_dim``.
+    conv_kernel: width of the causal depthwise conv after the q/k/v projections (0: none).
+    max_lr: upper bound of the data-dependent learning rate theta.
+    """
+
+    d_model: int
+    num_heads: int = 1
+    head_dim: int | None = None
+    depth: int = 2
+    expansion: int = 2
+    chunk_size: int = 16
+    conv_kernel: int = 4
+    num_persistent: int = 0
+    max_lr: float = 0.1
+    activation: str = "silu"
+
+    def __post_init__(self):
+        positive = {
+            "d_model": self.d_model,
+            "num_heads": self.num_heads,
+            "depth": self.depth,
+            "expansion": self.expansion,
+            "chunk_size": self.chunk_size,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MemoryConfig.{name} must be a positive int, got {value!r}")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(
+                f"MemoryConfig: d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                "pick num_heads dividing d_model or set head_dim"
+            )
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim < 1):
+            raise ValueError(f"MemoryConfig.head_dim must be a positive int or None, got {self.head_dim!r}")
+        for name in ("conv_kernel", "num_persistent"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"MemoryConfig.{name} must be an int >= 0, got {value!r}")
+        if not self.max_lr > 0:
+            raise ValueError(f"MemoryConfig.max_lr must be > 0, got {self.max_lr!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"MemoryConfig.activation={self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
+
+    @property
+    def dim(self) -> int:
+        """Per-head width of q, k, v."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+    @property
+    def inner(self) -> int:
+        return self.num_heads * self.dim
+
+    @property
+    def act(self):
+        return ACTIVATIONS[self.activation]
+
+
+class MemoryState(NamedTuple):
+    """What a memory layer carries between calls (batch ``b``, heads ``h``, chunk ``c``).
+
+    weights, momentum: per layer ``[b, h, d_out, d_in]``, at the start of the open chunk.
+    pending: the open chunk's tokens, ``MemoryTokens`` with leaves ``[b, h, c, ...]``.
+    count: how many of ``pending`` are real (int32 scalar, ``0 <= count < c``).
+    conv_tail: the last ``conv_kernel - 1`` pre-conv projections ``[b, conv_kernel - 1, 3 * inner]``.
+    """
+
+    weights: mlp.Weights
+    momentum: mlp.Weights
+    pending: MemoryTokens
+    count: jax.Array
+    conv_tail: jax.Array
+
+
+def init_params(key: jax.Array, config: MemoryConfig) -> dict:
+    """Outer (trained) parameters of one memory layer, float32."""
+    d, inner, h = config.d_model, config.inner, config.num_heads
+    keys = jax.random.split(key, 8)
+
+    def dense(k, fan_in, fan_out):
+        return jax.random.normal(k, (fan_in, fan_out), jnp.float32) / jnp.sqrt(fan_in)
+
+    params = {
+        "w_qkv": dense(keys[0], d, 3 * inner),
+        "w_out": dense(keys[1], inner, d),
+        "w_gates": dense(keys[2], d, 3 * h) * 0.1,
+        # theta starts near max_lr / 2, eta (momentum) near 0.9, alpha (forgetting) near 0.05
+        "b_gates": jnp.concatenate([jnp.zeros(h), jnp.full(h, 2.2), jnp.full(h, -3.0)]).astype(jnp.float32),
+        "memory": mlp.init_weights(
+            keys[3], mlp.layer_widths(config.dim, config.depth, config.expansion), leading=(h,)
+        ),
+    }
+    if config.conv_kernel:
+        # identity-like start: the last tap passes the token through
+        taps = jnp.zeros((config.conv_kernel, 3 * inner)).at[-1].set(1.0)
+        params["conv"] = taps + 0.02 * jax.random.normal(keys[4], taps.shape)
+    if config.num_persistent:
+        params["persistent"] = jax.random.normal(keys[5], (config.num_persistent, d), jnp.float32) * 0.02
+    return params
+
+
+def init_state(params: dict, config: MemoryConfig, batch: int) -> MemoryState:
+    """The empty state: memory at its learned initial weights, zero momentum, nothing pending."""
+    weights = tuple(jnp.broadcast_to(w, (batch,) + w.shape) for w in params["memory"])
+    c, h, dim = config.chunk_size, config.num_heads, config.dim
+    zeros = jnp.zeros((batch, h, c, dim), jnp.float32)
+    gate = jnp.zeros((batch, h, c), jnp.float32)
+    return MemoryState(
+        weights=weights,
+        momentum=jax.tree.map(jnp.zeros_like, weights),
+        pending=MemoryTokens(zeros, zeros, zeros, gate, gate, gate),
+        count=jnp.zeros((), jnp.int32),
+        conv_tail=jnp.zeros((batch, max(config.conv_kernel - 1, 0), 3 * config.inner), jnp.float32),
+    )
+
+
+def fresh_state(params: dict, config: MemoryConfig, batch: int) -> MemoryState:
+    """The state a sequence starts from: the empty state after the persistent tokens."""
+    state = init_state(params, config, batch)
+    if not config.num_persistent:
+        return state
+    persistent = jnp.broadcast_to(params["persistent"], (batch,) + params["persistent"].shape)
+    return memory_layer(params, state, persistent, config=config)[1]
+
+
+def _check_input(x: jax.Array, config: MemoryConfig, state: MemoryState | None = None) -> None:
+    if x.ndim != 3 or x.shape[-1] != config.d_model:
+        raise ValueError(f"memory x must be [batch, length, d_model={config.d_model}], got shape {x.shape}")
+    if state is not None and state.conv_tail.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"memory state is for batch {state.conv_tail.shape[0]} but x has batch {x.shape[0]}; "
+            "build the state with init_state(params, config, batch=x.shape[0])"
+        )
+
+
+def _causal_conv(taps: jax.Array, tail: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Depthwise causal conv of ``z [b, l, ch]`` continuing ``tail [b, kernel-1, ch]``."""
+    kernel = taps.shape[0]
+    full = jnp.concatenate([tail, z], axis=1)
+    length = z.shape[1]
+    out = sum(taps[i] * full[:, i : i + length] for i in range(kernel))
+    return out, full[:, full.shape[1] - (kernel - 1) :]
+
+
+def project(params: dict, config: MemoryConfig, tail: jax.Array, x: jax.Array):
+    """Tokens ``MemoryTokens`` with leaves ``[b, h, l, ...]`` from ``x [b, l, d_model]``, and the new conv tail."""
+    z = x @ params["w_qkv"]
+    if config.conv_kernel:
+        z, tail = _causal_conv(params["conv"], tail, z)
+    z = jax.nn.silu(z)
+    q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=config.num_heads) for t in jnp.split(z, 3, axis=-1))
+    q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-6)
+    k = k / jnp.maximum(jnp.linalg.norm(k, axis=-1, keepdims=True), 1e-6)
+    gates = jax.nn.sigmoid(x @ params["w_gates"] + params["b_gates"])
+    lr, momentum, forget = (rearrange(g, "b l h -> b h l") for g in jnp.split(gates, 3, axis=-1))
+    return MemoryTokens(q, k, v, config.max_lr * lr, momentum, forget), tail
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _stream_one(weights, momentum, pending, count, new, *, config: MemoryConfig, memorize):
+    """One (batch row, head): prepend the open chunk to ``new`` and run the update."""
+    c = config.chunk_size
+    length = new.q.shape[0]
+    padded = _round_up(length + c - 1, c)
+
+    def place(p, x):
+        buf = jnp.zeros((padded,) + p.shape[1:], p.dtype).at[:c].set(p)
+        return jax.lax.dynamic_update_slice_in_dim(buf, x, count, axis=0)
+
+    tokens = jax.tree.map(place, pending, new)
+    end = count + length
+    open_chunk = end // c
+    y, (w, s) = memorize(weights, momentum, tokens, chunk_size=c, act=config.act, stop=open_chunk)
+    valid = jnp.arange(c) < end - open_chunk * c
+    new_pending = jax.tree.map(
+        lambda x: jnp.where(
+            valid.reshape((c,) + (1,) * (x.ndim - 1)),
+            jax.lax.dynamic_slice_in_dim(x, open_chunk * c, c, axis=0),
+            0.0,
+        ),
+        tokens,
+    )
+    return jax.lax.dynamic_slice_in_dim(y, count, length, axis=0), w, s, new_pending
+
+
+def memory_layer(
+    params: dict, state: MemoryState, x: jax.Array, *, config: MemoryConfig, memorize=memorize_chunked
+) -> tuple[jax.Array, MemoryState]:
+    """Stream ``x [b, l, d_model]`` through the memory: ``(y [b, l, d_model], new state)``.
+
+    ``memorize`` is the update rule (the chunk-parallel one, or the sequential oracle in tests).
+    """
+    _check_input(x, config, state)
+    tokens, tail = project(params, config, state.conv_tail, x)
+    run = jax.vmap(jax.vmap(lambda w, s, p, n: _stream_one(w, s, p, state.count, n, config=config, memorize=memorize)))
+    y, weights, momentum, pending = run(state.weights, state.momentum, state.pending, tokens)
+    y = rearrange(y, "b h l d -> b l (h d)") @ params["w_out"]
+    count = (state.count + x.shape[1]) % config.chunk_size
+    return y, MemoryState(weights, momentum, pending, count.astype(jnp.int32), tail)
+
+
+def current_weights(state: MemoryState, config: MemoryConfig) -> mlp.Weights:
+    """The memory after every token streamed so far (open chunk included), ``[b, h, ...]`` per layer."""
+
+    def one(w, s, pending):
+        return chunk_step(w, s, pending, config.act, row=state.count - 1)[1][0]
+
+    return jax.vmap(jax.vmap(one))(state.weights, state.momentum, state.pending)
+
+
+def retrieve(state: MemoryState, q: jax.Array, *, config: MemoryConfig) -> jax.Array:
+    """``M*(q)``: read the current memory with queries ``q [b, l, h, dim]``, no update -> ``[b, l, h, d_out]``."""
+    if q.ndim != 4 or q.shape[2:] != (config.num_heads, config.dim):
+        raise ValueError(
+            f"retrieve q must be [batch, length, num_heads={config.num_heads}, dim={config.dim}], got {q.shape}"
+        )
+    weights = current_weights(state, config)
+    read = jax.vmap(lambda w, qh: mlp.apply(w, qh, config.act), in_axes=(0, 1), out_axes=1)  # over heads
+    return jax.vmap(read)(weights, q)

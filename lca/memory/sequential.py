@@ -1,0 +1,39 @@
+"""Token-by-token oracle of the Titans memory update, for tests and benchmarks.
+
+A plain ``lax.scan`` over tokens with the same semantics as
+:func:`lca.memory.update.memorize_chunked`: every gradient is ``jax.grad`` of
+``||M(k_t) - v_t||^2`` at the weights of the start of the token's chunk, then
+``S_t = eta_t S_{t-1} - theta_t grad_t``, ``M_t = (1 - alpha_t) M_{t-1} + S_t`` and
+``y_t = M_t(q_t)``. It shares nothing with the chunk-parallel path but the MLP.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lca.memory import mlp
+from lca.memory.update import MemoryTokens
+
+
+def memorize_sequential(weights, momentum, tokens: MemoryTokens, *, chunk_size: int, act, stop):
+    """Same contract as :func:`lca.memory.update.memorize_chunked`, one token per step."""
+    t = tokens.q.shape[0]
+    stop_token = stop * chunk_size
+    grad_fn = jax.grad(lambda w, k, v: mlp.loss(w, k[None], v[None], act))
+
+    def body(carry, xs):
+        anchor, w, s, saved = carry
+        index, tok = xs
+        at_chunk_start = index % chunk_size == 0
+        anchor = jax.tree.map(lambda a, x: jnp.where(at_chunk_start, x, a), anchor, w)
+        saved = jax.tree.map(lambda old, x: jnp.where(index == stop_token, x, old), saved, (w, s))
+        g = grad_fn(anchor, tok.k, tok.v)
+        s = jax.tree.map(lambda s_, g_: tok.momentum * s_ - tok.lr * g_, s, g)
+        w = jax.tree.map(lambda w_, s_: (1.0 - tok.forget) * w_ + s_, w, s)
+        return (anchor, w, s, saved), mlp.apply(w, tok.q, act)
+
+    init = (weights, weights, momentum, (weights, momentum))
+    (_, w, s, saved), ys = jax.lax.scan(body, init, (jnp.arange(t), tokens))
+    saved = jax.tree.map(lambda old, e: jnp.where(stop_token == t, e, old), saved, (w, s))
+    return ys, saved

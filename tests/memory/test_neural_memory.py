@@ -1,0 +1,136 @@
+"""The streaming memory layer: oracle agreement, carried state, causality, memorisation, bad input."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lca.memory import neural_memory as nm
+from lca.memory.sequential import memorize_sequential
+
+CONFIG = nm.MemoryConfig(d_model=16, num_heads=2, depth=2, chunk_size=4, conv_kernel=3, num_persistent=2)
+
+
+def _setup(config=CONFIG, batch=2, length=11, seed=0):
+    params = nm.init_params(jax.random.PRNGKey(seed), config)
+    x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, length, config.d_model))
+    return params, x
+
+
+def _close(a, b, rtol=1e-4, atol=1e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "memorize"))
+def _run(params, x, config=CONFIG, memorize=None):
+    memorize = memorize or nm.memorize_chunked
+    state = nm.fresh_state(params, config, x.shape[0])
+    return nm.memory_layer(params, state, x, config=config, memorize=memorize)
+
+
+@pytest.mark.parametrize("config", [CONFIG, dataclasses.replace(CONFIG, depth=1, conv_kernel=0, num_persistent=0)])
+def test_layer_equals_sequential_oracle_forward_and_gradients(config):
+    params, x = _setup(config)
+    probe = jax.random.normal(jax.random.PRNGKey(7), (2, 11, config.d_model))
+
+    def loss(params, x, memorize):
+        y, state = _run(params, x, config, memorize)
+        return jnp.sum(y * probe) + sum(jnp.sum(jnp.tanh(w)) for w in state.weights)
+
+    _close(_run(params, x, config), _run(params, x, config, memorize_sequential))
+    got = jax.grad(loss, argnums=(0, 1))(params, x, None)
+    want = jax.grad(loss, argnums=(0, 1))(params, x, memorize_sequential)
+    _close(got, want, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("cuts", [(4, 8), (1, 2, 9), (6,)])
+def test_streaming_in_pieces_equals_one_call(cuts):
+    params, x = _setup()
+    y_all, state_all = _run(params, x)
+    step = jax.jit(functools.partial(nm.memory_layer, config=CONFIG))
+    state = nm.fresh_state(params, CONFIG, 2)
+    ys = []
+    for piece in jnp.split(x, cuts, axis=1):
+        y, state = step(params, state, piece)
+        ys.append(y)
+    _close(jnp.concatenate(ys, axis=1), y_all)
+    _close(state, state_all)
+
+
+def test_future_tokens_do_not_change_earlier_outputs():
+    params, x = _setup(length=12)
+    y, _ = _run(params, x)
+    x2 = x.at[:, 7:].add(jax.random.normal(jax.random.PRNGKey(3), x[:, 7:].shape))
+    y2, _ = _run(params, x2)
+    _close(y2[:, :7], y[:, :7], rtol=0, atol=0)
+    assert not np.allclose(y2[:, 7:], y[:, 7:])
+
+
+def test_memorises_random_pairs_at_test_time():
+    """Fixed random projections: after streaming, M* maps the seen keys closer to their values."""
+    config = dataclasses.replace(CONFIG, num_persistent=0, conv_kernel=0, max_lr=0.3)
+    params, x = _setup(config, batch=1, length=16, seed=4)
+    h = config.num_heads
+    # theta = max_lr / 2 (a larger mini-batch step diverges), little momentum, no forgetting
+    params["b_gates"] = jnp.concatenate([jnp.zeros(h), jnp.full(h, -4.0), jnp.full(h, -9.0)])
+    params["w_gates"] = jnp.zeros_like(params["w_gates"])
+    state = nm.init_state(params, config, 1)
+    tokens, _ = nm.project(params, config, state.conv_tail, x)
+    keys = tokens.k.transpose(0, 2, 1, 3)  # [b, l, h, d]
+    values = tokens.v.transpose(0, 2, 1, 3)
+
+    @jax.jit
+    def error(state):
+        return jnp.mean(jnp.sum((nm.retrieve(state, keys, config=config) - values) ** 2, -1))
+
+    before = error(state)
+    _, state = jax.jit(functools.partial(nm.memory_layer, config=config))(params, state, x)
+    after = error(state)
+    assert after < 0.75 * before, (before, after)
+
+
+def test_retrieve_reads_the_open_chunk():
+    """After a partial chunk, retrieval sees the pending tokens' updates too."""
+    params, x = _setup(length=6)
+    _, full = _run(params, x)  # 2 persistent + 6 tokens: 2 pending in a chunk of 4
+    assert int(full.count) == 0
+    _, partial = _run(params, x[:, :5])
+    assert int(partial.count) == 3
+    q = jax.random.normal(jax.random.PRNGKey(9), (2, 3, CONFIG.num_heads, CONFIG.dim))
+    def read_chunk_start(state):
+        return jax.vmap(jax.vmap(lambda w, q: nm.mlp.apply(w, q, CONFIG.act), (0, 1), 1))(state.weights, q)
+
+    retrieve = jax.jit(functools.partial(nm.retrieve, config=CONFIG))
+    assert not np.allclose(retrieve(partial, q), read_chunk_start(partial), atol=1e-4)
+    _close(retrieve(full, q), read_chunk_start(full))
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("chunk_size", 0, "chunk_size"),
+        ("depth", 0, "depth"),
+        ("num_heads", 3, "divisible"),
+        ("conv_kernel", -1, "conv_kernel"),
+        ("max_lr", 0.0, "max_lr"),
+        ("activation", "relu6", "activation"),
+    ],
+)
+def test_bad_config_is_one_value_error(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(CONFIG, **{field: value})
+
+
+def test_bad_shapes_are_value_errors():
+    params, x = _setup()
+    state = nm.init_state(params, CONFIG, 2)
+    with pytest.raises(ValueError, match="d_model=16"):
+        nm.memory_layer(params, state, x[..., :8], config=CONFIG)
+    with pytest.raises(ValueError, match="batch 2"):
+        nm.memory_layer(params, state, x[:1], config=CONFIG)
+    with pytest.raises(ValueError, match="num_heads=2"):
+        nm.retrieve(state, x, config=CONFIG)
