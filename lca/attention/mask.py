@@ -7,7 +7,9 @@ layouts and the Pallas kernels.
 
 Positions live in the key coordinate frame: key ``j`` of a plain call sits at
 position ``j`` and query ``i`` at ``i + (kv_len - q_len)`` (bottom-right
-alignment, as in ``jax.nn.dot_product_attention`` and FlashAttention).
+alignment, as in FlashAttention since 2.1; ``jax.nn.dot_product_attention`` aligns
+``is_causal`` top-left instead, which is why ``lca.attention.xla_attention``
+builds its own mask when the lengths differ).
 
 A query at position ``p`` sees a key at position ``s`` iff
 
@@ -23,6 +25,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from lca.attention.static import positive_int
+
 
 @dataclasses.dataclass(frozen=True)
 class Mask:
@@ -36,16 +40,10 @@ class Mask:
     window: int | None = None
 
     def __post_init__(self):
-        if self.window is not None:
-            if isinstance(self.window, bool) or not isinstance(self.window, int):
-                raise ValueError(
-                    f"window must be a positive int or None, got {self.window!r}."
-                )
-            if self.window <= 0:
-                raise ValueError(
-                    f"window must be a positive int (W >= 1 keeps the query's own "
-                    f"position), got window={self.window}."
-                )
+        # Integer-likes (np.int64) become a plain int, so equal masks hash equal.
+        window = positive_int("window", self.window, allow_none=True,
+                              hint=" (W >= 1 keeps the query's own position)")
+        object.__setattr__(self, "window", window)
 
     @property
     def is_full(self) -> bool:
