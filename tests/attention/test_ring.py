@@ -14,7 +14,6 @@ from lca.attention import (
     LocalImpl,
     blockwise_backward,
     blockwise_forward,
-    register_impl,
     ring_attention,
     ring_attention_shard,
     ring_schedule,
@@ -163,12 +162,12 @@ def test_ring_skips_exactly_the_scheduled_chunk_pairs():
         jax.debug.callback(lambda p: calls.append((int(p), area)), q_pos[0], ordered=False)
         return blockwise_forward(q, k, v, q_pos, kv_pos, *rest, **kw)
 
-    register_impl(LocalImpl("counting", counting_forward, blockwise_backward, BlockSizes()))
+    counting = LocalImpl("counting", None, counting_forward, blockwise_backward, BlockSizes())
     q, k, v, _ = make_inputs(1, length, 2, 2)
     for layout, calls_per_device in (("zigzag", 3 + (n - 1)), ("contiguous", None)):
         calls.clear()
         out = ring_attention(q, k, v, mesh=context_mesh(n), causal=True, layout=layout,
-                             impl="counting")
+                             impl=counting)
         jax.block_until_ready(out)
         jax.effects_barrier()
         local = length // n
