@@ -42,7 +42,7 @@ from kernels_pallas import tiles
 from kernels_pallas.blocks import FlashBlockSizes
 from kernels_pallas.gpu import portable
 from lca.attention import inputs
-from lca.attention.inputs import LogitOptions
+from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
 
 

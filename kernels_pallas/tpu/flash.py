@@ -33,7 +33,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import block_math
 from kernels_pallas.tiles import BlockPlan, Tiling
-from lca.attention.inputs import LogitOptions
+from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
 from lca.parallel.vma import varying_struct
 

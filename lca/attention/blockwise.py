@@ -26,7 +26,7 @@ from einops import rearrange
 from jax import lax
 
 from lca.attention import inputs
-from lca.attention.inputs import LogitOptions
+from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask, segment_block_full, segment_block_visible
 from lca.attention.vjp import attention_vjp
 from lca.parallel.vma import varying_like
