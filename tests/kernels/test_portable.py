@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from tests.kernels.compare import run_flash_case as _run
+from tests.kernels.flash_case import run_flash_case as _run
 
 # (b, q_len, kv_len, h, h_kv, d), options, blocks
 CASES = {
