@@ -16,15 +16,18 @@ gradients, by default the same):
   tests used this metric already).
 * :data:`F32` = 1e-5 and :data:`BF16` = 1e-2: single-device implementations in
   float32 / bfloat16 (formerly ``||got - want|| / ||want|| <= 2e-5`` and ``2e-2``).
-* :data:`KERNEL_F32` = 5e-6 (gradients :data:`KERNEL_F32_GRAD` = 5e-5): the
-  Pallas kernel grids (formerly ``assert_allclose(atol=rtol=2e-5)``, gradients 2e-4).
+* :data:`KERNEL_F32` = 5e-6 (gradients :data:`KERNEL_F32_GRAD` = 3e-5) and
+  :data:`KERNEL_BF16` = 2e-2 (gradients :data:`KERNEL_BF16_GRAD` = 1e-1): the
+  Pallas kernel grids (formerly ``assert_allclose(atol=rtol=2e-5)``, gradients
+  2e-4; bf16 3e-2 and 3e-1).
 
 Why the changed bounds are at least as strict: measured on every array of every
 existing case when the three former helpers were merged into this one, the new
 bound leaves no more room than the old one did, ``new_bound / new_err <=
 old_bound / old_err`` (a uniform growth of today's errors that passes the new
-check passes the old one too). The largest errors measured then: 9.0e-7 (F32
-cases), 5.2e-3 (BF16), 7.4e-7 (SEQPAR).
+check passes the old one too); the slow cases included. The largest errors
+measured then: 9.0e-7 (F32), 5.2e-3 (BF16), 7.4e-7 (SEQPAR), 8.7e-7 and 1.5e-6
+(KERNEL_F32, gradients), 3.8e-3 and 5.7e-3 (KERNEL_BF16, gradients).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ SEQPAR = 2e-4
 F32 = 1e-5
 BF16 = 1e-2
 KERNEL_F32 = 5e-6
-KERNEL_F32_GRAD = 5e-5
+KERNEL_F32_GRAD = 3e-5
+KERNEL_BF16 = 2e-2
+KERNEL_BF16_GRAD = 1e-1
 
 
 # --- inputs ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from kernels_pallas import api
 from kernels_pallas.blocks import FlashBlockSizes
 from lca.attention import inputs, reference_attention
 from tests.kernels.flash_case import run_flash_case
-from tests.oracle import random_qkv, three_documents
+from tests.oracle import KERNEL_BF16, KERNEL_BF16_GRAD, random_qkv, three_documents
 
 # (b, q_len, kv_len, h, h_kv, d), options; blocks (64, 64): two or more key blocks each.
 CASES = {
@@ -48,7 +48,7 @@ def test_mosaic_gpu_forward_matches_reference_more(name):
 @pytest.mark.slow
 def test_mosaic_gpu_bf16():
     run_flash_case((1, 128, 128, 2, 1, 64), dict(causal=True), (64, 64), "mosaic_gpu",
-                   jnp.bfloat16, 3e-2)
+                   jnp.bfloat16, bound=KERNEL_BF16, grad_bound=KERNEL_BF16_GRAD)
 
 
 def _config(mask, d, blocks=(64, 64), softcap=None, interpret=True):
