@@ -42,7 +42,7 @@ from kernels_pallas import tiles
 from kernels_pallas.gpu import portable
 from lca.attention import inputs, nonfinite
 from lca.attention.blocks import BlockSizes
-from lca.attention.inputs import LogitOptions
+from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
 from lca.attention.tiling import Tiling
 from lca.attention.vjp import attention_vjp

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from lca.attention.inputs import LogitOptions
+from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
 
 # q @ k.T without materialising the transpose.

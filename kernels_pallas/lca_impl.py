@@ -1,7 +1,8 @@
-"""Registers the Pallas kernels as lca's ``"pallas"`` local attention implementation.
+"""The Pallas kernels as lca's ``"pallas"`` local attention implementation.
 
-``get_impl("pallas")`` (see ``lca.attention.impl``) returns
-``LocalImpl("pallas", forward, backward, default_blocks, attention=flash_attention)`` with
+``PALLAS`` is the object that the catalogue ``lca.attention.impl.IMPLS`` points
+at (importing this module registers nothing): ``get_impl("pallas")`` returns
+``LocalImpl("pallas", flash_attention, forward, backward, default_blocks=None)`` with
 
     forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, mask, logit, blocks)
         -> (out [b, q_len, h, d] float32, lse [b, h, q_len] float32)
@@ -18,7 +19,7 @@ the backend's defaults.
 from __future__ import annotations
 
 from kernels_pallas import api
-from lca.attention.impl import LocalImpl, register_impl
+from lca.attention.impl import LocalImpl
 
 
 def _config(q, k, mask, logit, blocks) -> api.KernelConfig:
@@ -44,5 +45,5 @@ def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse=None, *
 # vary over no mesh axis, which shard_map's varying-axes check rejects, so
 # ring/Ulysses/USP run their shard_map unchecked for this implementation. Compiled
 # kernels (GPU, TPU) have not been tried under the check, so it is off for them too.
-register_impl(LocalImpl("pallas", forward, backward, default_blocks=None,
-                        attention=api.flash_attention, check_vma=False))
+PALLAS = LocalImpl("pallas", api.flash_attention, forward, backward, default_blocks=None,
+                   check_vma=False)

@@ -51,7 +51,7 @@ from kernels_pallas import block_math
 from kernels_pallas.blocks import MOSAIC_GPU_STAGES as STAGES
 from kernels_pallas.gpu.portable import backward
 from kernels_pallas.tiles import BlockPlan, block_lists
-from lca.attention.inputs import LogitOptions
+from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
 from lca.attention.tiling import Tiling
 from lca.parallel.vma import varying_struct

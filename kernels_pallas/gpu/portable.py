@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from kernels_pallas import block_math
 from kernels_pallas.tiles import BlockPlan, KernelGrid
-from lca.attention.inputs import LogitOptions
+from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
 from lca.attention.tiling import Tiling
 from lca.parallel.vma import varying_struct

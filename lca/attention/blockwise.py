@@ -30,7 +30,7 @@ from jax import lax
 
 from lca.attention import inputs, nonfinite
 from lca.attention.blocks import BlockSizes
-from lca.attention.inputs import LogitOptions
+from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask, segment_block_full, segment_block_visible
 from lca.attention.tiling import Tiling
 from lca.attention.vjp import attention_vjp

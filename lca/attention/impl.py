@@ -1,20 +1,29 @@
-"""Local attention implementations that sharded variants run on each device.
+"""The catalogue of local attention implementations: one dict, every entry written out here.
 
-Ring, Ulysses and USP attention do not compute attention themselves: each step
-calls a *local implementation*, a pair of pure functions with the signatures of
-:func:`lca.attention.blockwise_forward` and :func:`lca.attention.blockwise_backward`:
+A *local implementation* computes attention on one device. Each entry is a
+:class:`LocalImpl` with
 
-    forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, mask, logit, blocks)
-        -> (out [b, q_len, h, d] float32, lse [b, h, q_len] float32)
-    backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse, *, mask, logit, blocks)
-        -> (dq, dk, dv) float32
+* ``attention``: its single-device function with ``reference_attention``'s
+  signature plus its own options (block sizes, backend), which
+  :func:`lca.attention.attention` calls;
+* ``forward`` / ``backward``: its *step*, the pair of pure functions ring,
+  Ulysses and USP call on each device, with the signatures of
+  :func:`lca.attention.blockwise_forward` and :func:`lca.attention.blockwise_backward`::
 
-``blocks`` may be None for the implementation's own defaults. Positions make a
-key chunk that sits elsewhere in the global sequence (a ring step) correct.
+      forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, mask, logit, blocks)
+          -> (out [b, q_len, h, d] float32, lse [b, h, q_len] float32)
+      backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse, *, mask, logit, blocks)
+          -> (dq, dk, dv) float32
 
-``attention`` is the implementation's user-facing single-device function
-(``reference_attention``'s signature plus its own options such as block sizes),
-which :func:`lca.attention.attention` calls; None for step-only implementations.
+  Positions make a key chunk that sits elsewhere in the global sequence (a ring
+  step) correct; ``blocks`` may be None for the implementation's own defaults.
+  Both are None for implementations that cannot be a step (``reference``,
+  ``xla``: dense, no lse-based backward).
+
+Nothing registers itself: :data:`IMPLS` lists every implementation. The Pallas
+entry is a ``"module:attribute"`` path imported the first time it is asked for,
+so importing lca never imports Pallas. A caller with its own implementation
+passes the :class:`LocalImpl` object wherever a name is accepted.
 """
 
 from __future__ import annotations
@@ -23,69 +32,65 @@ import dataclasses
 import importlib
 from typing import Callable
 
-from lca.attention.blockwise import (
-    BlockSizes,
-    blockwise_attention,
-    blockwise_backward,
-    blockwise_forward,
-)
+from lca.attention.blocks import BlockSizes
+from lca.attention.blockwise import blockwise_attention, blockwise_backward, blockwise_forward
 from lca.attention.reference import reference_attention
 from lca.attention.xla import xla_attention
-from lca.parallel.vma import union_varying_axes
 
 
 @dataclasses.dataclass(frozen=True)
 class LocalImpl:
+    """One local attention implementation (hashable: a static argument of sharded calls)."""
+
     name: str
-    forward: Callable
-    backward: Callable
+    attention: Callable | None  # single-device function; None: step only
+    forward: Callable | None = None  # step forward; None: cannot be a ring/Ulysses step
+    backward: Callable | None = None
     default_blocks: BlockSizes | None = None
-    attention: Callable | None = None
     # Whether its steps type-check under ``jax.shard_map(check_vma=True)``.
     check_vma: bool = True
 
-
-_REGISTRY: dict[str, LocalImpl] = {}
-# Implementations registered on first use, so importing lca never imports Pallas.
-_LAZY: dict[str, str] = {"pallas": "kernels_pallas.lca_impl"}
-
-
-def register_impl(impl: LocalImpl) -> None:
-    _REGISTRY[impl.name] = impl
+    @property
+    def is_step(self) -> bool:
+        return self.forward is not None and self.backward is not None
 
 
-def check_vma_support(name: str, *arrays) -> None:
-    """``ValueError`` when ``name`` runs in a ``shard_map`` that checks varying axes and cannot.
+IMPLS: dict[str, LocalImpl | str] = {
+    "reference": LocalImpl("reference", reference_attention),
+    "xla": LocalImpl("xla", xla_attention),
+    "blockwise": LocalImpl("blockwise", blockwise_attention, blockwise_forward,
+                           blockwise_backward, BlockSizes()),
+    # Fused kernels, imported on first use ("module:attribute").
+    "pallas": "kernels_pallas.lca_impl:PALLAS",
+}
 
-    Inside ``jax.shard_map(check_vma=True)`` sharded inputs carry the mesh axes they
-    vary over; under ``check_vma=False`` (what the global entry points use for such
-    implementations) they carry none.
-    """
-    if get_impl(name).check_vma:
-        return
-    axes = sorted(union_varying_axes(*arrays))
-    if axes:
+
+def _import(path: str) -> LocalImpl:
+    module, attribute = path.split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def get_impl(impl: str | LocalImpl) -> LocalImpl:
+    """The implementation called ``impl`` in :data:`IMPLS` (a :class:`LocalImpl` passes through)."""
+    if isinstance(impl, LocalImpl):
+        return impl
+    entry = IMPLS.get(impl) if isinstance(impl, str) else None
+    if entry is None:
         raise ValueError(
-            f"impl={name!r} cannot run inside a jax.shard_map that checks varying manual axes "
-            f"(the inputs vary over {axes}); pass check_vma=False to your jax.shard_map, use "
-            f"the global form (ring_attention, ulysses_attention, usp_attention with mesh=...), "
-            f"or impl='blockwise'."
+            f"impl must be one of {sorted(IMPLS)} or a lca.attention.LocalImpl, got {impl!r}."
         )
+    return _import(entry) if isinstance(entry, str) else entry
 
 
-def get_impl(name: str) -> LocalImpl:
-    """The local implementation called ``name`` (``"blockwise"``, ``"pallas"``)."""
-    if name not in _REGISTRY and name in _LAZY:
-        importlib.import_module(_LAZY[name])
-    if name not in _REGISTRY:
-        known = sorted(set(_REGISTRY) | set(_LAZY))
-        raise ValueError(f"impl must be one of {known}, got {name!r}.")
-    return _REGISTRY[name]
-
-
-register_impl(LocalImpl("blockwise", blockwise_forward, blockwise_backward, BlockSizes(),
-                        attention=blockwise_attention))
-# Interim (house-model) until house-attn's one-dict catalogue lands: single-device-only
-# implementations, no ring/Ulysses step functions.
-register_impl(LocalImpl("reference", None, None, attention=reference_attention))
-register_impl(LocalImpl("xla", None, None, attention=xla_attention))
+def get_step(impl: str | LocalImpl) -> LocalImpl:
+    """:func:`get_impl` for ring, Ulysses and USP: ``ValueError`` unless it has a step."""
+    local = get_impl(impl)
+    if not local.is_step:
+        steps = [name for name, entry in IMPLS.items()
+                 if isinstance(entry, str) or entry.is_step]
+        raise ValueError(
+            f"impl={local.name!r} computes attention on one device only and has no "
+            f"ring/Ulysses step (forward/backward with positions and lse); ring_attention, "
+            f"ulysses_attention and usp_attention need one of {steps}."
+        )
+    return local

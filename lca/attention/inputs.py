@@ -2,32 +2,21 @@
 
 Every check runs on static shapes and dtypes, so a bad call fails with a
 ``ValueError`` naming the argument and the shapes it got while tracing, before
-any computation (and never as a NaN or a silent broadcast later).
+any computation (and never as a NaN or a silent broadcast later). Options that
+must be static (flags, sizes, numbers) say so when they arrive traced (see
+:mod:`lca.attention.static`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax.numpy as jnp
 import numpy as np
 
+from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask, default_positions
-
-
-@dataclasses.dataclass(frozen=True)
-class LogitOptions:
-    """How raw ``q . k`` scores become logits: ``softcap(scale * q . k)``."""
-
-    scale: float
-    softcap: float | None = None
-
-    def apply(self, scores):
-        logits = scores * self.scale
-        if self.softcap is not None:
-            logits = self.softcap * jnp.tanh(logits / self.softcap)
-        return logits
+from lca.attention.static import positive_int, require_static
 
 
 def check_qkv(q, k, v):
@@ -123,6 +112,8 @@ def positions(q_positions, kv_positions, q_len: int, kv_len: int):
 
 def logit_options(head_dim: int, scale=None, softcap=None) -> LogitOptions:
     """Resolve the default ``scale = 1/sqrt(head_dim)`` and check ``softcap``."""
+    require_static("scale", scale, 0.125)
+    require_static("softcap", softcap, 30.0)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     if not np.isscalar(scale) or not np.isfinite(scale):
@@ -133,6 +124,23 @@ def logit_options(head_dim: int, scale=None, softcap=None) -> LogitOptions:
 
 
 def make_mask(causal, window) -> Mask:
+    """The :class:`Mask` of ``causal`` (a bool) and ``window`` (a positive int-like or None)."""
+    require_static("causal", causal, True)
     if not isinstance(causal, (bool, np.bool_)):
         raise ValueError(f"causal must be a bool, got {causal!r}.")
     return Mask(causal=bool(causal), window=window)
+
+
+def block_sizes(block_q, block_kv) -> tuple[int | None, int | None]:
+    """``(block_q, block_kv)`` as positive ints, or None for the implementation's default."""
+    hint = " (None: the implementation's default)"
+    return (positive_int("block_q", block_q, allow_none=True, hint=hint),
+            positive_int("block_kv", block_kv, allow_none=True, hint=hint))
+
+
+def flag(name: str, value) -> bool:
+    """A static bool option such as ``return_lse``."""
+    require_static(name, value, True)
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a bool, got {value!r}.")
+    return bool(value)

@@ -7,7 +7,9 @@ layouts and the Pallas kernels.
 
 Positions live in the key coordinate frame: key ``j`` of a plain call sits at
 position ``j`` and query ``i`` at ``i + (kv_len - q_len)`` (bottom-right
-alignment, as in ``jax.nn.dot_product_attention`` and FlashAttention).
+alignment, as in FlashAttention since 2.1; ``jax.nn.dot_product_attention`` aligns
+``is_causal`` top-left instead, which is why ``lca.attention.xla_attention``
+builds its own mask when the lengths differ).
 
 A query at position ``p`` sees a key at position ``s`` iff
 
@@ -38,9 +40,10 @@ class Mask:
     window: int | None = None
 
     def __post_init__(self):
-        if self.window is not None:
-            # W >= 1 keeps the query's own position; NumPy integers become int.
-            object.__setattr__(self, "window", positive_int("window", self.window))
+        # Integer-likes (np.int64) become a plain int, so equal masks hash equal.
+        window = positive_int("window", self.window, allow_none=True,
+                              hint=" (W >= 1 keeps the query's own position)")
+        object.__setattr__(self, "window", window)
 
     @property
     def is_full(self) -> bool:

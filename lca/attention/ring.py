@@ -3,7 +3,7 @@
 Each of the ``n`` devices of the context axis keeps its query shard and passes
 its key/value shard around a ring with ``lax.ppermute``. At every step a device
 attends its queries to the key chunk it currently holds, through the local
-implementation ``impl`` (blockwise now, Pallas later), and merges the partial
+implementation ``impl`` (blockwise or the Pallas kernels), and merges the partial
 result into its running ``(out, lse)`` in float32 with :func:`merge_attention`.
 The transfer of the next chunk is issued before the current one is computed so
 the collective overlaps compute, and there is no transfer after the last step.
@@ -21,13 +21,16 @@ the forward and their gradients dK/dV travel with them, each step adding the
 exact piece ``impl.backward`` computes from the *global* output and lse; one
 extra hop brings dK/dV home. Memory per device is O(T/n): nothing of the full
 sequence length is ever gathered.
+
+This module holds the ring only; validation, the call spec and running a
+shard body over a mesh are shared with Ulysses and USP in
+:mod:`lca.attention.sharded`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +38,11 @@ import numpy as np
 from einops import rearrange
 from jax import lax
 
-from lca.attention import inputs
-from lca.attention.blockwise import BlockSizes
-from lca.attention.impl import check_vma_support, get_impl
-from lca.attention.inputs import LogitOptions
+from lca.attention import inputs, sharded
 from lca.attention.mask import Mask
-from lca.attention.vjp import attention_vjp
 from lca.attention.merge import merge_attention
+from lca.attention.sharded import CallSpec
+from lca.attention.vjp import attention_vjp
 from lca.parallel import layout as layouts
 from lca.parallel import sequence_sharding as seqshard
 from lca.parallel.vma import mark_varying
@@ -51,21 +52,9 @@ from lca.parallel.vma import mark_varying
 class RingStatic:
     """Everything static about one ring call (hashable: a ``custom_vjp`` nondiff arg)."""
 
+    spec: CallSpec
     axis_name: str
-    mask: Mask
-    logit: LogitOptions
-    impl: str
-    blocks: BlockSizes | None
     chunks: int  # runs of consecutive positions per shard (zigzag: 2)
-
-
-def resolve_blocks(impl: str, block_q, block_kv) -> BlockSizes | None:
-    """User block sizes, else the implementation's defaults (None: its own choice)."""
-    default = get_impl(impl).default_blocks
-    if block_q is None and block_kv is None:
-        return default
-    base = default or BlockSizes()
-    return BlockSizes(block_q or base.block_q, block_kv or base.block_kv)
 
 
 def _over_pairs(chunks: int, body, carry):
@@ -111,7 +100,7 @@ def _visibility(st: RingStatic, q_pos, kv_pos):
     """``[chunks, chunks]`` bool: may query chunk a see key chunk c?"""
     q_parts = jnp.split(q_pos, st.chunks)
     kv_parts = jnp.split(kv_pos, st.chunks)
-    return jnp.stack([jnp.stack([jnp.asarray(_pair_visible(st.mask, qp, kp))
+    return jnp.stack([jnp.stack([jnp.asarray(_pair_visible(st.spec.mask, qp, kp))
                                  for kp in kv_parts]) for qp in q_parts])
 
 
@@ -154,13 +143,13 @@ def _by_plan(st: RingStatic, q_pos, kv_pos, rectangle, carry):
 
         def pair(carry, q_chunk, kv_chunk):
             qs, ks = (q_chunk * lq, lq), (kv_chunk * lk, lk)
-            visible = _pair_visible(st.mask, _cut(q_pos, qs, 0), _cut(kv_pos, ks, 0))
+            visible = _pair_visible(st.spec.mask, _cut(q_pos, qs, 0), _cut(kv_pos, ks, 0))
             return _when(visible, lambda carry: rectangle(carry, qs, ks), carry)
 
         return _over_pairs(st.chunks, pair, carry)
 
-    if st.chunks == 1 or st.mask.is_full:
-        return _when(_pair_visible(st.mask, q_pos, kv_pos),
+    if st.chunks == 1 or st.spec.mask.is_full:
+        return _when(_pair_visible(st.spec.mask, q_pos, kv_pos),
                      lambda c: rectangle(c, (0, q_pos.shape[0]), (0, kv_pos.shape[0])), carry)
     spans = [(_span(rows, q_pos.shape[0], st.chunks), _span(cols, kv_pos.shape[0], st.chunks))
              for rows, cols in _RECTANGLES]
@@ -177,13 +166,11 @@ def _forward_step(st: RingStatic, q_side, kv, acc):
     """Merge attention of the local queries over the key shard ``kv`` into ``acc``."""
     q, q_pos, q_seg = q_side
     k, v, kv_pos, kv_seg = kv
-    local = get_impl(st.impl)
 
     def rectangle(acc, qs, ks):
         out, lse = acc
-        o, l = local.forward(_cut(q, qs, 1), _cut(k, ks, 1), _cut(v, ks, 1), _cut(q_pos, qs, 0),
-                             _cut(kv_pos, ks, 0), _cut(q_seg, qs, 1), _cut(kv_seg, ks, 1),
-                             mask=st.mask, logit=st.logit, blocks=st.blocks)
+        o, l = st.spec.forward(_cut(q, qs, 1), _cut(k, ks, 1), _cut(v, ks, 1), _cut(q_pos, qs, 0),
+                               _cut(kv_pos, ks, 0), _cut(q_seg, qs, 1), _cut(kv_seg, ks, 1))
         o, l = merge_attention(_cut(out, qs, 1), _cut(lse, qs, 2), o, l)
         return _paste(out, o, qs, 1), _paste(lse, l, qs, 2)
 
@@ -194,15 +181,13 @@ def _backward_step(st: RingStatic, q_side, kv, grads):
     """Add this key shard's share of dQ (local) and dK/dV (travelling) to ``grads``."""
     q, q_pos, q_seg, out, lse, dout, dlse = q_side
     k, v, kv_pos, kv_seg = kv
-    local = get_impl(st.impl)
 
     def rectangle(grads, qs, ks):
         dq, dk, dv = grads
-        gq, gk, gv = local.backward(
+        gq, gk, gv = st.spec.backward(
             _cut(q, qs, 1), _cut(k, ks, 1), _cut(v, ks, 1), _cut(q_pos, qs, 0),
             _cut(kv_pos, ks, 0), _cut(q_seg, qs, 1), _cut(kv_seg, ks, 1), _cut(out, qs, 1),
             _cut(lse, qs, 2), _cut(dout, qs, 1), _cut(dlse, qs, 2),
-            mask=st.mask, logit=st.logit, blocks=st.blocks,
         )
         return (_paste(dq, _cut(dq, qs, 1) + gq, qs, 1), _paste(dk, _cut(dk, ks, 1) + gk, ks, 1),
                 _paste(dv, _cut(dv, ks, 1) + gv, ks, 1))
@@ -260,25 +245,50 @@ def _ring_backward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, l
 ring_core = attention_vjp(_ring_forward, _ring_backward)
 
 
-# --- shard-level API ------------------------------------------------------------------
+# --- shard body and entry points -----------------------------------------------------------
 
 
-def bound_axis_size(axis_name, *, arg: str = "axis_name") -> int:
-    """Size of a ``shard_map`` axis, or a ``ValueError`` when it is not bound here."""
-    try:
-        return lax.axis_size(axis_name)
-    except NameError as err:
-        raise ValueError(
-            f"{arg}={axis_name!r} is not a mesh axis of the enclosing jax.shard_map ({err}); "
-            f"call this inside shard_map over a mesh with that axis, or use the global form "
-            f"with mesh=..."
-        ) from None
+def ring_on_shards(spec: CallSpec, q, k, v, q_seg, kv_seg, *, axis_name: str, layout: str,
+                   q_positions=None, kv_positions=None):
+    """The ring over ``axis_name`` on local shards already in ``layout`` order: ``(out, lse)``.
+
+    Positions default to those of ``layout`` (bottom-right aligned over the global
+    lengths); USP calls this inside its Ulysses exchange.
+    """
+    q_len, kv_len = q.shape[1], k.shape[1]
+    n = sharded.bound_axis_size(axis_name)
+    layouts.check_layout(layout)
+    # One device holds the whole sequence: its chunks are contiguous, nothing to balance.
+    chunks = layouts.num_chunks(layout) if n > 1 else 1
+    for name, length in (("q", q_len), ("k", kv_len)):
+        if length % chunks:
+            raise ValueError(
+                f"layout={layout!r} needs an even local length ({chunks} chunks per device), "
+                f"got {name} shard length {length}; use a global length that is a multiple of "
+                f"{2 * n} or layout='contiguous'."
+            )
+    if q_positions is None or kv_positions is None:
+        index = lax.axis_index(axis_name)
+        # Bottom-right alignment of the global lengths, as in a single-device call.
+        offset = (kv_len - q_len) * n
+        if q_positions is None:
+            q_positions = layouts.local_positions(layout, q_len, n, index, xp=jnp) + offset
+        if kv_positions is None:
+            kv_positions = layouts.local_positions(layout, kv_len, n, index, xp=jnp)
+    q_pos, kv_pos = inputs.positions(q_positions, kv_positions, q_len, kv_len)
+    return ring_core(RingStatic(spec, axis_name, chunks), q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+
+
+def _ring_body(spec: CallSpec, q, k, v, q_seg, kv_seg, *, axis_name, layout, convert):
+    """Shard body of :func:`ring_attention` (see :mod:`lca.attention.sharded`)."""
+    attend = functools.partial(ring_on_shards, spec, axis_name=axis_name, layout=layout)
+    return sharded.in_layout(attend, layout, axis_name, convert, q, k, v, q_seg, kv_seg)
 
 
 def ring_attention_shard(
     q, k, v, *, axis_name: str, layout: str = "zigzag", q_positions=None, kv_positions=None,
     segment_ids=None, causal: bool = False, window: int | None = None,
-    softcap: float | None = None, scale: float | None = None, impl: str = "blockwise",
+    softcap: float | None = None, scale: float | None = None, impl="blockwise",
     block_q: int | None = None, block_kv: int | None = None, return_lse: bool = False,
 ):
     """Ring attention on local shards, inside your own ``jax.shard_map``.
@@ -294,120 +304,36 @@ def ring_attention_shard(
         global positions of the local tokens (mask frame), overriding ``layout``.
       segment_ids: local ``[batch, len / n]`` ids, or a pair (q, kv).
       causal, window, softcap, scale: as in ``reference_attention``.
-      impl: local implementation (``lca.attention.impl.get_impl``).
+      impl: the per-step local implementation: a name in
+        ``lca.attention.impl.IMPLS`` with a step (``"blockwise"``, ``"pallas"``)
+        or a ``LocalImpl``.
       block_q, block_kv: its block sizes (default: the implementation's).
 
     Returns:
       local ``out [batch, q_len / n, num_heads, head_dim]`` in q's dtype (and
       ``lse [batch, num_heads, q_len / n]`` f32 with ``return_lse``).
-
     """
-    b, q_len, kv_len, _, _, d = inputs.check_qkv(q, k, v)
-    n = bound_axis_size(axis_name)
-    layouts.check_layout(layout)
-    check_vma_support(impl, q, k, v)
-    # One device holds the whole sequence: its chunks are contiguous, nothing to balance.
-    chunks = layouts.num_chunks(layout) if n > 1 else 1
-    for name, length in (("q", q_len), ("k", kv_len)):
-        if length % chunks:
-            raise ValueError(
-                f"layout={layout!r} needs an even local length ({chunks} chunks per device), "
-                f"got {name} shard length {length}; use a global length that is a multiple of "
-                f"{2 * n} or layout='contiguous'."
-            )
-    segs = inputs.split_segment_ids(segment_ids, b, q_len, kv_len)
-    q_seg, kv_seg = segs if segs is not None else (None, None)
-    if q_positions is None or kv_positions is None:
-        index = lax.axis_index(axis_name)
-        # Bottom-right alignment of the global lengths, as in a single-device call.
-        offset = (kv_len - q_len) * n
-        if q_positions is None:
-            q_positions = layouts.local_positions(layout, q_len, n, index, xp=jnp) + offset
-        if kv_positions is None:
-            kv_positions = layouts.local_positions(layout, kv_len, n, index, xp=jnp)
-    q_pos, kv_pos = inputs.positions(q_positions, kv_positions, q_len, kv_len)
-    st = RingStatic(
-        axis_name=axis_name,
-        mask=inputs.make_mask(causal, window),
-        logit=inputs.logit_options(d, scale, softcap),
-        impl=get_impl(impl).name,
-        blocks=resolve_blocks(impl, block_q, block_kv),
-        chunks=chunks,
-    )
-    out, lse = ring_core(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    spec, q_seg, kv_seg = sharded.validate_shard(
+        q, k, v, segment_ids=segment_ids, causal=causal, window=window, softcap=softcap,
+        scale=scale, impl=impl, block_q=block_q, block_kv=block_kv, return_lse=return_lse)
+    out, lse = ring_on_shards(spec, q, k, v, q_seg, kv_seg, axis_name=axis_name, layout=layout,
+                              q_positions=q_positions, kv_positions=kv_positions)
     return (out, lse) if return_lse else out
-
-
-# --- global API -----------------------------------------------------------------------
-
-
-def validate_global(q, k, v, *, n: int, axis, layout: str, input_layout: str, segment_ids,
-                    causal, window, softcap, scale, impl, group: int = 1):
-    """Trace-time checks shared by the global entry points, with the global shapes.
-
-    ``n`` devices carry the layout over mesh axis ``axis``; each of their shards
-    is split ``group`` ways more (USP's Ulysses axis). Returns ``(q_seg, kv_seg)``
-    (``None``s without segments).
-    """
-    b, q_len, kv_len, _, _, d = inputs.check_qkv(q, k, v)
-    layouts.check_input_layout(input_layout, layout)
-    for name, length in (("q length", q_len), ("kv length", kv_len)):
-        layouts.check_global_length(layout, input_layout, length, n, name=name, axis=axis)
-        if length % (n * group):
-            raise ValueError(
-                f"{name} {length} must be a multiple of {n * group} = {n} ring shards (axis "
-                f"{axis!r}) x {group} Ulysses shards; pad it to a multiple of "
-                f"{n * group * layouts.required_multiple(layout, 1)}."
-            )
-    segs = inputs.split_segment_ids(segment_ids, b, q_len, kv_len)
-    inputs.make_mask(causal, window)
-    inputs.logit_options(d, scale, softcap)
-    get_impl(impl)
-    return segs if segs is not None else (None, None)
-
-
-@dataclasses.dataclass(frozen=True)
-class GlobalCall:
-    """A shard-level attention (ring or Ulysses) run by a global entry point (hashable)."""
-
-    attention: Callable  # ring_attention_shard or ulysses_attention_shard
-    axis: str
-    layout: str
-    input_layout: str
-    kwargs: tuple  # its keyword arguments, as sorted items
-
-    @classmethod
-    def of(cls, attention, axis, layout, input_layout, **kwargs) -> "GlobalCall":
-        return cls(attention, axis, layout, input_layout, tuple(sorted(kwargs.items())))
-
-
-def global_shard(cfg: GlobalCall, q, k, v, q_seg, kv_seg):
-    """Per-shard body of the global entry points: to the layout, attention, back."""
-    convert = cfg.input_layout == "natural"
-    to = functools.partial(layouts.shard_to_layout, layout=cfg.layout, axis_name=cfg.axis)
-    if convert:
-        q, k, v, q_seg, kv_seg = jax.tree.map(to, (q, k, v, q_seg, kv_seg))
-    segs = None if q_seg is None else (q_seg, kv_seg)
-    out, lse = cfg.attention(q, k, v, axis_name=cfg.axis, layout=cfg.layout, segment_ids=segs,
-                             return_lse=True, **dict(cfg.kwargs))
-    if convert:
-        out = layouts.shard_from_layout(out, cfg.layout, cfg.axis)
-        lse = layouts.shard_from_layout(lse, cfg.layout, cfg.axis, seq_axis=2)
-    return out, lse
 
 
 def ring_attention(
     q, k, v, *, mesh, axis: str = "context", causal: bool = False, segment_ids=None,
     window: int | None = None, softcap: float | None = None, scale: float | None = None,
-    layout: str = "zigzag", input_layout: str = "natural", impl: str = "blockwise",
+    layout: str = "zigzag", input_layout: str = "natural", impl="blockwise",
     block_q: int | None = None, block_kv: int | None = None, return_lse: bool = False,
     batch_axes=None,
 ):
     """Exact attention with the sequence sharded over mesh axis ``axis``.
 
     Takes global arrays (sharded any way or not at all, inside or outside
-    ``jax.jit``), runs the ring on ``n = mesh.shape[axis]`` devices and returns
-    the output with q's sharding. Memory per device is O(T / n).
+    ``jax.jit``, differentiable eagerly too), runs the ring on
+    ``n = mesh.shape[axis]`` devices and returns the output with q's sharding.
+    Memory per device is O(T / n).
 
     Args:
       q: ``[batch, q_len, num_heads, head_dim]``; k, v: ``[batch, kv_len,
@@ -423,7 +349,8 @@ def ring_attention(
         moved to ``layout`` and back with collectives on the shards) or the same
         value as ``layout``: the data pipeline already reordered tokens with
         ``lca.parallel.to_layout`` and the output stays in that order.
-      impl, block_q, block_kv: per-step local attention and its block sizes.
+      impl, block_q, block_kv: per-step local attention (a name or a
+        ``LocalImpl`` with a step) and its block sizes (positive ints).
       return_lse: also return ``lse [batch, num_heads, q_len]`` float32.
       batch_axes: mesh axes sharding the batch; default: every other axis of
         size > 1 that divides it (``()`` to replicate the batch).
@@ -431,27 +358,15 @@ def ring_attention(
     Returns:
       ``out`` like q (and ``lse``), in the order of the inputs.
     """
-    return run_global(ring_attention_shard, q, k, v, mesh=mesh, axis=axis, causal=causal,
-                      segment_ids=segment_ids, window=window, softcap=softcap, scale=scale,
-                      layout=layout, input_layout=input_layout, impl=impl, block_q=block_q,
-                      block_kv=block_kv, return_lse=return_lse, batch_axes=batch_axes)
-
-
-def run_global(attention, q, k, v, *, mesh, axis, layout, input_layout, segment_ids, causal,
-               window, softcap, scale, impl, block_q, block_kv, return_lse, batch_axes):
-    """Validate, then run the shard-level ``attention`` over one context axis of ``mesh``."""
     n = seqshard.mesh_axis_size(mesh, axis)
-    segs = validate_global(q, k, v, n=n, axis=axis, layout=layout, input_layout=input_layout,
-                           segment_ids=segment_ids, causal=causal, window=window,
-                           softcap=softcap, scale=scale, impl=impl)
-    cfg = GlobalCall.of(attention, axis, layout, input_layout, causal=causal, window=window,
-                        softcap=softcap, scale=scale, impl=impl, block_q=block_q,
-                        block_kv=block_kv)
-    out, lse = seqshard.run(global_shard, cfg, mesh, (axis,),
-                            seqshard.batch_axes(mesh, (axis,), q.shape[0], batch_axes),
-                            q, k, v, *segs, check_vma=get_impl(impl).check_vma)
-    out = seqshard.match_sharding(out, q, mesh)
-    return (out, lse) if return_lse else out
+    spec, segs = sharded.validate_global(
+        q, k, v, n=n, axis=axis, layout=layout, input_layout=input_layout,
+        segment_ids=segment_ids, causal=causal, window=window, softcap=softcap, scale=scale,
+        impl=impl, block_q=block_q, block_kv=block_kv, return_lse=return_lse)
+    return sharded.run_global(_ring_body, spec, q, k, v, segs, mesh=mesh, seq_axes=(axis,),
+                              layout=layout, input_layout=input_layout,
+                              axes=dict(axis_name=axis), batch_axes=batch_axes,
+                              return_lse=return_lse)
 
 
 def ring_schedule(layout: str, seq_len: int, n: int, *, causal: bool = True,

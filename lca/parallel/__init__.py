@@ -1,5 +1,6 @@
-"""Meshes, shardings and sequence permutations."""
+"""Meshes, shardings, sequence permutations and the collectives that move sequence shards."""
 
+from lca.parallel.collectives import gather_seq, heads_to_seq, seq_to_heads
 from lca.parallel.devices import use_cpu_devices
 from lca.parallel.layout import (
     LAYOUTS,
@@ -20,11 +21,14 @@ __all__ = [
     "LAYOUTS",
     "MESH_AXES",
     "from_layout",
+    "gather_seq",
+    "heads_to_seq",
     "inverse_permutation",
     "local_positions",
     "make_mesh",
     "permutation",
     "resolve_axis_sizes",
+    "seq_to_heads",
     "shard_from_layout",
     "shard_to_layout",
     "striped_permutation",

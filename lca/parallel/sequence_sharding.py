@@ -90,6 +90,27 @@ def constrain(x, mesh, spec: P):
     return lax.with_sharding_constraint(x, sharding)
 
 
+def _typed_on_explicit_mesh(x) -> bool:
+    """Does ``x``'s type carry Explicit mesh axes (sharded on such a mesh, or under ``jax.set_mesh``)?"""
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    return mesh is not None and not mesh.empty and _explicit(mesh)
+
+
+def mesh_for_inputs(mesh, *arrays):
+    """``mesh``, or the same devices with Auto axes when nothing here is typed on Explicit axes.
+
+    On an Explicit mesh the result's type names the mesh. When neither the inputs
+    (plain arrays) nor a ``jax.set_mesh`` context do, such a result makes an eager
+    ``jax.grad`` fail: its cotangent is created on a mesh that no context
+    provides. With Auto axes the result is typed like the inputs, and the
+    computation and its shardings are the same.
+    """
+    typed = any(_typed_on_explicit_mesh(x) for x in arrays if x is not None)
+    if not _explicit(mesh) or typed or not jax.sharding.get_abstract_mesh().empty:
+        return mesh
+    return mesh.update(axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def match_sharding(out, like, mesh):
     """``out`` with the sharding of ``like`` when that is known (concrete or Explicit)."""
     if isinstance(like, jax.Array) and not isinstance(like, jax.core.Tracer):

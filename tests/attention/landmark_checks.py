@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tests.attention.oracle import random_qkv
+from tests.oracle import random_qkv
 
 
 def qkv(seed, b, q_len, kv_len, h, hk, d=8, dtype=jnp.float32):

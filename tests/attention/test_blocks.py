@@ -8,7 +8,7 @@ import pytest
 from kernels_pallas import flash_attention
 from lca.attention import BlockSizes, blockwise_attention, reference_attention
 from lca.attention.tiling import Tiling, pad_axis
-from tests.attention.oracle import random_qkv
+from tests.oracle import random_qkv
 
 Q = jnp.zeros((1, 8, 2, 16))
 

@@ -1,9 +1,12 @@
 """Bad input fails at trace time with a ValueError that names the argument and shapes."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from lca.attention import blockwise_attention, reference_attention
+from lca.attention.mask import Mask
 
 Q = jnp.zeros((2, 8, 4, 16))
 K = jnp.zeros((2, 8, 2, 16))
@@ -37,3 +40,19 @@ def test_bad_input_raises_value_error(attention, args, kwargs, match):
 def test_bad_block_sizes(blocks):
     with pytest.raises(ValueError, match="must be a positive int"):
         blockwise_attention(Q, K, K, **blocks)
+
+
+@pytest.mark.parametrize("attention", [reference_attention, blockwise_attention])
+@pytest.mark.parametrize("option,value", [("causal", True), ("window", 4), ("softcap", 5.0),
+                                          ("scale", 0.5)])
+def test_traced_option_names_what_must_be_static(attention, option, value):
+    with pytest.raises(ValueError, match=rf"{option} must be a static Python value, got "
+                                         rf".*Tracer.*static_argnames=\('{option}',\).*"
+                                         rf"functools.partial\(fn, {option}="):
+        jax.jit(attention)(Q, K, K, **{option: value})
+
+
+def test_numpy_integer_window():
+    want = reference_attention(Q, K, K, causal=True, window=3)
+    np.testing.assert_array_equal(reference_attention(Q, K, K, causal=True, window=np.int64(3)), want)
+    assert Mask(window=np.int64(3)) == Mask(window=3)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lca.attention import merge_attention, reference_attention
-from tests.attention.oracle import random_qkv
+from tests.oracle import random_qkv
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lca.attention import reference_attention
-from tests.attention.oracle import packed_segments, random_qkv
+from tests.oracle import packed_segments, random_qkv
 
 
 def loop_attention(q, k, v, *, causal=False, window=None, softcap=None, q_seg=None, kv_seg=None):

@@ -6,7 +6,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lca.attention import ulysses_attention, ulysses_attention_shard
 from lca.parallel import make_mesh
-from tests.attention.seqpar_oracle import assert_matches_oracle, make_inputs
+from tests.oracle import SEQPAR, assert_matches_oracle, make_inputs
 
 
 def context_mesh(n, axis_types="explicit"):
@@ -29,7 +29,7 @@ def test_ulysses_matches_oracle(case):
     kwargs = dict(causal=causal, segment_ids=seg, window=window)
     assert_matches_oracle(
         lambda q, k, v: ulysses_attention(q, k, v, mesh=mesh, return_lse=True, **kwargs),
-        q, k, v, **kwargs,
+        q, k, v, bound=SEQPAR, **kwargs,
     )
 
 
@@ -43,7 +43,7 @@ def test_ulysses_layouts_grid(n, layout):
     assert_matches_oracle(
         lambda q, k, v: ulysses_attention(q, k, v, mesh=mesh, layout=layout, return_lse=True,
                                           **kwargs),
-        q, k, v, **kwargs,
+        q, k, v, bound=SEQPAR, **kwargs,
     )
 
 
@@ -53,7 +53,7 @@ def test_ulysses_cross_attention_window_softcap():
     kwargs = dict(causal=True, window=9, softcap=5.0)
     assert_matches_oracle(
         lambda q, k, v: ulysses_attention(q, k, v, mesh=context_mesh(4), return_lse=True, **kwargs),
-        q, k, v, **kwargs,
+        q, k, v, bound=SEQPAR, **kwargs,
     )
 
 
@@ -67,7 +67,7 @@ def test_ulysses_2d_mesh_presharded_batch():
     assert out.sharding.is_equivalent_to(q.sharding, q.ndim)
     assert_matches_oracle(
         lambda q, k, v: ulysses_attention(q, k, v, mesh=mesh, return_lse=True, **kwargs),
-        q, k, v, **kwargs,
+        q, k, v, bound=SEQPAR, **kwargs,
     )
 
 

@@ -6,7 +6,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lca.attention import usp_attention, usp_attention_shard
 from lca.parallel import make_mesh
-from tests.attention.seqpar_oracle import assert_matches_oracle, make_inputs
+from tests.oracle import SEQPAR, assert_matches_oracle, make_inputs
 
 
 def test_usp_data_x_ulysses_x_ring_batch_sharded():
@@ -18,7 +18,7 @@ def test_usp_data_x_ulysses_x_ring_batch_sharded():
     assert_matches_oracle(
         lambda q, k, v: usp_attention(q, k, v, mesh=mesh, ulysses_axis="tensor",
                                       ring_axis="context", return_lse=True, **kwargs),
-        q, k, v, **kwargs,
+        q, k, v, bound=SEQPAR, **kwargs,
     )
 
 
@@ -32,7 +32,7 @@ def test_usp_ring4_ulysses2_auto_mesh(layout):
         lambda q, k, v: usp_attention(q, k, v, mesh=mesh, ulysses_axis="tensor",
                                       ring_axis="context", layout=layout, return_lse=True,
                                       block_q=4, block_kv=4, **kwargs),
-        q, k, v, **kwargs,
+        q, k, v, bound=SEQPAR, **kwargs,
     )
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from kernels_pallas import flash_attention
 from lca.attention import reference_attention
-from tests.kernels.compare import packed_segments, random_qkv
+from tests.oracle import random_qkv, three_documents
 
 HAS_GPU = any(d.platform in ("gpu", "cuda") for d in jax.devices()) if jax.devices() else False
 pytestmark = pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
@@ -40,7 +40,7 @@ def test_bf16_real_sizes(backend, name):
     q, k, v = random_qkv(0, b, q_len, kv_len, h, h_kv, d, jnp.bfloat16)
     options = dict(options)
     if options.pop("segments", False):
-        options["segment_ids"] = packed_segments(b, q_len)
+        options["segment_ids"] = three_documents(b, q_len)
     attn = lambda q, k, v: flash_attention(q, k, v, backend=backend, return_lse=True, **options)  # noqa: E731
     ref = lambda q, k, v: reference_attention(  # noqa: E731
         q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), return_lse=True,
@@ -75,7 +75,7 @@ def test_mosaic_gpu_forward_zigzag_positions(block_kv):
     q_pos = jnp.arange(q_len, dtype=jnp.int32) + 4096
     kv_pos = jnp.concatenate([jnp.arange(1024), jnp.arange(8192, 9216), jnp.arange(3500, 4524)])
     kv_pos = kv_pos.astype(jnp.int32)
-    segs = packed_segments(b, kv_len)
+    segs = three_documents(b, kv_len)
     q_seg, kv_seg = segs[:, :q_len], segs
     mask = inputs.make_mask(True, 2500)
     cfg = api.KernelConfig(mask, inputs.logit_options(d, None, 20.0),

@@ -8,7 +8,7 @@ import pytest
 from lca.attention import BlockSizes, get_impl, reference_attention
 from lca.attention.inputs import logit_options
 from lca.attention.mask import Mask
-from tests.kernels.compare import packed_segments, random_qkv
+from tests.oracle import SEQPAR, assert_matches_oracle, make_inputs, random_qkv, three_documents
 
 
 @pytest.mark.parametrize("segmented", [False, True])
@@ -18,7 +18,7 @@ def test_pallas_impl_with_key_offset_and_zigzag_positions(segmented):
     # Queries: a chunk at global offset 60. Keys: zigzag, two monotone runs (0..19, 100..119).
     q_pos = jnp.arange(q_len, dtype=jnp.int32) + 60
     kv_pos = jnp.concatenate([jnp.arange(20), jnp.arange(100, 120)]).astype(jnp.int32)
-    segs = packed_segments(b, 64)
+    segs = three_documents(b, 64)
     q_seg, kv_seg = (segs[:, :q_len], segs[:, 20:20 + kv_len]) if segmented else (None, None)
     mask, logit = Mask(causal=True, window=50), logit_options(d)
     impl = get_impl("pallas")
@@ -79,15 +79,13 @@ def _seqpar_cases():
 @pytest.mark.parametrize("variant", ["ring-zigzag", "ulysses", "usp"])
 def test_sequence_parallel_with_pallas_steps_matches_oracle(variant):
     """impl='pallas' end to end: forward, lse and all gradients, GQA, packed segments."""
-    from tests.attention.seqpar_oracle import assert_matches_oracle, make_inputs
-
     q, k, v, seg = make_inputs(2, 32, 4, 2, segments=True, seed=1)
     call = _seqpar_cases()[variant]
     kwargs = dict(causal=True, segment_ids=seg)
     assert_matches_oracle(
         lambda q, k, v: call(q=q, k=k, v=v, impl="pallas", block_q=4, block_kv=4,
                              return_lse=True, **kwargs),
-        q, k, v, **kwargs,
+        q, k, v, bound=SEQPAR, **kwargs,
     )
 
 
@@ -96,7 +94,6 @@ def test_pallas_step_in_a_checked_user_shard_map_says_what_to_do():
 
     from lca.attention import ring_attention_shard, ulysses_attention_shard
     from lca.parallel import make_mesh
-    from tests.attention.seqpar_oracle import make_inputs
 
     mesh = make_mesh(context=4, devices=jax.devices()[:4])
     spec = P(None, "context")

@@ -3,7 +3,8 @@
 import jax.numpy as jnp
 import pytest
 
-from tests.kernels.compare import run_flash_case as _run
+from tests.kernels.flash_case import run_flash_case as _run
+from tests.oracle import KERNEL_BF16, KERNEL_BF16_GRAD
 
 # (b, q_len, kv_len, h, h_kv, d), options, blocks
 CASES = {
@@ -32,4 +33,5 @@ def test_portable_matches_reference_more(name):
 
 @pytest.mark.slow
 def test_portable_bf16():
-    _run((1, 48, 48, 4, 2, 16), dict(causal=True), (16, 16), "gpu_portable", jnp.bfloat16, 3e-2)
+    _run((1, 48, 48, 4, 2, 16), dict(causal=True), (16, 16), "gpu_portable", jnp.bfloat16,
+         bound=KERNEL_BF16, grad_bound=KERNEL_BF16_GRAD)

@@ -5,7 +5,7 @@ This is the only check of the TPU kernels: no TPU can be reached from CI.
 
 import pytest
 
-from tests.kernels.compare import run_flash_case as _run
+from tests.kernels.flash_case import run_flash_case as _run
 
 CASES = {
     # Odd lengths over two 128-blocks, GQA, packed documents, causal (empty rows too).
