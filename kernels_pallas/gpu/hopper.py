@@ -52,6 +52,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas import block_math
 from kernels_pallas.blocks import MOSAIC_GPU_STAGES as STAGES
+from kernels_pallas.blocks import TMA_MAX_ELEMS
 from kernels_pallas.gpu.portable import backward
 from kernels_pallas.tiles import BlockPlan, block_lists
 from lca.attention.inputs import LogitOptions
@@ -62,8 +63,6 @@ from lca.parallel.vma import varying_struct
 __all__ = ["STAGES", "backward", "forward"]
 
 _SWIZZLE = 128  # bytes
-# A TMA copy moves at most 256 elements along each dimension; longer rows go in pieces.
-TMA_MAX_ELEMS = 256
 
 
 def _interpret_params(interpret: bool):
@@ -130,7 +129,8 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
     # [nq, width]: count, then the visible key blocks; rows of 128 bytes (TMA granule).
     kv_lists = block_lists(plan.vis, align=32)
     width = kv_lists.shape[1]
-    # Pieces of the list row for TMA (128-byte aligned: 256 int32s is a multiple of 32).
+    # A TMA copy moves at most TMA_MAX_ELEMS per dimension: the list row goes in pieces
+    # (128-byte aligned: 256 int32s is a multiple of 32).
     list_pieces = [pl.ds(start, min(TMA_MAX_ELEMS, width - start)) for start in range(0, width, TMA_MAX_ELEMS)]
     num_q_copies = 2 + len(list_pieces) + segmented
 
