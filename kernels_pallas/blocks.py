@@ -169,11 +169,11 @@ def _pass_backend(backend: str, backward: bool) -> str:
 
 def _sizes_that_fit(backend: str, backward: bool, head_dim: int, itemsize: int, warps: int,
                     limits: GpuLimits) -> list[tuple[int, int]]:
-    """The largest (block_q, block_kv) powers of two that fit: none fits with a larger product."""
+    """The largest (block_q, block_kv) powers of two that fit, among tiles at most twice as long as wide."""
     top = TMA_MAX_ELEMS if backend == "mosaic_gpu" and not backward else 1024
     sizes = [1 << e for e in range(4, 11) if _ALIGN[_pass_backend(backend, backward)] <= 1 << e <= top]
-    fit = [(bq, bk) for bq in sizes for bk in sizes
-           if estimate(backend, backward, bq, bk, head_dim, itemsize, warps).fits(limits)]
+    fit = [(bq, bk) for bq in sizes for bk in sizes if bq <= 2 * bk and bk <= 2 * bq
+           and estimate(backend, backward, bq, bk, head_dim, itemsize, warps).fits(limits)]
     if not fit:
         return []
     best = max(bq * bk for bq, bk in fit)
