@@ -11,19 +11,31 @@ FLOPs: forward ``4 * b * h * T^2 * d`` (two matmuls), halved for causal;
 forward+backward is 3.5x the forward (FlashAttention-2's count). A point that
 fails (e.g. the XLA path running out of memory at long T) is recorded as such.
 
-Writes ``benchmarks/results/kernels_<device>.md`` and ``.png`` (the device name
-is in the file and its title). On a machine without a GPU it refuses, except in
-``--smoke`` mode, which runs tiny sizes in interpret mode and writes nothing.
+``--sizes issue`` measures the points of issue 15 instead (bf16 MHA, head_dim 128,
+16 heads, 65,536 tokens per batch: 2k causal fwd; 8k causal, 8k full and 32k causal
+fwd and fwd+bwd; 32k full fwd+bwd), adding JAX's own example kernels: the Mosaic GPU
+attention (``jax.experimental.pallas.ops.gpu.attention_mgpu``, float16 inputs, no
+causal backward) and the Triton one (``...ops.gpu.attention.mha``). ``--budget-s``
+stops measuring once that many seconds have passed (the rest is recorded as skipped),
+so a run fits a short GPU lease.
 
-    python benchmarks/kernels.py                # full run on a GPU
+Writes ``benchmarks/results/kernels_<device>.md`` and ``.png`` (the device name
+is in the file and its title; ``--results`` another folder). On a machine without
+a GPU it refuses, except in ``--smoke`` mode, which runs tiny sizes in interpret
+mode and writes only where ``--results`` says.
+
+    python benchmarks/kernels.py                # full sweep on a GPU
+    python benchmarks/kernels.py --sizes issue --budget-s 240
     python benchmarks/kernels.py --smoke        # CPU plumbing check, no results
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -35,25 +47,57 @@ from lca.attention import blockwise_attention
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def _impls(smoke: bool):
+def _is_hopper() -> bool:
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
+def _jax_mosaic_gpu_example(q, k, v, causal):
+    """JAX's Mosaic GPU attention example (float16; its backward blocks set so it can differentiate)."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    config = attention_mgpu.TuningConfig(
+        block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal,
+        block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64,
+    )
+    return attention_mgpu.attention(q, k, v, config)
+
+
+def _jax_triton_example(q, k, v, causal):
+    from jax.experimental.pallas.ops.gpu import attention as triton_attention
+
+    return triton_attention.mha(q, k, v, None, sm_scale=1 / math.sqrt(q.shape[-1]), causal=causal)
+
+
+def _impls(smoke: bool, examples: bool = False):
+    """``{name: (attention(q, k, v, causal), input dtype)}``."""
+    bf16 = jnp.bfloat16
     impls = {
-        "pallas_portable": lambda q, k, v, causal: flash_attention(
+        "pallas_portable": (lambda q, k, v, causal: flash_attention(
             q, k, v, causal=causal, backend="gpu_portable"
-        ),
-        "blockwise": lambda q, k, v, causal: blockwise_attention(q, k, v, causal=causal),
-        "xla": lambda q, k, v, causal: jax.nn.dot_product_attention(
-            q, k, v, is_causal=causal, implementation="xla"
-        ),
+        ), bf16),
+        "blockwise": (lambda q, k, v, causal: blockwise_attention(q, k, v, causal=causal), bf16),
     }
-    if not smoke and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"):
+    if not examples:
+        impls["xla"] = (lambda q, k, v, causal: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="xla"
+        ), bf16)
+    if not smoke and _is_hopper():
         # Mosaic GPU forward + portable backward (kernels_pallas.gpu.hopper).
-        impls["pallas_mosaic_gpu"] = lambda q, k, v, causal: flash_attention(
+        impls["pallas_mosaic_gpu"] = (lambda q, k, v, causal: flash_attention(
             q, k, v, causal=causal, backend="mosaic_gpu"
-        )
+        ), bf16)
     if not smoke:
-        impls["cudnn"] = lambda q, k, v, causal: jax.nn.dot_product_attention(
+        impls["cudnn"] = (lambda q, k, v, causal: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="cudnn"
-        )
+        ), bf16)
+    if examples and not smoke:
+        impls["jax_triton_example"] = (_jax_triton_example, bf16)
+        if _is_hopper():
+            impls["jax_mosaic_gpu_example"] = (_jax_mosaic_gpu_example, jnp.float16)
+        # cuDNN first (the yardstick), the slow pure-JAX path last: a time budget cuts that one.
+        order = ["cudnn", "pallas_mosaic_gpu", "pallas_portable", "jax_mosaic_gpu_example",
+                 "jax_triton_example", "blockwise"]
+        impls = {name: impls[name] for name in order if name in impls}
     return impls
 
 
@@ -62,9 +106,8 @@ def _flops(b, t, h, d, causal: bool, backward: bool) -> float:
     return fwd * (3.5 if backward else 1.0)
 
 
-def measure(attn, b, t, h, d, causal: bool, backward: bool, repeats: int):
+def measure(attn, b, t, h, d, causal: bool, backward: bool, repeats: int, dtype=jnp.bfloat16):
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
-    dtype = jnp.bfloat16
     q, k, v = (jax.random.normal(key, (b, t, h, d), dtype) for key in (kq, kk, kv))
     if backward:
         loss = lambda q, k, v: attn(q, k, v, causal).astype(jnp.float32).sum()  # noqa: E731
@@ -75,28 +118,42 @@ def measure(attn, b, t, h, d, causal: bool, backward: bool, repeats: int):
     return _flops(b, t, h, d, causal, backward) / seconds / 1e12
 
 
-def run(smoke: bool):
+# Issue 15's points: (T, causal, backward), head_dim 128, 16 heads, 65,536 tokens per batch.
+ISSUE_POINTS = [
+    (8192, True, False), (8192, True, True), (32768, True, False), (32768, True, True),
+    (8192, False, False), (8192, False, True), (32768, False, True), (2048, True, False),
+]
+
+
+def _points(sizes: str, smoke: bool):
+    """``(t, b, h, d, causal, backward)`` to measure."""
     if smoke:
-        lengths, tokens, head_dims, repeats = [32], 64, [16], 1
-    else:
-        lengths, tokens, head_dims, repeats = [2**i for i in range(10, 17)], 65536, [64, 128], 5
-    rows = []
-    for d in head_dims:
-        h = max(1, 2048 // d) if not smoke else 2
-        for causal in (False, True):
-            for backward in (False, True):
-                for t in lengths:
-                    b = max(1, tokens // t)
-                    for name, attn in _impls(smoke).items():
-                        try:
-                            tflops = measure(attn, b, t, h, d, causal, backward, repeats)
-                        except Exception as err:  # noqa: BLE001 - recorded, e.g. OOM at long T
-                            tflops, note = None, type(err).__name__
-                        else:
-                            note = ""
-                        rows.append(dict(impl=name, d=d, causal=causal, backward=backward, t=t,
-                                         b=b, h=h, tflops=tflops, note=note))
-                        print(rows[-1], flush=True)
+        return [(32, 2, 2, 16, causal, backward) for causal in (False, True) for backward in (False, True)]
+    if sizes == "issue":
+        return [(t, 65536 // t, 16, 128, causal, backward) for t, causal, backward in ISSUE_POINTS]
+    return [(t, max(1, 65536 // t), max(1, 2048 // d), d, causal, backward)
+            for d in (64, 128) for causal in (False, True) for backward in (False, True)
+            for t in (2**i for i in range(10, 17))]
+
+
+def run(smoke: bool, sizes: str = "sweep", budget_s: float | None = None):
+    repeats = 1 if smoke else 5
+    impls = _impls(smoke, examples=sizes == "issue")
+    start, rows = time.perf_counter(), []
+    for t, b, h, d, causal, backward in _points(sizes, smoke):
+        for name, (attn, dtype) in impls.items():
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                tflops, note = None, "skipped: time budget"
+            else:
+                try:
+                    tflops = measure(attn, b, t, h, d, causal, backward, repeats, dtype)
+                except Exception as err:  # noqa: BLE001 - recorded, e.g. OOM at long T
+                    tflops, note = None, f"{type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"
+                else:
+                    note = ""
+            rows.append(dict(impl=name, d=d, causal=causal, backward=backward, t=t,
+                             b=b, h=h, tflops=tflops, note=note))
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -104,16 +161,23 @@ def _markdown(rows, device: str) -> str:
     lines = [
         f"# Attention kernels, bf16, on {device} (jax {jax.__version__})",
         "",
-        "TFLOP/s (causal counted as half the FLOPs; fwd+bwd = 3.5x fwd FLOPs).",
+        "TFLOP/s (causal counted as half the FLOPs; fwd+bwd = 3.5x fwd FLOPs). "
+        "jax_mosaic_gpu_example runs float16 inputs, as in issue 15; everything else bfloat16.",
         "",
-        "| pass | causal | head_dim | T | batch | heads | impl | TFLOP/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| pass | causal | head_dim | T | batch | heads | impl | TFLOP/s | x cuDNN |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    key = lambda r: (r["d"], r["causal"], r["backward"], r["t"])  # noqa: E731
+    cudnn = {key(r): r["tflops"] for r in rows if r["impl"] == "cudnn" and r["tflops"]}
     for r in rows:
-        value = f"{r['tflops']:.1f}" if r["tflops"] is not None else f"failed ({r['note']})"
+        if r["tflops"] is not None:
+            value = f"{r['tflops']:.1f}"
+        else:
+            value = r["note"] if r["note"].startswith("skipped") else f"failed ({r['note']})"
+        ratio = f"{r['tflops'] / cudnn[key(r)]:.2f}" if r["tflops"] and key(r) in cudnn else ""
         lines.append(
             f"| {'fwd+bwd' if r['backward'] else 'fwd'} | {r['causal']} | {r['d']} | {r['t']} | "
-            f"{r['b']} | {r['h']} | {r['impl']} | {value} |"
+            f"{r['b']} | {r['h']} | {r['impl']} | {value} | {ratio} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -125,7 +189,8 @@ def _plot(rows, device: str, path: pathlib.Path):
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["d"], r["causal"], r["backward"]) for r in rows})
-    fig, axes = plt.subplots(2, len(panels) // 2, figsize=(5 * len(panels) // 2, 8), squeeze=False)
+    cols = -(-len(panels) // 2)
+    fig, axes = plt.subplots(2, cols, figsize=(5 * cols, 8), squeeze=False)
     for ax, (d, causal, backward) in zip(axes.T.flat, panels):
         for impl in sorted({r["impl"] for r in rows}):
             pts = [(r["t"], r["tflops"]) for r in rows if (r["d"], r["causal"], r["backward"], r["impl"])
@@ -144,7 +209,11 @@ def _plot(rows, device: str, path: pathlib.Path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU run, writes nothing")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run; writes only with --results")
+    parser.add_argument("--sizes", choices=("sweep", "issue"), default="sweep",
+                        help="sweep: head_dim 64/128, T 1k..64k; issue: issue 15's points with JAX's example kernels")
+    parser.add_argument("--budget-s", type=float, default=None, help="stop measuring after this many seconds")
+    parser.add_argument("--results", type=pathlib.Path, default=None, help=f"output folder (default {RESULTS})")
     args = parser.parse_args()
     device = jax.devices()[0]
     if device.platform not in ("gpu", "cuda") and not args.smoke:
@@ -152,16 +221,17 @@ def main():
             f"benchmarks/kernels.py measures GPU kernels; found {device.platform} "
             f"({device.device_kind}). Use --smoke for a CPU plumbing check (writes nothing)."
         )
-    rows = run(args.smoke)
-    if args.smoke:
+    rows = run(args.smoke, args.sizes, args.budget_s)
+    if args.smoke and args.results is None:
         print(f"smoke run on {device.device_kind}: {len(rows)} points, nothing written")
         return
+    results = args.results or RESULTS
     name = f"{device.device_kind}"
     slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"kernels_{slug}.md").write_text(_markdown(rows, name))
-    _plot(rows, name, RESULTS / f"kernels_{slug}.png")
-    print(f"wrote {RESULTS}/kernels_{slug}.md and .png")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"kernels_{slug}.md").write_text(_markdown(rows, name))
+    _plot(rows, name, results / f"kernels_{slug}.png")
+    print(f"wrote {results}/kernels_{slug}.md and .png")
 
 
 if __name__ == "__main__":

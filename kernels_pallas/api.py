@@ -68,9 +68,11 @@ class KernelConfig:
 
     mask: Mask
     logit: LogitOptions
-    blocks: BlockSizes  # every field resolved (``blocks_lib.resolve``)
+    blocks: BlockSizes  # every field resolved (``blocks_lib.plan``)
     backend: str
     interpret: bool
+    warps_fwd: int = 4  # GPU backends' warps per program, forward and backward (blocks_lib.plan)
+    warps_bwd: int = 4
 
 
 def _backend_module(backend: str):
@@ -83,6 +85,13 @@ def _backend_module(backend: str):
 
         return hopper
     return portable
+
+
+def _warps(cfg: KernelConfig, backward: bool) -> dict:
+    """``num_warps`` for the Triton-lowered passes: the portable kernels and the mosaic_gpu backward."""
+    if cfg.backend == "tpu" or (cfg.backend == "mosaic_gpu" and not backward):
+        return {}
+    return {"num_warps": cfg.warps_bwd if backward else cfg.warps_fwd}
 
 
 def _prepare(q_pos, kv_pos, q_seg, kv_seg, q_len, kv_len, blocks: BlockSizes, mask: Mask):
@@ -111,7 +120,7 @@ def kernel_forward(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, *, cfg: Kern
     out, lse = _backend_module(cfg.backend).forward(
         tiling.pad_q(q), tiling.pad_kv(k), tiling.pad_kv(v), plan, q_seg, kv_seg,
         tiling=tiling, mask=cfg.mask, logit=cfg.logit, out_dtype=out_dtype,
-        interpret=cfg.interpret,
+        interpret=cfg.interpret, **_warps(cfg, backward=False),
     )
     return out[:, :q_len], lse[..., :q_len]
 
@@ -137,6 +146,7 @@ def kernel_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse=
         tiling.pad_q(q), tiling.pad_kv(k), tiling.pad_kv(v), tiling.pad_q(dout),
         tiling.pad_q(lse, 2), tiling.pad_q(delta, 2), plan, q_seg, kv_seg,
         tiling=tiling, mask=cfg.mask, logit=cfg.logit, interpret=cfg.interpret,
+        **_warps(cfg, backward=True),
     )
     return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
 
@@ -155,8 +165,13 @@ _flash = attention_vjp(_flash_forward, _flash_backward)
 
 def resolve_config(head_dim: int, q_len: int, kv_len: int, *, mask: Mask, logit: LogitOptions,
                    blocks: BlockSizes | None = None, backend: str = "auto",
-                   interpret: bool = False, dtype=None) -> KernelConfig:
-    """Validate the backend, interpret flag, input dtype and block sizes of one call."""
+                   interpret: bool = False, dtype=None, device_kind: str | None = None) -> KernelConfig:
+    """Validate the backend, interpret flag, input dtype and block sizes of one call.
+
+    ``device_kind`` (default: the GPU's, when running on one) selects the block
+    policy's defaults and limits (``kernels_pallas.blocks.plan``); pass it to
+    check sizes for a GPU from a CPU.
+    """
     if backend == "auto":
         backend = default_backend()
     if backend not in blocks_lib.BACKENDS:
@@ -165,12 +180,15 @@ def resolve_config(head_dim: int, q_len: int, kv_len: int, *, mask: Mask, logit:
         )
     if not isinstance(interpret, bool):
         raise ValueError(f"interpret must be a bool, got {interpret!r}.")
+    if device_kind is None and jax.devices()[0].platform == "gpu":
+        device_kind = jax.devices()[0].device_kind
     interpret = interpret or _on_cpu()  # kernels cannot be compiled for the CPU
     blocks_lib.check_head_dim(head_dim, backend, interpret)
     if dtype is not None:
         blocks_lib.check_dtype(dtype, backend, interpret)
-    blocks = blocks_lib.resolve(blocks, q_len, kv_len, backend, interpret, head_dim)
-    return KernelConfig(mask, logit, blocks, backend, interpret)
+    plan = blocks_lib.plan(blocks, q_len, kv_len, backend, interpret, head_dim, dtype=dtype,
+                           device_kind=device_kind)
+    return KernelConfig(mask, logit, plan.blocks, backend, interpret, plan.warps_fwd, plan.warps_bwd)
 
 
 def flash_attention(

@@ -8,16 +8,28 @@ Backend rules (checked with a ``ValueError`` naming what would work):
 
 * ``gpu_portable``: powers of two >= 16 (Triton tiles), ``head_dim`` a power of
   two in [16, 256] on GPU; interpret mode (CPU) accepts any positive sizes.
-* ``mosaic_gpu``: powers of two >= 64 (the forward's wgmma works on 64-row
-  warpgroup tiles and 128-byte swizzled SMEM tiles; its backward is the
-  portable kernel, which needs powers of two), ``head_dim`` 64, 128 or 256, the forward's SMEM (Q, ``MOSAIC_GPU_STAGES`` K/V tiles, P, out) within
+* ``mosaic_gpu``: forward blocks powers of two in [64, 256] (the forward's wgmma
+  works on 64-row warpgroup tiles and 128-byte swizzled SMEM tiles, and each tile
+  is one TMA copy of at most 256 rows); backward blocks follow ``gpu_portable``'s
+  rules (the backward is the portable kernels), ``head_dim`` 64, 128 or 256, the forward's SMEM (Q, ``MOSAIC_GPU_STAGES`` K/V tiles, P, out) within
   the H100's 227 KiB, and on GPU bfloat16/float16 inputs (wgmma). The same
   rules hold in interpret mode (it simulates the same TMA tiles), except that
   float32 is accepted there for tight checks.
 * ``tpu``: multiples of 128 (the lane width), ``head_dim`` up to 256 (VMEM).
+
+Policy on a known GPU (:func:`plan`, ``device_kind`` from jax or given explicitly):
+sizes left as None take the backend's default for the head_dim, dtype and GPU
+generation, forward and backward separately, each with its number of warps; the
+sizes that are then used (given or default) are checked against an estimate of
+shared memory and registers for that device (:func:`estimate`), and sizes that
+do not fit are a ``ValueError`` naming the estimate and the largest sizes that
+fit, instead of a compile crash ("Shared memory size limit exceeded"). On CPU or
+an unknown device the generic defaults below apply and nothing is estimated.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -30,14 +42,164 @@ _ALIGN = {"gpu_portable": 16, "mosaic_gpu": 64, "tpu": 128}
 _MAX_HEAD_DIM = 256
 MOSAIC_GPU_STAGES = 2  # key blocks in flight in the Mosaic GPU forward's TMA pipeline
 _MOSAIC_GPU_SMEM = 227 * 1024  # bytes of shared memory per block on sm_90
+# Mosaic GPU TMA copies move at most 256 elements along each dimension: the Q tile,
+# the K/V tiles and their position/segment rows are one copy each.
+TMA_MAX_ELEMS = 256
 
 
-def default_blocks(backend: str, head_dim: int | None = None) -> BlockSizes:
-    """The ``backend``'s sizes for what a caller leaves as None."""
+@dataclasses.dataclass(frozen=True)
+class GpuLimits:
+    """What one thread block may use on a GPU generation (CUDA programming guide, compute capabilities)."""
+
+    generation: str  # hopper (sm_90), ampere (sm_80), ada (sm_89)
+    smem_bytes: int  # opt-in shared memory per thread block
+    regs_per_thread: int = 255
+
+
+# Matched on jax's device_kind by longest prefix.
+GPU_LIMITS = {
+    "NVIDIA H100": GpuLimits("hopper", _MOSAIC_GPU_SMEM),
+    "NVIDIA H200": GpuLimits("hopper", _MOSAIC_GPU_SMEM),
+    "NVIDIA H800": GpuLimits("hopper", _MOSAIC_GPU_SMEM),
+    "NVIDIA GH200": GpuLimits("hopper", _MOSAIC_GPU_SMEM),
+    "NVIDIA A100": GpuLimits("ampere", 163 * 1024),
+    "NVIDIA A800": GpuLimits("ampere", 163 * 1024),
+    "NVIDIA L4": GpuLimits("ada", 99 * 1024),
+    "NVIDIA L40": GpuLimits("ada", 99 * 1024),
+}
+# Registers a thread needs besides the tiles' values (addresses, indices, loop state).
+_REG_RESERVE = 32
+
+
+def gpu_limits(device_kind: str | None) -> GpuLimits | None:
+    """The limits of ``device_kind`` (e.g. ``"NVIDIA H100 80GB HBM3"``), None if unknown (CPU, TPU)."""
+    if not device_kind:
+        return None
+    matches = [kind for kind in GPU_LIMITS if device_kind.startswith(kind)]
+    return GPU_LIMITS[max(matches, key=len)] if matches else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Resolved tiles of one call (every ``blocks`` field set) and warps per pass (GPU backends)."""
+
+    blocks: BlockSizes
+    warps_fwd: int = 4
+    warps_bwd: int = 4
+
+
+def _warps(head_dim: int | None) -> int:
+    return 4 if head_dim is None or head_dim <= 64 else 8
+
+
+def default_plan(backend: str, head_dim: int | None = None, limits: GpuLimits | None = None) -> Plan:
+    """The ``backend``'s sizes for what a caller leaves as None, forward and backward.
+
+    On a known GPU (``limits``) the defaults are per head_dim: wider tiles and 8
+    warps for head_dim 128 (the shapes JAX's Triton and Mosaic GPU example kernels
+    use), a backward with its own smaller tiles (it holds dK and dV accumulators).
+    These defaults are estimates that fit (see :func:`estimate`), not yet tuned on
+    hardware. Without ``limits`` (CPU, interpret mode): the generic sizes, the
+    backward's equal to the forward's.
+    """
     block_q, block_kv = _DEFAULTS[backend]
     if backend == "mosaic_gpu" and head_dim is not None and head_dim > 128:
         block_kv = 64  # K/V stages must fit in SMEM
-    return BlockSizes(block_q, block_kv)
+    if limits is None or backend == "tpu":
+        return Plan(BlockSizes(block_q, block_kv, block_q, block_kv))
+    wide = head_dim is None or head_dim <= 128
+    bwd = (64, 64) if wide else (32, 32)
+    if backend == "gpu_portable":
+        fwd = (128, 64) if wide else (64, 32)
+        return Plan(BlockSizes(*fwd, *bwd), _warps(head_dim), _warps(head_dim))
+    # mosaic_gpu: one warpgroup runs the forward; the backward is the portable kernels.
+    return Plan(BlockSizes(block_q, block_kv, *bwd), 4, _warps(head_dim))
+
+
+def default_blocks(backend: str, head_dim: int | None = None) -> BlockSizes:
+    """The ``backend``'s generic sizes (no device known) for what a caller leaves as None."""
+    blocks = default_plan(backend, head_dim).blocks
+    return BlockSizes(blocks.block_q, blocks.block_kv)
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Shared memory (bytes) and 32-bit registers per thread one kernel pass needs."""
+
+    smem_bytes: int
+    regs_per_thread: int
+
+    def fits(self, limits: GpuLimits) -> bool:
+        return (self.smem_bytes <= limits.smem_bytes
+                and self.regs_per_thread <= limits.regs_per_thread - _REG_RESERVE)
+
+
+def estimate(backend: str, backward: bool, block_q: int, block_kv: int, head_dim: int, itemsize: int,
+             warps: int) -> Estimate:
+    """What one program of ``backend``'s forward (or backward) needs for these tiles.
+
+    A model, not the compilers' allocators: tiles that feed a matrix product
+    live in shared memory in the input dtype, accumulators and logits in f32
+    registers spread over the threads. The portable forward's shared memory is
+    the Q and K tiles, which matches the 262144 bytes Triton asked for at
+    512 x 512, head_dim 128, bf16 on an H100 (issue 15). The Mosaic GPU forward
+    allocates its SMEM explicitly (Q, ``MOSAIC_GPU_STAGES`` K/V stages, P, out).
+    """
+    bq, bk, d, n = block_q, block_kv, head_dim, itemsize
+    threads = 32 * warps
+
+    def regs(f32_values: int, tile_elems: int = 0) -> int:
+        return -(-(4 * f32_values + n * tile_elems) // (4 * threads))
+
+    if backward:  # the portable dK/dV pass, the larger of the two (dQ holds one accumulator)
+        return Estimate(n * d * (2 * bq + 2 * bk), regs(2 * bk * d + 2 * bq * bk, 2 * bk * d))
+    if backend == "mosaic_gpu":
+        smem = n * (bq * d + 2 * MOSAIC_GPU_STAGES * bk * d + bq * bk) + 4 * bq * d + 4 * bq
+        return Estimate(smem, regs(bq * d + bq * bk))
+    return Estimate(n * d * (bq + bk), regs(bq * d + bq * bk, bq * d))
+
+
+def _pass_backend(backend: str, backward: bool) -> str:
+    """The kernel family that runs a pass: the mosaic_gpu backward is the portable kernels."""
+    return "gpu_portable" if backend == "mosaic_gpu" and backward else backend
+
+
+def _sizes_that_fit(backend: str, backward: bool, head_dim: int, itemsize: int, warps: int,
+                    limits: GpuLimits) -> list[tuple[int, int]]:
+    """The largest (block_q, block_kv) powers of two that fit, among tiles at most twice as long as wide."""
+    top = TMA_MAX_ELEMS if backend == "mosaic_gpu" and not backward else 1024
+    sizes = [1 << e for e in range(4, 11) if _ALIGN[_pass_backend(backend, backward)] <= 1 << e <= top]
+    fit = [(bq, bk) for bq in sizes for bk in sizes if bq <= 2 * bk and bk <= 2 * bq
+           and estimate(backend, backward, bq, bk, head_dim, itemsize, warps).fits(limits)]
+    if not fit:
+        return []
+    best = max(bq * bk for bq, bk in fit)
+    return [(bq, bk) for bq, bk in fit if bq * bk == best]
+
+
+def check_fits(plan_: Plan, backend: str, head_dim: int, itemsize: int, limits: GpuLimits,
+               device_kind: str) -> None:
+    """A ``ValueError`` if a pass's tiles do not fit ``device_kind`` (estimate and what fits)."""
+    passes = [("forward", False, plan_.blocks.block_q, plan_.blocks.block_kv, plan_.warps_fwd),
+              ("backward", True, plan_.blocks.block_q_bwd, plan_.blocks.block_kv_bwd, plan_.warps_bwd)]
+    for name, backward, bq, bk, warps in passes:
+        need = estimate(backend, backward, bq, bk, head_dim, itemsize, warps)
+        if need.fits(limits):
+            continue
+        suffix = "_bwd" if backward else ""
+        fit = " or ".join(f"block_q{suffix}={q}, block_kv{suffix}={k}"
+                          for q, k in _sizes_that_fit(backend, backward, head_dim, itemsize, warps, limits))
+        raise ValueError(
+            f"block_q{suffix}={bq}, block_kv{suffix}={bk} do not fit the {backend} {name} on {device_kind} "
+            f"with head_dim={head_dim}, {8 * itemsize}-bit inputs and {warps} warps: an estimated "
+            f"{need.smem_bytes} bytes of shared memory ({limits.smem_bytes} available) and "
+            f"{need.regs_per_thread} registers per thread ({limits.regs_per_thread - _REG_RESERVE} available "
+            f"for tiles). The largest sizes that fit: {fit or 'none'}; or leave the sizes unset (None) "
+            f"for the backend's default."
+        )
 
 
 def _round_up(n: int, m: int) -> int:
@@ -63,6 +225,12 @@ def _check_block(name: str, value: int, backend: str, interpret: bool) -> None:
             raise ValueError(
                 f"{name}={value} is not valid for the mosaic_gpu kernel: use a power of two "
                 f">= {align} (e.g. 64, 128)."
+            )
+        if value > TMA_MAX_ELEMS:
+            raise ValueError(
+                f"{name}={value} is too large for the mosaic_gpu forward: its TMA copies move at most "
+                f"{TMA_MAX_ELEMS} elements per dimension; use {name} <= {TMA_MAX_ELEMS} "
+                f"(e.g. 64 or 128)."
             )
     elif value % align:
         raise ValueError(
@@ -103,9 +271,9 @@ def check_dtype(dtype, backend: str, interpret: bool) -> None:
 
 
 def _check_smem(blocks: BlockSizes, head_dim: int) -> None:
+    """The Mosaic GPU forward's explicit SMEM (16-bit tiles) within any Hopper's, device known or not."""
     bq, bk, d = blocks.block_q, blocks.block_kv, head_dim
-    # 16-bit Q, K/V stages and P tiles, and the output tile (at most float32).
-    needed = 2 * (bq * d + 2 * MOSAIC_GPU_STAGES * bk * d + bq * bk) + 4 * bq * d
+    needed = estimate("mosaic_gpu", False, bq, bk, d, 2, 4).smem_bytes
     if needed > _MOSAIC_GPU_SMEM:
         raise ValueError(
             f"block_q={bq}, block_kv={bk} with head_dim={d} need {needed // 1024} KiB of shared "
@@ -114,23 +282,33 @@ def _check_smem(blocks: BlockSizes, head_dim: int) -> None:
         )
 
 
-def resolve(blocks: BlockSizes | None, q_len: int, kv_len: int, backend: str, interpret: bool,
-            head_dim: int | None = None) -> BlockSizes:
-    """Validated sizes for one call: defaults filled in, checked, clamped to the lengths.
+def plan(blocks: BlockSizes | None, q_len: int, kv_len: int, backend: str, interpret: bool,
+         head_dim: int | None = None, *, dtype=None, device_kind: str | None = None) -> Plan:
+    """The tiles and warps of one call: the policy's defaults for what is None, checked and clamped.
 
-    Every field is set in the result; the backward's sizes default to the forward's.
+    ``device_kind`` (e.g. ``"NVIDIA H100 80GB HBM3"``) selects the GPU limits; with a
+    known GPU the defaults are that generation's and every size is checked against
+    the estimate of :func:`estimate` (``dtype`` sets the tiles' bytes, default 2).
     """
-    blocks = (blocks or BlockSizes()).or_defaults(default_blocks(backend, head_dim))
-    blocks = blocks.or_defaults(BlockSizes(block_q_bwd=blocks.block_q, block_kv_bwd=blocks.block_kv))
+    limits = gpu_limits(device_kind) if backend != "tpu" else None
+    default = default_plan(backend, head_dim, limits)
+    forward = (blocks or BlockSizes()).or_defaults(BlockSizes(default.blocks.block_q, default.blocks.block_kv))
+    # A known GPU's backward has its own tiles; otherwise it tiles like the forward.
+    bwd = (default.blocks if limits is not None else forward).backward
+    resolved = forward.or_defaults(BlockSizes(block_q_bwd=bwd.block_q, block_kv_bwd=bwd.block_kv))
 
     def check_and_clamp(name: str, block: int) -> int:
-        _check_block(name, block, backend, interpret)
+        kernel = _pass_backend(backend, name.endswith("_bwd"))
+        _check_block(name, block, kernel, interpret)
         length = q_len if name.startswith("block_q") else kv_len
-        if backend in ("gpu_portable", "mosaic_gpu"):
-            return min(block, max(_ALIGN[backend], _next_pow2(length)))
-        return min(block, _round_up(length, _ALIGN[backend]))
+        if kernel in ("gpu_portable", "mosaic_gpu"):
+            return min(block, max(_ALIGN[kernel], _next_pow2(length)))
+        return min(block, _round_up(length, _ALIGN[kernel]))
 
-    blocks = blocks.map(check_and_clamp)
+    result = dataclasses.replace(default, blocks=resolved.map(check_and_clamp))
     if backend == "mosaic_gpu" and head_dim is not None:
-        _check_smem(blocks, head_dim)  # the Mosaic GPU kernel is the forward only
-    return blocks
+        _check_smem(result.blocks, head_dim)  # the Mosaic GPU kernel is the forward only
+    if limits is not None and head_dim is not None:
+        itemsize = 2 if dtype is None else np.dtype(dtype).itemsize
+        check_fits(result, backend, head_dim, itemsize, limits, device_kind)
+    return result

@@ -66,8 +66,10 @@ class AttentionConfig:
     # "auto": ring when its mesh axis (model.strategies.ring.axis) is > 1, else none.
     # The chosen strategy's options are its section model.strategies.<name>.
     sequence: str = "auto"
-    block_q: int = 512
-    block_kv: int = 512
+    # Tile sizes of the local implementation; None: its best default for the head_dim, dtype and
+    # device (blockwise: 512; pallas: kernels_pallas.blocks.plan, which also gives the backward its own).
+    block_q: Optional[int] = None
+    block_kv: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)

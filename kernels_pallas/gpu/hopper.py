@@ -34,8 +34,11 @@ Kernel (one warpgroup per program, grid ``(nq, h, b)``):
   segment ids and key validity (padding), exactly the lca ``Mask`` rule.
 
 Alignment (checked in ``kernels_pallas.blocks``): ``block_q`` a multiple of 64
-(wgmma M per warpgroup), ``block_kv`` a multiple of 64, ``head_dim`` a
-multiple of 64 up to 256; on hardware the inputs must be bfloat16/float16.
+(wgmma M per warpgroup), ``block_kv`` a multiple of 64, both at most 256
+(one TMA copy per Q/K/V tile and position row), ``head_dim`` a multiple of 64
+up to 256; on hardware the inputs must be bfloat16/float16. The key-block list
+of a query block (one entry per key block, 2048 at 128k keys with 64-key
+blocks) is copied in pieces of at most 256 entries.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas import block_math
 from kernels_pallas.blocks import MOSAIC_GPU_STAGES as STAGES
+from kernels_pallas.blocks import TMA_MAX_ELEMS
 from kernels_pallas.gpu.portable import backward
 from kernels_pallas.tiles import BlockPlan, block_lists
 from lca.attention.logits import LogitOptions
@@ -125,6 +129,10 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
     # [nq, width]: count, then the visible key blocks; rows of 128 bytes (TMA granule).
     kv_lists = block_lists(plan.vis, align=32)
     width = kv_lists.shape[1]
+    # A TMA copy moves at most TMA_MAX_ELEMS per dimension: the list row goes in pieces
+    # (128-byte aligned: 256 int32s is a multiple of 32).
+    list_pieces = [pl.ds(start, min(TMA_MAX_ELEMS, width - start)) for start in range(0, width, TMA_MAX_ELEMS)]
+    num_q_copies = 2 + len(list_pieces) + segmented
 
     def kernel(q_ref, kt_ref, v_ref, qpos_ref, kvpos_ref, lists_ref, *rest):
         if segmented:
@@ -139,8 +147,8 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
         rows = pl.ds(i * bq, bq)
 
         # Per-program inputs: the Q tile, its positions/segments, its key-block list.
-        q_copies = [(q_ref.at[bi, rows, hi], q_smem), (qpos_ref.at[rows], qtok_smem.at[0]),
-                    (lists_ref.at[i], list_smem)]
+        q_copies = [(q_ref.at[bi, rows, hi], q_smem), (qpos_ref.at[rows], qtok_smem.at[0])]
+        q_copies += [(lists_ref.at[i, piece], list_smem.at[piece]) for piece in list_pieces]
         if segmented:
             q_copies.append((qseg_ref.at[bi, rows], qtok_smem.at[1]))
         for n, (src, dst) in enumerate(q_copies):
@@ -223,7 +231,7 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
             plgpu.SMEM((2, bq), jnp.int32),  # query positions, segments
             plgpu.SMEM((STAGES, 2, bk), jnp.int32),  # key positions, segments
         )
-        bars = (plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=4 * STAGES))
+        bars = (plgpu.Barrier(num_barriers=num_q_copies), plgpu.Barrier(num_barriers=4 * STAGES))
         pl.run_scoped(lambda *scratch: kernel(*refs, scratch), smem, bars)
 
     args = [q, rearrange(k, "b t h d -> b h d t"), v, plan.q_pos, plan.kv_pos, kv_lists]

@@ -31,8 +31,8 @@ from lca.attention.tiling import Tiling
 from lca.parallel.vma import varying_struct
 
 
-def _params(interpret: bool):
-    return {} if interpret else {"compiler_params": pltriton.CompilerParams(num_warps=4, num_stages=2)}
+def _params(interpret: bool, num_warps: int):
+    return {} if interpret else {"compiler_params": pltriton.CompilerParams(num_warps=num_warps, num_stages=2)}
 
 
 def _key_valid(tiling: Tiling, start):
@@ -130,7 +130,7 @@ class _Grid(KernelGrid):
         return inputs
 
 
-def _call(kernel, grid: _Grid, shape, tensors, plan_inputs, outputs, *, name, interpret):
+def _call(kernel, grid: _Grid, shape, tensors, plan_inputs, outputs, *, name, interpret, num_warps):
     """``pallas_call`` of ``kernel(*tensor_refs, plan: _PlanRefs, *out_refs)``.
 
     ``tensors``/``plan_inputs``: ``[(array, spec)]``; ``outputs``: ``[(shape struct, spec)]``.
@@ -150,7 +150,7 @@ def _call(kernel, grid: _Grid, shape, tensors, plan_inputs, outputs, *, name, in
         out_shape=[struct for struct, _ in outputs],
         interpret=interpret,
         name=name,
-        **_params(interpret),
+        **_params(interpret, num_warps),
     )(*[array for array, _ in inputs])
 
 
@@ -170,7 +170,7 @@ def _key_tile(tiling: Tiling, mask: Mask, p: _PlanRefs, j, q_col, qs_col):
 
 
 def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Mask,
-            logit: LogitOptions, out_dtype, interpret: bool):
+            logit: LogitOptions, out_dtype, interpret: bool, num_warps: int = 4):
     """``(out [b, Tq, h, d] out_dtype, lse [b, h, Tq] f32)`` on padded inputs."""
     b, tq, h, d = q.shape
     grid = _Grid.of(tiling, q, k, key_major=False)
@@ -202,11 +202,11 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
         grid.plan_inputs(plan, q_seg, kv_seg),
         [(varying_struct((b, tq, h, d), out_dtype, q), grid.queries()),
          (varying_struct((b, h, tq), jnp.float32, q), grid.query_rows())],
-        name="lca_flash_fwd_portable", interpret=interpret,
+        name="lca_flash_fwd_portable", interpret=interpret, num_warps=num_warps,
     )
 
 
-def _dq(q, k, v, do, lse, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, interpret):
+def _dq(q, k, v, do, lse, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, interpret, num_warps):
     grid = _Grid.of(tiling, q, k, key_major=False)
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, p: _PlanRefs, dq_ref):
@@ -233,12 +233,12 @@ def _dq(q, k, v, do, lse, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, in
         grid.gradient_inputs(q, k, v, do, lse, delta),
         grid.plan_inputs(plan, q_seg, kv_seg),
         [(varying_struct(q.shape, jnp.float32, q), grid.queries())],
-        name="lca_flash_dq_portable", interpret=interpret,
+        name="lca_flash_dq_portable", interpret=interpret, num_warps=num_warps,
     )
     return dq
 
 
-def _dkdv(q, k, v, do, lse, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, interpret):
+def _dkdv(q, k, v, do, lse, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, interpret, num_warps):
     grid = _Grid.of(tiling, q, k, key_major=True)
     bq, bk = tiling.block_q, tiling.block_kv
 
@@ -275,18 +275,18 @@ def _dkdv(q, k, v, do, lse, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, 
         grid.gradient_inputs(q, k, v, do, lse, delta),
         grid.plan_inputs(plan, q_seg, kv_seg),
         [(grads, grid.keys()), (grads, grid.keys())],
-        name="lca_flash_dkdv_portable", interpret=interpret,
+        name="lca_flash_dkdv_portable", interpret=interpret, num_warps=num_warps,
     )
     return dk, dv
 
 
 def backward(q, k, v, do, lse, delta, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling,
-             mask: Mask, logit: LogitOptions, interpret: bool):
+             mask: Mask, logit: LogitOptions, interpret: bool, num_warps: int = 4):
     """``(dq [b, Tq, h, d], dk, dv [b, Tk, h_kv, d])`` float32 on padded inputs.
 
     ``lse`` (0 on empty rows) and ``delta = rowsum(do * out) - dlse`` are ``[b, h, Tq]``.
     """
-    kw = dict(tiling=tiling, mask=mask, logit=logit, interpret=interpret)
+    kw = dict(tiling=tiling, mask=mask, logit=logit, interpret=interpret, num_warps=num_warps)
     dq = _dq(q, k, v, do, lse, delta, plan, q_seg, kv_seg, **kw)
     dk, dv = _dkdv(q, k, v, do, lse, delta, plan, q_seg, kv_seg, **kw)
     return dq, dk, dv

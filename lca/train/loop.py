@@ -30,7 +30,7 @@ from lca.config import Config, ConfigError, save_config
 from lca.models.build import num_params
 from lca.train.checkpoint import Checkpointer, checkpoint_steps, set_aside_names
 from lca.train.evaluate import check_eval, evaluate
-from lca.train.metrics import MetricsWriter, ProgressBar, format_line, peak_flops, plot_loss_curve
+from lca.train.metrics import MetricsWriter, ProgressBar, format_line, plot_loss_curve, throughput
 from lca.train.run_dir import check_resume, check_writable
 from lca.train.runtime import initialize_distributed
 from lca.train.setup import (Setup, abstract_batch, build_mesh, check_data, check_fits, compile_step, init_state,
@@ -84,7 +84,7 @@ class _Interval:
         self.tokens_per_step = setup.cfg.train.global_batch * setup.cfg.train.seq_len
         self.flops_per_step = flops_per_step
         self.num_devices = setup.mesh.size
-        self.peak = peak_flops(jax.devices()[0].device_kind)
+        self.device_kind = jax.devices()[0].device_kind
         self.reset()
 
     def reset(self):
@@ -94,13 +94,7 @@ class _Interval:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         step_time = elapsed / max(self.steps, 1)
         out = {"step_time_s": step_time, "tokens_per_s": self.tokens_per_step / step_time}
-        if self.flops_per_step:
-            # cost_analysis counts the FLOPs of one device's program.
-            per_device = self.flops_per_step / step_time
-            out["tflops_per_device"] = per_device / 1e12
-            if self.peak:
-                out["mfu"] = per_device / self.peak
-        return out
+        return out | throughput(self.flops_per_step, step_time, self.num_devices, self.device_kind)
 
 
 def train(cfg: Config, *, data_iterator=None) -> dict:

@@ -19,7 +19,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger("lca.train")
 
-# Dense bf16 peak FLOP/s per device, from vendor datasheets (matched on jax's device_kind).
+# Dense (no sparsity) bf16 peak FLOP/s per device, from vendor datasheets, matched on
+# jax's device_kind by longest prefix. The H100 and H200 come in SXM boards ("NVIDIA
+# H100 80GB HBM3", "NVIDIA H200") and in PCIe/NVL cards with lower clocks and power.
 PEAK_FLOPS = {
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
@@ -28,8 +30,12 @@ PEAK_FLOPS = {
     "TPU v5": 459e12,
     "TPU v6 lite": 918e12,
     "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
+    "NVIDIA H100": 989e12,  # SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200": 989e12,
     "NVIDIA A100": 312e12,
 }
 
@@ -38,6 +44,21 @@ def peak_flops(device_kind: str) -> float | None:
     """The device's peak FLOP/s if known (longest matching prefix), else None (e.g. CPU)."""
     matches = [kind for kind in PEAK_FLOPS if device_kind.startswith(kind)]
     return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def throughput(flops_per_step: float | None, step_time: float, num_devices: int, device_kind: str) -> dict:
+    """``tflops_per_device`` and, on a device of known peak, ``mfu`` for one step's analytic FLOPs.
+
+    ``flops_per_step`` counts all devices together (:func:`lca.train.flops.train_step_flops`).
+    """
+    if not flops_per_step:
+        return {}
+    per_device = flops_per_step / num_devices / step_time
+    out = {"tflops_per_device": per_device / 1e12}
+    peak = peak_flops(device_kind)
+    if peak:
+        out["mfu"] = per_device / peak
+    return out
 
 
 class MetricsWriter:

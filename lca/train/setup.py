@@ -26,6 +26,7 @@ from lca.config import Config, ConfigError
 from lca.models.build import attention_name, make_model, sequence_multiple, split_params
 from lca.parallel import make_mesh
 from lca.parallel.sharding import logical_to_spec, tree_shardings
+from lca.train.flops import train_step_flops
 from lca.train.optimizer import learning_rate, make_optimizer
 from lca.train.step import BATCH_KEYS, make_train_step
 
@@ -178,7 +179,7 @@ def abstract_batch(setup: Setup) -> dict:
 
 
 def compile_step(setup: Setup):
-    """The train step compiled ahead of time, with its FLOPs per call (None if unknown)."""
+    """The train step compiled ahead of time, with its analytic model FLOPs per call (all devices)."""
     step = make_train_step(setup.graphdef, setup.tx, learning_rate(setup.cfg.train))
     rep = _replicated(setup.mesh)
     jitted = jax.jit(
@@ -191,7 +192,9 @@ def compile_step(setup: Setup):
     compiled = jitted.lower(setup.abstract_state, abstract_batch(setup)).compile()
     log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
     _log_memory(compiled)
-    return compiled, _flops(compiled)
+    flops = train_step_flops(setup.cfg, setup.abstract_state["params"])
+    log.info("model FLOPs per step: %.4g (lca.train.flops: 6 x matmul parameters x tokens + attention)", flops)
+    return compiled, flops
 
 
 def _log_memory(compiled) -> None:
@@ -213,14 +216,3 @@ def _bytes(n: float) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}"
         n /= 1024
-
-
-def _flops(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None

@@ -98,3 +98,15 @@ def test_lowers_to_mosaic_gpu(shape, blocks, causal, window, softcap, segmented)
     text = fwd.trace(q, kv, kv, q_pos, kv_pos, q_seg, kv_seg).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_lowers_with_more_than_256_key_blocks():
+    """Bug 2 of issue 15: the key-block list row (300 blocks) goes to SMEM in TMA pieces of <= 256."""
+    q_len, kv_len, d = 64, 300 * 64, 64
+    cfg = _config(inputs.make_mask(False, None), d, (64, 64), None, interpret=False)
+    q = jax.ShapeDtypeStruct((1, q_len, 1, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, kv_len, 1, d), jnp.bfloat16)
+    q_pos, kv_pos = (jax.ShapeDtypeStruct((n,), jnp.int32) for n in (q_len, kv_len))
+    fwd = jax.jit(lambda *a: api.kernel_forward(*a, cfg=cfg, out_dtype=jnp.bfloat16))
+    text = fwd.trace(q, kv, kv, q_pos, kv_pos, None, None).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text

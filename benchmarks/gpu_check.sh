@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The GPU check of issue 15, one script for one short lease on one H100/H200 (< 8 minutes):
+#   (a) tests/kernels/test_gpu.py, the kernel tests at real sizes in bf16;
+#   (b) benchmarks/kernels.py --sizes issue: lca's kernels vs cuDNN and JAX's Mosaic GPU/Triton examples;
+#   (c) benchmarks/train_gpu.py: a training step of the 104M decoder at 32k tokens per attention impl.
+# It writes benchmarks/results/kernels_<device>.md/.png and train_gpu_<device>.md, and copies them
+# with the three logs into $OUT when that is set (the device tool brings $OUT back).
+#
+# The GPU image (Python 3.12, jax 0.11.2, no network) lacks grain, omegaconf and tensorboardX:
+# bring them as wheels in .whl/ (ignored by git; carry it):
+#   benchmarks/gpu_check.sh --fetch-wheels      # here, with network: pip download into .whl/
+#   benchmarks/gpu_check.sh                     # there: installs .whl/*.whl into /tmp/site, runs
+#   benchmarks/gpu_check.sh --dry-run           # on CPU: the same stages at tiny sizes
+#                                               # (interpret mode, sm_90 lowering), results to a temp folder
+# Each stage has its own time limit (seconds, overridable): TESTS_S, KERNELS_S, TRAIN_S.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+if [[ "${1:-}" == "--fetch-wheels" ]]; then
+  platforms=""
+  for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
+           manylinux2014_x86_64 manylinux1_x86_64 any; do platforms+=" --platform $p"; done
+  # grain's and array_record's other needs (absl-py, etils, cloudpickle, protobuf, numpy) are in the image.
+  exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    $platforms -d .whl grain==0.2.18 array_record==0.8.6 portpicker==1.6.0 omegaconf==2.4.0 tensorboardX==2.6.5
+fi
+
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+TESTS_S=${TESTS_S:-120}; KERNELS_S=${KERNELS_S:-200}; TRAIN_S=${TRAIN_S:-170}
+# This run's results go to a fresh folder first, then (not in a dry run) to benchmarks/results.
+RESULTS=$(mktemp -d /tmp/gpu_check.XXXX)
+LOGS=${OUT:-$RESULTS}
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT
+if [[ -d .whl ]] && compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || { echo "gpu_check: installing .whl/*.whl failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$ROOT
+fi
+python3 -c "import grain, omegaconf" 2>/dev/null || {
+  echo "gpu_check: grain/omegaconf missing: run benchmarks/gpu_check.sh --fetch-wheels here and carry .whl"; exit 1; }
+python3 -c "import jax; d = jax.devices()[0]; print('gpu_check on', d.device_kind, d.platform, 'jax', jax.__version__)"
+
+status=0
+stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $LOGS/NAME.log, remember failures
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0))s"; tail -n 5 "$LOGS/$name.log"
+  [[ $rc == 0 ]] || status=1
+}
+
+if [[ $DRY == 1 ]]; then
+  stage gpu_tests "$TESTS_S" python3 -m pytest tests/kernels/test_gpu.py tests/kernels/test_hopper.py \
+    -k "lowers or bf16" -q -x -m "slow or not slow"
+  (cd benchmarks && stage kernels "$KERNELS_S" python3 kernels.py --smoke --results "$RESULTS")
+  (cd benchmarks && stage train "$TRAIN_S" python3 train_gpu.py --smoke --steps 3 --impls pallas,blockwise \
+    --results "$RESULTS")
+else
+  stage gpu_tests "$TESTS_S" python3 -m pytest tests/kernels/test_gpu.py -q -m "slow or not slow"
+  (cd benchmarks && stage kernels "$KERNELS_S" python3 kernels.py --sizes issue --budget-s $((KERNELS_S - 50)) \
+    --results "$RESULTS")
+  (cd benchmarks && stage train "$TRAIN_S" python3 train_gpu.py --steps 5 --impls pallas,cudnn,blockwise \
+    --results "$RESULTS")
+fi
+# Subshell stages cannot set $status: read their logs' exit lines instead.
+for name in kernels train; do
+  grep -q "^wrote " "$LOGS/$name.log" 2>/dev/null || { echo "gpu_check: $name wrote no results"; status=1; }
+done
+if [[ $DRY == 0 ]]; then
+  cp "$RESULTS"/* "$ROOT/benchmarks/results/" 2>/dev/null
+fi
+if [[ -n "${OUT:-}" ]]; then
+  cp "$RESULTS"/* "$OUT"/ 2>/dev/null
+fi
+echo "gpu_check: results in $RESULTS $( ((DRY)) || echo "and benchmarks/results" ), logs in $LOGS; status $status"
+ls "$RESULTS"
+exit $status

@@ -1,0 +1,117 @@
+"""Training-step throughput of the 104M decoder at 32k tokens, one row per attention impl.
+
+The model of issue 15: 12 layers, d_model 768, 6 heads of 128, 2 KV heads, MLP 3072,
+byte vocabulary (~104M parameters), bf16 compute, one 32,768-token sequence per step
+on one device, no checkpoints or evaluation. Each impl trains ``--steps`` steps through
+``lca.train.train`` (the launcher's code path); the step time is the median of the
+logged steps after the first, and MFU is the training log's own (analytic model FLOPs,
+``lca.train.flops``, over the device's peak). An impl that fails (e.g. out of memory,
+or not in this checkout's catalogue) is recorded with its error.
+
+Writes ``benchmarks/results/train_gpu_<device>.md`` (``--results`` another folder).
+``--smoke`` trains a tiny model on CPU for a few steps (plumbing only).
+
+    python benchmarks/train_gpu.py
+    python benchmarks/train_gpu.py --smoke --results /tmp/out
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import re
+import statistics
+import tempfile
+import time
+
+import jax
+
+from lca.config import ConfigError, load_config
+from lca.train.metrics import read_metrics
+from machine import describe
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+IMPLS = ("pallas", "cudnn", "blockwise", "xla")
+MODEL_104M = [
+    "model.num_layers=12", "model.d_model=768", "model.num_heads=6", "model.num_kv_heads=2",
+    "model.head_dim=128", "model.mlp_dim=3072", "model.dtype=bfloat16", "train.seq_len=32768",
+]
+TINY = ["model.num_layers=2", "model.d_model=64", "model.num_heads=2", "model.num_kv_heads=1",
+        "model.mlp_dim=128", "model.dtype=float32", "train.seq_len=256"]
+COMMON = ["train.global_batch=1", "train.warmup_steps=1", "train.log_every=1", "train.progress_bar=false",
+          "checkpoint.enabled=false", "eval.at_end=false", "mesh.data=1", "runtime.cpu_devices=1"]
+
+
+def measure(impl: str, steps: int, smoke: bool, run_dir: pathlib.Path) -> dict:
+    overrides = [f"run_dir={run_dir}", f"model.attention.impl={impl}", f"train.steps={steps}",
+                 *(TINY if smoke else MODEL_104M), *COMMON]
+    try:
+        cfg = load_config("base", overrides)
+    except ConfigError as err:
+        return {"impl": impl, "note": f"not available here: {err}"}
+    from lca.train import train
+
+    t0 = time.perf_counter()
+    try:
+        train(cfg)
+    except Exception as err:  # noqa: BLE001 - recorded, e.g. out of memory
+        return {"impl": impl, "note": f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"}
+    records = list(read_metrics(run_dir).values())[1:]  # the first step warms up
+    row = {"impl": impl, "note": "", "wall_s": time.perf_counter() - t0, "steps": len(records)}
+    for key in ("step_time_s", "tokens_per_s", "tflops_per_device", "mfu"):
+        values = [r[key] for r in records if key in r]
+        row[key] = statistics.median(values) if values else None
+    return row
+
+
+def _markdown(rows, device: str, smoke: bool) -> str:
+    size = "a tiny smoke model (256 tokens)" if smoke else "the 104M decoder at 32,768 tokens"
+    lines = [
+        f"# Training step of {size}, one device: {device}",
+        "",
+        f"Machine: {describe()}. Median of the logged steps after the first; MFU from analytic model "
+        "FLOPs (lca.train.flops) over the device's dense bf16 peak (lca.train.metrics.PEAK_FLOPS).",
+        "",
+        "| impl | step (ms) | tokens/s | TFLOP/s/device | MFU | note |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def fmt(value, spec):
+        return "" if value is None else format(value, spec)
+
+    for r in rows:
+        lines.append(f"| {r['impl']} | {fmt(r.get('step_time_s') and 1e3 * r['step_time_s'], '.0f')} | "
+                     f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('tflops_per_device'), '.1f')} | "
+                     f"{fmt(r.get('mfu') and 100 * r['mfu'], '.1f')}{'%' if r.get('mfu') else ''} | {r['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU; writes only with --results")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated (default {','.join(IMPLS)})")
+    parser.add_argument("--results", type=pathlib.Path, default=None, help=f"output folder (default {RESULTS})")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = jax.devices()[0]
+    if device.platform not in ("gpu", "cuda") and not args.smoke:
+        raise SystemExit(f"benchmarks/train_gpu.py measures a GPU; found {device.platform}. Use --smoke.")
+    results = args.results or RESULTS
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", device.device_kind).strip("_").lower()
+    path = results / f"train_gpu_{slug}.md"
+    write = not args.smoke or args.results is not None
+    rows = []
+    for impl in args.impls.split(","):
+        with tempfile.TemporaryDirectory(prefix=f"train_gpu_{impl}_") as run_dir:
+            rows.append(measure(impl, args.steps, args.smoke, pathlib.Path(run_dir)))
+        print(rows[-1], flush=True)
+        if write:  # after every impl: a run stopped by its time limit keeps what it measured
+            results.mkdir(parents=True, exist_ok=True)
+            path.write_text(_markdown(rows, device.device_kind, args.smoke))
+    print(f"wrote {path}" if write else f"smoke run: {len(rows)} impls, nothing written")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The block-size policy on CPU: per-device defaults, forward/backward tiles and warps, fit errors.
+
+The device kind is passed explicitly, so these run without a GPU; the estimate is
+calibrated on the one reading issue 15 gives (Triton asked for 262144 bytes of shared
+memory at 512 x 512, head_dim 128, bf16, on an H100 with 232448).
+"""
+
+import jax.numpy as jnp
+import pytest
+
+from kernels_pallas import api
+from kernels_pallas import blocks as blocks_lib
+from lca.attention import inputs
+from lca.attention.blocks import BlockSizes
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _plan(backend, blocks=None, d=128, length=32768, device_kind=H100, dtype=jnp.bfloat16):
+    return blocks_lib.plan(blocks, length, length, backend, False, d, dtype=dtype, device_kind=device_kind)
+
+
+def test_issue_bug_1_is_a_value_error_naming_the_estimate_and_what_fits():
+    with pytest.raises(ValueError) as err:
+        _plan("gpu_portable", BlockSizes(512, 512))
+    message = str(err.value)
+    assert "block_q=512, block_kv=512" in message and H100 in message
+    assert "262144 bytes of shared memory (232448 available)" in message
+    assert "largest sizes that fit: block_q=" in message
+
+
+def test_the_sizes_the_error_offers_fit():
+    with pytest.raises(ValueError, match=r"largest sizes that fit: block_q=(\d+), block_kv=(\d+)") as err:
+        _plan("gpu_portable", BlockSizes(256, 256))
+    import re
+
+    bq, bk = map(int, re.search(r"fit: block_q=(\d+), block_kv=(\d+)", str(err.value)).groups())
+    assert bq * bk < 256 * 256
+    _plan("gpu_portable", BlockSizes(bq, bk, 64, 64))
+
+
+@pytest.mark.parametrize("backend", ["gpu_portable", "mosaic_gpu"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("kind", [H100, "NVIDIA H200", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", "NVIDIA L4"])
+def test_defaults_fit_every_known_gpu(backend, d, kind):
+    if backend == "mosaic_gpu" and not kind.startswith("NVIDIA H"):
+        pytest.skip("mosaic_gpu is Hopper only")
+    if backend == "mosaic_gpu" and d == 256:
+        pytest.skip("head_dim 256: Q, two K/V stages, P and a float32 out tile exceed 227 KiB at any block "
+                    "(already so before the policy; kernels_pallas.blocks._check_smem)")
+    plan = _plan(backend, d=d, device_kind=kind)  # raises if the policy's own default does not fit
+    assert None not in (plan.blocks.block_q, plan.blocks.block_kv, plan.blocks.block_q_bwd, plan.blocks.block_kv_bwd)
+
+
+def test_backward_has_its_own_tiles_and_warps_on_a_gpu():
+    """Issue 15 bug 3: the mosaic_gpu backward no longer reuses the forward's (64, 128) with 4 warps."""
+    plan = _plan("mosaic_gpu")
+    assert (plan.blocks.block_q, plan.blocks.block_kv) == (64, 128)
+    assert (plan.blocks.block_q_bwd, plan.blocks.block_kv_bwd) != (64, 128)
+    assert plan.warps_bwd == 8
+    # The old backward, (64, 128) with 4 warps, is estimated to spill: a clear error if asked for.
+    with pytest.raises(ValueError, match="block_q_bwd=64, block_kv_bwd=128 do not fit the mosaic_gpu backward"):
+        _plan("mosaic_gpu", BlockSizes(64, 128, 64, 128))
+
+
+def test_without_a_known_gpu_the_generic_sizes_apply_unchecked():
+    plan = _plan("gpu_portable", BlockSizes(512, 512), device_kind=None)
+    assert plan.blocks == BlockSizes(512, 512, 512, 512)
+    assert _plan("gpu_portable", BlockSizes(32), device_kind="cpu").blocks == BlockSizes(32, 64, 32, 64)
+
+
+def test_short_sequences_clamp_before_the_check():
+    plan = _plan("gpu_portable", BlockSizes(512, 512), length=100)
+    assert plan.blocks == BlockSizes(128, 128, 64, 64)  # the backward keeps its own default
+
+
+def test_mosaic_gpu_blocks_over_256_are_a_clear_error():
+    with pytest.raises(ValueError, match="block_q=512 is too large for the mosaic_gpu forward: its TMA copies"):
+        _plan("mosaic_gpu", BlockSizes(512, 64), device_kind=None)
+
+
+def test_float32_tiles_count_twice_the_bytes():
+    small = blocks_lib.estimate("gpu_portable", False, 128, 128, 128, 2, 8)
+    big = blocks_lib.estimate("gpu_portable", False, 128, 128, 128, 4, 8)
+    assert big.smem_bytes == 2 * small.smem_bytes
+
+
+def test_resolve_config_takes_the_device_kind_and_passes_warps():
+    kw = dict(mask=inputs.make_mask(True, None), logit=inputs.logit_options(128, None, None),
+              backend="gpu_portable", dtype=jnp.bfloat16)
+    cfg = api.resolve_config(128, 8192, 8192, device_kind=H100, **kw)
+    assert (cfg.warps_fwd, cfg.warps_bwd) == (8, 8) and cfg.blocks.block_q == 128
+    with pytest.raises(ValueError, match="do not fit the gpu_portable forward on NVIDIA H100"):
+        api.resolve_config(128, 8192, 8192, device_kind=H100, blocks=BlockSizes(512, 512), **kw)
