@@ -42,12 +42,14 @@ def positive_int(name: str, value, *, allow_none: bool = False, hint: str = "") 
     require_static(name, value, 512 if name.startswith("block") else 8)
     expected = "a positive int or None" if allow_none else "a positive int"
     if isinstance(value, (bool, np.bool_)):
-        number = None
-    else:
-        try:
-            number = operator.index(value)
-        except TypeError:
-            number = None
-    if number is None or number <= 0:
-        raise ValueError(f"{name} must be {expected}, got {name}={value!r}{hint}.")
+        raise ValueError(f"{name} must be {expected}, got the bool {value!r}{hint}.")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(
+            f"{name} must be {expected} (a Python or NumPy integer), got {value!r} of type "
+            f"{type(value).__name__}{hint}."
+        ) from None
+    if number <= 0:
+        raise ValueError(f"{name} must be {expected}, got {name}={number}{hint}.")
     return number
