@@ -101,6 +101,16 @@ class LandmarkCache:
     values: jax.Array
 
 
+@functools.lru_cache(maxsize=None)
+def _rope(theta: float):
+    """One rotary callable per theta, so the compiled retrieval below is reused across calls."""
+    return functools.partial(apply_rope, theta=theta)
+
+
+# Compiled as one unit even when the model runs eagerly (the cache's shapes grow as it fills).
+_retrieve = jax.jit(landmark_retrieval_attention, static_argnames=("block_size", "top_k", "selection", "rope"))
+
+
 class LandmarkAttention(nnx.Module):
     """GQA landmark attention: ``x [b, l, d_model]`` -> ``[b, l, d_model]``, ``l`` a multiple of ``block_size``."""
 
@@ -163,9 +173,8 @@ class LandmarkAttention(nnx.Module):
         q, k, v = self._project(x)
         window_k = jnp.concatenate([cache.keys, k.astype(cache.keys.dtype)], axis=1)
         window_v = jnp.concatenate([cache.values, v.astype(cache.values.dtype)], axis=1)
-        rope = functools.partial(apply_rope, theta=self.rope_theta)
-        out = landmark_retrieval_attention(q, window_k, window_v, cache.blocks, block_size=self.cfg.block_size,
-                                           top_k=self.cfg.top_k, selection=self.cfg.selection, rope=rope)
+        out = _retrieve(q, window_k, window_v, cache.blocks, block_size=self.cfg.block_size, top_k=self.cfg.top_k,
+                        selection=self.cfg.selection, rope=_rope(self.rope_theta))
         done = window_k.shape[1] // self.cfg.block_size * self.cfg.block_size
         blocks = cache.blocks
         if done:
