@@ -106,3 +106,10 @@ def test_retrieval_of_every_cached_block_equals_training_output():
         pieces.append(logits)
     assert caches[0].blocks.num_blocks == 5 and caches[0].keys.shape[1] == 0
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, rtol=2e-4, atol=2e-4)
+
+
+def test_pallas_impl_equals_blockwise():
+    tokens = insert_landmarks({"inputs": np.random.default_rng(2).integers(0, 256, (2, 28))}, L)["inputs"]  # 32
+    blockwise = forward(make_model(tiny("model.num_layers=1"), seed=5), tokens)
+    pallas = forward(make_model(tiny("model.num_layers=1", "model.mixers.landmark.impl=pallas"), seed=5), tokens)
+    np.testing.assert_allclose(pallas, blockwise, rtol=1e-4, atol=1e-4)
