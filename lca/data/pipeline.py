@@ -110,22 +110,27 @@ def validate(cfg: DataConfig, *, seq_len: int, global_batch: int, process_count:
         raise ValueError(f"seq_len={seq_len!r} must be an int >= 2 (tokens per row).")
     if not isinstance(global_batch, int) or global_batch < 1:
         raise ValueError(f"global_batch={global_batch!r} must be an int >= 1.")
-    _validate_mixture(cfg)
     L = cfg.landmark_every
     if L is not None and (L < 2 or seq_len % L):
         raise ValueError(f"data.landmark_every={L} must be >= 2 and divide seq_len={seq_len} (each row holds whole "
                          f"landmark blocks); use e.g. seq_len={max(2, L) * max(1, seq_len // max(2, L))}.")
+    _validate_mixture(cfg, row_len=seq_len - seq_len // L if L else seq_len)
     if process_count < 1 or global_batch % process_count:
         raise ValueError(f"global_batch={global_batch} is not divisible by process_count={process_count}; "
                          f"use a multiple of {process_count}, e.g. {process_count * max(1, global_batch // process_count)}.")
 
 
-def _validate_mixture(cfg: DataConfig) -> None:
+def _validate_mixture(cfg: DataConfig, *, row_len: int) -> None:
     for task, share in cfg.mixture.items():
         if task not in TASKS:
             raise ValueError(f"data.mixture names {task!r}, not a synthetic task; use one of {sorted(TASKS)}.")
         if not 0.0 < share < 1.0:
             raise ValueError(f"data.mixture.{task}={share!r} must be a share of the batches in (0, 1), e.g. 0.25.")
+        try:  # one example per row: refuse rows too short for the task now, not in the first batch
+            TASKS[task](row_len + 1, 0.5, 0)
+        except ValueError as err:
+            raise ValueError(f"data.mixture.{task} does not fit rows of {row_len} tokens (seq_len without "
+                             f"landmarks): {err}") from None
     if cfg.mixture and sum(cfg.mixture.values()) >= 1.0:
         raise ValueError(f"data.mixture shares {dict(cfg.mixture)} must sum to < 1: the rest is data.source.")
     if cfg.mixture and cfg.source not in FILE_SOURCES:

@@ -93,3 +93,8 @@ def test_landmark_every_inserts_landmarks_without_loss():
 def test_bad_mixture_or_landmark_every(cfg, match):
     with pytest.raises(ValueError, match=match):
         iterator(cfg)
+
+
+def test_mixture_rows_too_short_for_the_task_fail_before_the_first_batch():
+    with pytest.raises(ValueError, match=r"data.mixture.passkey does not fit rows of 240 tokens .* use >= 243"):
+        iterator(DataConfig(mixture={"passkey": 0.1}, landmark_every=16), seq_len=256)
