@@ -335,7 +335,7 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"config key {key!r} must be one of {list(_CHOICES[key])}, got {value!r}.")
     from lca.models import mixers, strategies
 
-    mixers.check(cfg.model)
+    mixers.check(cfg.model, cfg)
     strategies.check(cfg.model, tuple(field.name for field in dataclasses.fields(MeshConfig)))
     m = cfg.model
     if m.num_heads % m.num_kv_heads:

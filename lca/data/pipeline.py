@@ -47,6 +47,7 @@ import dataclasses
 import grain
 import numpy as np
 
+from lca.data.landmark import InsertLandmarks
 from lca.data.sources import SPLITS, StdlibSource, TextDirSource
 from lca.data.tasks import TASKS
 from lca.data.tokenizer import EOS_ID, PAD_ID
@@ -69,6 +70,14 @@ class DataConfig:
     shuffle: shuffle the documents (a new order every epoch); False keeps the sorted file order.
     num_workers: grain worker processes (0 = in this process).
     prefetch: batches packed ahead in a background thread (0 = none).
+    mixture: synthetic tasks mixed into the corpus, task name -> share of the batches, e.g. {passkey: 0.25}: a
+        quarter of the batches are passkey rows (one example of seq_len + 1 tokens per row), the rest come from
+        `source`. Grain's own mixing (`grain.IterDataset.mix`, a deterministic weighted interleave of whole batches,
+        the same on every process); the iterator state holds each part's state and stays checkpointable.
+    landmark_every: None, or landmark attention's block size L: a landmark token follows every L - 1 tokens of each
+        row (`lca.data.landmark.InsertLandmarks`, no loss at landmark positions); rows are packed with
+        seq_len - seq_len / L tokens so that they hold seq_len tokens with their landmarks (seq_len % L == 0).
+        Set it to `model.mixers.landmark.block_size` when `model.pattern` uses the landmark mixer (checked at load).
     """
 
     source: str = "stdlib"
@@ -79,6 +88,8 @@ class DataConfig:
     shuffle: bool = True
     num_workers: int = 0
     prefetch: int = 2
+    mixture: dict[str, float] = dataclasses.field(default_factory=dict)
+    landmark_every: int | None = None
 
 
 def validate(cfg: DataConfig, *, seq_len: int, global_batch: int, process_count: int = 1, split: str = "train") -> None:
@@ -99,9 +110,32 @@ def validate(cfg: DataConfig, *, seq_len: int, global_batch: int, process_count:
         raise ValueError(f"seq_len={seq_len!r} must be an int >= 2 (tokens per row).")
     if not isinstance(global_batch, int) or global_batch < 1:
         raise ValueError(f"global_batch={global_batch!r} must be an int >= 1.")
+    L = cfg.landmark_every
+    if L is not None and (L < 2 or seq_len % L):
+        raise ValueError(f"data.landmark_every={L} must be >= 2 and divide seq_len={seq_len} (each row holds whole "
+                         f"landmark blocks); use e.g. seq_len={max(2, L) * max(1, seq_len // max(2, L))}.")
+    _validate_mixture(cfg, row_len=seq_len - seq_len // L if L else seq_len)
     if process_count < 1 or global_batch % process_count:
         raise ValueError(f"global_batch={global_batch} is not divisible by process_count={process_count}; "
                          f"use a multiple of {process_count}, e.g. {process_count * max(1, global_batch // process_count)}.")
+
+
+def _validate_mixture(cfg: DataConfig, *, row_len: int) -> None:
+    for task, share in cfg.mixture.items():
+        if task not in TASKS:
+            raise ValueError(f"data.mixture names {task!r}, not a synthetic task; use one of {sorted(TASKS)}.")
+        if not 0.0 < share < 1.0:
+            raise ValueError(f"data.mixture.{task}={share!r} must be a share of the batches in (0, 1), e.g. 0.25.")
+        try:  # one example per row: refuse rows too short for the task now, not in the first batch
+            TASKS[task](row_len + 1, 0.5, 0)
+        except ValueError as err:
+            raise ValueError(f"data.mixture.{task} does not fit rows of {row_len} tokens (seq_len without "
+                             f"landmarks): {err}") from None
+    if cfg.mixture and sum(cfg.mixture.values()) >= 1.0:
+        raise ValueError(f"data.mixture shares {dict(cfg.mixture)} must sum to < 1: the rest is data.source.")
+    if cfg.mixture and cfg.source not in FILE_SOURCES:
+        raise ValueError(f"data.mixture mixes tasks into a corpus; data.source must be one of {list(FILE_SOURCES)}, "
+                         f"got {cfg.source!r}.")
 
 
 # ---------------------------------------------------------------------------------------------------- documents
@@ -300,7 +334,7 @@ class PackedBatchIterator(grain.DatasetIterator):
 
 
 def merge_states(states: list[dict]) -> dict:
-    """One iterator state for the rows of all `states` (each a `PackedBatchIterator.get_state()`).
+    """One iterator state for the rows of all `states` (each a `PackedBatchIterator.get_state()`, or of a mixture).
 
     The data do not depend on the process count, so a run saved by P processes can
     resume on any other count: merge the P saved states, and every new process's
@@ -309,6 +343,11 @@ def merge_states(states: list[dict]) -> dict:
     """
     if not states:
         raise ValueError("merge_states needs at least one state.")
+    if "parents" in states[0]:  # a data.mixture: grain's mixed iterator, the same index on every process
+        if len({(s["index"], s["stop"]) for s in states}) != 1:
+            raise ValueError(f"mixed data iterator states are at different batches: {[s['index'] for s in states]}.")
+        parts = states[0]["parents"]
+        return {**states[0], "parents": {key: merge_states([s["parents"][key] for s in states]) for key in parts}}
     ordered = sorted(states, key=lambda state: state["rows"][0])
     start, _, streams = ordered[0]["rows"]
     merged = {"rows": [start, start, streams], "doc": [], "offset": []}
@@ -351,11 +390,24 @@ def make_dataset(cfg: DataConfig, *, seq_len: int, global_batch: int, seed: int,
     process_index, process_count = _process_index_and_count(process_index, process_count)
     validate(cfg, seq_len=seq_len, global_batch=global_batch, process_count=process_count, split=split)
     per_process = global_batch // process_count
-    docs = documents(cfg, split=split, seed=seed, length=seq_len + 1)
-    # A task example is exactly seq_len + 1 tokens: "pad" packing puts one per row (concat would shift them by one).
-    packing = "pad" if cfg.source in TASKS else cfg.packing
+    L = cfg.landmark_every
+    row_len = seq_len - seq_len // L if L else seq_len  # tokens per row before the landmarks go in
     rows = range(process_index * per_process, (process_index + 1) * per_process)
-    ds = PackedBatchDataset(docs, seq_len=seq_len, rows=rows, num_streams=global_batch, packing=packing)
+
+    def packed(source: str) -> PackedBatchDataset:
+        part = dataclasses.replace(cfg, source=source)
+        docs = documents(part, split=split, seed=seed, length=row_len + 1)
+        # A task example is exactly row_len + 1 tokens: "pad" packing puts one per row (concat would shift them).
+        packing = "pad" if source in TASKS else cfg.packing
+        return PackedBatchDataset(docs, seq_len=row_len, rows=rows, num_streams=global_batch, packing=packing)
+
+    ds = packed(cfg.source)
+    if cfg.mixture:
+        parts = {"corpus": ds, **{task: packed(task) for task in cfg.mixture}}
+        shares = {"corpus": 1.0 - sum(cfg.mixture.values()), **cfg.mixture}
+        ds = grain.IterDataset.mix(parts, shares)
+    if L:
+        ds = ds.map(InsertLandmarks(L))
     if cfg.num_workers > 0:
         _absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))

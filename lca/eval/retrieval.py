@@ -44,19 +44,32 @@ def retrieval_grid(logits_fn, *, task: str = "passkey", context_lengths=(512, 10
     A sample is correct iff every answer token is the argmax (equivalent to greedy generation of the answer).
     Samples are seeded by (seed, context length, depth index, sample index), so grids are reproducible.
     """
+
+    def correct(example) -> bool:
+        length = len(example.tokens)
+        batch = {"segment_ids": np.ones((1, length), np.int32), "positions": np.arange(length, dtype=np.int32)[None],
+                 "inputs": example.tokens[None]}
+        return answered(np.asarray(logits_fn(batch))[0], example)
+
+    return score_grid(correct, task=task, context_lengths=context_lengths, depths=depths,
+                      samples_per_cell=samples_per_cell, seed=seed)
+
+
+def score_grid(correct, *, task: str = "passkey", context_lengths=(512, 1024, 2048), depths=DEFAULT_DEPTHS,
+               samples_per_cell: int = 4, seed: int = 0) -> RetrievalResults:
+    """Share of `correct(example) -> bool` over `task` examples at every (context length, depth).
+
+    Samples are seeded by (seed, context length, depth index, sample index), so grids are reproducible.
+    """
     make = get_task(task)
     if samples_per_cell < 1:
         raise ValueError(f"samples_per_cell={samples_per_cell!r} must be >= 1.")
     accuracy = np.zeros((len(context_lengths), len(depths)))
     for i, length in enumerate(context_lengths):
-        batch = {"segment_ids": np.ones((1, length), np.int32), "positions": np.arange(length, dtype=np.int32)[None]}
         for j, depth in enumerate(depths):
-            correct = 0
-            for s in range(samples_per_cell):
-                example = make(length, depth, np.random.default_rng([seed, length, j, s]))
-                logits = logits_fn({**batch, "inputs": example.tokens[None]})
-                correct += answered(np.asarray(logits)[0], example)
-            accuracy[i, j] = correct / samples_per_cell
+            hits = sum(bool(correct(make(length, depth, np.random.default_rng([seed, length, j, s]))))
+                       for s in range(samples_per_cell))
+            accuracy[i, j] = hits / samples_per_cell
     return RetrievalResults(task, tuple(context_lengths), tuple(depths), samples_per_cell, accuracy)
 
 

@@ -60,9 +60,16 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(cfg, shard=env.shard, rngs=rngs)
 
     def __call__(self, x, positions, segment_ids):
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+        return self._mlp(x + self.attn(self.attn_norm(x), positions, segment_ids))
+
+    def _mlp(self, x):
         x = x + self.mlp(self.mlp_norm(x))
         return self.shard(x, ("batch", "sequence", "act_embed"))
+
+    def extend(self, x, positions, cache):
+        """Inference: the block on the next tokens after those in its mixer's ``cache``; ``(x, cache)``."""
+        mixed, cache = self.attn.extend(self.attn_norm(x), positions, cache)
+        return self._mlp(x + mixed), cache
 
 
 class Decoder(nnx.Module):
@@ -96,15 +103,45 @@ class Decoder(nnx.Module):
         return [getattr(self, f"block_{i}") for i in range(self.num_layers)]
 
     def __call__(self, tokens, positions, segment_ids=None):
-        x = self.shard(self.embed(tokens) * self.input_scale, ("batch", "sequence", "act_embed"))
+        x = self._embed(tokens)
         run = _call_block
         if self.remat_policy != "none":
             run = nnx.remat(_call_block, policy=_REMAT_POLICIES[self.remat_policy])
         for block in self.blocks():
             x = run(block, x, positions, segment_ids)
+        return self._logits(x)
+
+    def _embed(self, tokens):
+        return self.shard(self.embed(tokens) * self.input_scale, ("batch", "sequence", "act_embed"))
+
+    def _logits(self, x):
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.tie else self.unembed(x)
         return self.shard(logits.astype(jnp.float32), ("batch", "sequence", "act_vocab"))
+
+    # ------------------------------------------------------------------------------------------- inference
+
+    def start_caches(self, batch: int, max_len: int) -> list:
+        """Each layer's empty inference cache (the mixer's ``start_cache``); a ValueError for a mixer without one."""
+        caches = []
+        for i, block in enumerate(self.blocks()):
+            if not hasattr(block.attn, "extend"):
+                raise ValueError(f"layer {i}'s mixer {block.kind!r} has no inference cache (start_cache/extend); "
+                                 "generation needs one in every layer.")
+            caches.append(block.attn.start_cache(batch, max_len, self.embed.dtype))
+        return caches
+
+    def extend(self, tokens, positions, caches: list):
+        """The next tokens ``[b, t]`` (one document, at ``positions [b, t]``) after those in ``caches``.
+
+        Returns ``(logits [b, t, vocab] float32, caches)``; chunk by chunk this equals one full call.
+        """
+        x = self._embed(tokens)
+        new_caches = []
+        for block, cache in zip(self.blocks(), caches):
+            x, cache = block.extend(x, positions, cache)
+            new_caches.append(cache)
+        return self._logits(x), new_caches
 
 
 def _call_block(block: Block, x, positions, segment_ids):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional, Union
 from flax import nnx
 
 from lca.config import ConfigError, ModelConfig
+from lca.models.kv_cache import KVCache, attend_cached, empty_kv_cache
 from lca.models.layers import dense
 from lca.models.rope import apply_rope
 
@@ -60,17 +61,35 @@ class Attention(nnx.Module):
         # Residual-branch output scaled down with depth (GPT-2 style) for a stable start.
         self.o = dense(rngs, q_dim, model.d_model, ("heads", "embed"), model, scale=1.0 / (2 * model.num_layers))
 
-    def __call__(self, x, positions, segment_ids):
-        """``x [b, l, d_model]``, ``positions, segment_ids [b, l]`` -> ``[b, l, d_model]``."""
+    def _qkv(self, x, positions):
+        """Projections with rotary embeddings at ``positions``: ``q [b, l, h, d]``, ``k, v [b, l, h_kv, d]``."""
         b, length, _ = x.shape
         q = self.q(x).reshape(b, length, self.num_heads, self.head_dim)
         k = self.k(x).reshape(b, length, self.num_kv_heads, self.head_dim)
         v = self.v(x).reshape(b, length, self.num_kv_heads, self.head_dim)
         q = self.shard(apply_rope(q, positions, self.rope_theta), ("batch", "sequence", "act_heads", None))
         k = self.shard(apply_rope(k, positions, self.rope_theta), ("batch", "sequence", "act_kv_heads", None))
-        v = self.shard(v, ("batch", "sequence", "act_kv_heads", None))
+        return q, k, self.shard(v, ("batch", "sequence", "act_kv_heads", None))
+
+    def _output(self, out):
+        b, length = out.shape[:2]
+        out = self.shard(out.reshape(b, length, self.num_heads * self.head_dim), ("batch", "sequence", "act_heads"))
+        return self.o(out)
+
+    def __call__(self, x, positions, segment_ids):
+        """``x [b, l, d_model]``, ``positions, segment_ids [b, l]`` -> ``[b, l, d_model]``."""
+        q, k, v = self._qkv(x, positions)
         out = self.attend(
             q, k, v, causal=True, segment_ids=segment_ids, window=self.window, softcap=self.softcap, scale=None
         )
-        out = self.shard(out.reshape(b, length, self.num_heads * self.head_dim), ("batch", "sequence", "act_heads"))
-        return self.o(out)
+        return self._output(out)
+
+    def start_cache(self, batch: int, max_len: int, dtype) -> KVCache:
+        """An empty KV cache with room for ``max_len`` tokens (inference, :mod:`lca.models.generate`)."""
+        return empty_kv_cache(batch, max_len, self.num_kv_heads, self.head_dim, dtype)
+
+    def extend(self, x, positions, cache: KVCache):
+        """The next ``t`` tokens ``x [b, t, d_model]`` at ``positions [b, t]`` -> ``(out [b, t, d_model], cache)``."""
+        q, k, v = self._qkv(x, positions)
+        out, cache = attend_cached(q, k, v, cache, window=self.window, softcap=self.softcap)
+        return self._output(out), cache

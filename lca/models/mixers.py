@@ -13,9 +13,15 @@ from its typed config section ``section = model.mixers.<kind>`` (an instance of
 
 To add a mixer kind: write its module and its config dataclass (a frozen dataclass;
 an optional ``check(self, key, model)`` raises ``lca.config.ConfigError`` for bad
-values), and add one entry to :data:`MIXERS`. The config then accepts
+values; an optional ``check_run(self, key, cfg)`` checks it against the whole run config,
+e.g. the data), and add one entry to :data:`MIXERS`. The config then accepts
 ``model.mixers.<kind>.*`` (typed, unknown keys rejected at load) and
 ``model.pattern`` may name it.
+
+Inference over a cache (:func:`lca.models.generate.generate`) is optional: a mixer that
+supports it has ``start_cache(batch, max_len, dtype) -> cache`` (a pytree) and
+``extend(x [b, t, d_model], positions [b, t], cache) -> (out [b, t, d_model], cache)``,
+which processes the ``t`` tokens that follow those already in the cache.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import jax
 
 from lca.config import ConfigError, ModelConfig, choice_error
 from lca.models.gqa import Attention, GlobalAttentionConfig, LocalAttentionConfig
+from lca.models.landmark import LandmarkAttention, LandmarkConfig
 from lca.parallel.sharding import Sharder
 
 
@@ -51,6 +58,7 @@ class Mixer:
 MIXERS: dict[str, Mixer] = {
     "global": Mixer(GlobalAttentionConfig, Attention),
     "local": Mixer(LocalAttentionConfig, Attention),
+    "landmark": Mixer(LandmarkConfig, LandmarkAttention),
 }
 
 
@@ -63,8 +71,8 @@ def make_mixer(kind: str, env: MixerEnv, *, rngs):
     return MIXERS[kind].module(env.model.mixers[kind], env, rngs=rngs)
 
 
-def check(model: ModelConfig) -> None:
-    """Load-time checks: ``model.pattern`` names known kinds; the sections it uses are valid."""
+def check(model: ModelConfig, run=None) -> None:
+    """Load-time checks: ``model.pattern`` names known kinds; the sections it uses are valid (and fit ``run``)."""
     if not model.pattern:
         raise ConfigError(f"config key 'model.pattern' must be a non-empty list of mixer kinds from {list(MIXERS)}.")
     for kind in model.pattern:
@@ -74,3 +82,5 @@ def check(model: ModelConfig) -> None:
         section = model.mixers[kind]
         if hasattr(section, "check"):
             section.check(f"model.mixers.{kind}", model)
+        if run is not None and hasattr(section, "check_run"):
+            section.check_run(f"model.mixers.{kind}", run)

@@ -1,0 +1,97 @@
+"""Greedy generation through each layer's inference cache: chunked prefill, then one token at a time.
+
+    tokens = generate(model, prompt [b, p], max_new_tokens=8, landmark_every=cfg.data.landmark_every)
+
+Every layer's mixer keeps its own cache (``start_cache`` / ``extend``, :mod:`lca.models.mixers`): GQA
+attention layers (``global``, ``local``) a key/value cache (:mod:`lca.models.kv_cache`), landmark layers a
+block cache from which each query retrieves its top-k blocks (:mod:`lca.models.landmark`). So any causal
+lca model whose mixers all have a cache can generate; the prompt is one document per row, every row the
+same length, at positions ``0, 1, ...``.
+
+A model trained on rows with landmark tokens (``data.landmark_every = L``) sees them here too: a landmark
+is fed after every ``L - 1`` tokens, as in training (:mod:`lca.data.landmark`), and never generated; the
+next token is predicted from the last ordinary token, whose target in training was the next text token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lca.data.landmark import insert_landmarks, with_landmarks_length
+from lca.data.tokenizer import LANDMARK_ID
+
+
+def _extend_fn(model, jit: bool):
+    """``(tokens [b, t], positions [b, t], caches) -> (logits, caches)``, compiled per shape when ``jit``."""
+    if not jit:
+        return model.extend
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def extend(state, tokens, positions, caches):
+        return nnx.merge(graphdef, state).extend(tokens, positions, caches)
+
+    return lambda tokens, positions, caches: extend(state, tokens, positions, caches)
+
+
+def _is_landmark(index: int, landmark_every: int | None) -> bool:
+    return landmark_every is not None and index % landmark_every == landmark_every - 1
+
+
+def generate(model, prompt, max_new_tokens: int, *, landmark_every: int | None = None,
+             prefill_chunk: int | None = None, jit: bool = True) -> np.ndarray:
+    """Greedy continuation of ``prompt`` int ``[b, p]``: ``max_new_tokens`` tokens, int32 ``[b, max_new_tokens]``.
+
+    Args:
+      model: a :class:`lca.models.decoder.Decoder` whose mixers all have an inference cache.
+      prompt: ``[b, p]`` token ids without landmarks, ``p >= 1``.
+      max_new_tokens: how many tokens to generate (landmarks not counted).
+      landmark_every: the ``L`` of ``data.landmark_every`` the model was trained with, or None.
+      prefill_chunk: tokens per prefill call (landmarks included); None: the whole prompt at once.
+      jit: compile each step (once per distinct shape: the landmark block cache grows, so its layers
+        recompile as it does; ``jit=False`` runs eagerly).
+    """
+    prompt = np.asarray(prompt, np.int32)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be int [batch, len >= 1], got shape {prompt.shape}.")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    L = landmark_every
+    frame = insert_landmarks({"inputs": prompt}, L)["inputs"] if L else prompt
+    batch, length = frame.shape
+    chunk = prefill_chunk or length
+    if chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}.")
+    total = prompt.shape[1] + max_new_tokens
+    max_len = with_landmarks_length(total, L) if L else total
+    step = _extend_fn(model, jit)
+    caches = model.start_caches(batch, max_len)
+
+    def run(tokens, start, caches):
+        positions = jnp.broadcast_to(jnp.arange(start, start + tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        return step(jnp.asarray(tokens, jnp.int32), positions, caches)
+
+    last = max(i for i in range(length) if not _is_landmark(i, L))  # predicts the first new token
+    for start in range(0, length, chunk):
+        logits, caches = run(frame[:, start:start + chunk], start, caches)
+        if start <= last < start + chunk:
+            next_logits = logits[:, last - start]
+
+    out = np.zeros((batch, max_new_tokens), np.int32)
+    position = length
+    for i in range(max_new_tokens):
+        out[:, i] = np.asarray(jnp.argmax(next_logits, axis=-1))
+        if i == max_new_tokens - 1:
+            break
+        logits, caches = run(out[:, i:i + 1], position, caches)
+        next_logits, position = logits[:, 0], position + 1
+        if _is_landmark(position, L):
+            _, caches = run(np.full((batch, 1), LANDMARK_ID, np.int32), position, caches)
+            position += 1
+    return out
+
+
+__all__ = ["generate"]

@@ -1,0 +1,182 @@
+"""Landmark attention as a mixer kind: ``landmark`` (Mohtashami & Jaggi, 2023; :mod:`lca.attention.landmark`).
+
+Training and teacher-forced evaluation run the grouped softmax over the whole row: the block of a key and
+whether it is a landmark come from its *row index* (``s // L``, ``s % L == L - 1``), which is where the data
+pipeline puts the landmark tokens (``data.landmark_every = L``, :mod:`lca.data.landmark`); rotary embeddings
+use the batch's ``positions`` like every other layer. Packed documents are kept apart by ``segment_ids``.
+
+At inference (:meth:`LandmarkAttention.extend`, driven by :func:`lca.models.generate.generate`) the layer
+keeps a :class:`LandmarkCache`: complete blocks in a :class:`lca.attention.landmark.BlockCache` (keys before
+rotary, capped at ``cache_blocks`` blocks or unbounded) and the keys of the block still being written. Each
+query retrieves its ``top_k`` blocks through the landmark keys and attends over them plus its local window
+(:func:`lca.attention.landmark.landmark_retrieval_attention`); positions follow the paper's scheme there,
+so ``positions`` are not used when extending. With ``top_k`` at least the number of cached blocks this is
+the training-time output.
+
+The layer computes with its own attention functions, not ``model.attention`` (no sequence strategy: on a
+mesh XLA places it), and has no window or softcap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import TYPE_CHECKING, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lca.attention.landmark import (SELECTIONS, BlockCache, append_blocks, empty_block_cache, landmark_attention,
+                                    landmark_retrieval_attention)
+from lca.config import ConfigError, ModelConfig, choice_error
+from lca.models.layers import dense
+from lca.models.rope import apply_rope
+
+if TYPE_CHECKING:
+    from lca.models.mixers import MixerEnv
+
+IMPLS = ("blockwise", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class LandmarkConfig:
+    """``model.mixers.landmark``: grouped-softmax attention over landmark blocks, top-k retrieval at inference."""
+
+    block_size: int = 64  # L: L - 1 tokens, then their landmark (the paper uses 50 and 64)
+    top_k: int = 4  # blocks each query retrieves from the cache at inference
+    cache_blocks: Optional[int] = None  # blocks the inference cache keeps (oldest dropped); None: unbounded
+    selection: str = "per_head"  # per_head (the reference code's) | shared (one set for all heads, the paper's)
+    impl: str = "blockwise"  # training-time grouped softmax: blockwise (lax.scan, custom VJP) | pallas
+
+    def check(self, key: str, model: ModelConfig) -> None:
+        from lca.data.tokenizer import LANDMARK_ID, VOCAB_SIZE, check_token_id
+        from lca.models.decoder import padded_vocab
+
+        if self.block_size < 2:
+            raise ConfigError(f"config key '{key}.block_size' must be >= 2 (L - 1 tokens, then a landmark), "
+                              f"got {self.block_size}.")
+        if self.top_k < 1:
+            raise ConfigError(f"config key '{key}.top_k' must be >= 1, got {self.top_k}.")
+        if self.cache_blocks is not None and self.cache_blocks < 1:
+            raise ConfigError(f"config key '{key}.cache_blocks' must be >= 1 or null (unbounded), "
+                              f"got {self.cache_blocks}.")
+        if self.cache_blocks is not None and self.top_k > self.cache_blocks:
+            raise ConfigError(f"config key '{key}.top_k'={self.top_k} is larger than the cache "
+                              f"({key}.cache_blocks={self.cache_blocks}); use top_k <= {self.cache_blocks}.")
+        if self.selection not in SELECTIONS:
+            raise choice_error(f"{key}.selection", self.selection, SELECTIONS)
+        if self.impl not in IMPLS:
+            raise choice_error(f"{key}.impl", self.impl, IMPLS)
+        block_kv = model.attention.block_kv
+        if block_kv % self.block_size:
+            raise ConfigError(f"config key '{key}.block_size'={self.block_size} must divide the attention block "
+                              f"model.attention.block_kv={block_kv} (each holds whole landmark blocks); use e.g. "
+                              f"block_kv={self.block_size * max(1, block_kv // self.block_size)}.")
+        try:
+            check_token_id(LANDMARK_ID, model.vocab_size or padded_vocab(VOCAB_SIZE))
+        except ValueError as err:
+            raise ConfigError(f"config key 'model.vocab_size' cannot hold the landmark token: {err}") from None
+
+    def check_run(self, key: str, cfg) -> None:
+        """Checks against the rest of the run: the data insert this block size's landmarks; rows hold whole blocks."""
+        if cfg.data.landmark_every != self.block_size:
+            raise ConfigError(f"config key 'data.landmark_every'={cfg.data.landmark_every} must equal "
+                              f"'{key}.block_size'={self.block_size} so the data hold the landmarks the layer reads; "
+                              f"set data.landmark_every={self.block_size}.")
+        lengths = {"train.seq_len": cfg.train.seq_len, "eval.seq_len": cfg.eval.seq_len}
+        for name, length in lengths.items():
+            if length is not None and length % self.block_size:
+                raise ConfigError(f"config key '{name}'={length} must be a multiple of '{key}.block_size'="
+                                  f"{self.block_size} (rows of whole landmark blocks).")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("blocks", "keys", "values"), meta_fields=())
+@dataclasses.dataclass(frozen=True)
+class LandmarkCache:
+    """A landmark layer's inference state: complete blocks, and the ``w < L`` keys/values of the open block."""
+
+    blocks: BlockCache
+    keys: jax.Array  # [b, w, num_kv_heads, head_dim] before rotary
+    values: jax.Array
+
+
+@functools.lru_cache(maxsize=None)
+def _rope(theta: float):
+    """One rotary callable per theta, so the compiled retrieval below is reused across calls."""
+    return functools.partial(apply_rope, theta=theta)
+
+
+# Compiled as one unit even when the model runs eagerly (the cache's shapes grow as it fills).
+_retrieve = jax.jit(landmark_retrieval_attention, static_argnames=("block_size", "top_k", "selection", "rope"))
+
+
+class LandmarkAttention(nnx.Module):
+    """GQA landmark attention: ``x [b, l, d_model]`` -> ``[b, l, d_model]``, ``l`` a multiple of ``block_size``."""
+
+    def __init__(self, cfg: LandmarkConfig, env: MixerEnv, *, rngs):
+        model = env.model
+        self.cfg = cfg
+        self.num_heads, self.num_kv_heads = model.num_heads, model.num_kv_heads
+        self.head_dim = model.head_dim or model.d_model // model.num_heads
+        self.rope_theta, self.shard = model.rope_theta, env.shard
+        self.block_q, self.block_kv = model.attention.block_q, model.attention.block_kv
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q = dense(rngs, model.d_model, q_dim, ("embed", "heads"), model)
+        self.k = dense(rngs, model.d_model, kv_dim, ("embed", "kv_heads"), model)
+        self.v = dense(rngs, model.d_model, kv_dim, ("embed", "kv_heads"), model)
+        self.o = dense(rngs, q_dim, model.d_model, ("heads", "embed"), model, scale=1.0 / (2 * model.num_layers))
+
+    def _project(self, x):
+        b, length, _ = x.shape
+        q = self.q(x).reshape(b, length, self.num_heads, self.head_dim)
+        k = self.k(x).reshape(b, length, self.num_kv_heads, self.head_dim)
+        v = self.v(x).reshape(b, length, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def _output(self, out):
+        b, length = out.shape[:2]
+        out = self.shard(out.reshape(b, length, self.num_heads * self.head_dim), ("batch", "sequence", "act_heads"))
+        return self.o(out)
+
+    def __call__(self, x, positions, segment_ids):
+        """``x [b, l, d_model]``, ``positions, segment_ids [b, l]`` -> ``[b, l, d_model]``."""
+        q, k, v = self._project(x)
+        q = self.shard(apply_rope(q, positions, self.rope_theta), ("batch", "sequence", "act_heads", None))
+        k = self.shard(apply_rope(k, positions, self.rope_theta), ("batch", "sequence", "act_kv_heads", None))
+        v = self.shard(v, ("batch", "sequence", "act_kv_heads", None))
+        L = self.cfg.block_size
+        if self.cfg.impl == "pallas":
+            from kernels_pallas.landmark import landmark_flash_attention  # only when asked for
+
+            out = landmark_flash_attention(q, k, v, block_size=L, segment_ids=segment_ids, block_q=self.block_q)
+        else:
+            out = landmark_attention(q, k, v, block_size=L, segment_ids=segment_ids, kv_block=self.block_kv)
+        return self._output(out)
+
+    # ------------------------------------------------------------------------------------------- inference
+
+    def start_cache(self, batch: int, max_len: int, dtype) -> LandmarkCache:
+        """An empty cache (``max_len`` is not needed: the block cache grows, up to ``cache_blocks``)."""
+        del max_len
+        blocks = empty_block_cache(batch, self.cfg.block_size, self.num_kv_heads, self.head_dim, dtype=dtype,
+                                   capacity=self.cfg.cache_blocks)
+        open_block = jnp.zeros((batch, 0, self.num_kv_heads, self.head_dim), dtype)
+        return LandmarkCache(blocks, open_block, open_block)
+
+    def extend(self, x, positions, cache: LandmarkCache):
+        """The next ``t`` tokens ``x [b, t, d_model]`` after those in ``cache`` -> ``(out [b, t, d_model], cache)``.
+
+        ``positions`` are unused: retrieval places blocks at the paper's positions (module docstring).
+        """
+        del positions
+        q, k, v = self._project(x)
+        window_k = jnp.concatenate([cache.keys, k.astype(cache.keys.dtype)], axis=1)
+        window_v = jnp.concatenate([cache.values, v.astype(cache.values.dtype)], axis=1)
+        out = _retrieve(q, window_k, window_v, cache.blocks, block_size=self.cfg.block_size, top_k=self.cfg.top_k,
+                        selection=self.cfg.selection, rope=_rope(self.rope_theta))
+        done = window_k.shape[1] // self.cfg.block_size * self.cfg.block_size
+        blocks = cache.blocks
+        if done:
+            blocks = append_blocks(blocks, window_k[:, :done], window_v[:, :done])
+        return self._output(out.astype(x.dtype)), LandmarkCache(blocks, window_k[:, done:], window_v[:, done:])

@@ -1,0 +1,100 @@
+"""data.mixture (tasks mixed into the corpus with grain's own mixing) and data.landmark_every."""
+
+import dataclasses
+
+import grain
+import numpy as np
+import pytest
+
+from lca.data.pipeline import FEATURES, DataConfig, make_train_iterator, merge_states
+from lca.data.tasks import TASK_DESCRIPTION
+from lca.data.tokenizer import LANDMARK_ID, PAD_ID
+
+SEQ = 512  # a passkey example needs >= 243 tokens
+
+
+def iterator(cfg, *, seq_len=SEQ, global_batch=2, **kw):
+    kw.setdefault("process_index", 0)
+    kw.setdefault("process_count", 1)
+    return make_train_iterator(cfg, seq_len=seq_len, global_batch=global_batch, seed=0, **kw)
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def is_passkey(batch):
+    prefix = np.frombuffer(TASK_DESCRIPTION[:40], np.uint8)
+    return [bool((row[row != LANDMARK_ID][:40] == prefix).all()) for row in batch["inputs"]]
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b, strict=True):
+        for k in FEATURES:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+MIXED = DataConfig(mixture={"passkey": 0.25}, prefetch=0)
+
+
+def test_mixture_share_of_passkey_batches():
+    kinds = [is_passkey(b) for b in take(iterator(MIXED), 8)]
+    assert all(len(set(k)) == 1 for k in kinds)  # whole batches from one part
+    assert sum(k[0] for k in kinds) == 2  # 1/4 of 8, grain's deterministic interleave
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_mixture_resumes_through_orbax_checkpoint(tmp_path, prefetch):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    cfg = dataclasses.replace(MIXED, prefetch=prefetch, landmark_every=16)
+    it = iterator(cfg)
+    take(it, 3)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+    expected = take(it, 5)
+    fresh = iterator(cfg)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.restore(mngr.latest_step(), args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    assert_same(take(fresh, 5), expected)
+    assert any(any(is_passkey(b)) for b in expected) and not all(any(is_passkey(b)) for b in expected)
+
+
+def test_mixture_resumes_on_another_process_count():
+    saved = [iterator(MIXED, global_batch=4, process_index=p, process_count=2) for p in range(2)]
+    for it in saved:
+        take(it, 3)
+    merged = merge_states([it.get_state() for it in saved])
+    resumed = iterator(MIXED, global_batch=4)
+    resumed.set_state(merged)
+    expected = [{k: np.concatenate([a[k], b[k]]) for k in FEATURES} for a, b in zip(take(saved[0], 2), take(saved[1], 2))]
+    assert_same(take(resumed, 2), expected)
+
+
+def test_landmark_every_inserts_landmarks_without_loss():
+    L = 16
+    plain = take(iterator(DataConfig(prefetch=0), seq_len=SEQ - SEQ // L), 1)[0]
+    batch = take(iterator(DataConfig(prefetch=0, landmark_every=L)), 1)[0]
+    slots = np.arange(SEQ) % L == L - 1
+    assert batch["inputs"].shape == (2, SEQ)
+    assert (batch["inputs"][:, slots] == LANDMARK_ID).all() and (batch["loss_mask"][:, slots] == 0).all()
+    assert (batch["targets"][:, slots] == PAD_ID).all()
+    np.testing.assert_array_equal(batch["inputs"][:, ~slots], plain["inputs"])  # the same text, landmarks added
+    np.testing.assert_array_equal(batch["targets"][:, ~slots], plain["targets"])
+
+
+@pytest.mark.parametrize("cfg, match", [
+    (DataConfig(mixture={"passkeys": 0.2}), "data.mixture names 'passkeys'"),
+    (DataConfig(mixture={"passkey": 1.5}), r"data.mixture.passkey=1.5 must be"),
+    (DataConfig(mixture={"passkey": 0.6, "multi_needle": 0.5}), "sum to < 1"),
+    (DataConfig(source="passkey", mixture={"assoc_recall": 0.5}), "data.source must be"),
+    (DataConfig(landmark_every=24), "data.landmark_every=24 must be >= 2 and divide seq_len=512"),
+])
+def test_bad_mixture_or_landmark_every(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        iterator(cfg)
+
+
+def test_mixture_rows_too_short_for_the_task_fail_before_the_first_batch():
+    with pytest.raises(ValueError, match=r"data.mixture.passkey does not fit rows of 240 tokens .* use >= 243"):
+        iterator(DataConfig(mixture={"passkey": 0.1}, landmark_every=16), seq_len=256)

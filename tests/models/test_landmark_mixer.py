@@ -1,0 +1,115 @@
+"""The ``landmark`` mixer kind: config checks at load, causality, training, and generation through its cache."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lca.config import ConfigError, load_config
+from lca.data.landmark import insert_landmarks
+from lca.models import make_model
+from lca.models.generate import generate
+from lca.models.landmark import LandmarkAttention
+
+L = 8
+LANDMARK = ["model.pattern=[landmark,global]", f"model.mixers.landmark.block_size={L}", f"data.landmark_every={L}"]
+
+
+def tiny(*overrides):
+    return load_config("tiny", [*LANDMARK, *overrides])
+
+
+def forward(model, tokens):
+    tokens = jnp.asarray(tokens)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return model(tokens, positions, jnp.ones_like(tokens))
+
+
+def test_config_builds_landmark_layers():
+    cfg = tiny("model.mixers.landmark.top_k=3", "model.mixers.landmark.selection=shared")
+    model = make_model(cfg)
+    assert [b.kind for b in model.blocks()] == ["landmark", "global"]
+    assert isinstance(model.block_0.attn, LandmarkAttention) and model.block_0.attn.cfg.selection == "shared"
+    load_config("landmark")  # the shipped config loads
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["model.mixers.landmark.block_size=6"], r"'model.mixers.landmark.block_size'=6 must divide the attention block"),
+    (["model.mixers.landmark.top_k=5", "model.mixers.landmark.cache_blocks=4"], r"top_k'=5 is larger than the cache"),
+    (["model.vocab_size=258"], r"landmark_id=258 does not fit an embedding table of vocab_size=258"),
+    (["data.landmark_every=null"], r"'data.landmark_every'=None must equal 'model.mixers.landmark.block_size'=8"),
+    (["train.seq_len=60"], r"'train.seq_len'=60 must be a multiple of 'model.mixers.landmark.block_size'=8"),
+    (["model.mixers.landmark.selection=share"], r"did you mean 'shared'"),
+    (["model.mixers.landmark.impl=xla"], r"'model.mixers.landmark.impl' has unknown value 'xla'"),
+    (["model.mixers.landmark.top_kk=2"], r"did you mean 'model.mixers.landmark.top_k'"),
+])
+def test_config_errors_at_load(overrides, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        tiny(*overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_causal_at_the_model_level():
+    model = make_model(tiny(), seed=2)
+    rng = np.random.default_rng(0)
+    tokens = insert_landmarks({"inputs": rng.integers(0, 256, (2, 42))}, L)["inputs"]  # 48 with landmarks
+    changed = tokens.copy()
+    changed[:, 29:] = rng.integers(0, 256, changed[:, 29:].shape)
+    a, b = forward(model, tokens), forward(model, changed)
+    np.testing.assert_allclose(a[:, :29], b[:, :29], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(a[:, 29:], b[:, 29:])
+
+
+def test_trains_two_steps(tmp_path):
+    from lca.train import train
+    from lca.train.metrics import read_metrics
+
+    cfg = tiny(f"run_dir={tmp_path}", "train.steps=2", "checkpoint.enabled=false")
+    train(cfg)  # sharded init (nnx.Param only), compiled step, two optimizer steps on the 8-device tiny mesh
+    records = read_metrics(tmp_path)
+    assert sorted(records) == [1, 2] and all(math.isfinite(r["loss"]) for r in records.values())
+
+
+def ordinary_predictions(model, prompt, out, landmark_every):
+    """Greedy predictions of one full forward pass over prompt + out, at the positions that predicted ``out``."""
+    full = np.concatenate([prompt, out], axis=1)
+    frame = insert_landmarks({"inputs": full}, landmark_every)["inputs"] if landmark_every else full
+    ordinary = [i for i in range(frame.shape[1]) if not (landmark_every and i % landmark_every == landmark_every - 1)]
+    predicted = np.asarray(forward(model, frame).argmax(-1))[:, ordinary]
+    return predicted[:, prompt.shape[1] - 1:-1]
+
+
+@pytest.mark.parametrize("landmark", [False, True], ids=["plain", "landmark"])
+def test_chunked_prefill_and_generation_equal_one_forward_pass(landmark):
+    overrides = ["model.mixers.landmark.top_k=16"] if landmark else ["model.pattern=[local,global]",
+                                                                   "model.mixers.local.window=5"]
+    cfg = load_config("tiny", [*(LANDMARK if landmark else []), *overrides, "model.num_layers=2"])
+    model = make_model(cfg, seed=1)
+    prompt = np.random.default_rng(0).integers(0, 256, (2, 13))
+    every = L if landmark else None
+    # Prefill in chunks of 6 (15 tokens with 2 landmarks), then 6 tokens one by one (a landmark after the 1st).
+    out = generate(model, prompt, 6, landmark_every=every, prefill_chunk=6, jit=False)
+    np.testing.assert_array_equal(out, ordinary_predictions(model, prompt, out, every))
+
+
+def test_retrieval_of_every_cached_block_equals_training_output():
+    # top_k >= the blocks in the cache: chunk by chunk through the block cache is the training-time forward.
+    model = make_model(tiny("model.mixers.landmark.top_k=8"), seed=4)
+    tokens = insert_landmarks({"inputs": np.random.default_rng(1).integers(0, 256, (2, 35))}, L)["inputs"]  # 40
+    full = forward(model, tokens)
+    caches = model.start_caches(2, tokens.shape[1])
+    pieces = []
+    for start, stop in [(0, 11), (11, 29), (29, 40)]:
+        positions = jnp.broadcast_to(jnp.arange(start, stop), (2, stop - start))
+        logits, caches = model.extend(jnp.asarray(tokens[:, start:stop]), positions, caches)
+        pieces.append(logits)
+    assert caches[0].blocks.num_blocks == 5 and caches[0].keys.shape[1] == 0
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, rtol=2e-4, atol=2e-4)
+
+
+def test_pallas_impl_equals_blockwise():
+    tokens = insert_landmarks({"inputs": np.random.default_rng(2).integers(0, 256, (2, 28))}, L)["inputs"]  # 32
+    blockwise = forward(make_model(tiny("model.num_layers=1"), seed=5), tokens)
+    pallas = forward(make_model(tiny("model.num_layers=1", "model.mixers.landmark.impl=pallas"), seed=5), tokens)
+    np.testing.assert_allclose(pallas, blockwise, rtol=1e-4, atol=1e-4)
