@@ -68,8 +68,8 @@ class LandmarkConfig:
             raise choice_error(f"{key}.selection", self.selection, SELECTIONS)
         if self.impl not in IMPLS:
             raise choice_error(f"{key}.impl", self.impl, IMPLS)
-        block_kv = model.attention.block_kv
-        if block_kv % self.block_size:
+        block_kv = model.attention.block_kv  # None: landmark attention's own key chunk, one block
+        if block_kv is not None and block_kv % self.block_size:
             raise ConfigError(f"config key '{key}.block_size'={self.block_size} must divide the attention block "
                               f"model.attention.block_kv={block_kv} (each holds whole landmark blocks); use e.g. "
                               f"block_kv={self.block_size * max(1, block_kv // self.block_size)}.")
