@@ -9,6 +9,10 @@
 - :mod:`lca.memory.context_parallel`: the exact pipelined memory over a context-sharded mesh.
 """
 
+# The model's mixer catalogue (lca.models.mixers) lists the Titans mixers of this package,
+# and MAG uses lca.models.rope: load lca.models first, so that either package may be
+# imported first without a circular import.
+import lca.models  # noqa: F401  (isort: skip)
 from lca.memory.neural_memory import (
     MemoryConfig,
     MemoryState,

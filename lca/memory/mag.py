@@ -22,10 +22,17 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from typing import TYPE_CHECKING
+
 from lca.attention import attention, merge_attention
+from lca.config import ConfigError, ModelConfig
 from lca.memory import neural_memory as nm
-from lca.memory.mixer import as_arrays, as_variables
+from lca.memory.context_parallel import ContextSplit, fresh_memory
+from lca.memory.mixer import ContextPlacement, TitansLmmConfig, as_arrays, as_variables
 from lca.models.rope import apply_rope
+
+if TYPE_CHECKING:
+    from lca.models.mixers import MixerEnv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +53,32 @@ class MagConfig:
             raise ValueError(f"MagConfig: head_dim = d_model / num_heads = {d // self.num_heads} must be even for RoPE")
         if not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"MagConfig.window must be a positive int, got {self.window!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TitansMagConfig(TitansLmmConfig):
+    """``model.mixers.titans_mag``: the memory's fields, and the attention branch's window.
+
+    The attention branch has ``model.num_heads`` heads of width ``d_model / num_heads``,
+    RoPE with ``model.rope_theta``, computed by ``model.attention.impl``; the persistent
+    tokens are shared by both branches.
+    """
+
+    window: int = 64  # sliding-window size of the attention branch
+
+    def check(self, key: str, model: ModelConfig) -> None:
+        super().check(key, model)
+        if self.window < 1:
+            raise ConfigError(f"config key '{key}.window' must be an int >= 1, got {self.window!r}.")
+        if (model.d_model // model.num_heads) % 2:
+            raise ConfigError(
+                f"'{key}' needs an even d_model / num_heads for RoPE, got model.d_model={model.d_model}, "
+                f"model.num_heads={model.num_heads}."
+            )
+
+    def mag(self, model: ModelConfig) -> MagConfig:
+        return MagConfig(memory=self.memory(model.d_model), num_heads=model.num_heads, window=self.window,
+                         impl=model.attention.impl, rope_theta=model.rope_theta)
 
 
 def init_params(key: jax.Array, config: MagConfig) -> dict:
@@ -84,11 +117,16 @@ def _attention_branch(params, x, positions, segment_ids, config: MagConfig):
     return rearrange(out, "b l h d -> b l (h d)") @ params["w_out"]
 
 
-def mag_layer(params: dict, x: jax.Array, positions: jax.Array, segment_ids=None, *, config: MagConfig) -> jax.Array:
-    """One MAG layer on a whole sequence ``x [b, l, d_model]`` -> ``[b, l, d_model]``."""
+def mag_layer(
+    params: dict, x: jax.Array, positions: jax.Array, segment_ids=None, *, config: MagConfig,
+    split: ContextSplit | None = None,
+) -> jax.Array:
+    """One MAG layer on a whole sequence ``x [b, l, d_model]`` -> ``[b, l, d_model]``.
+
+    ``split``: run the memory branch pipelined over a mesh axis (the same result).
+    """
     a = _attention_branch(params, x, positions, segment_ids, config)
-    state = nm.fresh_state(params["memory"], config.memory, x.shape[0])
-    m, _ = nm.memory_layer(params["memory"], state, x, config=config.memory)
+    m = fresh_memory(params["memory"], x, config=config.memory, split=split)
     return _rms(a) * params["gain_attn"] * jax.nn.sigmoid(_rms(m) * params["gain_memory"])
 
 
@@ -99,9 +137,12 @@ class MagMixer(nnx.Module):
     (packing is not supported by the memory yet).
     """
 
-    def __init__(self, config: MagConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        self.parameters = as_variables(init_params(rngs.params(), config))
+    def __init__(self, cfg: TitansMagConfig, env: MixerEnv, *, rngs: nnx.Rngs):
+        self.config = cfg.mag(env.model)
+        self.place = ContextPlacement(env, cfg.micro_batches)
+        self.parameters = as_variables(init_params(rngs.params(), self.config))
 
     def __call__(self, x, positions, segment_ids=None):
-        return mag_layer(as_arrays(self.parameters), x, positions, segment_ids, config=self.config)
+        y = mag_layer(as_arrays(self.parameters), x.astype(jnp.float32), positions, segment_ids,
+                      config=self.config, split=self.place(x))
+        return y.astype(x.dtype)

@@ -26,6 +26,9 @@ from typing import Callable
 import jax
 
 from lca.config import ConfigError, ModelConfig, choice_error
+from lca.memory.mag import MagMixer, TitansMagConfig
+from lca.memory.mixer import MemoryMixer, TitansLmmConfig
+from lca.models import strategies
 from lca.models.gqa import Attention, GlobalAttentionConfig, LocalAttentionConfig
 from lca.parallel.sharding import Sharder
 
@@ -41,6 +44,13 @@ class MixerEnv:
     mesh: jax.sharding.Mesh | None
     shard: Sharder  # constrains activations to the mesh layout by logical axis names
 
+    def sequence_axis(self) -> str | None:
+        """The mesh axis the model's sequence strategy splits the sequence over; None if not split.
+
+        A recurrent mixer (Titans memory) passes its state along this axis.
+        """
+        return strategies.split_axis(self.model, self.mesh)
+
 
 @dataclasses.dataclass(frozen=True)
 class Mixer:
@@ -51,6 +61,8 @@ class Mixer:
 MIXERS: dict[str, Mixer] = {
     "global": Mixer(GlobalAttentionConfig, Attention),
     "local": Mixer(LocalAttentionConfig, Attention),
+    "titans_lmm": Mixer(TitansLmmConfig, MemoryMixer),  # Titans neural memory alone
+    "titans_mag": Mixer(TitansMagConfig, MagMixer),  # memory gating sliding-window attention
 }
 
 

@@ -9,12 +9,21 @@ import pytest
 from einops import rearrange
 from flax import nnx
 
+from lca.config import ModelConfig
 from lca.memory import mag
 from lca.memory import neural_memory as nm
+from lca.models.mixers import MixerEnv
 from lca.models.rope import apply_rope
+from lca.parallel.sharding import Sharder
 
 MEMORY = nm.MemoryConfig(d_model=16, num_heads=2, chunk_size=4, conv_kernel=2, num_persistent=3)
 CONFIG = mag.MagConfig(memory=MEMORY, num_heads=2, window=4)
+SECTION = mag.TitansMagConfig(memory_heads=2, chunk_size=4, conv_kernel=2, persistent=3, window=4)
+ENV = MixerEnv(model=ModelConfig(d_model=16, num_heads=2), attend=None, mesh=None, shard=Sharder())
+
+
+def test_section_gives_the_mag_config():
+    assert SECTION.mag(ENV.model) == CONFIG
 
 
 def _setup(length=13, config=CONFIG):
@@ -62,7 +71,7 @@ def test_future_tokens_do_not_change_earlier_outputs():
 
 
 def test_mag_mixer_gradients_reach_every_parameter():
-    mixer = mag.MagMixer(CONFIG, rngs=nnx.Rngs(0))
+    mixer = mag.MagMixer(SECTION, ENV, rngs=nnx.Rngs(0))
     _, x, positions = _setup(length=9)
     grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x, positions, None) ** 2)))(mixer)
     leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))
