@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lca.memory.neural_memory import MemoryConfig, fresh_state, memory_layer
-from lca.parallel.vma import mark_varying
+from lca.parallel.vma import mark_varying, union_varying_axes
 
 
 def idle_fraction(devices: int, micro_batches: int) -> float:
@@ -43,7 +43,9 @@ def memory_layer_shard(params: dict, x: jax.Array, *, config: MemoryConfig, axis
     devices = jax.lax.axis_size(axis_name)
     index = jax.lax.axis_index(axis_name)
     xs = x.reshape(micro_batches, b // micro_batches, length, d)
-    first = fresh_state(params, config, b // micro_batches)
+    # the state becomes per-device after the first ppermute (and per-row-shard when the batch
+    # is split too), so it starts as varying over those axes
+    first = mark_varying(fresh_state(params, config, b // micro_batches), union_varying_axes(x) | {axis_name})
     forward = [(i, i + 1) for i in range(devices - 1)]
 
     def step(carry, s):
@@ -57,9 +59,7 @@ def memory_layer_shard(params: dict, x: jax.Array, *, config: MemoryConfig, axis
         return (jax.lax.ppermute(end, axis_name, forward), ys), None
 
     steps = jnp.arange(micro_batches + devices - 1)
-    # the inbox is per-device after the first ppermute, so it starts as varying
-    inbox = mark_varying(first, axis_name)
-    (_, ys), _ = jax.lax.scan(step, (inbox, jnp.zeros_like(xs)), steps)
+    (_, ys), _ = jax.lax.scan(step, (first, jnp.zeros_like(xs)), steps)
     return ys.reshape(b, length, d)
 
 
