@@ -4,8 +4,9 @@
 - :mod:`lca.memory.update`: the chunk-parallel update (momentum + forgetting, associative scan).
 - :mod:`lca.memory.sequential`: the token-by-token oracle of the same update.
 - :mod:`lca.memory.neural_memory`: the functional layer ``memory_layer(params, state, x)``.
-- :mod:`lca.memory.mixer`: the LMM token mixer (``nnx.Module``).
-- :mod:`lca.memory.mag`: MAG, sliding-window attention gated by the memory (functional + mixer).
+- :mod:`lca.memory.mixer`: the LMM token mixer (``nnx.Module``, mixer kind ``titans_lmm``).
+- :mod:`lca.memory.mag`: MAG, sliding-window attention gated by the memory (functional + mixer ``titans_mag``).
+- :mod:`lca.memory.mal`: MAL, the memory then sliding-window attention (functional + mixer ``titans_mal``).
 - :mod:`lca.memory.context_parallel`: the exact pipelined memory over a context-sharded mesh.
 """
 

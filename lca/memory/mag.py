@@ -101,7 +101,8 @@ def _heads(z, h):
     return (rearrange(t, "b l (h d) -> b l h d", h=h) for t in jnp.split(z, 3, axis=-1))
 
 
-def _attention_branch(params, x, positions, segment_ids, config: MagConfig):
+def attention_branch(params, x, positions, segment_ids, config: MagConfig):
+    """Sliding-window causal attention over ``x [b, l, d_model]`` with the persistent prefix visible to all."""
     h = config.num_heads
     q, k, v = _heads(x @ params["w_qkv"], h)
     q, k = apply_rope(q, positions, config.rope_theta), apply_rope(k, positions, config.rope_theta)
@@ -125,7 +126,7 @@ def mag_layer(
 
     ``split``: run the memory branch pipelined over a mesh axis (the same result).
     """
-    a = _attention_branch(params, x, positions, segment_ids, config)
+    a = attention_branch(params, x, positions, segment_ids, config)
     m = fresh_memory(params["memory"], x, config=config.memory, split=split)
     return _rms(a) * params["gain_attn"] * jax.nn.sigmoid(_rms(m) * params["gain_memory"])
 

@@ -27,6 +27,7 @@ import jax
 
 from lca.config import ConfigError, ModelConfig, choice_error
 from lca.memory.mag import MagMixer, TitansMagConfig
+from lca.memory.mal import MalMixer, TitansMalConfig
 from lca.memory.mixer import MemoryMixer, TitansLmmConfig
 from lca.models import strategies
 from lca.models.gqa import Attention, GlobalAttentionConfig, LocalAttentionConfig
@@ -63,6 +64,7 @@ MIXERS: dict[str, Mixer] = {
     "local": Mixer(LocalAttentionConfig, Attention),
     "titans_lmm": Mixer(TitansLmmConfig, MemoryMixer),  # Titans neural memory alone
     "titans_mag": Mixer(TitansMagConfig, MagMixer),  # memory gating sliding-window attention
+    "titans_mal": Mixer(TitansMalConfig, MalMixer),  # memory, then sliding-window attention
 }
 
 

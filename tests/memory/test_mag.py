@@ -6,15 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from einops import rearrange
 from flax import nnx
 
 from lca.config import ModelConfig
 from lca.memory import mag
 from lca.memory import neural_memory as nm
 from lca.models.mixers import MixerEnv
-from lca.models.rope import apply_rope
 from lca.parallel.sharding import Sharder
+from tests.memory.dense import dense_attention_branch
 
 MEMORY = nm.MemoryConfig(d_model=16, num_heads=2, chunk_size=4, conv_kernel=2, num_persistent=3)
 CONFIG = mag.MagConfig(memory=MEMORY, num_heads=2, window=4)
@@ -33,27 +32,9 @@ def _setup(length=13, config=CONFIG):
     return params, x, positions
 
 
-def _dense_attention_branch(params, x, positions, config):
-    """[P || x] attention written out: P visible to all, x causal within the window."""
-    h = config.num_heads
-    split = lambda z: (rearrange(t, "b l (h d) -> b l h d", h=h) for t in jnp.split(z, 3, -1))  # noqa: E731
-    q, k, v = split(x @ params["w_qkv"])
-    q, k = apply_rope(q, positions, config.rope_theta), apply_rope(k, positions, config.rope_theta)
-    p = params["memory"]["persistent"]
-    _, pk, pv = split(jnp.broadcast_to(p, (x.shape[0],) + p.shape) @ params["w_qkv"])
-    keys, values = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys) / jnp.sqrt(q.shape[-1])
-    i, j = jnp.arange(x.shape[1])[:, None], jnp.arange(x.shape[1])[None]
-    seq_visible = (j <= i) & (i - j < config.window)
-    visible = jnp.concatenate([jnp.ones((x.shape[1], p.shape[0]), bool), seq_visible], 1)
-    probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), -1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, values)
-    return rearrange(out, "b l h d -> b l (h d)") @ params["w_out"]
-
-
 def test_mag_equals_dense_composition():
     params, x, positions = _setup()
-    a = _dense_attention_branch(params, x, positions, CONFIG)
+    a = dense_attention_branch(params, x, positions, CONFIG)
     m, _ = nm.memory_layer(params["memory"], nm.fresh_state(params["memory"], MEMORY, 2), x, config=MEMORY)
     rms = lambda z: z / jnp.sqrt(jnp.mean(z * z, -1, keepdims=True) + 1e-6)  # noqa: E731
     want = rms(a) * params["gain_attn"] * jax.nn.sigmoid(rms(m) * params["gain_memory"])

@@ -1,0 +1,68 @@
+"""Titans MAL, memory as a layer (paper Sec. 4.3): the neural memory, then sliding-window attention.
+
+For ``x [b, l, d_model]`` with persistent tokens ``P``:
+
+    y = LMM([P || x])        the neural memory (:mod:`lca.memory.neural_memory`), from its fresh state
+    out = SW-Attn*(y)        sliding-window causal attention over the memory's output
+
+``*`` is MAG's attention branch (:mod:`lca.memory.mag`): every query also sees ``P``,
+merged in by log-sum-exp, so the window applies to the sequence only. Departure from
+the paper, and why: the paper attends over ``M([P || x])`` including the memory's
+outputs at the persistent positions, which a window would drop for late queries; we
+keep ``P`` itself as a prefix visible to every query, as in MAG. The parameters are
+MAG's without the gate gains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lca.memory.context_parallel import ContextSplit, fresh_memory
+from lca.memory.mag import MagConfig, TitansMagConfig, attention_branch
+from lca.memory.mag import init_params as mag_init_params
+from lca.memory.mixer import ContextPlacement, as_arrays, as_variables
+
+if TYPE_CHECKING:
+    from lca.models.mixers import MixerEnv
+
+
+@dataclasses.dataclass(frozen=True)
+class TitansMalConfig(TitansMagConfig):
+    """``model.mixers.titans_mal``: the memory's fields, and the window of the attention after it."""
+
+
+def init_params(key: jax.Array, config: MagConfig) -> dict:
+    params = mag_init_params(key, config)
+    del params["gain_attn"], params["gain_memory"]
+    return params
+
+
+def mal_layer(
+    params: dict, x: jax.Array, positions: jax.Array, segment_ids=None, *, config: MagConfig,
+    split: ContextSplit | None = None,
+) -> jax.Array:
+    """One MAL layer on a whole sequence ``x [b, l, d_model]`` -> ``[b, l, d_model]``.
+
+    ``split``: run the memory pipelined over a mesh axis (the same result).
+    """
+    y = fresh_memory(params["memory"], x, config=config.memory, split=split)
+    return attention_branch(params, y, positions, segment_ids, config)
+
+
+class MalMixer(nnx.Module):
+    """MAL with the mixer call signature ``mixer(x, positions, segment_ids)``."""
+
+    def __init__(self, cfg: TitansMalConfig, env: MixerEnv, *, rngs: nnx.Rngs):
+        self.config = cfg.mag(env.model)
+        self.place = ContextPlacement(env, cfg.micro_batches)
+        self.parameters = as_variables(init_params(rngs.params(), self.config))
+
+    def __call__(self, x, positions, segment_ids=None):
+        y = mal_layer(as_arrays(self.parameters), x.astype(jnp.float32), positions, segment_ids,
+                      config=self.config, split=self.place(x))
+        return y.astype(x.dtype)
