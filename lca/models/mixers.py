@@ -26,6 +26,7 @@ from typing import Callable
 import jax
 
 from lca.config import ConfigError, ModelConfig, choice_error
+from lca.memory.mac import MacMixer, TitansMacConfig
 from lca.memory.mag import MagMixer, TitansMagConfig
 from lca.memory.mal import MalMixer, TitansMalConfig
 from lca.memory.mixer import MemoryMixer, TitansLmmConfig
@@ -65,6 +66,7 @@ MIXERS: dict[str, Mixer] = {
     "titans_lmm": Mixer(TitansLmmConfig, MemoryMixer),  # Titans neural memory alone
     "titans_mag": Mixer(TitansMagConfig, MagMixer),  # memory gating sliding-window attention
     "titans_mal": Mixer(TitansMalConfig, MalMixer),  # memory, then sliding-window attention
+    "titans_mac": Mixer(TitansMacConfig, MacMixer),  # segment attention over retrieved memory
 }
 
 

@@ -15,14 +15,15 @@ from lca.models import make_model
 from lca.parallel import make_mesh
 from lca.train.metrics import read_metrics
 
-KINDS = ["titans_lmm", "titans_mag", "titans_mal"]
+KINDS = ["titans_lmm", "titans_mag", "titans_mal", "titans_mac"]
 # small and quick to compile: 2 linear memories, chunk 4, no persistent tokens (each doubles
 # the memory's compile time); tests/memory covers deeper memories and persistent tokens
 SMALL = ["chunk_size=4", "persistent=0", "memory_heads=2", "conv_kernel=2", "depth=1"]
 
 
 def _overrides(kind, *extra):
-    return [f"model.mixers.{kind}.{o}" for o in SMALL] + [f"model.pattern=[{kind},global]", *extra]
+    small = SMALL + (["segment=8"] if kind == "titans_mac" else [])
+    return [f"model.mixers.{kind}.{o}" for o in small] + [f"model.pattern=[{kind},global]", *extra]
 
 
 def _inputs(b=4, length=16, seed=0):
@@ -77,16 +78,18 @@ def test_pattern_mixing_titans_and_attention_is_causal():
     assert not np.allclose(changed[:, 9:], logits[:, 9:])
 
 
-@pytest.mark.parametrize("kind", ["titans_lmm", "titans_mag"])  # MAL's memory runs as MAG's
+@pytest.mark.parametrize("kind", ["titans_lmm", "titans_mag", "titans_mac"])  # MAL's memory runs as MAG's
 def test_context_split_model_equals_one_device(kind):
-    """On data=2 x context=4 with ring attention, the memory runs pipelined over 'context'."""
+    """On data=2 x context=4 with ring attention: LMM/MAG/MAL pipeline the memory over 'context';
+    MAC's segment scan runs on the global arrays (XLA gathers the sequence)."""
     cfg = load_config("tiny", _overrides(kind, "mesh.data=2", "mesh.fsdp=1", "mesh.context=4",
                                          f"model.mixers.{kind}.micro_batches=2",
                                          f"model.mixers.{kind}.persistent=3"))  # chunks unaligned with shards
     mesh = make_mesh(data=2, context=4, axis_types="auto")
     split = make_model(cfg, mesh)
-    assert split.block_0.attn.place.axis == "context"
-    assert split.block_0.attn.place(jnp.zeros((4, 16, 32))).batch_axes == ("data",)
+    if kind != "titans_mac":
+        assert split.block_0.attn.place.axis == "context"
+        assert split.block_0.attn.place(jnp.zeros((4, 16, 32))).batch_axes == ("data",)
     args = _inputs()
     with jax.set_mesh(mesh):
         got = jax.jit(lambda t, p, s: split(t, p, s))(*args)
