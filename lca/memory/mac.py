@@ -30,6 +30,7 @@ from flax import nnx
 
 from lca.config import ConfigError, ModelConfig
 from lca.memory import neural_memory as nm
+from lca.memory.mag import check_rope_heads, check_rope_section
 from lca.memory.mixer import TitansLmmConfig, as_arrays, as_variables
 from lca.models.rope import apply_rope
 
@@ -47,11 +48,7 @@ class MacConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
-        d = self.memory.d_model
-        if not isinstance(self.num_heads, int) or self.num_heads < 1 or d % self.num_heads:
-            raise ValueError(f"MacConfig.num_heads={self.num_heads!r} must be a positive int dividing d_model={d}")
-        if (d // self.num_heads) % 2:
-            raise ValueError(f"MacConfig: head_dim = d_model / num_heads = {d // self.num_heads} must be even for RoPE")
+        check_rope_heads("MacConfig", self.memory.d_model, self.num_heads)
         if not isinstance(self.segment, int) or self.segment < 1:
             raise ValueError(f"MacConfig.segment must be a positive int, got {self.segment!r}")
 
@@ -69,11 +66,7 @@ class TitansMacConfig(TitansLmmConfig):
         super().check(key, model)
         if self.segment < 1:
             raise ConfigError(f"config key '{key}.segment' must be an int >= 1, got {self.segment!r}.")
-        if (model.d_model // model.num_heads) % 2:
-            raise ConfigError(
-                f"'{key}' needs an even d_model / num_heads for RoPE, got model.d_model={model.d_model}, "
-                f"model.num_heads={model.num_heads}."
-            )
+        check_rope_section(key, model)
 
     def mac(self, model: ModelConfig) -> MacConfig:
         return MacConfig(memory=self.memory(model.d_model), num_heads=model.num_heads, segment=self.segment,

@@ -35,6 +35,22 @@ if TYPE_CHECKING:
     from lca.models.mixers import MixerEnv
 
 
+def check_rope_heads(owner: str, d_model: int, num_heads) -> None:
+    """The attention of a Titans architecture: ``num_heads`` heads of even width ``d_model / num_heads``."""
+    if not isinstance(num_heads, int) or num_heads < 1 or d_model % num_heads:
+        raise ValueError(f"{owner}.num_heads={num_heads!r} must be a positive int dividing d_model={d_model}")
+    if (d_model // num_heads) % 2:
+        raise ValueError(f"{owner}: head_dim = d_model / num_heads = {d_model // num_heads} must be even for RoPE")
+
+
+def check_rope_section(key: str, model: ModelConfig) -> None:
+    """Load-time twin of :func:`check_rope_heads` for a mixer section using ``model.num_heads``."""
+    try:
+        check_rope_heads(f"'{key}' with model", model.d_model, model.num_heads)
+    except ValueError as err:
+        raise ConfigError(f"{err}.") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class MagConfig:
     """MAG layer: a neural memory beside ``window``-token sliding-window attention."""
@@ -46,11 +62,7 @@ class MagConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
-        d = self.memory.d_model
-        if not isinstance(self.num_heads, int) or self.num_heads < 1 or d % self.num_heads:
-            raise ValueError(f"MagConfig.num_heads={self.num_heads!r} must be a positive int dividing d_model={d}")
-        if (d // self.num_heads) % 2:
-            raise ValueError(f"MagConfig: head_dim = d_model / num_heads = {d // self.num_heads} must be even for RoPE")
+        check_rope_heads("MagConfig", self.memory.d_model, self.num_heads)
         if not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"MagConfig.window must be a positive int, got {self.window!r}")
 
@@ -70,11 +82,7 @@ class TitansMagConfig(TitansLmmConfig):
         super().check(key, model)
         if self.window < 1:
             raise ConfigError(f"config key '{key}.window' must be an int >= 1, got {self.window!r}.")
-        if (model.d_model // model.num_heads) % 2:
-            raise ConfigError(
-                f"'{key}' needs an even d_model / num_heads for RoPE, got model.d_model={model.d_model}, "
-                f"model.num_heads={model.num_heads}."
-            )
+        check_rope_section(key, model)
 
     def mag(self, model: ModelConfig) -> MagConfig:
         return MagConfig(memory=self.memory(model.d_model), num_heads=model.num_heads, window=self.window,

@@ -1,8 +1,11 @@
-"""Dense oracles for the Titans architectures' attention, every mask written out."""
+"""Shared checks for the Titans architectures: the dense attention oracle (every mask written
+out) and the gradients of a mixer."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
+from flax import nnx
 
 from lca.models.rope import apply_rope
 
@@ -23,3 +26,12 @@ def dense_attention_branch(params, x, positions, config):
     probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), -1)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, values)
     return rearrange(out, "b l h d -> b l (h d)") @ params["w_out"]
+
+
+def assert_gradients_reach_every_parameter(mixer, x, positions, count: int):
+    """``mixer``'s ``count`` parameters all get finite, non-zero gradients."""
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x, positions, None) ** 2)))(mixer)
+    leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))
+    assert len(leaves) == count
+    for g in leaves:
+        assert np.all(np.isfinite(g)) and np.any(g != 0)

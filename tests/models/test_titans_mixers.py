@@ -10,7 +10,7 @@ import pytest
 
 from lca.config import ConfigError, load_config
 from lca.memory.mag import MagMixer, TitansMagConfig
-from lca.memory.mixer import MemoryMixer, TitansLmmConfig
+from lca.memory.mixer import MemoryMixer
 from lca.models import make_model
 from lca.parallel import make_mesh
 from lca.train.metrics import read_metrics
@@ -49,12 +49,20 @@ def test_shipped_titans_configs_load():
         ("titans_lmm", "chunk=4", r"did you mean 'model.mixers.titans_lmm.chunk_size'"),
         ("titans_mag", "window=0", r"'model.mixers.titans_mag.window' must be an int >= 1, got 0"),
         ("titans_mag", "micro_batches=0", r"'model.mixers.titans_mag.micro_batches' must be an int >= 1"),
+        ("titans_mac", "segment=0", r"'model.mixers.titans_mac.segment' must be an int >= 1, got 0"),
+        ("titans_mal", "depth=0", r"'model.mixers.titans_mal.depth' must be an int >= 1, got 0"),
     ],
 )
 def test_bad_sections_are_one_line_config_errors(kind, override, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_config("tiny", [f"model.pattern=[{kind}]", f"model.mixers.{kind}.{override}"])
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["titans_mag", "titans_mal", "titans_mac"])
+def test_attention_heads_of_odd_width_are_a_config_error(kind):
+    with pytest.raises(ConfigError, match=rf"'model.mixers.{kind}' with model: head_dim = .* = 9 must be even"):
+        load_config("tiny", [f"model.pattern=[{kind}]", "model.d_model=36", f"model.mixers.{kind}.memory_heads=1"])
 
 
 def test_unused_titans_sections_are_not_checked():
