@@ -143,15 +143,19 @@ class MagMixer(nnx.Module):
     """MAG with the mixer call signature ``mixer(x, positions, segment_ids)``.
 
     The attention branch honours ``segment_ids``; the memory branch carries across a row
-    (packing is not supported by the memory yet).
+    (packing is not supported by the memory yet). MAL subclasses it with its own
+    ``init_params`` and ``layer``.
     """
+
+    init_params = staticmethod(init_params)
+    layer = staticmethod(mag_layer)
 
     def __init__(self, cfg: TitansMagConfig, env: MixerEnv, *, rngs: nnx.Rngs):
         self.config = cfg.mag(env.model)
         self.place = ContextPlacement(env, cfg.micro_batches)
-        self.parameters = as_variables(init_params(rngs.params(), self.config))
+        self.parameters = as_variables(self.init_params(rngs.params(), self.config))
 
     def __call__(self, x, positions, segment_ids=None):
-        y = mag_layer(as_arrays(self.parameters), x.astype(jnp.float32), positions, segment_ids,
-                      config=self.config, split=self.place(x))
+        y = self.layer(as_arrays(self.parameters), x.astype(jnp.float32), positions, segment_ids,
+                       config=self.config, split=self.place(x))
         return y.astype(x.dtype)

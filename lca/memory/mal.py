@@ -16,19 +16,12 @@ MAG's without the gate gains.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
 from lca.memory.context_parallel import ContextSplit, fresh_memory
-from lca.memory.mag import MagConfig, TitansMagConfig, attention_branch
+from lca.memory.mag import MagConfig, MagMixer, TitansMagConfig, attention_branch
 from lca.memory.mag import init_params as mag_init_params
-from lca.memory.mixer import ContextPlacement, as_arrays, as_variables
-
-if TYPE_CHECKING:
-    from lca.models.mixers import MixerEnv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,15 +47,8 @@ def mal_layer(
     return attention_branch(params, y, positions, segment_ids, config)
 
 
-class MalMixer(nnx.Module):
-    """MAL with the mixer call signature ``mixer(x, positions, segment_ids)``."""
+class MalMixer(MagMixer):
+    """MAL with the mixer call signature ``mixer(x, positions, segment_ids)`` (MAG's, with MAL's layer)."""
 
-    def __init__(self, cfg: TitansMalConfig, env: MixerEnv, *, rngs: nnx.Rngs):
-        self.config = cfg.mag(env.model)
-        self.place = ContextPlacement(env, cfg.micro_batches)
-        self.parameters = as_variables(init_params(rngs.params(), self.config))
-
-    def __call__(self, x, positions, segment_ids=None):
-        y = mal_layer(as_arrays(self.parameters), x.astype(jnp.float32), positions, segment_ids,
-                      config=self.config, split=self.place(x))
-        return y.astype(x.dtype)
+    init_params = staticmethod(init_params)
+    layer = staticmethod(mal_layer)
