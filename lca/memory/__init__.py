@@ -4,11 +4,16 @@
 - :mod:`lca.memory.update`: the chunk-parallel update (momentum + forgetting, associative scan).
 - :mod:`lca.memory.sequential`: the token-by-token oracle of the same update.
 - :mod:`lca.memory.neural_memory`: the functional layer ``memory_layer(params, state, x)``.
-- :mod:`lca.memory.mixer`: the LMM token mixer (``nnx.Module``).
-- :mod:`lca.memory.mag`: MAG, sliding-window attention gated by the memory (functional + mixer).
+- :mod:`lca.memory.mixer`: the LMM token mixer (``nnx.Module``, mixer kind ``titans_lmm``).
+- :mod:`lca.memory.mag`: MAG, sliding-window attention gated by the memory (functional + mixer ``titans_mag``).
+- :mod:`lca.memory.mal`: MAL, the memory then sliding-window attention (functional + mixer ``titans_mal``).
 - :mod:`lca.memory.context_parallel`: the exact pipelined memory over a context-sharded mesh.
 """
 
+# The model's mixer catalogue (lca.models.mixers) lists the Titans mixers of this package,
+# and MAG uses lca.models.rope: load lca.models first, so that either package may be
+# imported first without a circular import.
+import lca.models  # noqa: F401  (isort: skip)
 from lca.memory.neural_memory import (
     MemoryConfig,
     MemoryState,

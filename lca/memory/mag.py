@@ -22,10 +22,33 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from typing import TYPE_CHECKING
+
 from lca.attention import attention, merge_attention
+from lca.config import ConfigError, ModelConfig
 from lca.memory import neural_memory as nm
-from lca.memory.mixer import as_arrays, as_variables
+from lca.memory.context_parallel import ContextSplit, fresh_memory
+from lca.memory.mixer import ContextPlacement, TitansLmmConfig, as_arrays, as_variables
 from lca.models.rope import apply_rope
+
+if TYPE_CHECKING:
+    from lca.models.mixers import MixerEnv
+
+
+def check_rope_heads(owner: str, d_model: int, num_heads) -> None:
+    """The attention of a Titans architecture: ``num_heads`` heads of even width ``d_model / num_heads``."""
+    if not isinstance(num_heads, int) or num_heads < 1 or d_model % num_heads:
+        raise ValueError(f"{owner}.num_heads={num_heads!r} must be a positive int dividing d_model={d_model}")
+    if (d_model // num_heads) % 2:
+        raise ValueError(f"{owner}: head_dim = d_model / num_heads = {d_model // num_heads} must be even for RoPE")
+
+
+def check_rope_section(key: str, model: ModelConfig) -> None:
+    """Load-time twin of :func:`check_rope_heads` for a mixer section using ``model.num_heads``."""
+    try:
+        check_rope_heads(f"'{key}' with model", model.d_model, model.num_heads)
+    except ValueError as err:
+        raise ConfigError(f"{err}.") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +62,31 @@ class MagConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
-        d = self.memory.d_model
-        if not isinstance(self.num_heads, int) or self.num_heads < 1 or d % self.num_heads:
-            raise ValueError(f"MagConfig.num_heads={self.num_heads!r} must be a positive int dividing d_model={d}")
-        if (d // self.num_heads) % 2:
-            raise ValueError(f"MagConfig: head_dim = d_model / num_heads = {d // self.num_heads} must be even for RoPE")
+        check_rope_heads("MagConfig", self.memory.d_model, self.num_heads)
         if not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"MagConfig.window must be a positive int, got {self.window!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TitansMagConfig(TitansLmmConfig):
+    """``model.mixers.titans_mag``: the memory's fields, and the attention branch's window.
+
+    The attention branch has ``model.num_heads`` heads of width ``d_model / num_heads``,
+    RoPE with ``model.rope_theta``, computed by ``model.attention.impl``; the persistent
+    tokens are shared by both branches.
+    """
+
+    window: int = 64  # sliding-window size of the attention branch
+
+    def check(self, key: str, model: ModelConfig) -> None:
+        super().check(key, model)
+        if self.window < 1:
+            raise ConfigError(f"config key '{key}.window' must be an int >= 1, got {self.window!r}.")
+        check_rope_section(key, model)
+
+    def mag(self, model: ModelConfig) -> MagConfig:
+        return MagConfig(memory=self.memory(model.d_model), num_heads=model.num_heads, window=self.window,
+                         impl=model.attention.impl, rope_theta=model.rope_theta)
 
 
 def init_params(key: jax.Array, config: MagConfig) -> dict:
@@ -68,7 +109,8 @@ def _heads(z, h):
     return (rearrange(t, "b l (h d) -> b l h d", h=h) for t in jnp.split(z, 3, axis=-1))
 
 
-def _attention_branch(params, x, positions, segment_ids, config: MagConfig):
+def attention_branch(params, x, positions, segment_ids, config: MagConfig):
+    """Sliding-window causal attention over ``x [b, l, d_model]`` with the persistent prefix visible to all."""
     h = config.num_heads
     q, k, v = _heads(x @ params["w_qkv"], h)
     q, k = apply_rope(q, positions, config.rope_theta), apply_rope(k, positions, config.rope_theta)
@@ -84,11 +126,16 @@ def _attention_branch(params, x, positions, segment_ids, config: MagConfig):
     return rearrange(out, "b l h d -> b l (h d)") @ params["w_out"]
 
 
-def mag_layer(params: dict, x: jax.Array, positions: jax.Array, segment_ids=None, *, config: MagConfig) -> jax.Array:
-    """One MAG layer on a whole sequence ``x [b, l, d_model]`` -> ``[b, l, d_model]``."""
-    a = _attention_branch(params, x, positions, segment_ids, config)
-    state = nm.fresh_state(params["memory"], config.memory, x.shape[0])
-    m, _ = nm.memory_layer(params["memory"], state, x, config=config.memory)
+def mag_layer(
+    params: dict, x: jax.Array, positions: jax.Array, segment_ids=None, *, config: MagConfig,
+    split: ContextSplit | None = None,
+) -> jax.Array:
+    """One MAG layer on a whole sequence ``x [b, l, d_model]`` -> ``[b, l, d_model]``.
+
+    ``split``: run the memory branch pipelined over a mesh axis (the same result).
+    """
+    a = attention_branch(params, x, positions, segment_ids, config)
+    m = fresh_memory(params["memory"], x, config=config.memory, split=split)
     return _rms(a) * params["gain_attn"] * jax.nn.sigmoid(_rms(m) * params["gain_memory"])
 
 
@@ -96,12 +143,19 @@ class MagMixer(nnx.Module):
     """MAG with the mixer call signature ``mixer(x, positions, segment_ids)``.
 
     The attention branch honours ``segment_ids``; the memory branch carries across a row
-    (packing is not supported by the memory yet).
+    (packing is not supported by the memory yet). MAL subclasses it with its own
+    ``init_params`` and ``layer``.
     """
 
-    def __init__(self, config: MagConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        self.parameters = as_variables(init_params(rngs.params(), config))
+    init_params = staticmethod(init_params)
+    layer = staticmethod(mag_layer)
+
+    def __init__(self, cfg: TitansMagConfig, env: MixerEnv, *, rngs: nnx.Rngs):
+        self.config = cfg.mag(env.model)
+        self.place = ContextPlacement(env, cfg.micro_batches)
+        self.parameters = as_variables(self.init_params(rngs.params(), self.config))
 
     def __call__(self, x, positions, segment_ids=None):
-        return mag_layer(as_arrays(self.parameters), x, positions, segment_ids, config=self.config)
+        y = self.layer(as_arrays(self.parameters), x.astype(jnp.float32), positions, segment_ids,
+                       config=self.config, split=self.place(x))
+        return y.astype(x.dtype)

@@ -1,4 +1,5 @@
-"""The Titans LMM (memory alone) as a model token mixer, and the bridge from functional params to NNX.
+"""The Titans LMM (memory alone) as a model token mixer (``titans_lmm``), its config section,
+and the bridge from functional params to NNX.
 
 A mixer is called as ``mixer(x [b, l, d_model], positions [b, l], segment_ids [b, l]) -> [b, l, d_model]``.
 Each call is one whole sequence: it starts from :func:`fresh_state` (the learned initial
@@ -6,14 +7,66 @@ memory after the persistent tokens), so the memory's test-time learning never le
 between training steps. Positions are not used: the recurrence orders the tokens.
 ``segment_ids`` must be one document per row (packing is not supported yet); it is
 accepted for the mixer signature.
+
+When the model's sequence strategy splits the sequence over a mesh axis
+(``MixerEnv.sequence_axis``), the memory runs pipelined over that axis
+(:func:`lca.memory.context_parallel.fresh_memory`): the same result as on one device.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from lca.memory.neural_memory import MemoryConfig, fresh_state, init_params, memory_layer
+from lca.config import ConfigError, ModelConfig, choice_error
+from lca.memory.context_parallel import ContextSplit, fresh_memory
+from lca.memory.neural_memory import ACTIVATIONS, MemoryConfig, init_params
+from lca.parallel.sharding import logical_to_spec
+
+if TYPE_CHECKING:
+    from lca.models.mixers import MixerEnv
+
+
+@dataclasses.dataclass(frozen=True)
+class TitansLmmConfig:
+    """``model.mixers.titans_lmm``: the neural memory (:class:`MemoryConfig`) of one layer."""
+
+    memory_heads: int = 1  # independent memory MLPs, each over d_model / memory_heads features
+    depth: int = 2  # layers of each memory MLP (1: linear memory)
+    expansion: int = 2  # hidden width of the memory MLP / its input width
+    chunk_size: int = 16  # tokens whose gradients share the chunk-start weights (1: fully online)
+    conv_kernel: int = 4  # causal depthwise conv after the q/k/v projections (0: none)
+    persistent: int = 0  # learned persistent memory tokens the memory sees first
+    max_lr: float = 0.1  # upper bound of the data-dependent learning rate theta
+    activation: str = "silu"  # of the memory MLP: silu | gelu | tanh
+    micro_batches: int = 1  # on a context-split mesh: pipeline micro-batches per device's rows
+
+    def memory(self, d_model: int) -> MemoryConfig:
+        return MemoryConfig(
+            d_model=d_model, num_heads=self.memory_heads, depth=self.depth, expansion=self.expansion,
+            chunk_size=self.chunk_size, conv_kernel=self.conv_kernel, num_persistent=self.persistent,
+            max_lr=self.max_lr, activation=self.activation,
+        )
+
+    def check(self, key: str, model: ModelConfig) -> None:
+        for name in ("memory_heads", "depth", "expansion", "chunk_size", "micro_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{key}.{name}' must be an int >= 1, got {getattr(self, name)!r}.")
+        for name in ("conv_kernel", "persistent"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config key '{key}.{name}' must be an int >= 0, got {getattr(self, name)!r}.")
+        if not self.max_lr > 0:
+            raise ConfigError(f"config key '{key}.max_lr' must be > 0, got {self.max_lr!r}.")
+        if self.activation not in ACTIVATIONS:
+            raise choice_error(f"{key}.activation", self.activation, list(ACTIVATIONS))
+        if model.d_model % self.memory_heads:
+            raise ConfigError(
+                f"config key '{key}.memory_heads' ({self.memory_heads}) must divide model.d_model ({model.d_model})."
+            )
 
 
 def as_variables(tree):
@@ -34,14 +87,32 @@ def as_arrays(node):
     return node[...]
 
 
+class ContextPlacement:
+    """Decides, per call, where the memory of a mixer runs: one device, or pipelined over a mesh axis."""
+
+    def __init__(self, env: MixerEnv, micro_batches: int):
+        self.mesh, self.axis, self.micro_batches = env.mesh, env.sequence_axis(), micro_batches
+        self.batch_rules = {"batch": [a for a in env.shard.rules.get("batch", ()) if a != self.axis]}
+
+    def __call__(self, x: jax.Array) -> ContextSplit | None:
+        if self.axis is None:
+            return None
+        # the rows go over the batch axes that divide this batch (as the activations' rules do)
+        spec = logical_to_spec(("batch",), self.batch_rules, self.mesh, x.shape[:1])[0]
+        batch_axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+        return ContextSplit(self.mesh, self.axis, batch_axes, self.micro_batches)
+
+
 class MemoryMixer(nnx.Module):
     """Neural long-term memory layer with the mixer call signature (Titans "LMM")."""
 
-    def __init__(self, config: MemoryConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        self.parameters = as_variables(init_params(rngs.params(), config))
+    def __init__(self, cfg: TitansLmmConfig, env: MixerEnv, *, rngs: nnx.Rngs):
+        self.config = cfg.memory(env.model.d_model)
+        self.place = ContextPlacement(env, cfg.micro_batches)
+        self.parameters = as_variables(init_params(rngs.params(), self.config))
 
     def __call__(self, x: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None):
         del positions, segment_ids  # see module docstring
         params = as_arrays(self.parameters)
-        return memory_layer(params, fresh_state(params, self.config, x.shape[0]), x, config=self.config)[0]
+        y = fresh_memory(params, x.astype(jnp.float32), config=self.config, split=self.place(x))
+        return y.astype(x.dtype)

@@ -32,6 +32,11 @@ from typing import Callable
 import jax
 
 from lca.config import ConfigError, ModelConfig, choice_error
+from lca.memory.mac import MacMixer, TitansMacConfig
+from lca.memory.mag import MagMixer, TitansMagConfig
+from lca.memory.mal import MalMixer, TitansMalConfig
+from lca.memory.mixer import MemoryMixer, TitansLmmConfig
+from lca.models import strategies
 from lca.models.gqa import Attention, GlobalAttentionConfig, LocalAttentionConfig
 from lca.models.landmark import LandmarkAttention, LandmarkConfig
 from lca.parallel.sharding import Sharder
@@ -48,6 +53,13 @@ class MixerEnv:
     mesh: jax.sharding.Mesh | None
     shard: Sharder  # constrains activations to the mesh layout by logical axis names
 
+    def sequence_axis(self) -> str | None:
+        """The mesh axis the model's sequence strategy splits the sequence over; None if not split.
+
+        A recurrent mixer (Titans memory) passes its state along this axis.
+        """
+        return strategies.split_axis(self.model, self.mesh)
+
 
 @dataclasses.dataclass(frozen=True)
 class Mixer:
@@ -59,6 +71,10 @@ MIXERS: dict[str, Mixer] = {
     "global": Mixer(GlobalAttentionConfig, Attention),
     "local": Mixer(LocalAttentionConfig, Attention),
     "landmark": Mixer(LandmarkConfig, LandmarkAttention),
+    "titans_lmm": Mixer(TitansLmmConfig, MemoryMixer),  # Titans neural memory alone
+    "titans_mag": Mixer(TitansMagConfig, MagMixer),  # memory gating sliding-window attention
+    "titans_mal": Mixer(TitansMalConfig, MalMixer),  # memory, then sliding-window attention
+    "titans_mac": Mixer(TitansMacConfig, MacMixer),  # segment attention over retrieved memory
 }
 
 

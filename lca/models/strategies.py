@@ -150,13 +150,16 @@ class Strategy:
     # Splits the sequence over a mesh and runs the implementation's step functions
     # (LocalImpl.forward/backward) on shards; otherwise it calls LocalImpl.attention.
     shards: bool = True
+    # (section) -> the mesh axis over which the sequence is cut into contiguous shards, in
+    # order (recurrent mixers pass their state along it); None: the sequence is not split.
+    axis: Callable | None = None
 
 
 STRATEGIES: dict[str, Strategy] = {
     "none": Strategy(NoneConfig, _build_none, _none_multiple, shards=False),
-    "ring": Strategy(RingConfig, _build_ring, _ring_multiple),
-    "ulysses": Strategy(UlyssesConfig, _build_ulysses, _ulysses_multiple),
-    "usp": Strategy(UspConfig, _build_usp, _usp_multiple),
+    "ring": Strategy(RingConfig, _build_ring, _ring_multiple, axis=lambda s: s.axis),
+    "ulysses": Strategy(UlyssesConfig, _build_ulysses, _ulysses_multiple, axis=lambda s: s.axis),
+    "usp": Strategy(UspConfig, _build_usp, _usp_multiple, axis=lambda s: s.ring_axis),
 }
 AUTO = "auto"
 
@@ -197,6 +200,16 @@ def strategy_multiple(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> int
         return 1
     name = resolve(model, mesh)
     return STRATEGIES[name].multiple(model.strategies[name], mesh)
+
+
+def split_axis(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> str | None:
+    """The mesh axis the resolved strategy splits the sequence over on ``mesh``; None if not split."""
+    if mesh is None:
+        return None
+    name = resolve(model, mesh)
+    strategy = STRATEGIES[name]
+    axis = strategy.axis(model.strategies[name]) if strategy.axis else None
+    return axis if axis is not None and mesh.shape.get(axis, 1) > 1 else None
 
 
 def check(model: ModelConfig, mesh_axes: tuple[str, ...]) -> None:

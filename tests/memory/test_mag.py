@@ -6,15 +6,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from einops import rearrange
 from flax import nnx
 
+from lca.config import ModelConfig
 from lca.memory import mag
 from lca.memory import neural_memory as nm
-from lca.models.rope import apply_rope
+from lca.models.mixers import MixerEnv
+from lca.parallel.sharding import Sharder
+from tests.memory.dense import assert_gradients_reach_every_parameter, dense_attention_branch
 
 MEMORY = nm.MemoryConfig(d_model=16, num_heads=2, chunk_size=4, conv_kernel=2, num_persistent=3)
 CONFIG = mag.MagConfig(memory=MEMORY, num_heads=2, window=4)
+SECTION = mag.TitansMagConfig(memory_heads=2, chunk_size=4, conv_kernel=2, persistent=3, window=4)
+ENV = MixerEnv(model=ModelConfig(d_model=16, num_heads=2), attend=None, mesh=None, shard=Sharder())
+
+
+def test_section_gives_the_mag_config():
+    assert SECTION.mag(ENV.model) == CONFIG
 
 
 def _setup(length=13, config=CONFIG):
@@ -24,27 +32,9 @@ def _setup(length=13, config=CONFIG):
     return params, x, positions
 
 
-def _dense_attention_branch(params, x, positions, config):
-    """[P || x] attention written out: P visible to all, x causal within the window."""
-    h = config.num_heads
-    split = lambda z: (rearrange(t, "b l (h d) -> b l h d", h=h) for t in jnp.split(z, 3, -1))  # noqa: E731
-    q, k, v = split(x @ params["w_qkv"])
-    q, k = apply_rope(q, positions, config.rope_theta), apply_rope(k, positions, config.rope_theta)
-    p = params["memory"]["persistent"]
-    _, pk, pv = split(jnp.broadcast_to(p, (x.shape[0],) + p.shape) @ params["w_qkv"])
-    keys, values = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys) / jnp.sqrt(q.shape[-1])
-    i, j = jnp.arange(x.shape[1])[:, None], jnp.arange(x.shape[1])[None]
-    seq_visible = (j <= i) & (i - j < config.window)
-    visible = jnp.concatenate([jnp.ones((x.shape[1], p.shape[0]), bool), seq_visible], 1)
-    probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), -1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, values)
-    return rearrange(out, "b l h d -> b l (h d)") @ params["w_out"]
-
-
 def test_mag_equals_dense_composition():
     params, x, positions = _setup()
-    a = _dense_attention_branch(params, x, positions, CONFIG)
+    a = dense_attention_branch(params, x, positions, CONFIG)
     m, _ = nm.memory_layer(params["memory"], nm.fresh_state(params["memory"], MEMORY, 2), x, config=MEMORY)
     rms = lambda z: z / jnp.sqrt(jnp.mean(z * z, -1, keepdims=True) + 1e-6)  # noqa: E731
     want = rms(a) * params["gain_attn"] * jax.nn.sigmoid(rms(m) * params["gain_memory"])
@@ -62,13 +52,10 @@ def test_future_tokens_do_not_change_earlier_outputs():
 
 
 def test_mag_mixer_gradients_reach_every_parameter():
-    mixer = mag.MagMixer(CONFIG, rngs=nnx.Rngs(0))
+    mixer = mag.MagMixer(SECTION, ENV, rngs=nnx.Rngs(0))
     _, x, positions = _setup(length=9)
-    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x, positions, None) ** 2)))(mixer)
-    leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))
-    assert len(leaves) == 4 + 6 + 2  # attention + memory projections/gates/conv/persistent + memory MLP
-    for g in leaves:
-        assert np.all(np.isfinite(g)) and np.any(g != 0)
+    # attention + memory projections/gates/conv/persistent + memory MLP
+    assert_gradients_reach_every_parameter(mixer, x, positions, 4 + 6 + 2)
 
 
 @pytest.mark.parametrize("field, value", [("num_heads", 3), ("window", 0)])

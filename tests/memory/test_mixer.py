@@ -5,14 +5,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lca.config import ModelConfig
 from lca.memory import neural_memory as nm
-from lca.memory.mixer import MemoryMixer, as_arrays
+from lca.memory.mixer import MemoryMixer, TitansLmmConfig, as_arrays
+from lca.models.mixers import MixerEnv
+from lca.parallel.sharding import Sharder
 
 CONFIG = nm.MemoryConfig(d_model=16, num_heads=2, chunk_size=4, num_persistent=2)
+SECTION = TitansLmmConfig(memory_heads=2, chunk_size=4, persistent=2)
+ENV = MixerEnv(model=ModelConfig(d_model=16), attend=None, mesh=None, shard=Sharder())
+
+
+def test_section_gives_the_memory_config():
+    assert SECTION.memory(16) == CONFIG
 
 
 def test_mixer_is_the_functional_layer_from_a_fresh_state():
-    mixer = MemoryMixer(CONFIG, rngs=nnx.Rngs(0))
+    mixer = MemoryMixer(SECTION, ENV, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 16))
     positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
     y = nnx.jit(lambda m, x, p: m(x, p, jnp.zeros_like(p)))(mixer, x, positions)
@@ -23,7 +32,7 @@ def test_mixer_is_the_functional_layer_from_a_fresh_state():
 
 
 def test_mixer_gradients_reach_every_parameter():
-    mixer = MemoryMixer(CONFIG, rngs=nnx.Rngs(0))
+    mixer = MemoryMixer(SECTION, ENV, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.PRNGKey(2), (1, 7, 16))
     grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) ** 2)))(mixer)
     leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))

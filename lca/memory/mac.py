@@ -1,0 +1,154 @@
+"""Titans MAC, memory as context (paper Sec. 4.1): segment attention over [persistent || retrieved || segment].
+
+The sequence ``x [b, l, d_model]`` is cut into segments ``S_t`` of ``segment`` tokens.
+For each segment, in order, with the memory ``M_{t-1}`` left by the segments before:
+
+    h_t = M*_{t-1}(q_t)              retrieval, no update; q_t = l2norm(SiLU(S_t W_r)) per memory head
+    y_t = Attn([P || h_t || S_t])    queries from S_t; P visible to every query,
+                                     h_t and S_t causal (query i sees positions j <= i)
+    M_t = M_{t-1} learning from y_t  the neural memory's update (:mod:`lca.memory.neural_memory`)
+    o_t = y_t * sigmoid(m_t)         m_t = the memory's output on y_t
+
+The retrieved token ``h_t[j]`` is computed from ``S_t[j]``, so it is masked causally
+like ``S_t`` itself: attending to ``h_t[j > i]`` would read the future.
+Departures from the paper, and why: the paper writes ``o_t = y_t (x) M*_t(y_t)``; we
+gate with a sigmoid (as in our MAG) so the product stays bounded; RoPE is applied to
+the queries and to the keys of ``h_t`` and ``S_t`` at the tokens' positions, the
+persistent keys are not rotated. Segments run in a ``lax.scan``; on a context-split
+mesh the segments are not pipelined (XLA computes the global scan: exact, not sharded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from lca.config import ConfigError, ModelConfig
+from lca.memory import neural_memory as nm
+from lca.memory.mag import check_rope_heads, check_rope_section
+from lca.memory.mixer import TitansLmmConfig, as_arrays, as_variables
+from lca.models.rope import apply_rope
+
+if TYPE_CHECKING:
+    from lca.models.mixers import MixerEnv
+
+
+@dataclasses.dataclass(frozen=True)
+class MacConfig:
+    """MAC layer: a neural memory read as context by attention over ``segment``-token segments."""
+
+    memory: nm.MemoryConfig
+    num_heads: int = 2
+    segment: int = 64
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        check_rope_heads("MacConfig", self.memory.d_model, self.num_heads)
+        if not isinstance(self.segment, int) or self.segment < 1:
+            raise ValueError(f"MacConfig.segment must be a positive int, got {self.segment!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TitansMacConfig(TitansLmmConfig):
+    """``model.mixers.titans_mac``: the memory's fields, and the attention's segment length.
+
+    The attention has ``model.num_heads`` heads of width ``d_model / num_heads``.
+    """
+
+    segment: int = 64  # tokens per segment; attention spans [persistent || retrieved || segment]
+
+    def check(self, key: str, model: ModelConfig) -> None:
+        super().check(key, model)
+        if self.segment < 1:
+            raise ConfigError(f"config key '{key}.segment' must be an int >= 1, got {self.segment!r}.")
+        check_rope_section(key, model)
+
+    def mac(self, model: ModelConfig) -> MacConfig:
+        return MacConfig(memory=self.memory(model.d_model), num_heads=model.num_heads, segment=self.segment,
+                         rope_theta=model.rope_theta)
+
+
+def init_params(key: jax.Array, config: MacConfig) -> dict:
+    d, inner = config.memory.d_model, config.memory.inner
+    k_mem, k_ret, k_qkv, k_out = jax.random.split(key, 4)
+    return {
+        "memory": nm.init_params(k_mem, config.memory),
+        "w_retrieve": jax.random.normal(k_ret, (d, inner), jnp.float32) / jnp.sqrt(d),
+        "w_qkv": jax.random.normal(k_qkv, (d, 3 * d), jnp.float32) / jnp.sqrt(d),
+        "w_out": jax.random.normal(k_out, (d, d), jnp.float32) / jnp.sqrt(d),
+    }
+
+
+def mac_mask(num_persistent: int, segment: int) -> jax.Array:
+    """``[segment, num_persistent + 2 * segment]`` bool: which of [P || h || S] each query may see."""
+    causal = jnp.tril(jnp.ones((segment, segment), bool))
+    return jnp.concatenate([jnp.ones((segment, num_persistent), bool), causal, causal], axis=1)
+
+
+def retrieve_context(params: dict, state: nm.MemoryState, s: jax.Array, config: MacConfig) -> jax.Array:
+    """``h = M*(q)`` for the segment ``s [b, c, d_model]``, no update -> ``[b, c, d_model]``."""
+    mem = config.memory
+    q = rearrange(jax.nn.silu(s @ params["w_retrieve"]), "b c (h d) -> b c h d", h=mem.num_heads)
+    # smooth at q = 0 (the zero padding of a last partial segment), unlike dividing by the norm
+    q = q * jax.lax.rsqrt(jnp.sum(q * q, axis=-1, keepdims=True) + 1e-12)
+    h = nm.retrieve(state, q, config=mem)
+    return rearrange(h, "b c h d -> b c (h d)") @ params["memory"]["w_out"]
+
+
+def segment_attention(params: dict, s, h, positions, config: MacConfig) -> jax.Array:
+    """Attention of ``s [b, c, d_model]`` over [P || h || s] under :func:`mac_mask` -> ``[b, c, d_model]``."""
+    heads = lambda z: rearrange(z, "b l (h d) -> b l h d", h=config.num_heads)  # noqa: E731
+    q, k, v = (heads(t) for t in jnp.split(s @ params["w_qkv"], 3, axis=-1))
+    _, hk, hv = (heads(t) for t in jnp.split(h @ params["w_qkv"], 3, axis=-1))
+    q, k, hk = (apply_rope(t, positions, config.rope_theta) for t in (q, k, hk))
+    keys, values = [hk, k], [hv, v]
+    persistent = params["memory"].get("persistent")
+    if persistent is not None:
+        p = jnp.broadcast_to(persistent, (s.shape[0],) + persistent.shape)
+        _, pk, pv = (heads(t) for t in jnp.split(p @ params["w_qkv"], 3, axis=-1))
+        keys, values = [pk, *keys], [pv, *values]
+    keys, values = jnp.concatenate(keys, axis=1), jnp.concatenate(values, axis=1)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys) / jnp.sqrt(q.shape[-1])
+    mask = mac_mask(0 if persistent is None else persistent.shape[0], s.shape[1])
+    probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, values)
+    return rearrange(out, "b c h d -> b c (h d)") @ params["w_out"]
+
+
+def mac_layer(params: dict, x: jax.Array, positions: jax.Array, segment_ids=None, *, config: MacConfig):
+    """One MAC layer on a whole sequence ``x [b, l, d_model]`` -> ``[b, l, d_model]``.
+
+    ``segment_ids`` is accepted for the mixer signature; one document per row (as the memory).
+    """
+    del segment_ids
+    b, length, _ = x.shape
+    c = config.segment
+    pad = -length % c  # zeros after the end: causal, so they change nothing before it
+    xs = rearrange(jnp.pad(x, ((0, 0), (0, pad), (0, 0))), "b (n c) d -> n b c d", c=c)
+    ps = rearrange(jnp.pad(positions, ((0, 0), (0, pad))), "b (n c) -> n b c", c=c)
+
+    def step(state, inputs):
+        s, pos = inputs
+        y = segment_attention(params, s, retrieve_context(params, state, s, config), pos, config)
+        m, state = nm.memory_layer(params["memory"], state, y, config=config.memory)
+        return state, y * jax.nn.sigmoid(m)
+
+    _, out = jax.lax.scan(step, nm.fresh_state(params["memory"], config.memory, b), (xs, ps))
+    return rearrange(out, "n b c d -> b (n c) d")[:, :length]
+
+
+class MacMixer(nnx.Module):
+    """MAC with the mixer call signature ``mixer(x, positions, segment_ids)``."""
+
+    def __init__(self, cfg: TitansMacConfig, env: MixerEnv, *, rngs: nnx.Rngs):
+        self.config = cfg.mac(env.model)
+        self.parameters = as_variables(init_params(rngs.params(), self.config))
+
+    def __call__(self, x, positions, segment_ids=None):
+        y = mac_layer(as_arrays(self.parameters), x.astype(jnp.float32), positions, segment_ids, config=self.config)
+        return y.astype(x.dtype)
