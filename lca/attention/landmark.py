@@ -78,6 +78,7 @@ from einops import rearrange
 
 from lca.attention import inputs
 from lca.attention.mask import segment_visible
+from lca.attention.static import positive_int
 from lca.attention.vjp import attention_vjp
 
 SELECTIONS = ("per_head", "shared")
@@ -106,14 +107,13 @@ def _check_causal(causal):
 def _check_kv_block(kv_block, block_size: int) -> int:
     if kv_block is None:
         return block_size
-    if isinstance(kv_block, bool) or not isinstance(kv_block, (int, np.integer)) or kv_block < 1:
-        raise ValueError(f"kv_block must be a positive int, got {kv_block!r}.")
+    kv_block = positive_int("kv_block", kv_block)
     if kv_block % block_size:
         raise ValueError(
             f"kv_block={kv_block} must be a multiple of block_size={block_size}: each attention block holds "
             f"whole landmark blocks; use e.g. kv_block={block_size * max(1, kv_block // block_size)}."
         )
-    return int(kv_block)
+    return kv_block
 
 
 def _check_aligned_positions(kv_pos, block_size: int):
@@ -559,8 +559,7 @@ def empty_block_cache(batch: int, block_size: int, num_kv_heads: int, head_dim: 
                       capacity: int | None = None) -> BlockCache:
     """A cache holding no block yet."""
     block_size = _check_block_size(block_size)
-    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
-        raise ValueError(f"capacity must be a positive int (blocks kept) or None (unbounded), got {capacity!r}.")
+    capacity = positive_int("capacity", capacity, allow_none=True, hint=" (blocks kept; None: unbounded)")
     shape = (batch, 0, block_size, num_kv_heads, head_dim)
     return BlockCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), capacity)
 
