@@ -14,8 +14,14 @@ like ``S_t`` itself: attending to ``h_t[j > i]`` would read the future.
 Departures from the paper, and why: the paper writes ``o_t = y_t (x) M*_t(y_t)``; we
 gate with a sigmoid (as in our MAG) so the product stays bounded; RoPE is applied to
 the queries and to the keys of ``h_t`` and ``S_t`` at the tokens' positions, the
-persistent keys are not rotated. Segments run in a ``lax.scan``; on a context-split
-mesh the segments are not pipelined (XLA computes the global scan: exact, not sharded).
+persistent keys are not rotated.
+
+Segments run in a ``lax.scan``. On a context-split mesh (``split``) each device runs
+the segments of its shard and hands the memory state on, pipelined over micro-batches
+(:func:`lca.memory.context_parallel.context_parallel`): the same result as one device.
+That needs each device's shard to be whole segments (``l / devices`` a multiple of
+``segment``); otherwise XLA runs the global scan on the gathered sequence (exact, not
+sharded).
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from flax import nnx
 
 from lca.config import ConfigError, ModelConfig
 from lca.memory import neural_memory as nm
+from lca.memory.context_parallel import ContextSplit, context_parallel
 from lca.memory.mag import check_rope_heads, check_rope_section
-from lca.memory.mixer import TitansLmmConfig, as_arrays, as_variables
+from lca.memory.mixer import ContextPlacement, TitansLmmConfig, as_arrays, as_variables
 from lca.models.rope import apply_rope
 
 if TYPE_CHECKING:
@@ -120,17 +127,11 @@ def segment_attention(params: dict, s, h, positions, config: MacConfig) -> jax.A
     return rearrange(out, "b c h d -> b c (h d)") @ params["w_out"]
 
 
-def mac_layer(params: dict, x: jax.Array, positions: jax.Array, segment_ids=None, *, config: MacConfig):
-    """One MAC layer on a whole sequence ``x [b, l, d_model]`` -> ``[b, l, d_model]``.
-
-    ``segment_ids`` is accepted for the mixer signature; one document per row (as the memory).
-    """
-    del segment_ids
-    b, length, _ = x.shape
+def mac_segments(params: dict, state: nm.MemoryState, x, positions, *, config: MacConfig):
+    """MAC over whole segments from ``state``: ``x [b, n * segment, d_model]`` -> ``(y alike, end state)``."""
     c = config.segment
-    pad = -length % c  # zeros after the end: causal, so they change nothing before it
-    xs = rearrange(jnp.pad(x, ((0, 0), (0, pad), (0, 0))), "b (n c) d -> n b c d", c=c)
-    ps = rearrange(jnp.pad(positions, ((0, 0), (0, pad))), "b (n c) -> n b c", c=c)
+    xs = rearrange(x, "b (n c) d -> n b c d", c=c)
+    ps = rearrange(positions, "b (n c) -> n b c", c=c)
 
     def step(state, inputs):
         s, pos = inputs
@@ -138,8 +139,30 @@ def mac_layer(params: dict, x: jax.Array, positions: jax.Array, segment_ids=None
         m, state = nm.memory_layer(params["memory"], state, y, config=config.memory)
         return state, y * jax.nn.sigmoid(m)
 
-    _, out = jax.lax.scan(step, nm.fresh_state(params["memory"], config.memory, b), (xs, ps))
-    return rearrange(out, "n b c d -> b (n c) d")[:, :length]
+    state, out = jax.lax.scan(step, state, (xs, ps))
+    return rearrange(out, "n b c d -> b (n c) d"), state
+
+
+def mac_layer(
+    params: dict, x: jax.Array, positions: jax.Array, segment_ids=None, *, config: MacConfig,
+    split: ContextSplit | None = None,
+):
+    """One MAC layer on a whole sequence ``x [b, l, d_model]`` -> ``[b, l, d_model]``.
+
+    ``segment_ids`` is accepted for the mixer signature; one document per row (as the memory).
+    ``split``: pipeline the segments over a mesh axis (the same result; see the module docstring).
+    """
+    del segment_ids
+    b, length, _ = x.shape
+    c = config.segment
+    fresh = lambda p, rows: nm.fresh_state(p["memory"], config.memory, rows)  # noqa: E731
+    if split is not None and length % (split.mesh.shape[split.axis] * c) == 0:
+        run = lambda p, state, xp: mac_segments(p, state, *xp, config=config)  # noqa: E731
+        return context_parallel(run, fresh, params, (x, positions), mesh=split.mesh, axis_name=split.axis,
+                                micro_batches=split.micro_batches, batch_axes=split.batch_axes)
+    pad = -length % c  # zeros after the end: causal, so they change nothing before it
+    x, positions = jnp.pad(x, ((0, 0), (0, pad), (0, 0))), jnp.pad(positions, ((0, 0), (0, pad)))
+    return mac_segments(params, fresh(params, b), x, positions, config=config)[0][:, :length]
 
 
 class MacMixer(nnx.Module):
@@ -147,8 +170,10 @@ class MacMixer(nnx.Module):
 
     def __init__(self, cfg: TitansMacConfig, env: MixerEnv, *, rngs: nnx.Rngs):
         self.config = cfg.mac(env.model)
+        self.place = ContextPlacement(env, cfg.micro_batches)
         self.parameters = as_variables(init_params(rngs.params(), self.config))
 
     def __call__(self, x, positions, segment_ids=None):
-        y = mac_layer(as_arrays(self.parameters), x.astype(jnp.float32), positions, segment_ids, config=self.config)
+        y = mac_layer(as_arrays(self.parameters), x.astype(jnp.float32), positions, segment_ids, config=self.config,
+                      split=self.place(x))
         return y.astype(x.dtype)

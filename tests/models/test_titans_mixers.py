@@ -88,16 +88,16 @@ def test_pattern_mixing_titans_and_attention_is_causal():
 
 @pytest.mark.parametrize("kind", ["titans_lmm", "titans_mag", "titans_mac"])  # MAL's memory runs as MAG's
 def test_context_split_model_equals_one_device(kind):
-    """On data=2 x context=4 with ring attention: LMM/MAG/MAL pipeline the memory over 'context';
-    MAC's segment scan runs on the global arrays (XLA gathers the sequence)."""
+    """On data=2 x context=4 with ring attention: LMM/MAG/MAL pipeline the memory over 'context',
+    MAC its segments (4 tokens per device: one segment each)."""
+    segment = ["model.mixers.titans_mac.segment=4"] if kind == "titans_mac" else []
     cfg = load_config("tiny", _overrides(kind, "mesh.data=2", "mesh.fsdp=1", "mesh.context=4",
                                          f"model.mixers.{kind}.micro_batches=2",
-                                         f"model.mixers.{kind}.persistent=3"))  # chunks unaligned with shards
+                                         f"model.mixers.{kind}.persistent=3", *segment))  # chunks unaligned
     mesh = make_mesh(data=2, context=4, axis_types="auto")
     split = make_model(cfg, mesh)
-    if kind != "titans_mac":
-        assert split.block_0.attn.place.axis == "context"
-        assert split.block_0.attn.place(jnp.zeros((4, 16, 32))).batch_axes == ("data",)
+    assert split.block_0.attn.place.axis == "context"
+    assert split.block_0.attn.place(jnp.zeros((4, 16, 32))).batch_axes == ("data",)
     args = _inputs()
     with jax.set_mesh(mesh):
         got = jax.jit(lambda t, p, s: split(t, p, s))(*args)
