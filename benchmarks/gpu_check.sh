@@ -2,8 +2,9 @@
 # The GPU check of issue 15, one script for one short lease on one H100/H200 (< 8 minutes):
 #   (a) tests/kernels/test_gpu.py, the kernel tests at real sizes in bf16;
 #   (b) benchmarks/kernels.py --sizes issue: lca's kernels vs cuDNN and JAX's Mosaic GPU/Triton examples;
-#   (c) benchmarks/train_gpu.py: a training step of the 104M decoder at 32k tokens per attention impl.
-# It writes benchmarks/results/kernels_<device>.md/.png and train_gpu_<device>.md, and copies them
+#   (c) benchmarks/train_gpu.py: a training step of the 104M decoder at 32k tokens per attention impl,
+#       with a per-op time table of its last two steps (lca.train.profile).
+# It writes benchmarks/results/kernels_<device>.md/.png and train_gpu_<device>{,_ops}.md, and copies them
 # with the three logs into $OUT when that is set (the device tool brings $OUT back).
 #
 # The GPU image (Python 3.12, jax 0.11.2, no network) lacks grain, omegaconf and tensorboardX:
@@ -59,13 +60,13 @@ if [[ $DRY == 1 ]]; then
     -k "lowers or bf16" -q -x -m "slow or not slow"
   (cd benchmarks && stage kernels "$KERNELS_S" python3 kernels.py --smoke --results "$RESULTS")
   (cd benchmarks && stage train "$TRAIN_S" python3 train_gpu.py --smoke --steps 3 --impls pallas,blockwise \
-    --results "$RESULTS")
+    --profile --results "$RESULTS")
 else
   stage gpu_tests "$TESTS_S" python3 -m pytest tests/kernels/test_gpu.py -q -m "slow or not slow"
   (cd benchmarks && stage kernels "$KERNELS_S" python3 kernels.py --sizes issue --budget-s $((KERNELS_S - 50)) \
     --results "$RESULTS")
   (cd benchmarks && stage train "$TRAIN_S" python3 train_gpu.py --steps 5 --impls pallas,cudnn,blockwise \
-    --results "$RESULTS")
+    --profile --results "$RESULTS")
 fi
 # Subshell stages cannot set $status: read their logs' exit lines instead.
 for name in kernels train; do

@@ -13,6 +13,7 @@ Writes ``benchmarks/results/train_gpu_<device>.md`` (``--results`` another folde
 
     python benchmarks/train_gpu.py
     python benchmarks/train_gpu.py --smoke --results /tmp/out
+    python benchmarks/train_gpu.py --profile        # + per-op time tables (train_gpu_<device>_ops.md)
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ COMMON = ["train.global_batch=1", "train.warmup_steps=1", "train.log_every=1", "
           "checkpoint.enabled=false", "eval.at_end=false", "mesh.data=1", "runtime.cpu_devices=1"]
 
 
-def measure(impl: str, steps: int, smoke: bool, run_dir: pathlib.Path) -> dict:
+def measure(impl: str, steps: int, smoke: bool, run_dir: pathlib.Path, profile: bool = False) -> dict:
     overrides = [f"run_dir={run_dir}", f"model.attention.impl={impl}", f"train.steps={steps}",
                  *(TINY if smoke else MODEL_104M), *COMMON]
+    if profile:  # trace the last two steps: lca.train.profile writes RUN_DIR/profile/ops.md
+        overrides += [f"train.profile_at={max(steps - 1, 2)}", "train.profile_steps=2"]
     try:
         cfg = load_config("base", overrides)
     except ConfigError as err:
@@ -59,6 +62,8 @@ def measure(impl: str, steps: int, smoke: bool, run_dir: pathlib.Path) -> dict:
         return {"impl": impl, "note": f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"}
     records = list(read_metrics(run_dir).values())[1:]  # the first step warms up
     row = {"impl": impl, "note": "", "wall_s": time.perf_counter() - t0, "steps": len(records)}
+    ops = run_dir / "profile" / "ops.md"
+    row["ops"] = ops.read_text() if ops.is_file() else None
     for key in ("step_time_s", "tokens_per_s", "tflops_per_device", "mfu"):
         values = [r[key] for r in records if key in r]
         row[key] = statistics.median(values) if values else None
@@ -93,6 +98,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated (default {','.join(IMPLS)})")
     parser.add_argument("--results", type=pathlib.Path, default=None, help=f"output folder (default {RESULTS})")
+    parser.add_argument("--profile", action="store_true",
+                        help="trace the last two steps of each impl; per-op time tables in train_gpu_<device>_ops.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = jax.devices()[0]
@@ -105,11 +112,17 @@ def main():
     rows = []
     for impl in args.impls.split(","):
         with tempfile.TemporaryDirectory(prefix=f"train_gpu_{impl}_") as run_dir:
-            rows.append(measure(impl, args.steps, args.smoke, pathlib.Path(run_dir)))
-        print(rows[-1], flush=True)
+            rows.append(measure(impl, args.steps, args.smoke, pathlib.Path(run_dir), args.profile))
+        print({k: v for k, v in rows[-1].items() if k != "ops"}, flush=True)
         if write:  # after every impl: a run stopped by its time limit keeps what it measured
             results.mkdir(parents=True, exist_ok=True)
             path.write_text(_markdown(rows, device.device_kind, args.smoke))
+            if args.profile:
+                ops = [f"## {r['impl']}\n\n{r['ops']}" for r in rows if r.get("ops")]
+                ops_path = path.with_name(path.stem + "_ops.md")
+                ops_path.write_text(f"# Per-op time of the training step: {device.device_kind}\n\n"
+                                    f"Machine: {describe()}. From lca.train.profile (train.profile_at).\n\n"
+                                    + "\n".join(ops))
     print(f"wrote {path}" if write else f"smoke run: {len(rows)} impls, nothing written")
 
 

@@ -144,6 +144,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     progress_bar: bool = True  # only drawn on a terminal
+    # Trace steps profile_at .. profile_at + profile_steps - 1 (from 1; >= 2 leaves compilation
+    # out) into RUN_DIR/profile/, with a per-op time table ops.md (lca.train.profile). 0: off.
+    profile_at: int = 0
+    profile_steps: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,7 +366,7 @@ def _check_train_values(cfg: Config) -> None:
         "train.steps": t.steps, "train.seq_len": t.seq_len, "train.global_batch": t.global_batch,
         "train.grad_accum": t.grad_accum, "train.log_every": t.log_every, "checkpoint.every": cfg.checkpoint.every,
         "checkpoint.keep": cfg.checkpoint.keep, "eval.batch": e.batch, "eval.num_batches": e.num_batches,
-        "eval.samples_per_cell": e.samples_per_cell,
+        "eval.samples_per_cell": e.samples_per_cell, "train.profile_steps": t.profile_steps,
     }
     for key, value in at_least_one.items():
         if value < 1:
@@ -384,6 +388,9 @@ def _check_train_values(cfg: Config) -> None:
             raise ConfigError(f"config key {key!r} must be in {interval}, got {value!r}; e.g. {key}={example}.")
     if t.warmup_steps < 0:
         raise ConfigError(f"config key 'train.warmup_steps' must be >= 0, got {t.warmup_steps}.")
+    if t.profile_at < 0:
+        raise ConfigError(f"config key 'train.profile_at' must be >= 0 (0: no profile), got {t.profile_at}; "
+                          "e.g. train.profile_at=3 traces steps 3 and 4.")
     if cfg.runtime.cpu_devices < 0:
         raise ConfigError(f"config key 'runtime.cpu_devices' must be >= 0, got {cfg.runtime.cpu_devices}.")
     if e.seq_len is not None and e.seq_len < 2:

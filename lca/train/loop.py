@@ -31,6 +31,7 @@ from lca.models.build import num_params
 from lca.train.checkpoint import Checkpointer, checkpoint_steps, set_aside_names
 from lca.train.evaluate import check_eval, evaluate
 from lca.train.metrics import MetricsWriter, ProgressBar, format_line, plot_loss_curve, throughput
+from lca.train.profile import StepProfiler
 from lca.train.run_dir import check_resume, check_writable
 from lca.train.runtime import initialize_distributed
 from lca.train.setup import (Setup, abstract_batch, build_mesh, check_data, check_fits, compile_step, init_state,
@@ -201,10 +202,13 @@ def _steps(setup: Setup, compiled, flops, state, start: int, data, ckpt, writer,
     pending: list[tuple[int, dict]] = []
     last: dict = {}
     saved = f"the last checkpoint, step {start}, stays in {ckpt.directory}" if start else "no checkpoint was saved"
+    profiler = StepProfiler(Path(cfg.run_dir) / "profile", cfg.train.profile_at, cfg.train.profile_steps)
     try:
         for step in range(start, total):
             batch = to_global_batch(next(data), setup)
+            profiler.before(step + 1)
             state, metrics = compiled(state, batch)
+            profiler.after(step + 1, state)
             pending.append((step + 1, metrics))
             interval.steps += 1
             done = step + 1
@@ -231,6 +235,7 @@ def _steps(setup: Setup, compiled, flops, state, start: int, data, ckpt, writer,
             if stop:
                 _stopped(stop, done, total, ckpt)
     finally:
+        profiler.stop()
         bar.close()
     return state, last
 
