@@ -48,15 +48,18 @@ SLOW_SPLIT_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+ALL_SPLIT_CASES = {**SPLIT_CASES, **SLOW_SPLIT_CASES}
+
+
+@pytest.mark.parametrize("name", list(CASES) + list(SPLIT_CASES))
 def test_portable_matches_reference(name):
-    _run(*CASES[name], backend="gpu_portable")
+    _run(*{**CASES, **SPLIT_CASES}[name], backend="gpu_portable")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(SLOW_CASES))
+@pytest.mark.parametrize("name", list(SLOW_CASES) + list(SLOW_SPLIT_CASES))
 def test_portable_matches_reference_more(name):
-    _run(*SLOW_CASES[name], backend="gpu_portable")
+    _run(*{**SLOW_CASES, **SLOW_SPLIT_CASES}[name], backend="gpu_portable")
 
 
 @pytest.mark.slow
@@ -65,18 +68,7 @@ def test_portable_bf16():
          bound=KERNEL_BF16, grad_bound=KERNEL_BF16_GRAD)
 
 
-# --- the split of the block loops: unmasked blocks seen whole, masked edges --------------
-
-
-@pytest.mark.parametrize("name", list(SPLIT_CASES))
-def test_split_loops_match_reference(name):
-    _run(*SPLIT_CASES[name], backend="gpu_portable")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(SLOW_SPLIT_CASES))
-def test_split_loops_match_reference_more(name):
-    _run(*SLOW_SPLIT_CASES[name], backend="gpu_portable")
+# --- the block plan's runs of blocks seen whole (the loops' unmasked part) --------------
 
 
 _plan = jax.jit(tiles.plan, static_argnums=(2, 3))
@@ -116,10 +108,10 @@ def _run_of(row, last):
     return idx[0], idx[-1]
 
 
-@pytest.mark.parametrize("name", list(SPLIT_CASES) + list(SLOW_SPLIT_CASES))
+@pytest.mark.parametrize("name", list(ALL_SPLIT_CASES))
 def test_plan_runs_are_exactly_the_blocks_seen_whole(name):
     """The unmasked runs hold every block seen whole and nothing else; the cases have masked blocks too."""
-    tiling, mask, plan = _case_plan(*{**SPLIT_CASES, **SLOW_SPLIT_CASES}[name])
+    tiling, mask, plan = _case_plan(*ALL_SPLIT_CASES[name])
     whole = _seen_whole(tiling, mask)
     for i in range(tiling.num_q):
         assert (plan.kv_full_lo[i], plan.kv_full_hi[i]) == _run_of(whole[i], plan.kv_last[i]), (i, whole[i])
