@@ -11,16 +11,28 @@ and differ only in how tiles reach memory. Shapes (one head):
 
 Masking follows :class:`lca.attention.mask.Mask` (positions in the key frame,
 ``softcap`` before masking); a row that sees no key ends with ``l == 0`` and is
-finalised to ``out = 0``, ``lse = -inf``.
+finalised to ``out = 0``, ``lse = -inf``. ``ok=None`` is a tile every query sees
+whole (no ``where`` at all).
+
+``base2=True`` runs the softmax in base 2, as JAX's Triton example kernel does:
+logits come out multiplied by ``log2(e)`` (folded into the one scale multiply),
+``exp2`` replaces ``exp``, and ``m`` is in base-2 units. :func:`finalize` still
+returns the natural-log ``lse``, and the backward takes ``lse * LOG2E``, so
+callers, residuals and ring merges see the same values either way.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax.numpy as jnp
 from jax import lax
 
 from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
+
+LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
 
 # q @ k.T without materialising the transpose.
 _NT = (((1,), (1,)), ((), ()))
@@ -41,46 +53,66 @@ def visible(mask: Mask, q_col, kv_row, kv_valid_row, q_seg_col=None, kv_seg_row=
     return ok
 
 
-def logits(q, k, logit: LogitOptions, ok):
-    """Masked logits ``[bq, bk]`` (``-inf`` where hidden) and the unmasked capped ones."""
+def _exp(base2: bool):
+    return jnp.exp2 if base2 else jnp.exp
+
+
+def logits(q, k, logit: LogitOptions, ok=None, *, base2: bool = False):
+    """Logits ``[bq, bk]`` (``-inf`` where ``ok`` is False) and the softcap's tanh (None without one).
+
+    With ``base2`` the logits are in base-2 units: ``scale * log2(e)`` (or
+    ``softcap * log2(e)`` outside the tanh) is one multiply per element.
+    """
     scores = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
-    capped = logit.apply(scores)
-    return jnp.where(ok, capped, -jnp.inf), capped
+    unit = LOG2E if base2 else 1.0
+    if logit.softcap is None:
+        s, tanh = scores * (logit.scale * unit), None
+    elif base2:
+        tanh = jnp.tanh(scores * (logit.scale / logit.softcap))
+        s = tanh * (logit.softcap * unit)
+    else:  # exactly LogitOptions.apply, so the natural-unit kernels are unchanged
+        s = logit.apply(scores)
+        tanh = s / logit.softcap
+    return (s if ok is None else jnp.where(ok, s, -jnp.inf)), tanh
 
 
-def online_softmax_step(m, l, acc, s, v):
+def online_softmax_step(m, l, acc, s, v, *, base2: bool = False):
     """Fold one key tile's logits ``s [bq, bk]`` and values ``v [bk, d]`` into ``(m, l, acc)``."""
+    exp = _exp(base2)
     m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with no key yet
-    p = jnp.exp(s - m_safe)
-    alpha = jnp.exp(m - m_safe)
+    p = exp(s - m_safe)
+    alpha = exp(m - m_safe)
     l = alpha * l + p.sum(axis=1, keepdims=True)
     pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m_new, l, alpha * acc + pv
 
 
-def finalize(m, l, acc):
-    """``(out [bq, d], lse [bq, 1])`` from the running statistics; 0 / -inf for empty rows."""
+def finalize(m, l, acc, *, base2: bool = False):
+    """``(out [bq, d], lse [bq, 1])`` from the running statistics; 0 / -inf for empty rows.
+
+    ``lse`` is in natural-log units either way (``m`` in the logits' units).
+    """
     has_key = l > 0
     l_safe = jnp.where(has_key, l, 1.0)
-    lse = jnp.where(has_key, m + jnp.log(l_safe), -jnp.inf)
-    return acc / l_safe, lse
+    lse = (m * _LN2 if base2 else m) + jnp.log(l_safe)
+    return acc / l_safe, jnp.where(has_key, lse, -jnp.inf)
 
 
-def probs_and_dlogits(q, k, v, do, lse, delta, logit: LogitOptions, ok):
+def probs_and_dlogits(q, k, v, do, lse, delta, logit: LogitOptions, ok=None, *, base2: bool = False):
     """FlashAttention-2 backward of one tile: ``p [bq, bk]`` and ``ds = dL/dscores [bq, bk]``.
 
-    ``lse``/``delta`` are ``[bq, 1]``: the final log-sum-exp (0 for empty rows,
-    whose logits are all ``-inf``) and ``rowsum(dout * out) - dlse``. ``ds``
-    includes the softcap derivative and the logit scale, so ``dq = ds @ k`` and
-    ``dk = ds.T @ q``.
+    ``lse``/``delta`` are ``[bq, 1]``: the final log-sum-exp in the logits' units
+    (``lse * LOG2E`` with ``base2``; 0 for empty rows, whose logits are all
+    ``-inf``) and ``rowsum(dout * out) - dlse``. ``ds`` includes the softcap
+    derivative and the logit scale, so ``dq = ds @ k`` and ``dk = ds.T @ q``.
     """
-    s, capped = logits(q, k, logit, ok)
-    p = jnp.exp(s - lse)
+    s, tanh = logits(q, k, logit, ok, base2=base2)
+    p = _exp(base2)(s - lse)
     dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
     ds = p * (dp - delta)
-    if logit.softcap is not None:
-        ds = ds * (1.0 - jnp.square(capped / logit.softcap))
+    if tanh is not None:
+        ds = ds * (1.0 - jnp.square(tanh))
     return p, ds * logit.scale
 
 

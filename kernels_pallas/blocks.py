@@ -88,32 +88,70 @@ class Plan:
     warps_bwd: int = 4
 
 
-def _warps(head_dim: int | None) -> int:
-    return 4 if head_dim is None or head_dim <= 64 else 8
+@dataclasses.dataclass(frozen=True)
+class PassTiles:
+    """One kernel pass's ``(block_q, block_kv)`` and warps per program."""
+
+    block_q: int
+    block_kv: int
+    warps: int
 
 
-def default_plan(backend: str, head_dim: int | None = None, limits: GpuLimits | None = None) -> Plan:
+# The Triton-lowered passes (gpu_portable forward and backward, the mosaic_gpu backward) on
+# a known GPU, by the smallest bucket that holds head_dim: (forward, backward). The forward
+# follows JAX's Triton example kernel (jax.experimental.pallas.ops.gpu.attention): 128-query
+# tiles, 4 warps up to head_dim 64 and 8 above; wider heads take shorter tiles so Q, K and
+# the f32 logits and accumulator stay within the register estimate. The backward holds
+# two accumulators (dK, dV) and so takes smaller tiles. Every entry fits every GPU in
+# GPU_LIMITS by :func:`estimate`; none is tuned on hardware yet.
+TRITON_TILES = {
+    32: (PassTiles(128, 128, 4), PassTiles(64, 64, 4)),
+    64: (PassTiles(128, 64, 4), PassTiles(64, 64, 4)),
+    128: (PassTiles(128, 128, 8), PassTiles(64, 64, 8)),
+    256: (PassTiles(64, 64, 8), PassTiles(32, 32, 8)),
+}
+
+
+def triton_tiles(head_dim: int | None) -> tuple[PassTiles, PassTiles]:
+    """The :data:`TRITON_TILES` entry of ``head_dim`` (None: head_dim 128's)."""
+    head_dim = 128 if head_dim is None else head_dim
+    return TRITON_TILES[min((d for d in TRITON_TILES if head_dim <= d), default=max(TRITON_TILES))]
+
+
+def default_plan(backend: str, head_dim: int | None = None, limits: GpuLimits | None = None,
+                 itemsize: int = 2) -> Plan:
     """The ``backend``'s sizes for what a caller leaves as None, forward and backward.
 
-    On a known GPU (``limits``) the defaults are per head_dim: wider tiles and 8
-    warps for head_dim 128 (the shapes JAX's Triton and Mosaic GPU example kernels
-    use), a backward with its own smaller tiles (it holds dK and dV accumulators).
-    These defaults are estimates that fit (see :func:`estimate`), not yet tuned on
-    hardware. Without ``limits`` (CPU, interpret mode): the generic sizes, the
-    backward's equal to the forward's.
+    On a known GPU (``limits``) the Triton-lowered passes take :data:`TRITON_TILES`
+    for the head_dim, forward and backward each with their own tiles and warps,
+    halved where ``itemsize``-byte tiles (float32) would not fit the device; the
+    Mosaic GPU forward keeps its (64, 128) warpgroup tiles (64 keys above
+    head_dim 128). Without ``limits`` (CPU, interpret mode): the generic sizes,
+    the backward's equal to the forward's.
     """
     block_q, block_kv = _DEFAULTS[backend]
     if backend == "mosaic_gpu" and head_dim is not None and head_dim > 128:
         block_kv = 64  # K/V stages must fit in SMEM
     if limits is None or backend == "tpu":
         return Plan(BlockSizes(block_q, block_kv, block_q, block_kv))
-    wide = head_dim is None or head_dim <= 128
-    bwd = (64, 64) if wide else (32, 32)
+    fwd, bwd = triton_tiles(head_dim)
+    if head_dim is not None:
+        fwd = _shrunk_to_fit(fwd, False, head_dim, itemsize, limits)
+        bwd = _shrunk_to_fit(bwd, True, head_dim, itemsize, limits)
     if backend == "gpu_portable":
-        fwd = (128, 64) if wide else (64, 32)
-        return Plan(BlockSizes(*fwd, *bwd), _warps(head_dim), _warps(head_dim))
+        return Plan(BlockSizes(fwd.block_q, fwd.block_kv, bwd.block_q, bwd.block_kv), fwd.warps, bwd.warps)
     # mosaic_gpu: one warpgroup runs the forward; the backward is the portable kernels.
-    return Plan(BlockSizes(block_q, block_kv, *bwd), 4, _warps(head_dim))
+    return Plan(BlockSizes(block_q, block_kv, bwd.block_q, bwd.block_kv), 4, bwd.warps)
+
+
+def _shrunk_to_fit(tiles: PassTiles, backward: bool, head_dim: int, itemsize: int,
+                   limits: GpuLimits) -> PassTiles:
+    """A portable pass's ``tiles``, the longer side halved until :func:`estimate` fits ``limits``."""
+    bq, bk = tiles.block_q, tiles.block_kv
+    while (not estimate("gpu_portable", backward, bq, bk, head_dim, itemsize, tiles.warps).fits(limits)
+           and max(bq, bk) > _ALIGN["gpu_portable"]):
+        bq, bk = (bq, bk // 2) if bk >= bq else (bq // 2, bk)
+    return PassTiles(bq, bk, tiles.warps)
 
 
 def default_blocks(backend: str, head_dim: int | None = None) -> BlockSizes:
@@ -291,7 +329,8 @@ def plan(blocks: BlockSizes | None, q_len: int, kv_len: int, backend: str, inter
     the estimate of :func:`estimate` (``dtype`` sets the tiles' bytes, default 2).
     """
     limits = gpu_limits(device_kind) if backend != "tpu" else None
-    default = default_plan(backend, head_dim, limits)
+    itemsize = 2 if dtype is None else np.dtype(dtype).itemsize
+    default = default_plan(backend, head_dim, limits, itemsize)
     forward = (blocks or BlockSizes()).or_defaults(BlockSizes(default.blocks.block_q, default.blocks.block_kv))
     # A known GPU's backward has its own tiles; otherwise it tiles like the forward.
     bwd = (default.blocks if limits is not None else forward).backward
@@ -309,6 +348,5 @@ def plan(blocks: BlockSizes | None, q_len: int, kv_len: int, backend: str, inter
     if backend == "mosaic_gpu" and head_dim is not None:
         _check_smem(result.blocks, head_dim)  # the Mosaic GPU kernel is the forward only
     if limits is not None and head_dim is not None:
-        itemsize = 2 if dtype is None else np.dtype(dtype).itemsize
         check_fits(result, backend, head_dim, itemsize, limits, device_kind)
     return result

@@ -15,6 +15,15 @@ Kernels iterate only over ``[first, last]`` (so blocks outside it are neither
 loaded nor computed) and skip blocks inside it whose ``vis`` is 0 (holes of
 zigzag/striped layouts). Segment ids are not used for skipping.
 
+The plan also marks, per block, one run of the other side's blocks that it sees
+*whole* (``kv_full_lo/hi``, ``q_full_lo/hi``): every query of the pair sees every
+key (``Mask.block_full``, exact for any positions in the blocks' ranges) and no
+key is padding, so a kernel may drop the per-element mask there and keep it only
+for the blocks around the run (the causal diagonal, the window's edges, the last
+partial key block). The run is the first one along the row; other full blocks
+(a second zigzag run) are merely masked needlessly. Segments are not considered:
+a kernel given segment ids masks every block.
+
 Kernels that stream blocks through their own pipeline (the Mosaic GPU one)
 use :func:`block_lists` instead: per query block, the count and the indices of
 its visible key blocks, so holes are never even fetched.
@@ -39,6 +48,12 @@ class BlockPlan(NamedTuple):
     kv_last: jnp.ndarray  # [nq] int32
     q_first: jnp.ndarray  # [nk] int32
     q_last: jnp.ndarray  # [nk] int32
+    # The run of key blocks query block i sees whole is [kv_full_lo[i], kv_full_hi[i]],
+    # inside [kv_first[i], kv_last[i]]; an empty run is (kv_last + 1, kv_last). Same per key block.
+    kv_full_lo: jnp.ndarray  # [nq] int32
+    kv_full_hi: jnp.ndarray  # [nq] int32
+    q_full_lo: jnp.ndarray  # [nk] int32
+    q_full_hi: jnp.ndarray  # [nk] int32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +96,19 @@ def _first_last(vis, axis: int):
     )
 
 
+def _first_run(full, last, axis: int):
+    """``(lo, hi)`` of the first run of True along ``axis``; ``(last + 1, last)`` where there is none."""
+    n = full.shape[axis]
+    idx = jnp.arange(n).reshape((-1, 1) if axis == 0 else (1, -1))
+    has = full.any(axis=axis)
+    lo = jnp.argmax(full, axis=axis)
+    # The run ends before the first block after ``lo`` that is not full.
+    gap = (idx > jnp.expand_dims(lo, axis)) & ~full
+    hi = jnp.where(gap.any(axis=axis), jnp.argmax(gap, axis=axis), n) - 1
+    return (jnp.where(has, lo, last + 1).astype(jnp.int32),
+            jnp.where(has, hi, last).astype(jnp.int32))
+
+
 def plan(q_pos, kv_pos, tiling: Tiling, mask: Mask) -> BlockPlan:
     """The block-skip plan of one call from ``q_pos [q_len]`` and ``kv_pos [kv_len]``."""
     q_blk = tiling.q_position_blocks(q_pos)
@@ -94,8 +122,11 @@ def plan(q_pos, kv_pos, tiling: Tiling, mask: Mask) -> BlockPlan:
         vis = jnp.broadcast_to(vis, (tiling.num_q, tiling.num_kv))
     kv_first, kv_last = _first_last(vis, axis=1)
     q_first, q_last = _first_last(vis, axis=0)
+    bounds = (q_blk.min(1)[:, None], q_blk.max(1)[:, None], kv_blk.min(1)[None], kv_blk.max(1)[None])
+    whole_keys = (jnp.arange(1, tiling.num_kv + 1) * tiling.block_kv <= tiling.kv_len)[None]
+    full = jnp.broadcast_to(mask.block_full(*bounds) & whole_keys, vis.shape)
     return BlockPlan(q_blk.reshape(-1), kv_blk.reshape(-1), vis.astype(jnp.int32), kv_first, kv_last,
-                     q_first, q_last)
+                     q_first, q_last, *_first_run(full, kv_last, axis=1), *_first_run(full, q_last, axis=0))
 
 
 def pad_segments(q_seg, kv_seg, tiling: Tiling):

@@ -92,3 +92,27 @@ def test_resolve_config_takes_the_device_kind_and_passes_warps():
     assert (cfg.warps_fwd, cfg.warps_bwd) == (8, 8) and cfg.blocks.block_q == 128
     with pytest.raises(ValueError, match="do not fit the gpu_portable forward on NVIDIA H100"):
         api.resolve_config(128, 8192, 8192, device_kind=H100, blocks=BlockSizes(512, 512), **kw)
+
+
+def test_portable_tiles_and_warps_follow_head_dim():
+    """As JAX's Triton example: 4 warps up to head_dim 64, 8 above; the backward its own, smaller tiles."""
+    plans = {d: _plan("gpu_portable", d=d) for d in (32, 64, 128, 256)}
+    assert [plan.warps_fwd for plan in plans.values()] == [4, 4, 8, 8]
+    assert [plan.warps_bwd for plan in plans.values()] == [4, 4, 8, 8]
+    area = lambda bq, bk: bq * bk  # noqa: E731
+    for plan in plans.values():
+        b = plan.blocks
+        assert area(b.block_q_bwd, b.block_kv_bwd) < area(b.block_q, b.block_kv)
+    assert area(plans[256].blocks.block_q, plans[256].blocks.block_kv) < area(plans[128].blocks.block_q,
+                                                                             plans[128].blocks.block_kv)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("kind", [H100, "NVIDIA A100-SXM4-80GB", "NVIDIA L4"])
+def test_float32_defaults_shrink_to_fit(d, kind):
+    """The bf16 defaults in float32 (twice the bytes) would not fit an L4: the default halves instead."""
+    plan = _plan("gpu_portable", d=d, device_kind=kind, dtype=jnp.float32)  # raises if it does not fit
+    bf16 = _plan("gpu_portable", d=d, device_kind=kind)
+    assert plan.blocks.block_q * plan.blocks.block_kv <= bf16.blocks.block_q * bf16.blocks.block_kv
+    if kind == "NVIDIA L4" and d == 128:
+        assert plan.blocks.block_q * plan.blocks.block_kv < bf16.blocks.block_q * bf16.blocks.block_kv
