@@ -10,9 +10,13 @@ GPU: ``memory_stats()['peak_bytes_in_use']`` minus bytes in use before.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
+import json
 import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -65,3 +69,34 @@ def measure(compiled, *args) -> tuple[int, float]:
 
 def env() -> dict:
     return {**os.environ, **SUBPROCESS_ENV}
+
+
+def run_fresh(script: str, point: str, timeout: float, label: dict) -> dict:
+    """Run ``script --point POINT`` in a fresh process (with :func:`env`); parse the JSON of its last line.
+
+    ``lca`` is importable there (the repository root joins ``PYTHONPATH``). A timeout or a failure
+    comes back as ``{**label, "error": ...}``, so a sweep goes on past a point that does not fit.
+    """
+    environment = env()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [root, environment.get("PYTHONPATH")]))
+    cmd = [sys.executable, os.path.abspath(script), "--point", point]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=environment)
+    except subprocess.TimeoutExpired:
+        return {**label, "error": f"timeout after {timeout}s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        return {**label, "error": tail[0][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def sweep_parser(doc: str, *, timeout: int, out: str) -> argparse.ArgumentParser:
+    """A sweep script's command line: ``--timeout`` per :func:`run_fresh` point, ``--out``, ``--from-json``
+    (rewrite the results from a saved ``.json``, measuring nothing) and the hidden ``--point`` it runs."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--point", help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=int, default=timeout, help="seconds per subprocess")
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--from-json", help="rewrite the .md and .png from this results .json; measure nothing")
+    return parser
