@@ -330,15 +330,24 @@ def _finish(row_max, row_sum, acc):
 # ------------------------------------------------------------------------------------------------ blockwise
 
 
+Q_BLOCK = 512  # queries per tile of the blockwise version: bounds the working set, lets causal skip
+_NO_KEY = int(np.iinfo(np.int32).min)  # the position of a padding query: causal, it sees no key
+
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
     block_size: int
     kv_block: int
     scale: float
+    q_block: int = Q_BLOCK
 
 
 def _kv_chunks(st: _Static, k, v, kv_pos, kv_seg):
-    """Pad the keys to whole chunks and split: scan inputs ``[c, b, n, L, hk, d]`` etc."""
+    """Pad the keys to whole chunks and split: scan inputs ``[c, b, n, L, hk, d]`` etc.
+
+    Also returns each chunk's first visible position ``[c]`` (int32 max for a chunk of padding):
+    a tile of queries whose last position is before it sees nothing of the chunk (causal).
+    """
     kv_len = k.shape[1]
     n_chunks = -(-kv_len // st.kv_block)
     padded = n_chunks * st.kv_block
@@ -356,76 +365,140 @@ def _kv_chunks(st: _Static, k, v, kv_pos, kv_seg):
     pos = rearrange(pad(kv_pos, 0), "(c n l) -> c n l", n=n, l=L)
     valid = rearrange(jnp.arange(padded) < kv_len, "(c n l) -> c n l", n=n, l=L)
     seg = None if kv_seg is None else rearrange(pad(kv_seg, 1), "b (c n l) -> c b n l", n=n, l=L)
-    return chunks(k), chunks(v), pos, valid, seg
+    first = jnp.min(jnp.where(valid, pos, jnp.iinfo(jnp.int32).max), axis=(1, 2))
+    return (chunks(k), chunks(v), pos, valid, seg), first
+
+
+def _q_tiles(st: _Static, q_len: int, *per_query):
+    """Split query-indexed arrays into tiles ``[t, ...]`` of ``min(q_block, q_len)`` queries.
+
+    Each argument is ``(array, axis)``, ``(array, axis, fill)`` or ``None``; padding is ``fill`` (default 0).
+    """
+    tile = min(st.q_block, q_len)
+    extra = -q_len % tile
+
+    def split(item):
+        if item is None:
+            return None
+        x, axis, fill = (*item, 0)[:3]
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, extra)
+        x = jnp.moveaxis(jnp.pad(x, widths, constant_values=fill), axis, 0)
+        return jnp.moveaxis(rearrange(x, "(t q) ... -> t q ...", q=tile), 1, axis + 1)
+
+    return tuple(split(item) for item in per_query)
+
+
+def _untile(x, axis: int, q_len: int):
+    """Inverse of :func:`_q_tiles` for one output: ``[t, ..., tile (at axis + 1), ...]`` -> ``[..., q_len, ...]``."""
+    x = jnp.moveaxis(x, axis + 1, 1)
+    x = rearrange(x, "t q ... -> (t q) ...")[:q_len]
+    return jnp.moveaxis(x, 0, axis)
 
 
 def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    h_kv = k.shape[2]
+    h_kv, q_len = k.shape[2], q.shape[1]
     qg = rearrange(q, "b q (hk g) d -> b hk g q d", hk=h_kv).astype(jnp.float32)
-    k_c, v_c, pos_c, valid_c, seg_c = _kv_chunks(st, k, v, kv_pos, kv_seg)
+    chunks, first = _kv_chunks(st, k, v, kv_pos, kv_seg)
+    tiles = _q_tiles(st, q_len, (qg, 3), (q_pos, 0, _NO_KEY), None if q_seg is None else (q_seg, 1))
 
-    def step(carry, chunk):
-        k_blk, v_blk, pos, valid, seg = chunk
-        terms = _chunk_terms(qg, k_blk, v_blk, q_pos, pos, valid, q_seg, seg, st.block_size, st.scale)
-        return _online_update(carry, terms, v_blk), None
+    def tile_fn(tile):
+        qg_t, pos_t, seg_t = tile
+        last = jnp.max(pos_t)
 
-    init = _empty_state(qg)
-    carry, _ = jax.lax.scan(step, init, (k_c, v_c, pos_c, valid_c, seg_c))
-    out, lse = _finish(*carry)
+        def step(carry, chunk):
+            (k_blk, v_blk, pos, valid, seg), chunk_first = chunk
+
+            def update(carry):
+                terms = _chunk_terms(qg_t, k_blk, v_blk, pos_t, pos, valid, seg_t, seg, st.block_size, st.scale)
+                return _online_update(carry, terms, v_blk)
+
+            return jax.lax.cond(chunk_first <= last, update, lambda c: c, carry), None
+
+        carry, _ = jax.lax.scan(step, _empty_state(qg_t), (chunks, first))
+        return _finish(*carry)
+
+    out, lse = jax.lax.map(tile_fn, tiles)  # [t, b, hk, g, tile, d], [t, b, hk, g, tile]
+    out, lse = _untile(out, 3, q_len), _untile(lse, 3, q_len)
     return rearrange(out, "b hk g q d -> b q (hk g) d"), rearrange(lse, "b hk g q -> b (hk g) q")
 
 
+def _chunk_grads(st: _Static, qg, do, delta, lse_safe, q_pos, q_seg, dq, chunk):
+    """One key chunk's contribution to ``dq`` of a query tile, and its ``(dk, dv)`` from that tile."""
+    k_blk, v_blk, pos, valid, seg = chunk
+    t = _chunk_terms(qg, k_blk, v_blk, q_pos, pos, valid, q_seg, seg, st.block_size, st.scale)
+    p_own = jnp.where(t.own, jnp.exp(t.x - lse_safe[..., None, None]), 0.0)
+    has_landmark = jnp.isfinite(t.landmark_x)
+    p_landmark = jnp.where(has_landmark, jnp.exp(jnp.where(has_landmark, t.landmark_x, 0.0) - lse_safe[..., None]), 0.0)
+    do_v = jnp.einsum("bhgqd,bnlhd->bhgqnl", do, v_blk)
+    do_avg = jnp.einsum("bhgqd,bhgqnd->bhgqn", do, t.average)
+    in_groups = p_landmark[..., None] * t.group_probs  # final weights of earlier ordinary keys
+    dx = (
+        p_own * (do_v - delta[..., None, None])
+        + jnp.where(t.landmark, (p_landmark * (do_avg - delta[..., None]))[..., None], 0.0)
+        + in_groups * (do_v - do_avg[..., None])
+    ) * st.scale
+    dq = dq + jnp.einsum("bhgqnl,bnlhd->bhgqd", dx, k_blk)
+    dk = jnp.einsum("bhgqnl,bhgqd->bnlhd", dx, qg)
+    dv = jnp.einsum("bhgqnl,bhgqd->bnlhd", p_own + in_groups, do)
+    return dq, (dk, dv)
+
+
 def _backward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout):
-    """Recompute each chunk's terms from ``lse0`` and return ``(dq, dk, dv)`` float32."""
+    """Recompute each (query tile, key chunk)'s terms from ``lse0`` and return ``(dq, dk, dv)`` float32."""
     b, kv_len, h_kv, d = k.shape
+    q_len = q.shape[1]
     qg = rearrange(q, "b q (hk g) d -> b hk g q d", hk=h_kv).astype(jnp.float32)
     do = rearrange(dout.astype(jnp.float32), "b q (hk g) d -> b hk g q d", hk=h_kv)
     o = rearrange(out.astype(jnp.float32), "b q (hk g) d -> b hk g q d", hk=h_kv)
     delta = jnp.sum(do * o, axis=-1)  # [b, hk, g, q]
     lse_safe = _finite(rearrange(lse, "b (hk g) q -> b hk g q", hk=h_kv))
-    k_c, v_c, pos_c, valid_c, seg_c = _kv_chunks(st, k, v, kv_pos, kv_seg)
+    chunks, first = _kv_chunks(st, k, v, kv_pos, kv_seg)
+    tiles = _q_tiles(st, q_len, (qg, 3), (do, 3), (delta, 3), (lse_safe, 3), (q_pos, 0, _NO_KEY),
+                     None if q_seg is None else (q_seg, 1))
+    kv_zeros = jnp.zeros(chunks[0].shape, jnp.float32)  # [c, b, n, L, hk, d]
 
-    def step(dq, chunk):
-        k_blk, v_blk, pos, valid, seg = chunk
-        t = _chunk_terms(qg, k_blk, v_blk, q_pos, pos, valid, q_seg, seg, st.block_size, st.scale)
-        p_own = jnp.where(t.own, jnp.exp(t.x - lse_safe[..., None, None]), 0.0)
-        has_landmark = jnp.isfinite(t.landmark_x)
-        p_landmark = jnp.where(has_landmark, jnp.exp(jnp.where(has_landmark, t.landmark_x, 0.0) - lse_safe[..., None]), 0.0)
-        do_v = jnp.einsum("bhgqd,bnlhd->bhgqnl", do, v_blk)
-        do_avg = jnp.einsum("bhgqd,bhgqnd->bhgqn", do, t.average)
-        in_groups = p_landmark[..., None] * t.group_probs  # final weights of earlier ordinary keys
-        dx = (
-            p_own * (do_v - delta[..., None, None])
-            + jnp.where(t.landmark, (p_landmark * (do_avg - delta[..., None]))[..., None], 0.0)
-            + in_groups * (do_v - do_avg[..., None])
-        ) * st.scale
-        dq = dq + jnp.einsum("bhgqnl,bnlhd->bhgqd", dx, k_blk)
-        dk = jnp.einsum("bhgqnl,bhgqd->bnlhd", dx, qg)
-        dv = jnp.einsum("bhgqnl,bhgqd->bnlhd", p_own + in_groups, do)
-        return dq, (dk, dv)
+    def tile_step(acc, tile):
+        qg_t, do_t, delta_t, lse_t, pos_t, seg_t = tile
+        last = jnp.max(pos_t)
+        grads = functools.partial(_chunk_grads, st, qg_t, do_t, delta_t, lse_t, pos_t, seg_t)
 
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(qg), (k_c, v_c, pos_c, valid_c, seg_c))
+        def step(dq, chunk):
+            one, chunk_first = chunk
+            zeros = (jnp.zeros_like(one[0]), jnp.zeros_like(one[1]))
+            return jax.lax.cond(chunk_first <= last, lambda dq: grads(dq, one), lambda dq: (dq, zeros), dq)
+
+        dq_t, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(qg_t), (chunks, first))
+        return (acc[0] + dk, acc[1] + dv), dq_t
+
+    (dk, dv), dq = jax.lax.scan(tile_step, (kv_zeros, kv_zeros), tiles)
+    dq = _untile(dq, 3, q_len)
     dk = rearrange(dk, "c b n l h d -> b (c n l) h d")[:, :kv_len]
     dv = rearrange(dv, "c b n l h d -> b (c n l) h d")[:, :kv_len]
     return rearrange(dq, "b hk g q d -> b q (hk g) d"), dk, dv
 
 
+def _static(block_size: int, kv_block, scale: float, q_block) -> _Static:
+    q_block = Q_BLOCK if q_block is None else positive_int("q_block", q_block)
+    return _Static(block_size, _check_kv_block(kv_block, block_size), float(scale), q_block)
+
+
 def landmark_forward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *, block_size: int,
-                     scale: float, kv_block: int | None = None):
+                     scale: float, kv_block: int | None = None, q_block: int | None = None):
     """Blockwise forward on resolved inputs: ``(out [b, q_len, h, d] f32, lse0 [b, h, q_len] f32)``.
 
     ``lse0`` is group 0's log-sum-exp (``-inf`` for a query that sees nothing): with the output, all the
     backward needs. Positions are resolved int32 ``[len]``; segment ids ``[b, len]`` or None. Kernels reuse
     this pair (see ``kernels_pallas.landmark``).
     """
-    st = _Static(block_size, _check_kv_block(kv_block, block_size), float(scale))
+    st = _static(block_size, kv_block, scale, q_block)
     return _forward(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
 
 
 def landmark_backward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, out, lse, dout, *,
-                      block_size: int, scale: float, kv_block: int | None = None):
+                      block_size: int, scale: float, kv_block: int | None = None, q_block: int | None = None):
     """``(dq, dk, dv)`` float32 from the final ``out`` and ``lse0 [b, h, q_len]`` (recomputes each key chunk)."""
-    st = _Static(block_size, _check_kv_block(kv_block, block_size), float(scale))
+    st = _static(block_size, kv_block, scale, q_block)
     return _backward(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, out, lse, dout)
 
 
@@ -464,14 +537,16 @@ def landmark_attention(
     q_positions=None,
     kv_positions=None,
     kv_block: int | None = None,
+    q_block: int | None = None,
 ):
     """O(n)-memory landmark attention with the exact semantics of :func:`landmark_reference_attention`.
 
-    A ``lax.scan`` over key chunks of ``kv_block`` keys (a multiple of ``block_size``, default
-    ``block_size``: the attention block is the landmark block, as in the reference kernel) keeps group 0's
-    online softmax; each chunk's blocks are summarised as landmark pseudo-keys. Only ``[q_len, kv_block]``
-    logits exist at a time. The custom backward recomputes them from the output and group 0's
-    log-sum-exp (residuals O(q_len + kv_len)).
+    Queries go in tiles of ``q_block``; for each tile a ``lax.scan`` over key chunks of ``kv_block`` keys
+    (a multiple of ``block_size``, default ``block_size``: the attention block is the landmark block, as in
+    the reference kernel) keeps group 0's online softmax, and each chunk's blocks are summarised as
+    landmark pseudo-keys. A chunk that starts after the tile's last query is skipped (causal: about half
+    the pairs). Only ``[q_block, kv_block]`` logits exist at a time. The custom backward recomputes them
+    from the output and group 0's log-sum-exp (residuals O(q_len + kv_len)).
 
     Args:
       q, k, v, block_size, causal, segment_ids, scale, q_positions: as in
@@ -479,6 +554,7 @@ def landmark_attention(
       kv_positions: as there, but every aligned chunk of ``block_size`` keys must lie in one landmark block
         (checked when the positions are concrete); the default positions always do.
       kv_block: keys per scan step, a multiple of ``block_size``.
+      q_block: queries per tile (default ``Q_BLOCK`` = 512, or ``q_len`` if shorter).
 
     Returns:
       ``out [batch, q_len, num_heads, head_dim]`` in q's dtype.
@@ -487,8 +563,7 @@ def landmark_attention(
     r = resolve_inputs(q, k, v, block_size=block_size, causal=causal, segment_ids=segment_ids, scale=scale,
                        q_positions=q_positions, kv_positions=kv_positions)
     kv_len = k.shape[1]
-    st = _Static(block_size=r.block_size, kv_block=min(kv_block, -(-kv_len // r.block_size) * r.block_size),
-                 scale=r.scale)
+    st = _static(r.block_size, min(kv_block, -(-kv_len // r.block_size) * r.block_size), r.scale, q_block)
     return _landmark(st, q, k, v, r.q_positions, r.kv_positions, r.q_segment_ids, r.kv_segment_ids)
 
 

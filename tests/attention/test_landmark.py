@@ -29,19 +29,20 @@ def _jit(fn, **options):
     return jax.jit(lambda *arrays: fn(*arrays, **options))
 
 
-# (batch, q_len, kv_len, heads, kv_heads, block_size, kv_block, packed, q_offset)
+# (batch, q_len, kv_len, heads, kv_heads, block_size, kv_block, q_block, packed, q_offset)
 GRID = [
-    (1, 16, 16, 2, 2, 4, None, False, None),
-    (2, 23, 23, 4, 2, 5, 10, True, None),  # odd length, GQA, packed documents, two blocks per step
-    (1, 7, 19, 4, 1, 3, None, False, None),  # q_len < kv_len (bottom-right), MQA
-    (2, 33, 33, 2, 1, 8, 16, True, None),
-    (1, 9, 9, 2, 2, 16, None, False, None),  # shorter than one block
-    (1, 8, 24, 2, 2, 4, 8, False, 9),  # queries elsewhere in the sequence (a ring step's positions)
+    (1, 16, 16, 2, 2, 4, None, None, False, None),
+    (2, 23, 23, 4, 2, 5, 10, 8, True, None),  # odd length, GQA, packed, two blocks per step, padded q tiles
+    (1, 7, 19, 4, 1, 3, None, 3, False, None),  # q_len < kv_len (bottom-right), MQA, chunks skipped per tile
+    (2, 33, 33, 2, 1, 8, 16, 16, True, None),
+    (1, 9, 9, 2, 2, 16, None, None, False, None),  # shorter than one block
+    (1, 8, 24, 2, 2, 4, 8, 3, False, 9),  # queries elsewhere in the sequence (a ring step's positions)
 ]
 
 
-@pytest.mark.parametrize("b,q_len,kv_len,h,hk,L,kv_block,packed,q_offset", GRID)
-def test_blockwise_matches_oracle_forward_and_gradients(b, q_len, kv_len, h, hk, L, kv_block, packed, q_offset):
+@pytest.mark.parametrize("b,q_len,kv_len,h,hk,L,kv_block,q_block,packed,q_offset", GRID)
+def test_blockwise_matches_oracle_forward_and_gradients(b, q_len, kv_len, h, hk, L, kv_block, q_block, packed,
+                                                         q_offset):
     q, k, v = _qkv(len(GRID) + q_len, b, q_len, kv_len, h, hk)
     options = dict(block_size=L)
     if packed:
@@ -49,7 +50,7 @@ def test_blockwise_matches_oracle_forward_and_gradients(b, q_len, kv_len, h, hk,
     if q_offset is not None:
         options["q_positions"] = jnp.arange(q_len, dtype=jnp.int32) + q_offset
     want, want_grads = _value_and_grads(landmark_reference_attention, q, k, v, **options)
-    got, got_grads = _value_and_grads(landmark_attention, q, k, v, kv_block=kv_block, **options)
+    got, got_grads = _value_and_grads(landmark_attention, q, k, v, kv_block=kv_block, q_block=q_block, **options)
     _close(got, want, 1e-5)
     for got_g, want_g in zip(got_grads, want_grads):
         _close(got_g, want_g, 1e-5)
@@ -279,6 +280,8 @@ def test_bad_inputs_name_the_argument():
         landmark_reference_attention(q, k, v, block_size=4.0)
     with pytest.raises(ValueError, match="kv_block=6 must be a multiple of block_size=4"):
         landmark_attention(q, k, v, block_size=4, kv_block=6)
+    with pytest.raises(ValueError, match="q_block"):
+        landmark_attention(q, k, v, block_size=4, q_block=0)
     with pytest.raises(ValueError, match="causal"):
         landmark_attention(q, k, v, block_size=4, causal=False)
     with pytest.raises(ValueError, match="kv_positions"):
