@@ -62,6 +62,33 @@ def _pieces(width):
     return [pl.ds(s, min(TMA_MAX_ELEMS, width - s)) for s in range(0, width, TMA_MAX_ELEMS)]
 
 
+def _start(copies, barrier, first=0):
+    """Start the TMA copies ``[(gmem, smem)]``, copy ``n`` arriving on ``barrier.at[first + n]``."""
+    for n, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, barrier.at[first + n])
+
+
+def _copy_in(copies, barrier):
+    """TMA-copy ``[(gmem, smem)]`` in flight together and wait for all."""
+    _start(copies, barrier)
+    for n in range(len(copies)):
+        plgpu.barrier_wait(barrier.at[n])
+
+
+def _prime(fetch, steps):
+    """The pipeline's prologue: fetch the first ``STAGES`` of ``steps`` blocks."""
+    for t in range(STAGES):
+        pl.when(t < steps)(lambda t=t: fetch(jnp.int32(t)))
+
+
+def _store(value, smem, dst):
+    """Write a float32 register tile to HBM through ``smem`` (free again on return)."""
+    smem[...] = value
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(smem, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _dlogits(s2, p, dp, delta, logit: LogitOptions):
     """``ds`` (natural units, scale and softcap derivative included) from log2-domain logits."""
     ds = p * (dp - delta)
@@ -118,10 +145,7 @@ def _dq(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, i
         copies += [(lists_ref.at[i, piece], list_smem.at[piece]) for piece in pieces]
         if segmented:
             copies.append((qseg_ref.at[bi, rows], qtok_smem.at[1]))
-        for n, (src, dst) in enumerate(copies):
-            plgpu.copy_gmem_to_smem(src, dst, q_bar.at[n])
-        for n in range(len(copies)):
-            plgpu.barrier_wait(q_bar.at[n])
+        _copy_in(copies, q_bar)
         count = list_smem[0]
 
         def fetch(t):
@@ -131,11 +155,9 @@ def _dq(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, i
                   (k_ref.at[bi, keys, hk], k_smem.at[slot]), (kvpos_ref.at[keys], kvtok_smem.at[slot, 0])]
             if segmented:
                 kv.append((kvseg_ref.at[bi, keys], kvtok_smem.at[slot, 1]))
-            for n, (src, dst) in enumerate(kv):
-                plgpu.copy_gmem_to_smem(src, dst, kv_bars.at[slot * 5 + n])
+            _start(kv, kv_bars, slot * 5)
 
-        for t in range(STAGES):
-            pl.when(t < count)(lambda t=t: fetch(jnp.int32(t)))
+        _prime(fetch, count)
         full = (bq, bk)
         lse_col = lax.broadcast_in_dim(lay.load(rows_smem.at[0], row_layout), full, [0])
         delta_col = lax.broadcast_in_dim(lay.load(rows_smem.at[1], row_layout), full, [0])
@@ -162,10 +184,7 @@ def _dq(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, i
             return dq
 
         dq = lax.fori_loop(0, count, step, lay.cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA))
-        dq_smem[...] = dq
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[bi, rows, hi])
-        plgpu.wait_smem_to_gmem(0)
+        _store(dq, dq_smem, dq_ref.at[bi, rows, hi])
 
     def entry(*refs):
         tile = tile_transforms(dtype)
@@ -225,10 +244,7 @@ def _dkdv(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, *, tiling, mask, logit,
         copies += [(lists_ref.at[j, piece], list_smem.at[piece]) for piece in pieces]
         if segmented:
             copies.append((kvseg_ref.at[bi, keys], kvtok_smem.at[1]))
-        for n, (src, dst) in enumerate(copies):
-            plgpu.copy_gmem_to_smem(src, dst, k_bar.at[n])
-        for n in range(len(copies)):
-            plgpu.barrier_wait(k_bar.at[n])
+        _copy_in(copies, k_bar)
         count = list_smem[0]
         steps = count * group  # every query head of the KV group, each over the visible query blocks
 
@@ -244,11 +260,9 @@ def _dkdv(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, *, tiling, mask, logit,
                   (qpos_ref.at[rows], qtok_smem.at[slot, 0])]
             if segmented:
                 qs.append((qseg_ref.at[bi, rows], qtok_smem.at[slot, 1]))
-            for n, (src, dst) in enumerate(qs):
-                plgpu.copy_gmem_to_smem(src, dst, q_bars.at[slot * 8 + n])
+            _start(qs, q_bars, slot * 8)
 
-        for t in range(STAGES):
-            pl.when(t < steps)(lambda t=t: fetch(jnp.int32(t)))
+        _prime(fetch, steps)
         full = (bk, bq)  # keys on rows, queries on columns
         kv_col = lax.broadcast_in_dim(lay.load(kvtok_smem.at[0], row_layout), full, [0])
         key_idx = j * bk + lay.iota(full, 0)
@@ -278,11 +292,8 @@ def _dkdv(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, *, tiling, mask, logit,
 
         zeros = lay.cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
         dk, dv = lax.fori_loop(0, steps, step, (zeros, zeros))
-        for value, ref in ((dk, dk_ref), (dv, dv_ref)):  # one float32 tile, used in turn
-            out_smem[...] = value
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem, ref.at[bi, keys, hk])
-            plgpu.wait_smem_to_gmem(0)
+        _store(dk, out_smem, dk_ref.at[bi, keys, hk])  # one float32 tile, used in turn
+        _store(dv, out_smem, dv_ref.at[bi, keys, hk])
 
     def entry(*refs):
         tile = tile_transforms(dtype)

@@ -45,13 +45,13 @@ SLOW_CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_mosaic_gpu_forward_matches_reference(name):
+def test_mosaic_gpu_matches_reference(name):
     run_flash_case(*CASES[name], (64, 64), backend="mosaic_gpu")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SLOW_CASES))
-def test_mosaic_gpu_forward_matches_reference_more(name):
+def test_mosaic_gpu_matches_reference_more(name):
     run_flash_case(*SLOW_CASES[name], (64, 64), backend="mosaic_gpu")
 
 
@@ -89,61 +89,41 @@ def test_zigzag_positions_and_key_offset():
     np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], atol=2e-5)
 
 
-@pytest.mark.parametrize(
-    "shape, blocks, causal, window, softcap, segmented",
-    [
-        ((1, 256, 256, 4, 2, 64), (64, 128), True, None, None, False),
-        ((2, 200, 300, 2, 1, 128), (64, 64), False, 90, 30.0, True),
-    ],
-)
-def test_lowers_to_mosaic_gpu(shape, blocks, causal, window, softcap, segmented):
-    """The bf16 kernel (interpret=False) passes the Pallas -> Mosaic GPU lowering for CUDA."""
+def _lowered(fn, shape, segmented=False):
+    """The text of ``fn(q, k, v, q_pos, kv_pos, q_seg, kv_seg)`` lowered for CUDA on bf16 shapes."""
     b, q_len, kv_len, h, h_kv, d = shape
-    cfg = _config(inputs.make_mask(causal, window), d, blocks, softcap, interpret=False)
     q = jax.ShapeDtypeStruct((b, q_len, h, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((b, kv_len, h_kv, d), jnp.bfloat16)
     q_pos, kv_pos = (jax.ShapeDtypeStruct((n,), jnp.int32) for n in (q_len, kv_len))
     q_seg, kv_seg = ((jax.ShapeDtypeStruct((b, n), jnp.int32) for n in (q_len, kv_len))
                      if segmented else (None, None))
-    fwd = jax.jit(lambda *a: api.kernel_forward(*a, cfg=cfg, out_dtype=jnp.bfloat16))
-    text = fwd.trace(q, kv, kv, q_pos, kv_pos, q_seg, kv_seg).lower(
+    return jax.jit(fn).trace(q, kv, kv, q_pos, kv_pos, q_seg, kv_seg).lower(
         lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
 
 
-def test_lowers_with_more_than_256_key_blocks():
-    """Bug 2 of issue 15: the key-block list row (300 blocks) goes to SMEM in TMA pieces of <= 256."""
-    q_len, kv_len, d = 64, 300 * 64, 64
-    cfg = _config(inputs.make_mask(False, None), d, (64, 64), None, interpret=False)
-    q = jax.ShapeDtypeStruct((1, q_len, 1, d), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, kv_len, 1, d), jnp.bfloat16)
-    q_pos, kv_pos = (jax.ShapeDtypeStruct((n,), jnp.int32) for n in (q_len, kv_len))
-    fwd = jax.jit(lambda *a: api.kernel_forward(*a, cfg=cfg, out_dtype=jnp.bfloat16))
-    text = fwd.trace(q, kv, kv, q_pos, kv_pos, None, None).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
-
-
-def test_lowers_with_128k_keys():
-    """128k keys in 64-key blocks: 2049-entry schedule rows, copied in TMA pieces of <= 256."""
-    q_len, kv_len, d = 128, 128 * 1024, 64
-    cfg = _config(inputs.make_mask(True, None), d, (64, 64), None, interpret=False)
-    q = jax.ShapeDtypeStruct((1, q_len, 2, d), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, kv_len, 1, d), jnp.bfloat16)
-    q_pos, kv_pos = (jax.ShapeDtypeStruct((n,), jnp.int32) for n in (q_len, kv_len))
-    fwd = jax.jit(lambda *a: api.kernel_forward(*a, cfg=cfg, out_dtype=jnp.bfloat16))
-    text = fwd.trace(q, kv, kv, q_pos, kv_pos, None, None).lower(lowering_platforms=("cuda",)).as_text()
+@pytest.mark.parametrize(
+    "shape, blocks, causal, window, softcap, segmented",
+    [
+        ((1, 256, 256, 4, 2, 64), (64, 128), True, None, None, False),
+        ((2, 200, 300, 2, 1, 128), (64, 64), False, 90, 30.0, True),
+        # Bug 2 of issue 15: schedule rows of 300 key blocks go to SMEM in TMA pieces of <= 256.
+        ((1, 64, 300 * 64, 1, 1, 64), (64, 64), False, None, None, False),
+        # 128k keys in 64-key blocks: 2049-entry schedule rows.
+        ((1, 128, 128 * 1024, 2, 1, 64), (64, 64), True, None, None, False),
+    ],
+)
+def test_lowers_to_mosaic_gpu(shape, blocks, causal, window, softcap, segmented):
+    """The bf16 forward (interpret=False) passes the Pallas -> Mosaic GPU lowering for CUDA."""
+    cfg = _config(inputs.make_mask(causal, window), shape[-1], blocks, softcap, interpret=False)
+    text = _lowered(lambda *a: api.kernel_forward(*a, cfg=cfg, out_dtype=jnp.bfloat16), shape, segmented)
     assert "mosaic_gpu" in text
 
 
 def test_float32_output_lowers_and_too_wide_is_a_clear_error():
     """Ring steps ask for a float32 out: one extra tile, or a ValueError naming the fix, not a crash."""
-    def lower(d, blocks, kv_len=1024):
+    def lower(d, blocks):
         cfg = _config(inputs.make_mask(True, None), d, blocks, None, interpret=False)
-        q = jax.ShapeDtypeStruct((1, 256, 2, d), jnp.bfloat16)
-        kv = jax.ShapeDtypeStruct((1, kv_len, 1, d), jnp.bfloat16)
-        q_pos, kv_pos = (jax.ShapeDtypeStruct((n,), jnp.int32) for n in (256, kv_len))
-        fwd = jax.jit(lambda *a: api.kernel_forward(*a, cfg=cfg))  # float32 out
-        return fwd.trace(q, kv, kv, q_pos, kv_pos, None, None).lower(lowering_platforms=("cuda",)).as_text()
+        return _lowered(lambda *a: api.kernel_forward(*a, cfg=cfg), (1, 256, 1024, 2, 1, d))  # float32 out
 
     assert "mosaic_gpu" in lower(128, (64, 64))
     with pytest.raises(ValueError, match="bytes of shared memory .* float32 output tile .* use block_kv=64"):
@@ -192,19 +172,12 @@ def test_pair_schedule_codes_match_the_element_mask(segmented):
 @pytest.mark.parametrize("segmented, softcap, q_len", [(True, 30.0, 200), (False, None, 300 * 64)])
 def test_backward_lowers_to_mosaic_gpu(segmented, softcap, q_len):
     """dQ and dK/dV (bf16, interpret=False) pass the Mosaic GPU lowering; 300 query blocks per key block list."""
-    b, kv_len, h, h_kv, d = 1, 256, 2, 1, 64
-    cfg = _config(inputs.make_mask(True, None), d, (64, 64), softcap, interpret=False)
+    shape = (1, q_len, 256, 2, 1, 64)
+    cfg = _config(inputs.make_mask(True, None), 64, (64, 64), softcap, interpret=False)
     cfg = api.KernelConfig(cfg.mask, cfg.logit, BlockSizes(64, 64, 64, 128), "mosaic_gpu", False)
-    q = jax.ShapeDtypeStruct((b, q_len, h, d), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((b, kv_len, h_kv, d), jnp.bfloat16)
-    q_pos, kv_pos = (jax.ShapeDtypeStruct((n,), jnp.int32) for n in (q_len, kv_len))
-    q_seg, kv_seg = ((jax.ShapeDtypeStruct((b, n), jnp.int32) for n in (q_len, kv_len))
-                     if segmented else (None, None))
-    out = jax.ShapeDtypeStruct((b, q_len, h, d), jnp.bfloat16)
-    lse = jax.ShapeDtypeStruct((b, h, q_len), jnp.float32)
-    bwd = jax.jit(lambda *a: api.kernel_backward(*a, cfg=cfg))
-    text = bwd.trace(q, kv, kv, q_pos, kv_pos, q_seg, kv_seg, out, lse, out).lower(
-        lowering_platforms=("cuda",)).as_text()
+    out = jnp.zeros((1, q_len, 2, 64), jnp.bfloat16)
+    lse = jnp.zeros((1, 2, q_len), jnp.float32)
+    text = _lowered(lambda *a: api.kernel_backward(*a, out, lse, out, cfg=cfg), shape, segmented)
     assert text.count("mosaic_gpu") >= 2  # the dQ and the dK/dV kernels
 
 
