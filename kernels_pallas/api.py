@@ -92,8 +92,9 @@ def _backend_module(backend: str, backward: bool = False):
 
 
 def _warps(cfg: KernelConfig, backward: bool) -> dict:
-    """``num_warps`` for the Triton-lowered passes (the portable kernels); Mosaic kernels set their own."""
-    if cfg.backend in ("tpu", "mosaic_gpu"):
+    """``num_warps`` for the Triton-lowered passes: the portable kernels, and the mosaic_gpu backward's
+    portable fallback (head_dim 256); Mosaic kernels set their own threads."""
+    if cfg.backend == "tpu" or (cfg.backend == "mosaic_gpu" and not backward):
         return {}
     return {"num_warps": cfg.warps_bwd if backward else cfg.warps_fwd}
 

@@ -92,7 +92,8 @@ from lca.attention.mask import Mask
 from lca.attention.tiling import Tiling, pad_axis
 from lca.parallel.vma import varying_struct
 
-__all__ = ["STAGES", "forward", "pair_schedule"]
+__all__ = ["STAGES", "Layouts", "forward", "interpret_params", "log2_logits", "matmul", "pair_schedule",
+           "tile_transforms"]
 
 _SWIZZLE = 128  # bytes
 
@@ -198,25 +199,27 @@ def pair_schedule(plan: BlockPlan, tiling: Tiling, mask: Mask, q_seg, kv_seg, al
     return lists, jnp.pad(codes, ((0, 0), (0, 0), (1, 0)))
 
 
-def _check_smem(bq, bk, d, dtype, separate_out_dtype, width):
-    """A ``ValueError`` when the forward's SMEM (tiles, schedule rows, wider output) exceeds an sm_90 block's.
+def _check_smem(bq, bk, d, out_dtype, separate_out: bool, width):
+    """A ``ValueError`` when the forward's SMEM on hardware (16-bit tiles) exceeds an sm_90 block's.
 
     ``kernels_pallas.blocks`` checks the tiles when the call is planned; what it
     cannot know there is the schedule rows' width (it grows with the key length)
-    and an output wider than the inputs (``kernel_forward(..., out_dtype=float32)``,
-    as ring steps ask for), which needs its own tile.
+    and an output of another dtype than the inputs (``kernel_forward(...,
+    out_dtype=float32)`` on bfloat16, as ring steps ask for), which needs its own
+    tile. Interpret-mode float32 tiles are counted as the bfloat16 they stand for.
     """
-    n = jnp.dtype(dtype).itemsize
-    need = n * (2 * bq * d + 2 * STAGES * bk * d + 2 * bq * bk) + 4 * (2 * bq + 3 * width + 4 * bk + 4 * bq)
-    if separate_out_dtype is not None:
-        need += jnp.dtype(separate_out_dtype).itemsize * bq * d
+    out_bytes = jnp.dtype(out_dtype).itemsize
+    need = 2 * (2 * bq * d + 2 * STAGES * bk * d + 2 * bq * bk) + 4 * (2 * bq + 3 * width + 4 * bk + 4 * bq)
+    if separate_out:
+        need += out_bytes * bq * d
     available = GPU_LIMITS["NVIDIA H100"].smem_bytes
     if need > available:
+        fix = "use block_kv=64 (or a smaller block_q)" if bk > 64 else (
+            "use a 16-bit output, head_dim <= 128, or backend='gpu_portable'")
         raise ValueError(
             f"the mosaic_gpu forward needs {need} bytes of shared memory with block_q={bq}, block_kv={bk}, "
-            f"head_dim={d}, {width} schedule entries per query pair"
-            f"{' and a ' + jnp.dtype(separate_out_dtype).name + ' output tile' if separate_out_dtype is not None else ''}"
-            f" ({available} available): use block_kv=64 (or a smaller block_q)."
+            f"head_dim={d}, {width} schedule entries per query pair and a {jnp.dtype(out_dtype).name} "
+            f"output ({available} available): {fix}."
         )
 
 
@@ -251,7 +254,7 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
     kv_copies = 4 if segmented else 3  # K, V, key positions, key segments
     q_copies = 3 if segmented else 2  # Q, query positions, query segments
     separate_out = jnp.dtype(out_dtype) != jnp.dtype(dtype)  # else the output reuses Q's SMEM
-    _check_smem(bq, bk, d, dtype, out_dtype if separate_out else None, width)
+    _check_smem(bq, bk, d, out_dtype, separate_out, width)
 
     def kernel(q_ref, kt_ref, v_ref, qpos_ref, kvpos_ref, lists_ref, codes_ref, *rest):
         if segmented:

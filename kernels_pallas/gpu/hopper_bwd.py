@@ -41,6 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas import block_math
+from kernels_pallas.blocks import MOSAIC_GPU_BWD_MAX_HEAD_DIM
 from kernels_pallas.blocks import MOSAIC_GPU_STAGES as STAGES
 from kernels_pallas.blocks import TMA_MAX_ELEMS
 from kernels_pallas.gpu import portable
@@ -53,7 +54,7 @@ from lca.parallel.vma import varying_struct
 
 __all__ = ["MAX_HEAD_DIM", "backward"]
 
-MAX_HEAD_DIM = 128  # the dK/dV kernel's SMEM (Q, Q^T, dO, dO^T per stage) at head_dim 256 exceeds an SM's
+MAX_HEAD_DIM = MOSAIC_GPU_BWD_MAX_HEAD_DIM  # at head_dim 256 the dK/dV kernel's SMEM exceeds an SM's
 _LOG2E = math.log2(math.e)
 _T = "b t h d -> b h d t"
 
@@ -99,14 +100,15 @@ def _dlogits(s2, p, dp, delta, logit: LogitOptions):
 
 
 def backward(q, k, v, do, lse, delta, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling,
-             mask: Mask, logit: LogitOptions, interpret: bool):
+             mask: Mask, logit: LogitOptions, interpret: bool, num_warps: int = 4):
     """``(dq [b, Tq, h, d], dk, dv [b, Tk, h_kv, d])`` float32 on padded inputs.
 
     ``lse`` (natural log, 0 on empty rows) and ``delta = rowsum(do * out) - dlse`` are ``[b, h, Tq]``.
+    ``num_warps`` serves only the portable kernels above ``MAX_HEAD_DIM``.
     """
     if q.shape[-1] > MAX_HEAD_DIM:
         return portable.backward(q, k, v, do, lse, delta, plan, q_seg, kv_seg, tiling=tiling,
-                                 mask=mask, logit=logit, interpret=interpret)
+                                 mask=mask, logit=logit, interpret=interpret, num_warps=num_warps)
     lse2 = lse * _LOG2E
     kw = dict(tiling=tiling, mask=mask, logit=logit, interpret=interpret)
     dq = _dq(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, **kw)
