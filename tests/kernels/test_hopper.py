@@ -32,7 +32,7 @@ from tests.oracle import KERNEL_BF16, KERNEL_BF16_GRAD, random_qkv, three_docume
 # see key block 0 whole (interior), their diagonal blocks masked (edge), and key
 # block 2 only from the second query block (hidden for the first consumer).
 CASES = {
-    "causal_gqa_interior_edge_hidden": ((1, 128, 192, 2, 1, 64), dict(causal=True)),
+    "causal_interior_edge_hidden": ((1, 128, 192, 1, 1, 64), dict(causal=True)),
 }
 SLOW_CASES = {
     # q_len > kv_len, bottom-right causal: the first 36 queries see no key (out 0, lse -inf).
