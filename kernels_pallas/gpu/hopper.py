@@ -137,11 +137,17 @@ class Layouts:
         return self.cast(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA)
 
 
-def matmul(a_smem, b_smem, shape):
-    """``a @ b`` of two SMEM tiles into a fresh wgmma accumulator, as an f32 value."""
+def matmul(a_smem, b_smem, shape, while_running=None):
+    """``a @ b`` of two SMEM tiles into a fresh wgmma accumulator, as an f32 value.
+
+    ``while_running()`` runs after the wgmma is issued and before its result is
+    awaited (on hardware the wgmma is asynchronous until the accumulator is read).
+    """
 
     def run(acc_ref):
         plgpu.wgmma(acc_ref, a_smem, b_smem)
+        if while_running is not None:
+            while_running()
         return acc_ref[...]
 
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
@@ -355,8 +361,8 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
                 m, l, acc = carry
                 slot = lax.rem(t, jnp.int32(STAGES))
                 plgpu.barrier_wait(kv_bars.at[slot * 4])
-                s = matmul(q_smem.at[wg], kt_smem.at[slot], (bq, bk))
-                take_turn()
+                # The turn is taken while this consumer's Q K^T runs on the tensor cores.
+                s = matmul(q_smem.at[wg], kt_smem.at[slot], (bq, bk), while_running=take_turn)
                 plgpu.barrier_arrive(k_free.at[slot])
                 s = log2_logits(s, logit)
                 wait_rest(slot)
