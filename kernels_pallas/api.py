@@ -10,16 +10,17 @@ Backends (``backend=``):
 * ``"gpu_portable"``: generic ``pl.pallas_call`` kernels (Triton on GPU);
   forward, dQ and dK/dV. On CPU it runs with ``interpret=True``.
 * ``"mosaic_gpu"``: Hopper (sm_90, H100/H200), explicit opt-in only. The
-  forward is a Mosaic GPU kernel (TMA pipeline + wgmma,
-  ``kernels_pallas.gpu.hopper``); the backward (dQ, dK/dV) runs the portable
-  kernels. Validated on CPU under the Mosaic GPU interpret mode and by lowering
-  for CUDA on CPU; never run on an H100/H200 yet.
+  forward is a warp-specialised, ping-pong Mosaic GPU kernel
+  (``kernels_pallas.gpu.hopper``); the backward is Mosaic GPU dQ and dK/dV
+  kernels with their own blocks (``kernels_pallas.gpu.hopper_bwd``; the
+  portable kernels for head_dim 256). Validated on CPU under the Mosaic GPU
+  interpret mode and by lowering for CUDA on CPU; never run on an H100/H200 yet.
 * ``"tpu"``: Mosaic TPU kernels with VMEM scratch (forward, dQ, dK/dV). On CPU
   they run under the TPU interpret mode (``pltpu.InterpretParams``).
 
 ``backend="auto"`` picks ``"tpu"`` on TPU and ``"gpu_portable"`` on every GPU
-(Hopper included) and on CPU: it never selects the ``"mosaic_gpu"`` forward,
-which has not run on hardware (flip :func:`default_backend` once
+(Hopper included) and on CPU: it never selects ``"mosaic_gpu"``, whose
+kernels have not run on hardware (flip :func:`default_backend` once
 ``tests/kernels/test_gpu.py`` passes on an H100/H200). On CPU every backend is
 interpreted (``interpret`` is forced on).
 
@@ -51,8 +52,10 @@ from lca.attention.vjp import attention_vjp
 def default_backend(device=None) -> str:
     """The backend ``"auto"`` picks for ``device`` (default: the first JAX device).
 
-    Hopper gets ``"gpu_portable"`` too: the ``"mosaic_gpu"`` forward is only
-    validated in interpret mode, so it stays an explicit opt-in.
+    Hopper gets ``"gpu_portable"`` too: the ``"mosaic_gpu"`` kernels are only
+    validated in interpret mode and by lowering on CPU, so they stay an explicit
+    opt-in until ``tests/kernels/test_gpu.py`` (which runs their forward and
+    backward) passes on an H100/H200; then return ``"mosaic_gpu"`` for sm_90 here.
     """
     device = device or jax.devices()[0]
     return "tpu" if device.platform == "tpu" else "gpu_portable"
@@ -75,20 +78,22 @@ class KernelConfig:
     warps_bwd: int = 4
 
 
-def _backend_module(backend: str):
+def _backend_module(backend: str, backward: bool = False):
+    """The module whose ``forward`` (or ``backward``) runs ``backend``'s pass."""
     if backend == "tpu":
         from kernels_pallas.tpu import flash
 
         return flash
     if backend == "mosaic_gpu":
-        from kernels_pallas.gpu import hopper
+        from kernels_pallas.gpu import hopper, hopper_bwd
 
-        return hopper
+        return hopper_bwd if backward else hopper
     return portable
 
 
 def _warps(cfg: KernelConfig, backward: bool) -> dict:
-    """``num_warps`` for the Triton-lowered passes: the portable kernels and the mosaic_gpu backward."""
+    """``num_warps`` for the Triton-lowered passes: the portable kernels, and the mosaic_gpu backward's
+    portable fallback (head_dim 256); Mosaic kernels set their own threads."""
     if cfg.backend == "tpu" or (cfg.backend == "mosaic_gpu" and not backward):
         return {}
     return {"num_warps": cfg.warps_bwd if backward else cfg.warps_fwd}
@@ -142,7 +147,7 @@ def kernel_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse=
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # empty rows: every logit is -inf anyway
     dout = dout.astype(q.dtype)
     k, v = nonfinite.backward_operands(k, v)
-    dq, dk, dv = _backend_module(cfg.backend).backward(
+    dq, dk, dv = _backend_module(cfg.backend, backward=True).backward(
         tiling.pad_q(q), tiling.pad_kv(k), tiling.pad_kv(v), tiling.pad_q(dout),
         tiling.pad_q(lse, 2), tiling.pad_q(delta, 2), plan, q_seg, kv_seg,
         tiling=tiling, mask=cfg.mask, logit=cfg.logit, interpret=cfg.interpret,
@@ -188,6 +193,8 @@ def resolve_config(head_dim: int, q_len: int, kv_len: int, *, mask: Mask, logit:
         blocks_lib.check_dtype(dtype, backend, interpret)
     plan = blocks_lib.plan(blocks, q_len, kv_len, backend, interpret, head_dim, dtype=dtype,
                            device_kind=device_kind)
+    if backend == "mosaic_gpu":  # its backward is Mosaic GPU kernels with their own tiles
+        plan = blocks_lib.mosaic_gpu_backward_plan(plan, blocks, head_dim)
     return KernelConfig(mask, logit, plan.blocks, backend, interpret, plan.warps_fwd, plan.warps_bwd)
 
 

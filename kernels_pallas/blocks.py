@@ -195,7 +195,8 @@ def estimate(backend: str, backward: bool, block_q: int, block_kv: int, head_dim
     if backward:  # the portable dK/dV pass, the larger of the two (dQ holds one accumulator)
         return Estimate(n * d * (2 * bq + 2 * bk), regs(2 * bk * d + 2 * bq * bk, 2 * bk * d))
     if backend == "mosaic_gpu":
-        smem = n * (bq * d + 2 * MOSAIC_GPU_STAGES * bk * d + bq * bk) + 4 * bq * d + 4 * bq
+        # Two consumer warpgroups of block_q rows each: two Q (reused for out) and P tiles.
+        smem = n * (2 * bq * d + 2 * MOSAIC_GPU_STAGES * bk * d + 2 * bq * bk) + 4 * 2 * bq
         return Estimate(smem, regs(bq * d + bq * bk))
     return Estimate(n * d * (bq + bk), regs(bq * d + bq * bk, bq * d))
 
@@ -350,3 +351,56 @@ def plan(blocks: BlockSizes | None, q_len: int, kv_len: int, backend: str, inter
     if limits is not None and head_dim is not None:
         check_fits(result, backend, head_dim, itemsize, limits, device_kind)
     return result
+
+
+# --------------------------------------------------------------------------- Mosaic GPU backward
+
+# The Mosaic GPU dQ and dK/dV kernels (kernels_pallas.gpu.hopper_bwd) up to this head_dim;
+# above it the mosaic_gpu backward runs the portable kernels and their rules.
+MOSAIC_GPU_BWD_MAX_HEAD_DIM = 128
+MOSAIC_GPU_BWD_DEFAULT = (64, 64)
+
+
+def mosaic_gpu_backward_smem(block_q: int, block_kv: int, head_dim: int, itemsize: int) -> int:
+    """Bytes of SMEM of the larger Mosaic GPU backward kernel (dK/dV, or dQ) for these tiles.
+
+    dK/dV: K, V, and per stage Q, Q^T, dO, dO^T, the p^T/ds^T tiles and one f32
+    output tile; dQ: Q, dO, per stage K^T, V^T, K, the ds tile and an f32 output.
+    """
+    bq, bk, d, n, st = block_q, block_kv, head_dim, itemsize, MOSAIC_GPU_STAGES
+    dkdv = n * (2 * bk * d + 4 * st * bq * d + 2 * bk * bq) + 4 * bk * d + 4 * (2 * st * bq + 2 * st * bq)
+    dq = n * (2 * bq * d + 3 * st * bk * d + bq * bk) + 4 * bq * d + 4 * 4 * bq
+    return max(dkdv, dq)
+
+
+def mosaic_gpu_backward_plan(plan_: Plan, given: BlockSizes | None, head_dim: int) -> Plan:
+    """``plan_`` with the Mosaic GPU backward's own tiles: its default where ``given`` leaves them None.
+
+    The backward's tiles must be powers of two in [64, 256] (wgmma warpgroup rows,
+    128-byte swizzled tiles, one TMA copy each) and fit the SMEM of an sm_90 block;
+    otherwise a ``ValueError`` names the estimate and sizes that fit. Above
+    ``MOSAIC_GPU_BWD_MAX_HEAD_DIM`` the portable backward runs and ``plan_`` stands.
+    """
+    if head_dim > MOSAIC_GPU_BWD_MAX_HEAD_DIM:
+        return plan_
+    given = given or BlockSizes()
+    bq = given.block_q_bwd or MOSAIC_GPU_BWD_DEFAULT[0]
+    bk = given.block_kv_bwd or MOSAIC_GPU_BWD_DEFAULT[1]
+    for name, value in (("block_q_bwd", bq), ("block_kv_bwd", bk)):
+        if value < 64 or value > TMA_MAX_ELEMS or value & (value - 1):
+            raise ValueError(
+                f"{name}={value} is not valid for the mosaic_gpu backward: use a power of two in "
+                f"[64, {TMA_MAX_ELEMS}] (e.g. 64), or leave it unset."
+            )
+    need = mosaic_gpu_backward_smem(bq, bk, head_dim, 2)
+    if need > _MOSAIC_GPU_SMEM:
+        fit = [(q, k) for q in (64, 128, 256) for k in (64, 128, 256)
+               if mosaic_gpu_backward_smem(q, k, head_dim, 2) <= _MOSAIC_GPU_SMEM]
+        raise ValueError(
+            f"block_q_bwd={bq}, block_kv_bwd={bk} need an estimated {need} bytes of shared memory in the "
+            f"mosaic_gpu backward with head_dim={head_dim} ({_MOSAIC_GPU_SMEM} available); sizes that fit: "
+            f"{', '.join(f'({q}, {k})' for q, k in fit) or 'none'}."
+        )
+    blocks = plan_.blocks
+    blocks = BlockSizes(blocks.block_q, blocks.block_kv, bq, bk)
+    return dataclasses.replace(plan_, blocks=blocks)

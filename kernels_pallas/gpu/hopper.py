@@ -1,47 +1,79 @@
-"""The ``"mosaic_gpu"`` backend (H100/H200, sm_90): a Mosaic GPU flash forward.
+"""The ``"mosaic_gpu"`` backend (H100/H200, sm_90): a FlashAttention-3 style Mosaic GPU forward.
 
 What runs where (precisely):
 
-* **forward**: the Mosaic GPU kernel in this module (:func:`forward`): TMA
-  copies into swizzled SMEM, ``wgmma`` for ``Q K^T`` and ``P V``, online
-  softmax in registers, a ``STAGES``-deep TMA pipeline over key blocks.
-* **backward** (dQ, dK/dV): the portable Pallas kernels
-  (``kernels_pallas.gpu.portable.backward``, Triton on GPU). No Mosaic GPU
-  backward is written yet; :func:`backward` is that function, re-exported.
+* **forward**: the Mosaic GPU kernel in this module (:func:`forward`).
+* **backward** (dQ, dK/dV): the Mosaic GPU kernels of
+  ``kernels_pallas.gpu.hopper_bwd`` (one warpgroup each, a TMA pipeline, exp2,
+  per-element masks on every visited tile), with their own tiles
+  (``kernels_pallas.blocks.mosaic_gpu_backward_plan``, default 64 x 64); for
+  head_dim 256 (beyond their SMEM) the portable kernels.
 
-Validation: the forward is tested on CPU under the Mosaic GPU interpret mode
-(``InterpretGPUParams``, ``tests/kernels/test_hopper.py``) and its lowering to
-a Mosaic GPU module is checked on CPU (``lowering_platforms=("cuda",)``). It
-has NOT been run on an H100/H200; that is why ``backend="auto"`` does not pick
-it (see ``kernels_pallas.api``) and it is an explicit opt-in
-(``backend="mosaic_gpu"``) until ``tests/kernels/test_gpu.py`` passes there.
+Forward kernel (grid ``(n_pairs, h, b)``, three warpgroups per program, ``thread_name="wg"``):
 
-Kernel (one warpgroup per program, grid ``(nq, h, b)``):
+* **Warp specialisation.** Warpgroup 2 is the producer: it TMA-copies each key
+  block (``K^T``, ``V``, key positions, key segments) into one of ``STAGES``
+  SMEM slots, refilling a slot once both consumers have arrived on its "free"
+  barriers (K after ``Q K^T``, V after ``P V``). Warpgroups 0 and 1 are the
+  consumers; each owns one query block of ``block_q`` rows (a program covers
+  ``2 block_q`` rows), runs ``wgmma`` and the online softmax, and gives
+  registers up to / takes them from the producer (``set_max_registers``).
+* **Ping-pong.** The consumers alternate at a two-arrival "turn" barrier twice
+  per key block (consumer 1 starts one turn behind), so one's softmax runs
+  while the other's matmuls occupy the tensor cores (as in FlashAttention-3
+  and ``jax.experimental.pallas.ops.gpu.attention_mgpu``).
+* **exp2.** Logits go straight to the log2 domain: ``scores * (scale log2 e)``
+  is one multiply (with softcap, ``tanh(scores * scale / cap) * (cap log2 e)``);
+  ``m`` is kept in log2 units and ``lse = ln2 m + ln l`` is natural-log at
+  the interface.
+* **Masks only where needed.** :func:`pair_schedule` (plain JAX, from the
+  block plan) lists the key blocks visible to either query block of a pair
+  (causal/window ranges and zigzag holes are never fetched) and codes each
+  (query block, key block) as ``HIDDEN`` (only the other consumer sees it: the
+  consumer keeps the barrier phases in step and computes nothing), ``EDGE``
+  (diagonal, window edge, key padding, a segment boundary: the per-element
+  :func:`kernels_pallas.block_math.visible` mask) or ``INTERIOR`` (every pair
+  visible by ``Mask.block_full``, no padding, one segment on both sides: no
+  mask, no empty-row guard).
+* GQA/MQA through the TMA source slice (KV head ``h // group``), never copied.
+  K is passed pre-transposed (``[b, h_kv, d, Tk]``) and ``P`` goes through SMEM
+  as the A operand of ``P V``: the interpret mode simulates neither transposed
+  refs nor register A operands, and this way the tested code is the code that
+  would run. Each matmul accumulates into a fresh ``plgpu.ACC``.
+* Lengths: schedule rows (one entry per key block: 2049 at 128k keys with
+  64-key blocks) go to SMEM in TMA pieces of at most 256 entries.
 
-* Q tile ``[bq, d]`` of query block ``i`` of head ``h`` is TMA-copied to SMEM once.
-* Key blocks come from ``tiles.block_lists(plan.vis)``: query block ``i``
-  visits exactly its visible key blocks (causal/window ranges and zigzag holes
-  are neither fetched nor computed). The KV head is ``h // group`` in the TMA
-  source slice, so GQA/MQA never copies K/V.
-* K is passed pre-transposed (``[b, h_kv, d, Tk]``) so both wgmma B operands
-  are plain SMEM tiles (``K^T [d, bk]`` and ``V [bk, d]``); ``P`` goes through
-  SMEM as the A operand of ``P V``. This keeps the kernel inside what the
-  interpret mode simulates (no transposed refs, no register A operands, no
-  accumulator initialisation via ``run_state``), so the tested code is the
-  code that would run on hardware. Each matmul accumulates into a fresh
-  ``plgpu.ACC`` and is folded into the running accumulator in registers.
-* Masking is :func:`kernels_pallas.block_math.visible` on the tile's positions,
-  segment ids and key validity (padding), exactly the lca ``Mask`` rule.
+Validation, and what is NOT validated:
+
+* On CPU, under the Mosaic GPU interpret mode (``InterpretGPUParams``,
+  ``tests/kernels/test_hopper.py``): out, lse and (with the backward of
+  ``hopper_bwd``) dq/dk/dv against ``reference_attention``.
+  The interpret mode runs the three warpgroups as concurrent threads with
+  simulated SMEM, TMA copies, barriers (it raises on a phase that a waiting
+  thread skipped or an arrival completed twice before anyone observed it) and
+  ``wgmma``. It does NOT model register layouts (``layout_cast``/``plgpu.load``
+  hints are identity there), asynchronous ``wgmma`` (it is synchronous),
+  ``commit_smem`` fences, register reallocation, or timing, so it cannot show
+  a race that only real concurrency of the tensor cores would expose, nor speed.
+* On CPU, lowering for CUDA (``lowering_platforms=("cuda",)``) runs the
+  Pallas -> Mosaic GPU lowering (layouts, TMA shapes and alignment, the
+  ``lax.switch`` over codes) without compiling to PTX.
+* It has NOT run on an H100/H200: ``backend="auto"`` does not pick it (see
+  ``kernels_pallas.api``) until ``tests/kernels/test_gpu.py`` passes there.
 
 Alignment (checked in ``kernels_pallas.blocks``): ``block_q`` a multiple of 64
 (wgmma M per warpgroup), ``block_kv`` a multiple of 64, both at most 256
 (one TMA copy per Q/K/V tile and position row), ``head_dim`` a multiple of 64
-up to 256; on hardware the inputs must be bfloat16/float16. The key-block list
-of a query block (one entry per key block, 2048 at 128k keys with 64-key
-blocks) is copied in pieces of at most 256 entries.
+up to 256; on hardware the inputs must be bfloat16/float16. SMEM: two Q tiles
+(reused for a same-dtype output), ``STAGES`` K and V tiles, two P tiles and
+the schedule rows; a float32 output (ring steps) takes one more tile, shared
+by the consumers in turn (:func:`_check_smem`).
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -52,20 +84,21 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas import block_math
 from kernels_pallas.blocks import MOSAIC_GPU_STAGES as STAGES
+from kernels_pallas.blocks import GPU_LIMITS
 from kernels_pallas.blocks import TMA_MAX_ELEMS
-from kernels_pallas.gpu.portable import backward
 from kernels_pallas.tiles import BlockPlan, block_lists
 from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
-from lca.attention.tiling import Tiling
+from lca.attention.tiling import Tiling, pad_axis
 from lca.parallel.vma import varying_struct
 
-__all__ = ["STAGES", "backward", "forward"]
+__all__ = ["STAGES", "Layouts", "forward", "interpret_params", "log2_logits", "matmul", "pair_schedule",
+           "tile_transforms"]
 
 _SWIZZLE = 128  # bytes
 
 
-def _interpret_params(interpret: bool):
+def interpret_params(interpret: bool):
     if not interpret:
         return None
     # jax 0.10.2 has no public alias for the Mosaic GPU interpret params (the TPU
@@ -76,7 +109,7 @@ def _interpret_params(interpret: bool):
     return InterpretGPUParams()
 
 
-def _tile_transforms(dtype):
+def tile_transforms(dtype):
     """Swizzled SMEM tiling that wgmma and TMA expect for 2-D operand tiles."""
     return (
         plgpu.TilingTransform((8, _SWIZZLE // jnp.dtype(dtype).itemsize)),
@@ -84,7 +117,7 @@ def _tile_transforms(dtype):
     )
 
 
-class _Layouts:
+class Layouts:
     """Register-layout hints; identity under the interpret mode, which has no layouts.
 
     ``layout_cast`` and ``plgpu.load`` only tell the Mosaic GPU compiler how a
@@ -104,137 +137,322 @@ class _Layouts:
         return self.cast(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA)
 
 
-def _matmul(a_smem, b_smem, shape):
-    """``a @ b`` of two SMEM tiles into a fresh wgmma accumulator, as an f32 value."""
+def matmul(a_smem, b_smem, shape, while_running=None):
+    """``a @ b`` of two SMEM tiles into a fresh wgmma accumulator, as an f32 value.
+
+    ``while_running()`` runs after the wgmma is issued and before its result is
+    awaited (on hardware the wgmma is asynchronous until the accumulator is read).
+    """
 
     def run(acc_ref):
         plgpu.wgmma(acc_ref, a_smem, b_smem)
+        if while_running is not None:
+            while_running()
         return acc_ref[...]
 
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+# Codes of (query block, visible key block) pairs in the consumers' schedule rows.
+HIDDEN, EDGE, INTERIOR = 0, 1, 2
+
+
+def log2_logits(scores, logit: LogitOptions):
+    """``logit.apply(scores) * log2(e)`` with the scale folded into one multiply (the exp2 domain)."""
+    if logit.softcap is None:
+        return scores * (logit.scale * _LOG2E)
+    return jnp.tanh(scores * (logit.scale / logit.softcap)) * (logit.softcap * _LOG2E)
+
+
+def pair_schedule(plan: BlockPlan, tiling: Tiling, mask: Mask, q_seg, kv_seg, align: int = 32):
+    """What a program of two query blocks streams, and what each of its consumers does per key block.
+
+    Returns ``(lists [n_pairs, width], codes [bs, 2 n_pairs, width])`` int32 with
+    ``bs = b`` when segmented (segments decide which blocks are interior), else 1:
+
+    * ``lists[p] = [count, j_0, ..., j_{count-1}, 0...]``: the key blocks visible to
+      either query block ``2p`` or ``2p + 1`` (the producer fetches each once);
+    * ``codes[., i, 1 + t]``: for query block ``i`` and the ``t``-th listed key block,
+      ``HIDDEN`` (skipped), ``EDGE`` (masked per element: diagonal, window edge,
+      key padding, a segment boundary) or ``INTERIOR`` (every pair visible: no mask).
+    """
+    nq, nk, bq, bk = tiling.num_q, tiling.num_kv, tiling.block_q, tiling.block_kv
+    n_pairs = -(-nq // 2)
+    vis = pad_axis(plan.vis, 0, 2 * n_pairs) != 0  # an odd last query block pairs with nothing
+    lists = block_lists(vis.reshape(n_pairs, 2, nk).any(axis=1), align)
+    q_blk = pad_axis(plan.q_pos, 0, 2 * n_pairs * bq, mode="edge").reshape(2 * n_pairs, bq)
+    kv_blk = plan.kv_pos.reshape(nk, bk)
+    full = mask.block_full(q_blk.min(1)[:, None], q_blk.max(1)[:, None],
+                           kv_blk.min(1)[None], kv_blk.max(1)[None])
+    full = full & ((jnp.arange(nk) + 1) * bk <= tiling.kv_len)[None]  # no padded key in the block
+    full = jnp.broadcast_to(full, (1, 2 * n_pairs, nk))
+    if q_seg is not None:
+        qs = pad_axis(q_seg, 1, 2 * n_pairs * bq, mode="edge").reshape(q_seg.shape[0], 2 * n_pairs, bq)
+        ks = kv_seg.reshape(kv_seg.shape[0], nk, bk)
+        q_lo, q_hi, k_lo, k_hi = qs.min(2), qs.max(2), ks.min(2), ks.max(2)
+        one_doc = ((q_lo == q_hi)[:, :, None] & (k_lo == k_hi)[:, None, :]
+                   & (q_lo[:, :, None] == k_lo[:, None, :]))
+        full = full & one_doc
+    code = jnp.where(vis[None], jnp.where(full, INTERIOR, EDGE), HIDDEN).astype(jnp.int32)
+    listed = jnp.repeat(lists[:, 1:], 2, axis=0)  # [2 n_pairs, width - 1] key block indices
+    listed = jnp.broadcast_to(listed[None], (code.shape[0],) + listed.shape)
+    codes = jnp.take_along_axis(code, listed, axis=2)
+    count = jnp.repeat(lists[:, 0], 2)[None, :, None]
+    codes = jnp.where(jnp.arange(listed.shape[2])[None, None] < count, codes, HIDDEN)
+    return lists, jnp.pad(codes, ((0, 0), (0, 0), (1, 0)))
+
+
+def _check_smem(bq, bk, d, out_dtype, separate_out: bool, width):
+    """A ``ValueError`` when the forward's SMEM on hardware (16-bit tiles) exceeds an sm_90 block's.
+
+    ``kernels_pallas.blocks`` checks the tiles when the call is planned; what it
+    cannot know there is the schedule rows' width (it grows with the key length)
+    and an output of another dtype than the inputs (``kernel_forward(...,
+    out_dtype=float32)`` on bfloat16, as ring steps ask for), which needs its own
+    tile. Interpret-mode float32 tiles are counted as the bfloat16 they stand for.
+    """
+    out_bytes = jnp.dtype(out_dtype).itemsize
+    need = 2 * (2 * bq * d + 2 * STAGES * bk * d + 2 * bq * bk) + 4 * (2 * bq + 3 * width + 4 * bk + 4 * bq)
+    if separate_out:
+        need += out_bytes * bq * d
+    available = GPU_LIMITS["NVIDIA H100"].smem_bytes
+    if need > available:
+        fix = "use block_kv=64 (or a smaller block_q)" if bk > 64 else (
+            "use a 16-bit output, head_dim <= 128, or backend='gpu_portable'")
+        raise ValueError(
+            f"the mosaic_gpu forward needs {need} bytes of shared memory with block_q={bq}, block_kv={bk}, "
+            f"head_dim={d}, {width} schedule entries per query pair and a {jnp.dtype(out_dtype).name} "
+            f"output ({available} available): {fix}."
+        )
+
+
 def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Mask,
             logit: LogitOptions, out_dtype, interpret: bool):
-    """``(out [b, Tq, h, d] out_dtype, lse [b, h, Tq] f32)`` on padded inputs."""
-    b, tq, h, d = q.shape
+    """``(out [b, Tq', h, d] out_dtype, lse [b, h, Tq'] f32)`` on padded inputs (``Tq' >= Tq``).
+
+    Warp-specialised: per program (grid ``(n_pairs, h, b)``) three warpgroups, a
+    producer that TMA-copies key blocks into ``STAGES`` SMEM slots and two
+    consumers, each owning one query block of ``block_q`` rows, that run
+    ``wgmma`` and the online softmax in ping-pong.
+    """
+    b, _, h, d = q.shape
     h_kv = k.shape[2]
     group = h // h_kv
-    bq, bk, nq = tiling.block_q, tiling.block_kv, tiling.num_q
+    bq, bk = tiling.block_q, tiling.block_kv
     segmented = q_seg is not None
     dtype = q.dtype
-    lay = _Layouts(interpret)
+    lists, codes = pair_schedule(plan, tiling, mask, q_seg, kv_seg)
+    n_pairs, width = lists.shape
+    tq = 2 * n_pairs * bq  # an odd number of query blocks gets one all-padding block
+    q = pad_axis(q, 1, tq)
+    q_pos = pad_axis(plan.q_pos, 0, tq, mode="edge")
+    if segmented:
+        q_seg = pad_axis(q_seg, 1, tq, mode="edge")
+    lay = Layouts(interpret)
     row_layout = plgpu.Layout.WGMMA.reduce(1)  # one value per query row
     col_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per key column
-    # [nq, width]: count, then the visible key blocks; rows of 128 bytes (TMA granule).
-    kv_lists = block_lists(plan.vis, align=32)
-    width = kv_lists.shape[1]
-    # A TMA copy moves at most TMA_MAX_ELEMS per dimension: the list row goes in pieces
+    # A TMA copy moves at most TMA_MAX_ELEMS per dimension: list rows go in pieces
     # (128-byte aligned: 256 int32s is a multiple of 32).
-    list_pieces = [pl.ds(start, min(TMA_MAX_ELEMS, width - start)) for start in range(0, width, TMA_MAX_ELEMS)]
-    num_q_copies = 2 + len(list_pieces) + segmented
+    pieces = [pl.ds(start, min(TMA_MAX_ELEMS, width - start)) for start in range(0, width, TMA_MAX_ELEMS)]
+    kv_copies = 4 if segmented else 3  # K, V, key positions, key segments
+    q_copies = 3 if segmented else 2  # Q, query positions, query segments
+    separate_out = jnp.dtype(out_dtype) != jnp.dtype(dtype)  # else the output reuses Q's SMEM
+    _check_smem(bq, bk, d, out_dtype, separate_out, width)
 
-    def kernel(q_ref, kt_ref, v_ref, qpos_ref, kvpos_ref, lists_ref, *rest):
+    def kernel(q_ref, kt_ref, v_ref, qpos_ref, kvpos_ref, lists_ref, codes_ref, *rest):
         if segmented:
             qseg_ref, kvseg_ref, o_ref, lse_ref, scratch = rest
         else:
             (o_ref, lse_ref, scratch), qseg_ref, kvseg_ref = rest, None, None
         smem, bars = scratch
-        q_smem, kt_smem, v_smem, p_smem, o_smem, lse_smem, list_smem, qtok_smem, kvtok_smem = smem
-        q_bar, kv_bars = bars
-        i, hi, bi = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
+        (q_smem, kt_smem, v_smem, p_smem, o_smem, lse_smem, list_smem, code_smem, qtok_smem,
+         kvtok_smem) = smem
+        list_bar, q_bars, kv_bars, k_free, v_free, turn, out_free = bars
+        wg = lax.axis_index("wg")
+        pair, hi, bi = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
         hk = lax.div(hi, jnp.int32(group))
-        rows = pl.ds(i * bq, bq)
+        bs = bi if segmented else 0
 
-        # Per-program inputs: the Q tile, its positions/segments, its key-block list.
-        q_copies = [(q_ref.at[bi, rows, hi], q_smem), (qpos_ref.at[rows], qtok_smem.at[0])]
-        q_copies += [(lists_ref.at[i, piece], list_smem.at[piece]) for piece in list_pieces]
-        if segmented:
-            q_copies.append((qseg_ref.at[bi, rows], qtok_smem.at[1]))
-        for n, (src, dst) in enumerate(q_copies):
-            plgpu.copy_gmem_to_smem(src, dst, q_bar.at[n])
-        for n in range(len(q_copies)):
-            plgpu.barrier_wait(q_bar.at[n])
-        count = list_smem[0]
-
-        def fetch(t):
-            """Start the TMA copies of the ``t``-th visible key block into slot ``t % STAGES``."""
-            slot = lax.rem(t, jnp.int32(STAGES))
-            keys = pl.ds(list_smem[1 + t] * bk, bk)
-            copies = [(kt_ref.at[bi, hk, :, keys], kt_smem.at[slot]),
-                      (v_ref.at[bi, keys, hk], v_smem.at[slot]),
-                      (kvpos_ref.at[keys], kvtok_smem.at[slot, 0])]
-            if segmented:
-                copies.append((kvseg_ref.at[bi, keys], kvtok_smem.at[slot, 1]))
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            copies = [(lists_ref.at[pair, piece], list_smem.at[piece]) for piece in pieces]
+            copies += [(codes_ref.at[bs, 2 * pair + w, piece], code_smem.at[w, piece])
+                       for w in range(2) for piece in pieces]
             for n, (src, dst) in enumerate(copies):
-                plgpu.copy_gmem_to_smem(src, dst, kv_bars.at[slot * 4 + n])
+                plgpu.copy_gmem_to_smem(src, dst, list_bar.at[n])
+            for n in range(len(copies)):
+                plgpu.barrier_wait(list_bar.at[n])
+            count = list_smem[0]
 
-        for t in range(STAGES):  # pipeline prologue
-            pl.when(t < count)(lambda t=t: fetch(jnp.int32(t)))
+            def fetch(t, _):
+                slot = lax.rem(t, jnp.int32(STAGES))
+                keys = pl.ds(list_smem[1 + t] * bk, bk)
 
-        def tile_mask(t, slot):
-            """``[bq, bk]`` visibility of the tile: positions, segments, key padding."""
-            full = (bq, bk)
-            q_col = lax.broadcast_in_dim(lay.load(qtok_smem.at[0], row_layout), full, [0])
-            kv_row = lax.broadcast_in_dim(lay.load(kvtok_smem.at[slot, 0], col_layout), full, [1])
-            key_idx = list_smem[1 + t] * bk + lay.iota(full, 1)
-            qs = ks = None
+                @pl.when(t >= STAGES)
+                def _():
+                    plgpu.barrier_wait(k_free.at[slot])  # both consumers are done with the slot's K
+
+                plgpu.copy_gmem_to_smem(kt_ref.at[bi, hk, :, keys], kt_smem.at[slot], kv_bars.at[slot * 4])
+
+                @pl.when(t >= STAGES)
+                def _():
+                    plgpu.barrier_wait(v_free.at[slot])
+
+                rest_ = [(v_ref.at[bi, keys, hk], v_smem.at[slot]), (kvpos_ref.at[keys], kvtok_smem.at[slot, 0])]
+                if segmented:
+                    rest_.append((kvseg_ref.at[bi, keys], kvtok_smem.at[slot, 1]))
+                for n, (src, dst) in enumerate(rest_):
+                    plgpu.copy_gmem_to_smem(src, dst, kv_bars.at[slot * 4 + 1 + n])
+                return None
+
+            lax.fori_loop(0, count, fetch, None)
+
+            def drain(t, _):
+                # Observe the last frees too: a barrier phase nobody awaits is a protocol error
+                # in the interpret mode, and on hardware the parity would drift.
+                slot = lax.rem(t, jnp.int32(STAGES))
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+                return None
+
+            lax.fori_loop(jnp.maximum(count - STAGES, 0), count, drain, None)
+
+        @pl.when(wg < 2)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            rows = pl.ds((2 * pair + wg) * bq, bq)
+            mine = [(q_ref.at[bi, rows, hi], q_smem.at[wg]), (qpos_ref.at[rows], qtok_smem.at[wg, 0])]
             if segmented:
-                qs = lax.broadcast_in_dim(lay.load(qtok_smem.at[1], row_layout), full, [0])
-                ks = lax.broadcast_in_dim(lay.load(kvtok_smem.at[slot, 1], col_layout), full, [1])
-            return block_math.visible(mask, q_col, kv_row, key_idx < tiling.kv_len, qs, ks)
+                mine.append((qseg_ref.at[bi, rows], qtok_smem.at[wg, 1]))
+            for n, (src, dst) in enumerate(mine):
+                plgpu.copy_gmem_to_smem(src, dst, q_bars.at[wg * q_copies + n])
+            for n in range(len(mine)):
+                plgpu.barrier_wait(q_bars.at[wg * q_copies + n])
+            for n in range(3 * len(pieces)):  # the producer's list and code rows
+                plgpu.barrier_wait(list_bar.at[n])
+            count = list_smem[0]
 
-        def step(t, carry):
-            m, l, acc = carry
-            slot = lax.rem(t, jnp.int32(STAGES))
-            for n in range(4 if segmented else 3):
-                plgpu.barrier_wait(kv_bars.at[slot * 4 + n])
-            s = logit.apply(_matmul(q_smem, kt_smem.at[slot], (bq, bk)))
-            s = jnp.where(tile_mask(t, slot), s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with no key yet
-            p = jnp.exp(s - lax.broadcast_in_dim(m_safe, (bq, bk), [0]))
-            alpha = jnp.exp(m - m_safe)
-            l = alpha * l + p.sum(axis=1)
-            p_smem[...] = p.astype(dtype)
-            plgpu.commit_smem()  # make the register->SMEM stores visible to wgmma
-            pv = _matmul(p_smem, v_smem.at[slot], (bq, d))
-            acc = acc * lax.broadcast_in_dim(alpha, (bq, d), [0]) + pv
-            # The slot is free again (both wgmmas were awaited): refill it.
-            pl.when(t + STAGES < count)(lambda: fetch(t + STAGES))
-            return m_new, l, acc
+            def take_turn():
+                """Ping-pong: the consumers alternate here, so one's softmax overlaps the other's wgmma."""
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(turn)
 
-        init = (
-            lay.cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout),
-            lay.cast(jnp.zeros((bq,), jnp.float32), row_layout),
-            lay.cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA),
-        )
-        m, l, acc = lax.fori_loop(0, count, step, init)
-        has_key = l > 0
-        l_safe = jnp.where(has_key, l, 1.0)
-        o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, (bq, d), [0])).astype(o_smem.dtype)
-        lse_smem[...] = jnp.where(has_key, m + jnp.log(l_safe), -jnp.inf)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bi, rows, hi])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, rows])
-        plgpu.wait_smem_to_gmem(0)
+            def wait_rest(slot):
+                for n in range(1, kv_copies):
+                    plgpu.barrier_wait(kv_bars.at[slot * 4 + n])
+
+            def edge_mask(t, slot):
+                """``[bq, bk]`` visibility of an edge tile: positions, segments, key padding."""
+                full = (bq, bk)
+                q_col = lax.broadcast_in_dim(lay.load(qtok_smem.at[wg, 0], row_layout), full, [0])
+                kv_row = lax.broadcast_in_dim(lay.load(kvtok_smem.at[slot, 0], col_layout), full, [1])
+                key_idx = list_smem[1 + t] * bk + lay.iota(full, 1)
+                qs = ks = None
+                if segmented:
+                    qs = lax.broadcast_in_dim(lay.load(qtok_smem.at[wg, 1], row_layout), full, [0])
+                    ks = lax.broadcast_in_dim(lay.load(kvtok_smem.at[slot, 1], col_layout), full, [1])
+                return block_math.visible(mask, q_col, kv_row, key_idx < tiling.kv_len, qs, ks)
+
+            def visible_step(t, carry, edge: bool):
+                m, l, acc = carry
+                slot = lax.rem(t, jnp.int32(STAGES))
+                plgpu.barrier_wait(kv_bars.at[slot * 4])
+                # The turn is taken while this consumer's Q K^T runs on the tensor cores.
+                s = matmul(q_smem.at[wg], kt_smem.at[slot], (bq, bk), while_running=take_turn)
+                plgpu.barrier_arrive(k_free.at[slot])
+                s = log2_logits(s, logit)
+                wait_rest(slot)
+                if edge:
+                    s = jnp.where(edge_mask(t, slot), s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                # An edge tile can leave a row with no key yet; an interior one cannot.
+                m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new) if edge else m_new
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_ref, (bq, bk), [0]))
+                alpha = jnp.exp2(m - m_ref)
+                l = alpha * l + p.sum(axis=1)
+                p_smem[wg] = p.astype(dtype)
+                plgpu.commit_smem()  # make the register->SMEM stores visible to wgmma
+                take_turn()
+                pv = matmul(p_smem.at[wg], v_smem.at[slot], (bq, d))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return m_new, l, acc * lax.broadcast_in_dim(alpha, (bq, d), [0]) + pv
+
+            def hidden_step(t, carry):
+                """A key block only the other consumer sees: keep the barriers' phases in step."""
+                slot = lax.rem(t, jnp.int32(STAGES))
+                plgpu.barrier_wait(kv_bars.at[slot * 4])
+                take_turn()
+                plgpu.barrier_arrive(k_free.at[slot])
+                wait_rest(slot)
+                take_turn()
+                plgpu.barrier_arrive(v_free.at[slot])
+                return carry
+
+            def step(t, carry):
+                branches = [hidden_step, functools.partial(visible_step, edge=True),
+                            functools.partial(visible_step, edge=False)]
+                return lax.switch(code_smem[wg, 1 + t], branches, t, carry)
+
+            init = (
+                lay.cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout),
+                lay.cast(jnp.zeros((bq,), jnp.float32), row_layout),
+                lay.cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA),
+            )
+            pl.when(wg == 1)(take_turn)  # consumer 1 starts one turn behind
+            m, l, acc = lax.fori_loop(0, count, step, init)
+            pl.when(wg == 0)(take_turn)  # ... and consumer 0 ends one behind: equal turns
+            has_key = l > 0
+            l_safe = jnp.where(has_key, l, 1.0)
+            out = (acc / lax.broadcast_in_dim(l_safe, (bq, d), [0])).astype(out_dtype)
+            # m is in log2 units: lse = ln(2) m + ln(l), natural log at the interface.
+            lse_smem[wg] = jnp.where(has_key, m * _LN2 + jnp.log(l_safe), -jnp.inf)
+
+            def store(out_smem):
+                out_smem[...] = out
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem, o_ref.at[bi, rows, hi])
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, rows])
+                plgpu.wait_smem_to_gmem(0)
+
+            if not separate_out:
+                store(q_smem.at[wg])  # Q is no longer read
+            else:
+                # One wider output tile, taken in turn (SMEM is short): consumer 0 stores
+                # first and hands the tile over once its copy has read it.
+                pl.when(wg == 1)(lambda: plgpu.barrier_wait(out_free))
+                store(o_smem)
+                pl.when(wg == 0)(lambda: plgpu.barrier_arrive(out_free))
 
     def entry(*refs):
+        tile = tile_transforms(dtype)
         smem = (
-            plgpu.SMEM((bq, d), dtype, transforms=_tile_transforms(dtype)),
-            plgpu.SMEM((STAGES, d, bk), dtype, transforms=_tile_transforms(dtype)),
-            plgpu.SMEM((STAGES, bk, d), dtype, transforms=_tile_transforms(dtype)),
-            plgpu.SMEM((bq, bk), dtype, transforms=_tile_transforms(dtype)),
-            plgpu.SMEM((bq, d), out_dtype, transforms=_tile_transforms(out_dtype)),
-            plgpu.SMEM((bq,), jnp.float32),
+            plgpu.SMEM((2, bq, d), dtype, transforms=tile),
+            plgpu.SMEM((STAGES, d, bk), dtype, transforms=tile),
+            plgpu.SMEM((STAGES, bk, d), dtype, transforms=tile),
+            plgpu.SMEM((2, bq, bk), dtype, transforms=tile),
+            plgpu.SMEM((bq, d), out_dtype, transforms=tile_transforms(out_dtype)) if separate_out else None,
+            plgpu.SMEM((2, bq), jnp.float32),
             plgpu.SMEM((width,), jnp.int32),
-            plgpu.SMEM((2, bq), jnp.int32),  # query positions, segments
-            plgpu.SMEM((STAGES, 2, bk), jnp.int32),  # key positions, segments
+            plgpu.SMEM((2, width), jnp.int32),
+            plgpu.SMEM((2, 2, bq), jnp.int32),  # per consumer: query positions, segments
+            plgpu.SMEM((STAGES, 2, bk), jnp.int32),  # per slot: key positions, segments
         )
-        bars = (plgpu.Barrier(num_barriers=num_q_copies), plgpu.Barrier(num_barriers=4 * STAGES))
-        pl.run_scoped(lambda *scratch: kernel(*refs, scratch), smem, bars)
+        bars = (
+            plgpu.Barrier(num_barriers=3 * len(pieces)),
+            plgpu.Barrier(num_barriers=2 * q_copies),
+            plgpu.Barrier(num_barriers=4 * STAGES),
+            plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # K slot free
+            plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # V slot free
+            plgpu.Barrier(num_arrivals=2),  # the consumers' turns
+            plgpu.Barrier(),  # the wider output tile is free for consumer 1
+        )
+        pl.run_scoped(lambda *scratch: kernel(*refs, scratch), smem, bars, collective_axes="wg")
 
-    args = [q, rearrange(k, "b t h d -> b h d t"), v, plan.q_pos, plan.kv_pos, kv_lists]
+    args = [q, rearrange(k, "b t h d -> b h d t"), v, q_pos, plan.kv_pos, lists, codes]
     if segmented:
         args += [q_seg, kv_seg]
     return plgpu.kernel(
@@ -243,7 +461,9 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
             varying_struct((b, tq, h, d), out_dtype, q),
             varying_struct((b, h, tq), jnp.float32, q),
         ),
-        grid=(nq, h, b),
+        grid=(n_pairs, h, b),
         grid_names=("q", "h", "b"),
-        interpret=_interpret_params(interpret),
+        num_threads=3,
+        thread_name="wg",
+        interpret=interpret_params(interpret),
     )(*args)

@@ -1,9 +1,11 @@
 """The kernel checks at real sizes in bf16 on a GPU; skipped when none is present.
 
 Run on a GPU machine with ``pytest tests/kernels/test_gpu.py -m "slow or not slow"``.
-``mosaic_gpu`` (the Mosaic GPU forward of ``kernels_pallas/gpu/hopper.py`` with
-the portable backward) runs only on sm_90; until these tests pass on an
-H100/H200, ``backend="auto"`` does not pick it.
+``mosaic_gpu`` (the warp-specialised Mosaic GPU forward of
+``kernels_pallas/gpu/hopper.py`` and the Mosaic GPU dQ and dK/dV kernels of
+``kernels_pallas/gpu/hopper_bwd.py``; the portable backward at head_dim 256)
+runs only on sm_90; until these tests pass on an H100/H200, ``backend="auto"``
+does not pick it. ``test_bf16_real_sizes`` checks its forward and gradients.
 """
 
 import jax
@@ -90,3 +92,25 @@ def test_mosaic_gpu_forward_zigzag_positions(block_kv):
     np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
     np.testing.assert_allclose(np.float32(out), np.float32(ref_out), atol=2e-2, rtol=2e-2)
     np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], atol=2e-2)
+
+
+def test_mosaic_gpu_more_than_256_key_blocks():
+    """Issue 15 bug 2 on hardware: 313 key blocks of 64 (schedule rows in TMA pieces), forward and gradients."""
+    if not _is_hopper():
+        pytest.skip("mosaic_gpu needs sm_90 (H100/H200)")
+    b, q_len, kv_len, h, h_kv, d = 1, 512, 20000, 4, 2, 128
+    q, k, v = random_qkv(3, b, q_len, kv_len, h, h_kv, d, jnp.bfloat16)
+    attn = lambda q, k, v: flash_attention(q, k, v, causal=True, block_kv=64, backend="mosaic_gpu",  # noqa: E731
+                                           return_lse=True)
+    ref = lambda q, k, v: reference_attention(  # noqa: E731
+        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), causal=True, return_lse=True)
+    (out, lse), pull = jax.vjp(attn, q, k, v)
+    (ref_out, ref_lse), ref_pull = jax.vjp(ref, q, k, v)
+    np.testing.assert_allclose(np.float32(out), np.float32(ref_out), atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=2e-2)
+    dout = jax.random.normal(jax.random.PRNGKey(1), out.shape, jnp.bfloat16)
+    for name_, g, rg in zip("qkv", pull((dout, jnp.zeros_like(lse))),
+                            ref_pull((dout.astype(jnp.float32), jnp.zeros_like(lse)))):
+        g, rg = np.float32(g), np.float32(rg)
+        err = np.abs(g - rg).max() / max(np.abs(rg).max(), 1e-6)
+        assert err < 3e-2, f"d{name_}: relative max error {err}"

@@ -1,13 +1,15 @@
-"""The Mosaic GPU (Hopper) forward on CPU: Mosaic GPU interpret mode vs the oracle, and CUDA lowering.
+"""The Mosaic GPU (Hopper) kernels on CPU: Mosaic GPU interpret mode vs the oracle, and CUDA lowering.
 
 No H100/H200 backs this file. Two checks stand in for one:
 
-* ``InterpretGPUParams`` runs the kernel's TMA copies, barriers, wgmma and
-  register math on CPU, simulating SMEM: forward and lse against
-  ``reference_attention`` (the gradients in these cases come from the portable
-  backward, which ``mosaic_gpu`` uses);
-* lowering the kernel for ``cuda`` on CPU runs the Pallas -> Mosaic GPU
+* ``InterpretGPUParams`` runs the kernels' warpgroups as threads, their TMA
+  copies, barriers, wgmma and register math on CPU, simulating SMEM: out, lse
+  and dq/dk/dv (the Mosaic GPU forward and backward) against ``reference_attention``;
+* lowering the kernels for ``cuda`` on CPU runs the Pallas -> Mosaic GPU
   lowering (layouts, TMA shapes and alignment), without compiling to PTX.
+
+The interpret mode compiles each warpgroup's program per grid point, so one
+small case runs by default and the grid runs under ``-m slow``.
 """
 
 import jax
@@ -16,17 +18,25 @@ import numpy as np
 import pytest
 
 from kernels_pallas import api
+from kernels_pallas import tiles
+from kernels_pallas.gpu import hopper
 from lca.attention.blocks import BlockSizes
 from lca.attention import inputs, reference_attention
+from lca.attention.tiling import Tiling
 from tests.kernels.flash_case import run_flash_case
 from tests.oracle import KERNEL_BF16, KERNEL_BF16_GRAD, random_qkv, three_documents
 
 # (b, q_len, kv_len, h, h_kv, d), options; blocks (64, 64): two or more key blocks each.
+# The interpret mode recompiles each warpgroup's program per grid point, so the
+# default case is one program pair per head: query blocks 64..127 and 128..191
+# see key block 0 whole (interior), their diagonal blocks masked (edge), and key
+# block 2 only from the second query block (hidden for the first consumer).
 CASES = {
-    # q_len > kv_len, bottom-right causal: the first 36 queries see no key (out 0, lse -inf).
-    "causal_gqa_odd_empty_rows": ((1, 136, 100, 4, 2, 64), dict(causal=True)),
+    "causal_interior_edge_hidden": ((1, 128, 192, 1, 1, 64), dict(causal=True)),
 }
 SLOW_CASES = {
+    # q_len > kv_len, bottom-right causal: the first 36 queries see no key (out 0, lse -inf).
+    "causal_gqa_odd_empty_rows": ((1, 136, 100, 4, 2, 64), dict(causal=True)),
     "mqa_segments_window_softcap": ((1, 130, 130, 2, 1, 64), dict(causal=True, window=50, segments=True, softcap=4.0)),
     "full_cross_scale": ((2, 70, 200, 2, 2, 64), dict(scale=0.2)),
     "window_only_gqa": ((1, 192, 192, 4, 2, 64), dict(window=40)),
@@ -35,13 +45,13 @@ SLOW_CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_mosaic_gpu_forward_matches_reference(name):
+def test_mosaic_gpu_matches_reference(name):
     run_flash_case(*CASES[name], (64, 64), backend="mosaic_gpu")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SLOW_CASES))
-def test_mosaic_gpu_forward_matches_reference_more(name):
+def test_mosaic_gpu_matches_reference_more(name):
     run_flash_case(*SLOW_CASES[name], (64, 64), backend="mosaic_gpu")
 
 
@@ -56,6 +66,7 @@ def _config(mask, d, blocks=(64, 64), softcap=None, interpret=True):
                             "mosaic_gpu", interpret)
 
 
+@pytest.mark.slow
 def test_zigzag_positions_and_key_offset():
     """Ring-step use: a query chunk at a global offset, keys in three runs, segments, softcap."""
     b, q_len, kv_len, h, h_kv, d = 1, 64, 192, 2, 1, 64
@@ -78,35 +89,108 @@ def test_zigzag_positions_and_key_offset():
     np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], atol=2e-5)
 
 
-@pytest.mark.parametrize(
-    "shape, blocks, causal, window, softcap, segmented",
-    [
-        ((1, 256, 256, 4, 2, 64), (64, 128), True, None, None, False),
-        ((2, 200, 300, 2, 1, 128), (64, 64), False, 90, 30.0, True),
-    ],
-)
-def test_lowers_to_mosaic_gpu(shape, blocks, causal, window, softcap, segmented):
-    """The bf16 kernel (interpret=False) passes the Pallas -> Mosaic GPU lowering for CUDA."""
+def _lowered(fn, shape, segmented=False):
+    """The text of ``fn(q, k, v, q_pos, kv_pos, q_seg, kv_seg)`` lowered for CUDA on bf16 shapes."""
     b, q_len, kv_len, h, h_kv, d = shape
-    cfg = _config(inputs.make_mask(causal, window), d, blocks, softcap, interpret=False)
     q = jax.ShapeDtypeStruct((b, q_len, h, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((b, kv_len, h_kv, d), jnp.bfloat16)
     q_pos, kv_pos = (jax.ShapeDtypeStruct((n,), jnp.int32) for n in (q_len, kv_len))
     q_seg, kv_seg = ((jax.ShapeDtypeStruct((b, n), jnp.int32) for n in (q_len, kv_len))
                      if segmented else (None, None))
-    fwd = jax.jit(lambda *a: api.kernel_forward(*a, cfg=cfg, out_dtype=jnp.bfloat16))
-    text = fwd.trace(q, kv, kv, q_pos, kv_pos, q_seg, kv_seg).lower(
+    return jax.jit(fn).trace(q, kv, kv, q_pos, kv_pos, q_seg, kv_seg).lower(
         lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize(
+    "shape, blocks, causal, window, softcap, segmented",
+    [
+        ((1, 256, 256, 4, 2, 64), (64, 128), True, None, None, False),
+        ((2, 200, 300, 2, 1, 128), (64, 64), False, 90, 30.0, True),
+        # Bug 2 of issue 15: schedule rows of 300 key blocks go to SMEM in TMA pieces of <= 256.
+        ((1, 64, 300 * 64, 1, 1, 64), (64, 64), False, None, None, False),
+        # 128k keys in 64-key blocks: 2049-entry schedule rows.
+        ((1, 128, 128 * 1024, 2, 1, 64), (64, 64), True, None, None, False),
+    ],
+)
+def test_lowers_to_mosaic_gpu(shape, blocks, causal, window, softcap, segmented):
+    """The bf16 forward (interpret=False) passes the Pallas -> Mosaic GPU lowering for CUDA."""
+    cfg = _config(inputs.make_mask(causal, window), shape[-1], blocks, softcap, interpret=False)
+    text = _lowered(lambda *a: api.kernel_forward(*a, cfg=cfg, out_dtype=jnp.bfloat16), shape, segmented)
     assert "mosaic_gpu" in text
 
 
-def test_lowers_with_more_than_256_key_blocks():
-    """Bug 2 of issue 15: the key-block list row (300 blocks) goes to SMEM in TMA pieces of <= 256."""
-    q_len, kv_len, d = 64, 300 * 64, 64
-    cfg = _config(inputs.make_mask(False, None), d, (64, 64), None, interpret=False)
-    q = jax.ShapeDtypeStruct((1, q_len, 1, d), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, kv_len, 1, d), jnp.bfloat16)
-    q_pos, kv_pos = (jax.ShapeDtypeStruct((n,), jnp.int32) for n in (q_len, kv_len))
-    fwd = jax.jit(lambda *a: api.kernel_forward(*a, cfg=cfg, out_dtype=jnp.bfloat16))
-    text = fwd.trace(q, kv, kv, q_pos, kv_pos, None, None).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+def test_float32_output_lowers_and_too_wide_is_a_clear_error():
+    """Ring steps ask for a float32 out: one extra tile, or a ValueError naming the fix, not a crash."""
+    def lower(d, blocks):
+        cfg = _config(inputs.make_mask(True, None), d, blocks, None, interpret=False)
+        return _lowered(lambda *a: api.kernel_forward(*a, cfg=cfg), (1, 256, 1024, 2, 1, d))  # float32 out
+
+    assert "mosaic_gpu" in lower(128, (64, 64))
+    with pytest.raises(ValueError, match="bytes of shared memory .* float32 output .* use block_kv=64"):
+        lower(128, (64, 128))
+
+
+@pytest.mark.parametrize("segmented", [False, True])
+def test_pair_schedule_codes_match_the_element_mask(segmented):
+    """HIDDEN / EDGE / INTERIOR per (query block, listed key block) agree with the dense mask."""
+    q_len, kv_len, bq, bk = 300, 250, 64, 64
+    mask = inputs.make_mask(True, 150)
+    tiling = Tiling(q_len, kv_len, bq, bk)
+    q_pos = jnp.arange(q_len, dtype=jnp.int32) + 10
+    kv_pos = jnp.arange(kv_len, dtype=jnp.int32) + 60
+    plan = tiles.plan(q_pos, kv_pos, tiling, mask)
+    # Row 0: two documents split at token 200; row 1: one document (interior blocks exist).
+    segs = jnp.stack([(jnp.arange(400) >= 200), jnp.zeros(400, bool)]).astype(jnp.int32)
+    q_seg, kv_seg = (segs[:, :q_len], segs[:, :kv_len]) if segmented else (None, None)
+    q_seg, kv_seg = tiles.pad_segments(q_seg, kv_seg, tiling)
+    lists, codes = hopper.pair_schedule(plan, tiling, mask, q_seg, kv_seg)
+    lists, codes = np.asarray(lists), np.asarray(codes)
+    nq2 = 2 * lists.shape[0]
+    qp = np.pad(np.asarray(plan.q_pos), (0, nq2 * bq - tiling.q_padded), mode="edge")
+    dense = np.asarray(mask.visible(jnp.asarray(qp), plan.kv_pos))[None]  # [1, Tq2, Tk]
+    dense = dense & (np.arange(tiling.kv_padded) < kv_len)[None, None]
+    if segmented:
+        qs = np.pad(np.asarray(q_seg), ((0, 0), (0, nq2 * bq - tiling.q_padded)), mode="edge")
+        dense = dense & (qs[:, :, None] == np.asarray(kv_seg)[:, None, :])
+    seen_kinds = set()
+    for bi in range(codes.shape[0]):
+        for i in range(tiling.num_q):  # block num_q (odd count) is padding only
+            count = lists[i // 2, 0]
+            assert (codes[bi, i, 1 + count:] == hopper.HIDDEN).all()
+            for t in range(count):
+                j = lists[i // 2, 1 + t]
+                tile = dense[min(bi, dense.shape[0] - 1), i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+                code = codes[bi, i, 1 + t]
+                seen_kinds.add(int(code))
+                if code == hopper.INTERIOR:
+                    assert tile.all()
+                elif code == hopper.HIDDEN:
+                    assert not tile.any()
+    assert seen_kinds == {hopper.HIDDEN, hopper.EDGE, hopper.INTERIOR}
+
+
+@pytest.mark.parametrize("segmented, softcap, q_len", [(True, 30.0, 200), (False, None, 300 * 64)])
+def test_backward_lowers_to_mosaic_gpu(segmented, softcap, q_len):
+    """dQ and dK/dV (bf16, interpret=False) pass the Mosaic GPU lowering; 300 query blocks per key block list."""
+    shape = (1, q_len, 256, 2, 1, 64)
+    cfg = _config(inputs.make_mask(True, None), 64, (64, 64), softcap, interpret=False)
+    cfg = api.KernelConfig(cfg.mask, cfg.logit, BlockSizes(64, 64, 64, 128), "mosaic_gpu", False)
+    out = jnp.zeros((1, q_len, 2, 64), jnp.bfloat16)
+    lse = jnp.zeros((1, 2, q_len), jnp.float32)
+    text = _lowered(lambda *a: api.kernel_backward(*a, out, lse, out, cfg=cfg), shape, segmented)
+    assert text.count("mosaic_gpu") >= 2  # the dQ and the dK/dV kernels
+
+
+def test_backward_blocks_are_its_own_and_checked():
+    """The Mosaic GPU backward takes (64, 64) unless told, whatever the forward's tiles; bad sizes are clear."""
+    def plan(blocks, d=128):
+        return api.resolve_config(d, 1024, 1024, mask=inputs.make_mask(True, None),
+                                  logit=inputs.logit_options(d, None, None), blocks=blocks,
+                                  backend="mosaic_gpu", dtype=jnp.bfloat16).blocks
+
+    assert plan(BlockSizes(64, 128)) == BlockSizes(64, 128, 64, 64)
+    assert plan(BlockSizes(64, 128, 128, 64), d=64) == BlockSizes(64, 128, 128, 64)
+    with pytest.raises(ValueError, match="block_q_bwd=32 is not valid for the mosaic_gpu backward"):
+        plan(BlockSizes(64, 128, 32, 64))
+    with pytest.raises(ValueError, match=r"block_q_bwd=128, block_kv_bwd=128 need an estimated \d+ bytes"):
+        plan(BlockSizes(64, 128, 128, 128))
