@@ -41,6 +41,17 @@ def _is_landmark(index: int, landmark_every: int | None) -> bool:
     return landmark_every is not None and index % landmark_every == landmark_every - 1
 
 
+def _prefill_pieces(length: int, chunk: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each prefill call: whole chunks, then the rest in decreasing powers of two."""
+    pieces = [(start, start + chunk) for start in range(0, length - length % chunk, chunk)]
+    start = length - length % chunk
+    while start < length:
+        size = 1 << ((length - start).bit_length() - 1)
+        pieces.append((start, start + size))
+        start += size
+    return pieces
+
+
 def generate(model, prompt, max_new_tokens: int, *, landmark_every: int | None = None,
              prefill_chunk: int | None = None, jit: bool = True) -> np.ndarray:
     """Greedy continuation of ``prompt`` int ``[b, p]``: ``max_new_tokens`` tokens, int32 ``[b, max_new_tokens]``.
@@ -51,8 +62,11 @@ def generate(model, prompt, max_new_tokens: int, *, landmark_every: int | None =
       max_new_tokens: how many tokens to generate (landmarks not counted).
       landmark_every: the ``L`` of ``data.landmark_every`` the model was trained with, or None.
       prefill_chunk: tokens per prefill call (landmarks included); None: the whole prompt at once.
-      jit: compile each step (once per distinct shape: the landmark block cache grows, so its layers
-        recompile as it does; ``jit=False`` runs eagerly).
+      jit: compile each step, once per distinct chunk length (the caches have fixed shapes); ``jit=False``
+        runs eagerly.
+
+    The prefill runs chunks of ``prefill_chunk`` tokens, then the rest in power-of-two pieces, so prompts of
+    any length reuse a few compiled shapes.
     """
     prompt = np.asarray(prompt, np.int32)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
@@ -75,9 +89,9 @@ def generate(model, prompt, max_new_tokens: int, *, landmark_every: int | None =
         return step(jnp.asarray(tokens, jnp.int32), positions, caches)
 
     last = max(i for i in range(length) if not _is_landmark(i, L))  # predicts the first new token
-    for start in range(0, length, chunk):
-        logits, caches = run(frame[:, start:start + chunk], start, caches)
-        if start <= last < start + chunk:
+    for start, stop in _prefill_pieces(length, chunk):
+        logits, caches = run(frame[:, start:stop], start, caches)
+        if start <= last < stop:
             next_logits = logits[:, last - start]
 
     out = np.zeros((batch, max_new_tokens), np.int32)
