@@ -15,6 +15,8 @@ next token is predicted from the last ordinary token, whose target in training w
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,32 +26,25 @@ from lca.data.landmark import insert_landmarks, with_landmarks_length
 from lca.data.tokenizer import LANDMARK_ID
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _extend_compiled(graphdef, state, tokens, positions, caches):
+    return nnx.merge(graphdef, state).extend(tokens, positions, caches)
+
+
 def _extend_fn(model, jit: bool):
-    """``(tokens [b, t], positions [b, t], caches) -> (logits, caches)``, compiled per shape when ``jit``."""
+    """``(tokens [b, t], positions [b, t], caches) -> (logits, caches)``, compiled per shape when ``jit``.
+
+    One module-level compiled function keyed by the model's graph, so later calls with the same model and
+    shapes (e.g. every example of one context length) reuse the compiled step.
+    """
     if not jit:
         return model.extend
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def extend(state, tokens, positions, caches):
-        return nnx.merge(graphdef, state).extend(tokens, positions, caches)
-
-    return lambda tokens, positions, caches: extend(state, tokens, positions, caches)
+    return lambda tokens, positions, caches: _extend_compiled(graphdef, state, tokens, positions, caches)
 
 
 def _is_landmark(index: int, landmark_every: int | None) -> bool:
     return landmark_every is not None and index % landmark_every == landmark_every - 1
-
-
-def _prefill_pieces(length: int, chunk: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of each prefill call: whole chunks, then the rest in decreasing powers of two."""
-    pieces = [(start, start + chunk) for start in range(0, length - length % chunk, chunk)]
-    start = length - length % chunk
-    while start < length:
-        size = 1 << ((length - start).bit_length() - 1)
-        pieces.append((start, start + size))
-        start += size
-    return pieces
 
 
 def generate(model, prompt, max_new_tokens: int, *, landmark_every: int | None = None,
@@ -64,9 +59,6 @@ def generate(model, prompt, max_new_tokens: int, *, landmark_every: int | None =
       prefill_chunk: tokens per prefill call (landmarks included); None: the whole prompt at once.
       jit: compile each step, once per distinct chunk length (the caches have fixed shapes); ``jit=False``
         runs eagerly.
-
-    The prefill runs chunks of ``prefill_chunk`` tokens, then the rest in power-of-two pieces, so prompts of
-    any length reuse a few compiled shapes.
     """
     prompt = np.asarray(prompt, np.int32)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
@@ -89,9 +81,9 @@ def generate(model, prompt, max_new_tokens: int, *, landmark_every: int | None =
         return step(jnp.asarray(tokens, jnp.int32), positions, caches)
 
     last = max(i for i in range(length) if not _is_landmark(i, L))  # predicts the first new token
-    for start, stop in _prefill_pieces(length, chunk):
-        logits, caches = run(frame[:, start:stop], start, caches)
-        if start <= last < stop:
+    for start in range(0, length, chunk):
+        logits, caches = run(frame[:, start:start + chunk], start, caches)
+        if start <= last < start + chunk:
             next_logits = logits[:, last - start]
 
     out = np.zeros((batch, max_new_tokens), np.int32)
