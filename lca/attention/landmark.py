@@ -26,7 +26,10 @@ softmax average of its block. The blockwise version and the retrieval path use t
 Retrieval at inference (:func:`landmark_retrieval_attention`): complete blocks leave the local window and
 go into a :class:`BlockCache` (keys before rotary embedding, values; the landmark key is slot ``L - 1``).
 Each query scores the ``n`` cached landmark keys, takes the top ``k`` blocks, and attends over them plus
-its local window with the same grouped softmax (retrieved blocks are earlier blocks).
+its local window with the same grouped softmax (retrieved blocks are earlier blocks). A capped cache is a
+preallocated buffer of ``capacity`` blocks with a count ``n`` of those in use (traced), and the local window
+may be a fixed-size buffer with a traced fill (``window_len``): unused slots never score nor take part, so
+one compiled decoding step serves every context length.
 
 Positions of retrieved blocks, the paper's "stingy" scheme as in the reference (llama/llama_mem.py), with
 ``k' = min(top_k, n)`` and the cache in age order (oldest first):

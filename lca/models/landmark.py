@@ -47,7 +47,7 @@ class LandmarkConfig:
 
     block_size: int = 64  # L: L - 1 tokens, then their landmark (the paper uses 50 and 64)
     top_k: int = 4  # blocks each query retrieves from the cache at inference
-    cache_blocks: Optional[int] = None  # blocks the inference cache keeps (oldest dropped); None: unbounded
+    cache_blocks: Optional[int] = None  # blocks the inference cache keeps (oldest dropped); None: all of them
     selection: str = "per_head"  # per_head (the reference code's) | shared (one set for all heads, the paper's)
     impl: str = "blockwise"  # training-time grouped softmax: blockwise (lax.scan, custom VJP) | pallas
 
