@@ -153,6 +153,16 @@ def write_results(out: Path, data: dict) -> None:
     fig.savefig(out / "landmark_passkey.png", dpi=120)
 
 
+def _shown_args(argv: list[str]) -> list[str]:
+    """The command line without ``--notes TEXT`` (the notes are printed below the table)."""
+    shown, skip = [], False
+    for arg in argv:
+        if not skip and arg != "--notes" and not arg.startswith("--notes="):
+            shown.append(arg)
+        skip = arg == "--notes"
+    return shown
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, help="training steps (default: the config's)")
@@ -203,7 +213,7 @@ def main(argv=None) -> None:
         info.update(evaluate(run_dir, lengths, args.samples, args.top_k if label == "landmark" else None))
     section = cfg.model.mixers["landmark"]
     data = {
-        "machine": describe(), "argv": sys.argv[1:] if argv is None else list(argv), "seq_len": seq_len,
+        "machine": describe(), "argv": _shown_args(sys.argv[1:] if argv is None else list(argv)), "seq_len": seq_len,
         "steps": cfg.train.steps, "global_batch": cfg.train.global_batch, "lr": cfg.train.lr,
         "mixture": f"data.source={cfg.data.source}, data.mixture={dict(cfg.data.mixture)}",
         "model": (f"d_model {cfg.model.d_model}, {cfg.model.num_layers} layers, {cfg.model.num_heads} heads "
