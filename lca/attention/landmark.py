@@ -26,7 +26,10 @@ softmax average of its block. The blockwise version and the retrieval path use t
 Retrieval at inference (:func:`landmark_retrieval_attention`): complete blocks leave the local window and
 go into a :class:`BlockCache` (keys before rotary embedding, values; the landmark key is slot ``L - 1``).
 Each query scores the ``n`` cached landmark keys, takes the top ``k`` blocks, and attends over them plus
-its local window with the same grouped softmax (retrieved blocks are earlier blocks).
+its local window with the same grouped softmax (retrieved blocks are earlier blocks). A capped cache is a
+preallocated buffer of ``capacity`` blocks with a count ``n`` of those in use (traced), and the local window
+may be a fixed-size buffer with a traced fill (``window_len``): unused slots never score nor take part, so
+one compiled decoding step serves every context length.
 
 Positions of retrieved blocks, the paper's "stingy" scheme as in the reference (llama/llama_mem.py), with
 ``k' = min(top_k, n)`` and the cache in age order (oldest first):
@@ -601,23 +604,30 @@ def resolve_inputs(q, k, v, *, block_size, causal=True, segment_ids=None, scale=
 # ------------------------------------------------------------------------------------------------ retrieval
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("keys", "values"), meta_fields=("capacity",))
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("keys", "values", "count"),
+                   meta_fields=("capacity",))
 @dataclasses.dataclass(frozen=True)
 class BlockCache:
-    """Complete landmark blocks that left the local window, oldest first.
+    """Complete landmark blocks that left the local window, oldest first: a buffer of ``slots`` blocks.
 
-    keys: ``[batch, n, L, num_kv_heads, head_dim]`` *before* rotary embeddings (retrieval re-positions
+    keys: ``[batch, slots, L, num_kv_heads, head_dim]`` *before* rotary embeddings (retrieval re-positions
       them); slot ``L - 1`` of each block is its landmark key.
     values: same shape.
-    capacity: at most this many blocks are kept (the oldest are dropped); None = unbounded.
+    count: int32 scalar, how many blocks hold data: buffer slots ``0 .. count - 1`` in age order; the rest
+      are unused and never retrieved.
+    capacity: None (unbounded: the buffer grows as blocks come, ``slots == count``, a new shape each time)
+      or an int (preallocated: ``slots == capacity`` always, so a compiled step is reused; the oldest
+      blocks are dropped when more come).
     """
 
     keys: jax.Array
     values: jax.Array
+    count: jax.Array
     capacity: int | None = None
 
     @property
-    def num_blocks(self) -> int:
+    def slots(self) -> int:
+        """Blocks the buffer has room for (a static shape)."""
         return self.keys.shape[1]
 
     @property
@@ -626,21 +636,26 @@ class BlockCache:
 
     @property
     def landmark_keys(self):
-        """``[batch, n, num_kv_heads, head_dim]``."""
+        """``[batch, slots, num_kv_heads, head_dim]`` (unused slots included)."""
         return self.keys[:, :, -1]
 
 
 def empty_block_cache(batch: int, block_size: int, num_kv_heads: int, head_dim: int, *, dtype=jnp.float32,
                       capacity: int | None = None) -> BlockCache:
-    """A cache holding no block yet."""
+    """A cache holding no block yet; with a ``capacity``, its buffer is allocated here, once."""
     block_size = _check_block_size(block_size)
     capacity = positive_int("capacity", capacity, allow_none=True, hint=" (blocks kept; None: unbounded)")
-    shape = (batch, 0, block_size, num_kv_heads, head_dim)
-    return BlockCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), capacity)
+    shape = (batch, capacity or 0, block_size, num_kv_heads, head_dim)
+    return BlockCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32), capacity)
 
 
-def append_blocks(cache: BlockCache, k, v) -> BlockCache:
-    """Add complete blocks ``k, v [batch, m * L, num_kv_heads, head_dim]`` (before rotary); keep ``capacity``."""
+def append_blocks(cache: BlockCache, k, v, num_blocks=None) -> BlockCache:
+    """Add complete blocks ``k, v [batch, m * L, num_kv_heads, head_dim]`` (before rotary); keep ``capacity``.
+
+    ``num_blocks`` (an int or a traced int32 scalar, default ``m``): only the first that many of the ``m``
+    blocks are complete and added, so one compiled step can add 0 .. m blocks; it needs a capped cache
+    (an unbounded one grows by exactly ``m``).
+    """
     L = cache.block_size
     expect = (cache.keys.shape[0], None, *cache.keys.shape[3:])
     for name, x in (("k", k), ("v", v)):
@@ -649,11 +664,27 @@ def append_blocks(cache: BlockCache, k, v) -> BlockCache:
                 f"{name} must be [batch, m * block_size, num_kv_heads, head_dim] = [{expect[0]}, m * {L}, "
                 f"{expect[2]}, {expect[3]}] (whole blocks ending with their landmark), got {getattr(x, 'shape', x)}."
             )
-    keys = jnp.concatenate([cache.keys, rearrange(k.astype(cache.keys.dtype), "b (m l) h d -> b m l h d", l=L)], 1)
-    values = jnp.concatenate([cache.values, rearrange(v.astype(cache.values.dtype), "b (m l) h d -> b m l h d", l=L)], 1)
-    if cache.capacity is not None:
-        keys, values = keys[:, -cache.capacity:], values[:, -cache.capacity:]
-    return BlockCache(keys, values, cache.capacity)
+    m = k.shape[1] // L
+    new_k = rearrange(k.astype(cache.keys.dtype), "b (m l) h d -> b m l h d", l=L)
+    new_v = rearrange(v.astype(cache.values.dtype), "b (m l) h d -> b m l h d", l=L)
+    if cache.capacity is None:
+        if num_blocks is not None:
+            raise ValueError("num_blocks needs a capped cache (empty_block_cache(..., capacity=...)): an unbounded "
+                             f"cache grows by all m={m} blocks given.")
+        keys, values = (jnp.concatenate([old, new], 1) for old, new in ((cache.keys, new_k), (cache.values, new_v)))
+        return BlockCache(keys, values, cache.count + m, None)
+    added = m if num_blocks is None else jnp.clip(num_blocks, 0, m)
+    # Write the new blocks after the used slots, then keep the newest `capacity` in age order.
+    filled = cache.count + added
+    drop = jnp.maximum(filled - cache.capacity, 0)
+
+    def place(old, new):
+        room = jnp.concatenate([old, jnp.zeros_like(new)], axis=1)
+        room = jax.lax.dynamic_update_slice_in_dim(room, new, cache.count, axis=1)
+        return jax.lax.dynamic_slice_in_dim(room, drop, cache.capacity, axis=1)
+
+    return BlockCache(place(cache.keys, new_k), place(cache.values, new_v),
+                      jnp.minimum(filled, cache.capacity).astype(jnp.int32), cache.capacity)
 
 
 def _no_rope(x, positions):
@@ -661,22 +692,25 @@ def _no_rope(x, positions):
     return x
 
 
-def _stingy_slots(n: int, top_k: int):
-    """Scoring slot of each cached block (age order): the ``top_k`` most recent get 1..top_k, older ones 0."""
-    age = jnp.arange(n)
-    return jnp.where(age >= n - top_k, age - (n - top_k) + 1, 0)
+def _stingy_slots(count, kk, slots: int):
+    """Scoring slot of each buffer slot (age order): the ``kk`` most recent used blocks get 1..kk, older ones 0."""
+    age = jnp.arange(slots)
+    return jnp.where(age >= count - kk, age - (count - kk) + 1, 0)
 
 
-def _select_blocks(q_rot, landmark_keys, top_k: int, selection: str, scale: float):
-    """Top-k cached blocks per query ``[b, t, h, top_k]`` int32, ascending (oldest first)."""
+def _select_blocks(q_rot, landmark_keys, used, top_k: int, selection: str, scale: float):
+    """Top-k buffer slots per query ``[b, t, h, top_k]`` int32, ascending; unused slots (``~used``) rank last."""
     h_kv = landmark_keys.shape[2]
     qg = rearrange(q_rot, "b t (hk g) d -> b hk g t d", hk=h_kv).astype(jnp.float32)
     scores = jnp.einsum("bhgtd,bnhd->bhgtn", qg, landmark_keys.astype(jnp.float32)) * scale
-    scores = rearrange(scores, "b hk g t n -> b t (hk g) n")
+    scores = jnp.where(used, rearrange(scores, "b hk g t n -> b t (hk g) n"), -jnp.inf)
     if selection == "shared":
-        scores = jnp.max(jax.nn.softmax(scores, axis=-1), axis=2, keepdims=True)
+        # A used block's softmax score may underflow to 0: mask again so that it still outranks unused ones.
+        probs = jnp.where(used, jax.nn.softmax(scores, axis=-1), 0.0)
+        scores = jnp.where(used, jnp.max(probs, axis=2, keepdims=True), -jnp.inf)
         scores = jnp.broadcast_to(scores, (*q_rot.shape[:3], scores.shape[-1]))
     _, idx = jax.lax.top_k(scores, top_k)
+    # Sorted, the used slots retrieved come first: unused ones are the highest slots.
     return jnp.sort(idx, axis=-1).astype(jnp.int32)
 
 
@@ -691,6 +725,7 @@ def landmark_retrieval_attention(
     selection: str = "per_head",
     rope=None,
     scale: float | None = None,
+    window_len=None,
     return_indices: bool = False,
 ):
     """Inference-time landmark attention: top-k cached blocks plus the local window, one grouped softmax.
@@ -699,22 +734,25 @@ def landmark_retrieval_attention(
       q: ``[batch, t, num_heads, head_dim]`` queries of the current chunk, *before* rotary embeddings.
       k, v: ``[batch, s, num_kv_heads, head_dim]`` (``s >= t``, before rotary) the local window: every key
         after the last cached block, the chunk's own last; it starts on a block boundary, so local key
-        ``j`` is the landmark of local block ``j // L`` iff ``j % L == L - 1``. Queries are bottom-right
-        aligned (query ``i`` is local key ``s - t + i``).
+        ``j`` is the landmark of local block ``j // L`` iff ``j % L == L - 1``.
       cache: the complete blocks before the window (:class:`BlockCache`, same ``block_size``).
       block_size: ``L``.
-      top_k: blocks retrieved per query (per head with ``selection="per_head"``); ``min(top_k, n)`` when the
-        cache holds fewer blocks; must not exceed a capped cache's capacity.
+      top_k: blocks retrieved per query (per head with ``selection="per_head"``) among the cache's used
+        blocks; ``min(top_k, count)`` when it holds fewer; must not exceed a capped cache's capacity.
       selection: ``"per_head"`` (default, the reference code's) or ``"shared"`` (one set for all heads: max
         over heads of the per-head softmax of landmark scores, as in the paper).
       rope: ``rope(x [b, l, heads, d], positions [b, l]) -> x`` applied to queries and keys at the paper's
         retrieval positions (module docstring), e.g. ``lca.models.rope.apply_rope``; None = no rotation.
       scale: logit scale, default ``1 / sqrt(head_dim)``.
-      return_indices: also return the retrieved block indices ``[batch, t, num_heads, k']`` (age order).
+      window_len: how many of the ``s`` window keys hold tokens (an int or a traced int32 scalar, ``t ..
+        s``; default ``s``): the queries are window keys ``window_len - t .. window_len - 1`` and the keys
+        after them are unused room, so a fixed-size window buffer serves every step.
+      return_indices: also return the retrieved buffer slots ``[batch, t, num_heads, R]`` (age order),
+        ``R = top_k`` for a capped cache, else ``min(top_k, count)``; ``-1`` marks a rank with no used block.
 
     Returns:
-      ``out [batch, t, num_heads, head_dim]`` in q's dtype (and the indices). Memory grows with ``k'``
-      blocks per query plus the ``n`` landmark keys, not with the cached context.
+      ``out [batch, t, num_heads, head_dim]`` in q's dtype (and the indices). Memory grows with ``k``
+      blocks per query plus the landmark keys, not with the cached context.
     """
     block_size = _check_block_size(block_size)
     b, t, s, h, h_kv, d = inputs.check_qkv(q, k, v)
@@ -738,14 +776,16 @@ def landmark_retrieval_attention(
         )
     logit = inputs.logit_options(d, scale)
     rope = _no_rope if rope is None else rope
-    n = cache.num_blocks
-    kk = min(int(top_k), n)
     L = block_size
+    retrieved = min(int(top_k), cache.slots)  # static: ranks computed; those past `count` are masked
+    kk = jnp.minimum(top_k, cache.count)  # blocks actually retrieved
 
-    # Local window: positions (k' + 1) L + j, one grouped softmax chunk.
+    # Local window: positions (kk + 1) L + j, one grouped softmax chunk. Keys after the queries are
+    # hidden by the causal mask, so the unused room of a window buffer needs no mask of its own.
     base = (kk + 1) * L
     local_pos = jnp.arange(s, dtype=jnp.int32)
-    q_local = local_pos[s - t:]
+    filled = s if window_len is None else window_len
+    q_local = filled - t + jnp.arange(t, dtype=jnp.int32)
     batch_pos = lambda p: jnp.broadcast_to(p + base, (b, p.shape[0]))  # noqa: E731
     q_rot = rope(q, batch_pos(q_local))
     k_rot = rope(k, batch_pos(local_pos))
@@ -760,42 +800,48 @@ def landmark_retrieval_attention(
     carry = _online_update(init, terms, v_blk)
 
     idx = jnp.zeros((b, t, h, 0), jnp.int32)
-    if kk:
-        slots = _stingy_slots(n, kk)
-        score_keys = rope(cache.landmark_keys, jnp.broadcast_to(slots * L + L - 1, (b, n)))
-        idx = _select_blocks(q_rot, score_keys, kk, selection, logit.scale)  # [b, t, h, k']
-        carry = _fold_retrieved(carry, qg, cache, idx, n, kk, rope, logit.scale)
+    if retrieved:
+        used = jnp.arange(cache.slots) < cache.count
+        slots = _stingy_slots(cache.count, kk, cache.slots)
+        score_keys = rope(cache.landmark_keys, jnp.broadcast_to(slots * L + L - 1, (b, cache.slots)))
+        idx = _select_blocks(q_rot, score_keys, used, retrieved, selection, logit.scale)  # [b, t, h, R]
+        carry = _fold_retrieved(carry, qg, cache, idx, kk, rope, logit.scale)
+        idx = jnp.where(idx < cache.count, idx, -1)
 
     out, _ = _finish(*carry)
     out = rearrange(out, "b hk g t d -> b t (hk g) d").astype(q.dtype)
     return (out, idx) if return_indices else out
 
 
-def _fold_retrieved(carry, qg, cache: BlockCache, idx, n: int, kk: int, rope, scale: float):
-    """Add the retrieved blocks, as landmark pseudo-keys, to group 0's running state."""
+def _fold_retrieved(carry, qg, cache: BlockCache, idx, kk, rope, scale: float):
+    """Add the retrieved blocks, as landmark pseudo-keys, to group 0's running state (unused slots add 0)."""
     b, h_kv, g, t, d = qg.shape
     L = cache.block_size
+    count = cache.count
+    r = idx.shape[-1]
     head_kv = jnp.arange(h_kv * g) // g  # the kv head each query head reads
     # keys[b, idx[b, t, h, r], :, head_kv[h]] -> [b, t, h, r, L, d]
     bi = jnp.arange(b)[:, None, None, None]
     keys = cache.keys[bi, idx, :, head_kv[None, None, :, None]]
     values = cache.values[bi, idx, :, head_kv[None, None, :, None]].astype(jnp.float32)
-    # Paper positions: rank r in age order, one slot up for the k' most recent blocks.
-    slot = jnp.arange(kk) + (idx >= n - kk)  # [b, t, h, k']
-    positions = slot[..., None] * L + jnp.arange(L)  # [b, t, h, k', L]
+    # Paper positions: rank r in age order, one slot up for the kk most recent blocks.
+    slot = jnp.arange(r) + (idx >= count - kk)  # [b, t, h, R]
+    positions = slot[..., None] * L + jnp.arange(L)  # [b, t, h, R, L]
     keys = rope(keys.reshape(b, -1, 1, d), positions.reshape(b, -1)).reshape(keys.shape)
     x = jnp.einsum("bthd,bthrld->bthrl", rearrange(qg, "b hk g t d -> b t (hk g) d"), keys.astype(jnp.float32)) * scale
     ordinary = jnp.arange(L) < L - 1
     masked = jnp.where(ordinary, x, -jnp.inf)
     unnorm = jnp.exp(masked - jnp.max(masked, axis=-1, keepdims=True))
     average = jnp.einsum("bthrl,bthrld->bthrd", unnorm / unnorm.sum(-1, keepdims=True), values)
-    landmark_x = rearrange(x[..., L - 1], "b t (hk g) r -> b hk g t r", hk=h_kv)
+    landmark_x = jnp.where(idx < count, x[..., L - 1], -jnp.inf)
+    landmark_x = rearrange(landmark_x, "b t (hk g) r -> b hk g t r", hk=h_kv)
     average = rearrange(average, "b t (hk g) r d -> b hk g t r d", hk=h_kv)
 
     row_max, row_sum, acc = carry
     new_max = jnp.maximum(row_max, jnp.max(landmark_x, axis=-1))
-    rescale = jnp.exp(jnp.where(jnp.isfinite(row_max), row_max - new_max, -jnp.inf))
-    p = jnp.exp(landmark_x - new_max[..., None])
+    safe = _finite(new_max)
+    rescale = jnp.exp(jnp.where(jnp.isfinite(row_max), row_max - safe, -jnp.inf))
+    p = jnp.exp(landmark_x - safe[..., None])
     return (
         new_max,
         row_sum * rescale + p.sum(-1),

@@ -15,6 +15,8 @@ next token is predicted from the last ordinary token, whose target in training w
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,17 +26,21 @@ from lca.data.landmark import insert_landmarks, with_landmarks_length
 from lca.data.tokenizer import LANDMARK_ID
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _extend_compiled(graphdef, state, tokens, positions, caches):
+    return nnx.merge(graphdef, state).extend(tokens, positions, caches)
+
+
 def _extend_fn(model, jit: bool):
-    """``(tokens [b, t], positions [b, t], caches) -> (logits, caches)``, compiled per shape when ``jit``."""
+    """``(tokens [b, t], positions [b, t], caches) -> (logits, caches)``, compiled per shape when ``jit``.
+
+    One module-level compiled function keyed by the model's graph, so later calls with the same model and
+    shapes (e.g. every example of one context length) reuse the compiled step.
+    """
     if not jit:
         return model.extend
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def extend(state, tokens, positions, caches):
-        return nnx.merge(graphdef, state).extend(tokens, positions, caches)
-
-    return lambda tokens, positions, caches: extend(state, tokens, positions, caches)
+    return lambda tokens, positions, caches: _extend_compiled(graphdef, state, tokens, positions, caches)
 
 
 def _is_landmark(index: int, landmark_every: int | None) -> bool:
@@ -51,8 +57,8 @@ def generate(model, prompt, max_new_tokens: int, *, landmark_every: int | None =
       max_new_tokens: how many tokens to generate (landmarks not counted).
       landmark_every: the ``L`` of ``data.landmark_every`` the model was trained with, or None.
       prefill_chunk: tokens per prefill call (landmarks included); None: the whole prompt at once.
-      jit: compile each step (once per distinct shape: the landmark block cache grows, so its layers
-        recompile as it does; ``jit=False`` runs eagerly).
+      jit: compile each step, once per distinct chunk length (the caches have fixed shapes); ``jit=False``
+        runs eagerly.
     """
     prompt = np.asarray(prompt, np.int32)
     if prompt.ndim != 2 or prompt.shape[1] < 1:

@@ -7,7 +7,9 @@ use the batch's ``positions`` like every other layer. Packed documents are kept 
 
 At inference (:meth:`LandmarkAttention.extend`, driven by :func:`lca.models.generate.generate`) the layer
 keeps a :class:`LandmarkCache`: complete blocks in a :class:`lca.attention.landmark.BlockCache` (keys before
-rotary, capped at ``cache_blocks`` blocks or unbounded) and the keys of the block still being written. Each
+rotary, capped at ``cache_blocks`` blocks or, unbounded, room for the whole generation) and the keys of the
+block still being written. Both are preallocated buffers with a fill count, so a step compiles once per
+chunk length however long the context grows. Each
 query retrieves its ``top_k`` blocks through the landmark keys and attends over them plus its local window
 (:func:`lca.attention.landmark.landmark_retrieval_attention`); positions follow the paper's scheme there,
 so ``positions`` are not used when extending. With ``top_k`` at least the number of cached blocks this is
@@ -45,7 +47,7 @@ class LandmarkConfig:
 
     block_size: int = 64  # L: L - 1 tokens, then their landmark (the paper uses 50 and 64)
     top_k: int = 4  # blocks each query retrieves from the cache at inference
-    cache_blocks: Optional[int] = None  # blocks the inference cache keeps (oldest dropped); None: unbounded
+    cache_blocks: Optional[int] = None  # blocks the inference cache keeps (oldest dropped); None: all of them
     selection: str = "per_head"  # per_head (the reference code's) | shared (one set for all heads, the paper's)
     impl: str = "blockwise"  # training-time grouped softmax: blockwise (lax.scan, custom VJP) | pallas
 
@@ -91,14 +93,20 @@ class LandmarkConfig:
                                   f"{self.block_size} (rows of whole landmark blocks).")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("blocks", "keys", "values"), meta_fields=())
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("blocks", "keys", "values", "length"),
+                   meta_fields=())
 @dataclasses.dataclass(frozen=True)
 class LandmarkCache:
-    """A landmark layer's inference state: complete blocks, and the ``w < L`` keys/values of the open block."""
+    """A landmark layer's inference state: complete blocks, and the open block (fixed shapes, one compile).
+
+    ``keys``/``values`` have room for a whole block; the first ``length < L`` slots hold the tokens written
+    since the last complete block.
+    """
 
     blocks: BlockCache
-    keys: jax.Array  # [b, w, num_kv_heads, head_dim] before rotary
+    keys: jax.Array  # [b, L, num_kv_heads, head_dim] before rotary
     values: jax.Array
+    length: jax.Array  # int32 scalar: tokens in the open block
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,7 +115,7 @@ def _rope(theta: float):
     return functools.partial(apply_rope, theta=theta)
 
 
-# Compiled as one unit even when the model runs eagerly (the cache's shapes grow as it fills).
+# Compiled as one unit even when the model runs eagerly.
 _retrieve = jax.jit(landmark_retrieval_attention, static_argnames=("block_size", "top_k", "selection", "rope"))
 
 
@@ -157,12 +165,16 @@ class LandmarkAttention(nnx.Module):
     # ------------------------------------------------------------------------------------------- inference
 
     def start_cache(self, batch: int, max_len: int, dtype) -> LandmarkCache:
-        """An empty cache (``max_len`` is not needed: the block cache grows, up to ``cache_blocks``)."""
-        del max_len
-        blocks = empty_block_cache(batch, self.cfg.block_size, self.num_kv_heads, self.head_dim, dtype=dtype,
-                                   capacity=self.cfg.cache_blocks)
-        open_block = jnp.zeros((batch, 0, self.num_kv_heads, self.head_dim), dtype)
-        return LandmarkCache(blocks, open_block, open_block)
+        """An empty cache with fixed-size buffers, so every step of one shape reuses its compiled program.
+
+        The block buffer holds ``cache_blocks`` blocks (the oldest dropped beyond), or, unbounded, every
+        block of ``max_len`` tokens (at least ``top_k``: retrieval ranks ``top_k`` slots).
+        """
+        L = self.cfg.block_size
+        capacity = self.cfg.cache_blocks or max(self.cfg.top_k, -(-max_len // L))
+        blocks = empty_block_cache(batch, L, self.num_kv_heads, self.head_dim, dtype=dtype, capacity=capacity)
+        open_block = jnp.zeros((batch, L, self.num_kv_heads, self.head_dim), dtype)
+        return LandmarkCache(blocks, open_block, open_block, jnp.zeros((), jnp.int32))
 
     def extend(self, x, positions, cache: LandmarkCache):
         """The next ``t`` tokens ``x [b, t, d_model]`` after those in ``cache`` -> ``(out [b, t, d_model], cache)``.
@@ -171,12 +183,21 @@ class LandmarkAttention(nnx.Module):
         """
         del positions
         q, k, v = self._project(x)
-        window_k = jnp.concatenate([cache.keys, k.astype(cache.keys.dtype)], axis=1)
-        window_v = jnp.concatenate([cache.values, v.astype(cache.values.dtype)], axis=1)
-        out = _retrieve(q, window_k, window_v, cache.blocks, block_size=self.cfg.block_size, top_k=self.cfg.top_k,
-                        selection=self.cfg.selection, rope=_rope(self.rope_theta))
-        done = window_k.shape[1] // self.cfg.block_size * self.cfg.block_size
-        blocks = cache.blocks
-        if done:
-            blocks = append_blocks(blocks, window_k[:, :done], window_v[:, :done])
-        return self._output(out.astype(x.dtype)), LandmarkCache(blocks, window_k[:, done:], window_v[:, done:])
+        L, t = self.cfg.block_size, x.shape[1]
+        most = -(-t // L)  # complete blocks this call can close (the open block holds < L tokens)
+        window_k, window_v = (self._window(buf, new, cache.length, (most + 1) * L)
+                              for buf, new in ((cache.keys, k), (cache.values, v)))
+        filled = cache.length + t
+        out = _retrieve(q, window_k, window_v, cache.blocks, block_size=L, top_k=self.cfg.top_k,
+                        selection=self.cfg.selection, rope=_rope(self.rope_theta), window_len=filled)
+        done = filled // L
+        blocks = append_blocks(cache.blocks, window_k[:, :most * L], window_v[:, :most * L], num_blocks=done)
+        open_k, open_v = (jax.lax.dynamic_slice_in_dim(w, done * L, L, axis=1) for w in (window_k, window_v))
+        return self._output(out.astype(x.dtype)), LandmarkCache(blocks, open_k, open_v, filled - done * L)
+
+    @staticmethod
+    def _window(open_block, new, length, size: int):
+        """``[b, size, ...]``: the open block's ``length`` tokens, then ``new``, then unused room."""
+        room = jnp.zeros((open_block.shape[0], size, *open_block.shape[2:]), open_block.dtype)
+        room = jax.lax.dynamic_update_slice_in_dim(room, open_block, 0, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(room, new.astype(open_block.dtype), length, axis=1)

@@ -204,7 +204,7 @@ def test_chunked_prefill_then_token_by_token_equals_one_pass():
     cache = empty_block_cache(1, L, 2, 8)
     start, outs = 0, []
     for lo, hi in [(0, 5), (5, 9), (9, 10), (10, 11), (11, 12), (12, 14)]:
-        run = _jit(landmark_retrieval_attention, block_size=L, top_k=max(1, cache.num_blocks), rope=apply_rope)
+        run = _jit(landmark_retrieval_attention, block_size=L, top_k=max(1, cache.slots), rope=apply_rope)
         outs.append(run(q[:, lo:hi], k[:, start:hi], v[:, start:hi], cache))
         complete = start + (hi - start) // L * L
         cache = append_blocks(cache, k[:, start:complete], v[:, start:complete])
@@ -237,9 +237,48 @@ def test_a_capped_cache_keeps_the_latest_blocks():
     L = 4
     _, k, v = _qkv(0, 1, 1, 6 * L, 2, 2)
     cache, _, _ = _split_for_retrieval(k, v, 6, L, capacity=4)
-    assert cache.num_blocks == 4
+    assert cache.slots == 4 and int(cache.count) == 4
     np.testing.assert_array_equal(np.asarray(cache.keys.reshape(1, -1, 2, 8)), np.asarray(k[:, 2 * L:]))
     np.testing.assert_array_equal(np.asarray(cache.landmark_keys), np.asarray(k[:, 2 * L + L - 1:: L]))
+
+
+@pytest.mark.parametrize("selection", ["per_head", "shared"])
+def test_a_part_filled_capped_cache_retrieves_only_its_used_blocks(selection):
+    # 2 of 5 slots used, top_k=4 > 2: the same output as an unbounded cache holding the 2 blocks (which
+    # retrieves min(top_k, 2)), whatever the unused slots hold; their ranks come back as -1.
+    L, n = 4, 11
+    q, k, v = _qkv(7, 2, n, n, 4, 2)
+    grown, k_local, v_local = _split_for_retrieval(k, v, 2, L)
+    capped = append_blocks(empty_block_cache(2, L, 2, 8, capacity=5), k[:, :2 * L], v[:, :2 * L])
+    loud = 50.0 * jnp.ones_like(capped.keys)  # would win every score if unused slots took part
+    capped = BlockCache(jnp.where(jnp.arange(5)[:, None, None, None] < 2, capped.keys, loud),
+                        capped.values + 9.0 * (jnp.arange(5)[:, None, None, None] >= 2), capped.count, 5)
+    run = _jit(landmark_retrieval_attention, block_size=L, top_k=4, selection=selection, rope=apply_rope,
+               return_indices=True)
+    want, _ = run(q[:, -3:], k_local, v_local, grown)
+    got, idx = run(q[:, -3:], k_local, v_local, capped)
+    _close(got, want, 1e-5)
+    np.testing.assert_array_equal(np.asarray(idx[..., :2]), np.broadcast_to([0, 1], idx.shape[:-1] + (2,)))
+    assert (np.asarray(idx[..., 2:]) == -1).all()
+
+
+def test_a_capped_cache_appends_a_traced_number_of_blocks_in_one_compiled_step():
+    # Appending 0 or 1 of 1 offered block per call, capacity 3: the cache keeps the newest 3 in age order
+    # with fixed shapes, so the jitted append compiles once.
+    L = 4
+    _, k, v = _qkv(3, 1, 1, 5 * L, 2, 2)
+    append = jax.jit(append_blocks)
+    cache, kept = empty_block_cache(1, L, 2, 8, capacity=3), []
+    for i, add in enumerate([1, 0, 1, 1, 0, 1, 1]):
+        block = slice(len(kept) * L, len(kept) * L + L) if add else slice(0, L)
+        cache = append(cache, k[:, block], v[:, block], jnp.int32(add))
+        kept += [len(kept)] if add else []
+        assert int(cache.count) == min(len(kept), 3) and cache.slots == 3, i
+        np.testing.assert_array_equal(np.asarray(cache.keys[:, :min(len(kept), 3)]),
+                                      np.asarray(k.reshape(1, 5, L, 2, 8)[:, kept[-3:]]))
+    assert append._cache_size() == 1
+    with pytest.raises(ValueError, match="num_blocks needs a capped cache"):
+        append_blocks(empty_block_cache(1, L, 2, 8), k[:, :L], v[:, :L], 1)
 
 
 @pytest.mark.parametrize("selection", ["per_head", "shared"])

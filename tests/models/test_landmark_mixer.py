@@ -2,9 +2,11 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from lca.config import ConfigError, load_config
 from lca.data.landmark import insert_landmarks
@@ -104,8 +106,27 @@ def test_retrieval_of_every_cached_block_equals_training_output():
         positions = jnp.broadcast_to(jnp.arange(start, stop), (2, stop - start))
         logits, caches = model.extend(jnp.asarray(tokens[:, start:stop]), positions, caches)
         pieces.append(logits)
-    assert caches[0].blocks.num_blocks == 5 and caches[0].keys.shape[1] == 0
+    assert int(caches[0].blocks.count) == 5 and int(caches[0].length) == 0
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, rtol=2e-4, atol=2e-4)
+
+
+def test_token_by_token_extend_compiles_once_and_equals_training():
+    # The layer's caches have fixed shapes: a jitted one-token step is traced once for 3 blocks and a bit,
+    # and retrieving every block (top_k >= blocks) gives the training-time layer output.
+    model = make_model(tiny("model.num_layers=1", "model.mixers.landmark.top_k=4"), seed=6)
+    layer, n = model.block_0.attn, 3 * L + 3
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, n, model.block_0.attn.q.in_features)), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(n), (2, n))
+    want = layer(x, positions, jnp.ones((2, n), jnp.int32))
+    graphdef, state = nnx.split(layer)
+    step = jax.jit(lambda state, x, cache: nnx.merge(graphdef, state).extend(x, None, cache))
+    cache, outs = layer.start_cache(2, n, jnp.float32), []
+    for i in range(n):
+        out, cache = step(state, x[:, i:i + 1], cache)
+        outs.append(out)
+    assert step._cache_size() == 1
+    assert int(cache.blocks.count) == 3 and int(cache.length) == 3
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), want, rtol=2e-4, atol=2e-4)
 
 
 def test_pallas_impl_equals_blockwise():

@@ -1,0 +1,233 @@
+"""Passkey retrieval beyond the training length: a landmark model against a plain one of the same size.
+
+Both models are trained through the launcher (``lca-train``) the same way, on the same data mixture (the
+default corpus with passkey rows, ``data.mixture``): ``configs/landmark.yaml`` (every layer a landmark layer,
+a landmark token after every ``block_size - 1`` tokens) and its plain sibling ``configs/landmark_plain.yaml``
+(global attention, no landmarks). Then each answers passkey prompts (``lca.data.tasks.passkey``: the
+paper's filler, needle and question) by greedy decoding through its inference caches
+(``lca.eval.passkey.passkey_accuracy``, prefill in chunks of the training length), at context lengths of
+1x .. 16x the training length ``train.seq_len`` (counted in task tokens; the landmark model's landmarks come
+on top). Retrieval keeps the landmark model's positions within the trained range; the plain model meets
+rotary positions it never saw.
+
+    python benchmarks/landmark_passkey.py                       # train both, evaluate, write the results
+    python benchmarks/landmark_passkey.py --skip-train          # evaluate the runs already trained
+    python benchmarks/landmark_passkey.py --steps 200 --multiples 1,4 --samples 1 --out /tmp/r   # a pilot
+
+Writes ``landmark_passkey.md``, ``.png`` and ``.json`` under ``--out``. Training runs go to
+``--runs``/{landmark,landmark_plain} (``--fresh`` deletes them first; otherwise a finished run is resumed,
+i.e. not retrained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {"landmark": "landmark", "plain": "landmark_plain"}  # label -> shipped config
+
+
+def train(config: str, run_dir: Path, overrides: list[str]) -> tuple[list[str], float]:
+    """Train one model with the launcher in a fresh process; ``(command, wall seconds)``."""
+    command = [sys.executable, "-m", "launch.train", config, f"run_dir={run_dir}", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    print("+", " ".join(command[1:]), flush=True)
+    start = time.time()
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    return command, time.time() - start
+
+
+def load_trained(run_dir: Path):
+    """``(config, model)``: the newest checkpoint of ``run_dir`` restored into an ``nnx`` model."""
+    from flax import nnx
+
+    from lca.config import load_run_config
+    from lca.train.checkpoint import Checkpointer
+    from lca.train.setup import build_mesh, make_setup
+
+    cfg = load_run_config(run_dir, [f"run_dir={run_dir}", "runtime.cpu_devices=0"])
+    setup = make_setup(cfg, build_mesh(cfg))
+    ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
+                        read_only=True)
+    try:
+        step, state = ckpt.restore_latest(setup.abstract_state)
+    finally:
+        ckpt.close()
+    if state is None:
+        raise SystemExit(f"{run_dir} has no checkpoint; train it first (drop --skip-train).")
+    return cfg, step, nnx.merge(setup.graphdef, state["params"])
+
+
+def evaluate(run_dir: Path, lengths: list[int], samples: int, top_k: int | None) -> dict:
+    """Passkey accuracy and wall time per context length for the model trained in ``run_dir``."""
+    import dataclasses
+
+    from lca.eval.passkey import passkey_accuracy
+
+    cfg, step, model = load_trained(run_dir)
+    if top_k is not None and "landmark" in cfg.model.pattern:
+        for block in model.blocks():
+            block.attn.cfg = dataclasses.replace(block.attn.cfg, top_k=top_k)
+    rows = []
+    for length in lengths:
+        start = time.time()
+        result = passkey_accuracy(model, context_lengths=[length], samples_per_cell=samples,
+                                  landmark_every=cfg.data.landmark_every, prefill_chunk=cfg.train.seq_len)
+        rows.append({"length": length, "accuracy": float(result.accuracy.mean()),
+                     "by_depth": result.accuracy[0].tolist(), "trials": result.accuracy.size * samples,
+                     "wall_s": time.time() - start})
+        print(f"{run_dir.name}: {length} tokens: accuracy {rows[-1]['accuracy']:.2f} "
+              f"({rows[-1]['wall_s']:.0f} s)", flush=True)
+    return {"step": step, "depths": list(result.depths), "rows": rows}
+
+
+def load_final_loss(run_dir: Path) -> float | None:
+    from lca.train.metrics import read_metrics
+
+    records = read_metrics(run_dir)
+    return records[max(records)]["loss"] if records else None
+
+
+def write_results(out: Path, data: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "landmark_passkey.json").write_text(json.dumps(data, indent=1))
+    seq_len = data["seq_len"]
+    lm, plain = data["models"]["landmark"], data["models"]["plain"]
+    lines = [
+        "# Passkey retrieval beyond the training length: landmark vs plain attention",
+        "",
+        f"Machine: {data['machine']}. Produced by `python benchmarks/landmark_passkey.py "
+        f"{' '.join(data['argv'])}`.".rstrip() + "",
+        "",
+        f"Both models: {data['model']}, trained {data['steps']} steps at train.seq_len={seq_len} on the same "
+        f"mixture (`{data['mixture']}`), batch {data['global_batch']}, lr {data['lr']}. Landmark: block size "
+        f"{data['block_size']}, top-k {data['top_k']} ({data['selection']}) at inference, unbounded cache. "
+        f"Plain: global attention, no landmarks. Evaluation: greedy decoding through the caches "
+        f"(`lca.eval.passkey.passkey_accuracy`, prefill chunks of {seq_len} tokens), depths "
+        f"{data['depths']}, {data['samples']} samples per depth; context length in task tokens (the landmark "
+        f"model's landmarks come on top).",
+        "",
+        "| context (tokens) | x train length | landmark accuracy | plain accuracy | trials | landmark eval (s) "
+        "| plain eval (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for a, b in zip(lm["rows"], plain["rows"]):
+        lines.append(f"| {a['length']} | {a['length'] / seq_len:g} | {a['accuracy']:.0%} | {b['accuracy']:.0%} | "
+                     f"{a['trials']} | {a['wall_s']:.0f} | {b['wall_s']:.0f} |")
+    lines += ["", "Training (the launcher, one process at a time):", ""]
+    for label, info in data["models"].items():
+        loss = f", final loss {info['final_loss']:.3f}" if info.get("final_loss") is not None else ""
+        load = f" (load average {info['load_after']:.1f} at the end)" if info.get("load_after") else ""
+        wall = f"{info['train_wall_s'] / 60:.1f} min{load}" if info.get("train_wall_s") else "not timed"
+        lines.append(f"- {label}: `{info['command']}`: {wall}{loss} (checkpoint step {info['step']})")
+    lines += ["", f"Load average before / after: {data['load'][0]:.1f} / {data['load'][1]:.1f}.", "",
+              "![passkey accuracy vs context length](landmark_passkey.png)", ""]
+    if data.get("notes"):
+        lines += [data["notes"], ""]
+    (out / "landmark_passkey.md").write_text("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, info, marker in (("landmark", lm, "o"), ("plain", plain, "s")):
+        ax.plot([r["length"] for r in info["rows"]], [r["accuracy"] for r in info["rows"]], marker=marker,
+                label=label)
+    ax.axvline(seq_len, color="grey", linestyle=":", label="training length")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("Passkey retrieval, greedy decoding through the cache")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "landmark_passkey.png", dpi=120)
+
+
+def _shown_args(argv: list[str]) -> list[str]:
+    """The command line without ``--notes TEXT`` (the notes are printed below the table)."""
+    shown, skip = [], False
+    for arg in argv:
+        if not skip and arg != "--notes" and not arg.startswith("--notes="):
+            shown.append(arg)
+        skip = arg == "--notes"
+    return shown
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, help="training steps (default: the config's)")
+    parser.add_argument("--multiples", default="1,2,4,8,16", help="context lengths as multiples of train.seq_len")
+    parser.add_argument("--samples", type=int, default=4, help="samples per depth (5 depths)")
+    parser.add_argument("--top-k", type=int, help="landmark blocks retrieved at inference (default: the config's)")
+    parser.add_argument("--runs", default="runs/landmark_passkey", help="where the two training runs go")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--skip-train", action="store_true", help="evaluate the runs already in --runs")
+    parser.add_argument("--fresh", action="store_true", help="delete the runs in --runs before training")
+    parser.add_argument("--only", choices=list(MODELS), help="train and evaluate one model (a pilot)")
+    parser.add_argument("--notes", default="", help="a paragraph appended to the markdown")
+    parser.add_argument("override", nargs="*", help="config overrides for both models, key=value")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from machine import describe
+
+    from lca.config import load_config
+
+    overrides = [*args.override, *([f"train.steps={args.steps}"] if args.steps else [])]
+    runs = Path(args.runs).resolve()
+    load_before = os.getloadavg()[0]
+    models = {}
+    for label, config in MODELS.items():
+        if args.only and label != args.only:
+            continue
+        run_dir = runs / config
+        if args.fresh and run_dir.exists():
+            shutil.rmtree(run_dir)
+        info = {"config": config}
+        cmd = ["lca-train", config, *overrides]
+        info["command"] = " ".join(cmd)
+        timing = run_dir / "train_wall.json"  # kept with the run, so --skip-train still reports it
+        if not args.skip_train:
+            _, wall = train(config, run_dir, overrides)
+            timing.write_text(json.dumps({"train_wall_s": wall, "load_after": os.getloadavg()[0]}))
+        if timing.is_file():
+            info.update(json.loads(timing.read_text()))
+        info["final_loss"] = load_final_loss(run_dir)
+        models[label] = (run_dir, info)
+
+    cfg = load_config("landmark", overrides)
+    seq_len = cfg.train.seq_len
+    lengths = [int(float(m) * seq_len) for m in args.multiples.split(",")]
+    for label, (run_dir, info) in models.items():
+        info.update(evaluate(run_dir, lengths, args.samples, args.top_k if label == "landmark" else None))
+    section = cfg.model.mixers["landmark"]
+    data = {
+        "machine": describe(), "argv": _shown_args(sys.argv[1:] if argv is None else list(argv)), "seq_len": seq_len,
+        "steps": cfg.train.steps, "global_batch": cfg.train.global_batch, "lr": cfg.train.lr,
+        "mixture": f"data.source={cfg.data.source}, data.mixture={dict(cfg.data.mixture)}",
+        "model": (f"d_model {cfg.model.d_model}, {cfg.model.num_layers} layers, {cfg.model.num_heads} heads "
+                  f"({cfg.model.num_kv_heads} kv), mlp {cfg.model.mlp_dim}, {cfg.model.dtype}"),
+        "block_size": section.block_size, "top_k": args.top_k or section.top_k, "selection": section.selection,
+        "samples": args.samples, "depths": next(iter(models.values()))[1]["depths"],
+        "load": (load_before, os.getloadavg()[0]), "notes": args.notes,
+        "models": {label: info for label, (_, info) in models.items()},
+    }
+    if len(models) == len(MODELS):
+        write_results(Path(args.out), data)
+    else:
+        print(json.dumps(data, indent=1))
+
+
+if __name__ == "__main__":
+    main()
