@@ -52,4 +52,6 @@ def attention_vjp(forward, backward):
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad)
 
     attention.defvjp(fwd, bwd, symbolic_zeros=True)
-    return attention
+    # Staged through jit: an eagerly run jax.shard_map cannot call a custom_vjp with
+    # symbolic zeros directly (NotImplementedError in jax 0.10/0.11), a jitted one it can.
+    return jax.jit(attention, static_argnums=0)
