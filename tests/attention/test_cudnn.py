@@ -282,3 +282,17 @@ def test_cuda_lowering_with_positions_switches_at_run_time(as_if_cuda):
                                                  q_positions=p, kv_positions=p), q, k, v, pos)
     assert "case" in hlo and hlo.count(FWD) == 2
     assert "NO_MASK" in hlo and "CAUSAL" in hlo
+
+
+@pytest.mark.parametrize("n", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_cuda_lowering_of_a_ring_with_cudnn_steps(n, as_if_cuda):
+    """The ring's steps lower to cuDNN's calls inside shard_map (n=1: benchmarks/kernels.py's ring1)."""
+    q, k, v, _ = make_inputs(1, 32, 2, 1, 64)
+    q, k, v = q.astype(BF16), k.astype(BF16), v.astype(BF16)
+    mesh = make_mesh(context=n, devices=jax.devices()[:n])
+
+    def loss(q, k, v):
+        return ring_attention(q, k, v, mesh=mesh, causal=True, impl="cudnn").astype(jnp.float32).sum()
+
+    hlo = _cuda_hlo(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+    assert FWD in hlo and BWD in hlo
