@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of issue 15, one script for one short lease on one H100/H200 (< 8 minutes):
-#   (a) tests/kernels/test_gpu.py, the kernel tests at real sizes in bf16;
-#   (b) benchmarks/kernels.py --sizes issue: lca's kernels vs cuDNN and JAX's Mosaic GPU/Triton examples;
+#   (a) tests/kernels/test_gpu.py, the kernel tests and impl="cudnn"'s at real sizes in bf16;
+#   (b) benchmarks/kernels.py --sizes issue: lca's kernels vs cuDNN and JAX's Mosaic GPU/Triton examples,
+#       and lca's impl="cudnn" as a ring step on one device vs the bare cuDNN call (lca_cudnn_ring1);
 #   (c) benchmarks/train_gpu.py: a training step of the 104M decoder at 32k tokens per attention impl.
 # It writes benchmarks/results/kernels_<device>.md/.png and train_gpu_<device>.md, and copies them
 # with the three logs into $OUT when that is set (the device tool brings $OUT back).
@@ -56,7 +57,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $LOGS/NAME.
 
 if [[ $DRY == 1 ]]; then
   stage gpu_tests "$TESTS_S" python3 -m pytest tests/kernels/test_gpu.py tests/kernels/test_hopper.py \
-    -k "lowers or bf16" -q -x -m "slow or not slow"
+    tests/attention/test_cudnn.py -k "lowers or bf16 or cuda_lowering" -q -x -m "slow or not slow"
   (cd benchmarks && stage kernels "$KERNELS_S" python3 kernels.py --smoke --results "$RESULTS")
   (cd benchmarks && stage train "$TRAIN_S" python3 train_gpu.py --smoke --steps 3 --impls pallas,blockwise \
     --results "$RESULTS")
