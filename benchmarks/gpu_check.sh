@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of issue 15, one script for one short lease on one H100/H200 (< 8 minutes):
-#   (a) tests/kernels/test_gpu.py, the kernel tests at real sizes in bf16;
-#   (b) benchmarks/kernels.py --sizes issue: lca's kernels vs cuDNN and JAX's Mosaic GPU/Triton examples;
+#   (a) tests/kernels/test_gpu.py, the kernel tests and impl="cudnn"'s at real sizes in bf16;
+#   (b) benchmarks/kernels.py --sizes issue: lca's kernels vs cuDNN and JAX's Mosaic GPU/Triton examples,
+#       and lca's impl="cudnn" as a ring step on one device vs the bare cuDNN call (lca_cudnn_ring1);
 #   (c) benchmarks/train_gpu.py: a training step of the 104M decoder at 32k tokens per attention impl,
 #       with a per-op time table of its last two steps (lca.train.profile).
 # It writes benchmarks/results/kernels_<device>.md/.png and train_gpu_<device>{,_ops}.md, and copies them
@@ -29,7 +30,9 @@ fi
 
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
-TESTS_S=${TESTS_S:-120}; KERNELS_S=${KERNELS_S:-200}; TRAIN_S=${TRAIN_S:-170}
+# On the GPU: about 8.5 minutes in all. The dry run's tests run interpreted on CPU: they get longer.
+if [[ $DRY == 1 ]]; then TESTS_S=${TESTS_S:-400}; else TESTS_S=${TESTS_S:-180}; fi
+KERNELS_S=${KERNELS_S:-190}; TRAIN_S=${TRAIN_S:-150}
 # This run's results go to a fresh folder first, then (not in a dry run) to benchmarks/results.
 RESULTS=$(mktemp -d /tmp/gpu_check.XXXX)
 LOGS=${OUT:-$RESULTS}
@@ -57,7 +60,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $LOGS/NAME.
 
 if [[ $DRY == 1 ]]; then
   stage gpu_tests "$TESTS_S" python3 -m pytest tests/kernels/test_gpu.py tests/kernels/test_hopper.py \
-    -k "lowers or bf16" -q -x -m "slow or not slow"
+    tests/attention/test_cudnn.py -k "lowers or bf16 or cuda_lowering" -q -x -m "slow or not slow"
   (cd benchmarks && stage kernels "$KERNELS_S" python3 kernels.py --smoke --results "$RESULTS")
   (cd benchmarks && stage train "$TRAIN_S" python3 train_gpu.py --smoke --steps 3 --impls pallas,blockwise \
     --profile --results "$RESULTS")

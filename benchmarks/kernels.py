@@ -19,6 +19,11 @@ causal backward) and the Triton one (``...ops.gpu.attention.mha``). ``--budget-s
 stops measuring once that many seconds have passed (the rest is recorded as skipped),
 so a run fits a short GPU lease.
 
+``lca_cudnn_ring1`` is lca's ``impl="cudnn"`` as the local step of ``ring_attention``
+on a one-device mesh: the ring's local compute (its ``lax.cond``/``lax.switch``
+plan, cuDNN's call and the float32 merge, no transfers) beside a bare cuDNN call of
+the same shape (issue 15's target: within 10%); its "x cuDNN" column is that ratio.
+
 Writes ``benchmarks/results/kernels_<device>.md`` and ``.png`` (the device name
 is in the file and its title; ``--results`` another folder). On a machine without
 a GPU it refuses, except in ``--smoke`` mode, which runs tiny sizes in interpret
@@ -68,6 +73,15 @@ def _jax_triton_example(q, k, v, causal):
     return triton_attention.mha(q, k, v, None, sm_scale=1 / math.sqrt(q.shape[-1]), causal=causal)
 
 
+def _lca_cudnn_ring1(q, k, v, causal):
+    """lca's ``impl="cudnn"`` as the ring's local step, on a one-device mesh (no transfers)."""
+    from lca.attention import ring_attention
+    from lca.parallel import make_mesh
+
+    mesh = make_mesh(context=1, devices=jax.devices()[:1])
+    return ring_attention(q, k, v, mesh=mesh, causal=causal, impl="cudnn")
+
+
 def _impls(smoke: bool, examples: bool = False):
     """``{name: (attention(q, k, v, causal), input dtype)}``."""
     bf16 = jnp.bfloat16
@@ -90,13 +104,14 @@ def _impls(smoke: bool, examples: bool = False):
         impls["cudnn"] = (lambda q, k, v, causal: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="cudnn"
         ), bf16)
+        impls["lca_cudnn_ring1"] = (_lca_cudnn_ring1, bf16)
     if examples and not smoke:
         impls["jax_triton_example"] = (_jax_triton_example, bf16)
         if _is_hopper():
             impls["jax_mosaic_gpu_example"] = (_jax_mosaic_gpu_example, jnp.float16)
         # cuDNN first (the yardstick), the slow pure-JAX path last: a time budget cuts that one.
-        order = ["cudnn", "pallas_mosaic_gpu", "pallas_portable", "jax_mosaic_gpu_example",
-                 "jax_triton_example", "blockwise"]
+        order = ["cudnn", "lca_cudnn_ring1", "pallas_mosaic_gpu", "pallas_portable",
+                 "jax_mosaic_gpu_example", "jax_triton_example", "blockwise"]
         impls = {name: impls[name] for name in order if name in impls}
     return impls
 

@@ -60,7 +60,7 @@ class AttentionConfig:
     """How the attention mixers compute attention: two independent choices."""
 
     # Local implementation: how attention runs on one device (lca.attention.impl.get_impl):
-    # reference | xla | blockwise | pallas.
+    # reference | xla | blockwise | pallas | cudnn.
     impl: str = "blockwise"
     # Sequence strategy (lca.models.strategies.STRATEGIES): none | ring | ulysses | usp, or
     # "auto": ring when its mesh axis (model.strategies.ring.axis) is > 1, else none.

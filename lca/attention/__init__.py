@@ -5,7 +5,7 @@ All variants take ``q [batch, q_len, num_heads, head_dim]`` and
 :func:`reference_attention`.
 
 * Local implementations (one device): ``reference``, ``xla``, ``blockwise``,
-  ``pallas``, listed in :data:`lca.attention.impl.IMPLS` and reached through
+  ``pallas``, ``cudnn``, listed in :data:`lca.attention.impl.IMPLS` and reached through
   :func:`attention` (``impl=...``).
 * Sequence-parallel strategies: ring, Ulysses, USP (one module each), sharing
   the entry plumbing and call spec of :mod:`lca.attention.sharded`; each runs a

@@ -21,9 +21,10 @@ A *local implementation* computes attention on one device. Each entry is a
   ``xla``: dense, no lse-based backward).
 
 Nothing registers itself: :data:`IMPLS` lists every implementation. The Pallas
-entry is a ``"module:attribute"`` path imported the first time it is asked for,
-so importing lca never imports Pallas. A caller with its own implementation
-passes the :class:`LocalImpl` object wherever a name is accepted.
+and cuDNN entries are ``"module:attribute"`` paths imported the first time they
+are asked for, so importing lca never imports Pallas or lca's cuDNN module. A
+caller with its own implementation passes the :class:`LocalImpl` object wherever
+a name is accepted.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ IMPLS: dict[str, LocalImpl | str] = {
                            blockwise_backward, BlockSizes()),
     # Fused kernels, imported on first use ("module:attribute").
     "pallas": "kernels_pallas.lca_impl:PALLAS",
+    # cuDNN's fused attention (CUDA GPUs), Pallas where its masks cannot express a call.
+    "cudnn": "lca.attention.cudnn:CUDNN",
 }
 
 

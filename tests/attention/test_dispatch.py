@@ -26,7 +26,7 @@ def test_impls_agree_with_reference():
 
 def test_unknown_impl():
     with pytest.raises(ValueError, match="impl must be one of"):
-        attention(None, None, None, impl="cudnn")
+        attention(None, None, None, impl="flash3")
 
 
 def test_step_only_impl_says_what_works():

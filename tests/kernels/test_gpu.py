@@ -1,4 +1,4 @@
-"""The kernel checks at real sizes in bf16 on a GPU; skipped when none is present.
+"""The kernel checks, and ``impl="cudnn"``'s, at real sizes in bf16 on a GPU; skipped when none is present.
 
 Run on a GPU machine with ``pytest tests/kernels/test_gpu.py -m "slow or not slow"``.
 ``mosaic_gpu`` (the warp-specialised Mosaic GPU forward of
@@ -114,3 +114,90 @@ def test_mosaic_gpu_more_than_256_key_blocks():
         g, rg = np.float32(g), np.float32(rg)
         err = np.abs(g - rg).max() / max(np.abs(rg).max(), 1e-6)
         assert err < 3e-2, f"d{name_}: relative max error {err}"
+
+
+# --- impl="cudnn": cuDNN's fused attention as lca's local implementation -------------------------
+
+CUDNN_CASES = {
+    "causal": ((2, 2048, 2048, 8, 8, 128), dict(causal=True)),
+    "full_gqa": ((2, 1024, 1024, 8, 2, 128), dict()),
+    "causal_window_mqa_d64": ((1, 2048, 2048, 8, 1, 64), dict(causal=True, window=300)),
+    "causal_bottom_right_pallas": ((1, 512, 1024, 4, 2, 64), dict(causal=True)),
+}
+
+
+@pytest.mark.parametrize("name,with_lse,dtype", [
+    *((name, with_lse, jnp.bfloat16) for name in CUDNN_CASES for with_lse in (True, False)),
+    ("causal", False, jnp.float16),
+])
+def test_cudnn_impl_matches_oracle(name, with_lse, dtype):
+    """Forward, lse and every gradient (with and without an lse cotangent: the fold) vs the oracle."""
+    from lca.attention import attention
+    from tests.oracle import KERNEL_BF16, KERNEL_BF16_GRAD, cotangents, rel_err
+
+    (b, q_len, kv_len, h, h_kv, d), options = CUDNN_CASES[name]
+    q, k, v = random_qkv(3, b, q_len, kv_len, h, h_kv, d, dtype)
+    w_out, w_lse = cotangents(q)
+
+    def run(attn):
+        def loss(q, k, v):
+            out, lse = attn(q, k, v)
+            # Without the lse term its cotangent is a symbolic zero: cuDNN's plain backward.
+            lse_term = (lse * w_lse).sum() if with_lse else 0.0
+            return (out.astype(jnp.float32) * w_out).sum() + lse_term, (out, lse)
+
+        (_, (out, lse)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return out, lse, grads
+
+    cudnn = lambda q, k, v: attention(q, k, v, impl="cudnn", return_lse=True, **options)  # noqa: E731
+    hlo = jax.jit(lambda q, k, v: run(cudnn)).lower(q, k, v).as_text()
+    assert ("__cudnn$fmha" in hlo) == (name != "causal_bottom_right_pallas"), name
+    got = jax.jit(lambda q, k, v: run(cudnn))(q, k, v)
+    want = jax.jit(lambda q, k, v: run(lambda q, k, v: reference_attention(
+        *(x.astype(jnp.float32) for x in (q, k, v)), return_lse=True, **options)))(q, k, v)
+    assert got[0].dtype == dtype and got[1].dtype == jnp.float32
+    assert rel_err(got[0], want[0]) < KERNEL_BF16 and rel_err(got[1], want[1]) < KERNEL_BF16
+    for name_, g, rg in zip("qkv", got[2], want[2]):
+        assert rel_err(g, rg) < KERNEL_BF16_GRAD, f"d{name_}"
+
+
+@pytest.mark.parametrize("layout", ["past", "diagonal", "bottom_right"])
+def test_cudnn_step_with_positions_and_lse_cotangent(layout):
+    """The step (forward, backward with dlse) on a chunk pair placed as in a ring, vs the oracle."""
+    from lca.attention import cudnn, inputs
+    from tests.oracle import KERNEL_BF16, KERNEL_BF16_GRAD, rel_err
+
+    b, t, h, h_kv, d = 1, 1024, 8, 2, 128
+    q, k, v = random_qkv(4, b, t, t, h, h_kv, d, jnp.bfloat16)
+    q_pos = jnp.arange(t, dtype=jnp.int32) + {"past": 4096, "diagonal": 0, "bottom_right": 7}[layout]
+    kv_pos = jnp.arange(t, dtype=jnp.int32)
+    mask, logit = inputs.make_mask(True, None), inputs.logit_options(d, None, None)
+    dout = jax.random.normal(jax.random.PRNGKey(5), q.shape, jnp.bfloat16)
+    dlse = jax.random.normal(jax.random.PRNGKey(6), (b, h, t), jnp.float32)
+
+    @jax.jit
+    def step(q, k, v, q_pos, kv_pos):
+        out, lse = cudnn.forward(q, k, v, q_pos, kv_pos, mask=mask, logit=logit)
+        grads = cudnn.backward(q, k, v, q_pos, kv_pos, None, None, out.astype(q.dtype), lse, dout,
+                               dlse, mask=mask, logit=logit)
+        return out, lse, grads
+
+    ref = lambda q, k, v: reference_attention(  # noqa: E731
+        *(x.astype(jnp.float32) for x in (q, k, v)), causal=True, return_lse=True,
+        q_positions=q_pos, kv_positions=kv_pos)
+    (ref_out, ref_lse), pull = jax.vjp(ref, q, k, v)
+    out, lse, grads = step(q, k, v, q_pos, kv_pos)
+    assert rel_err(out, ref_out) < KERNEL_BF16 and rel_err(lse, ref_lse) < KERNEL_BF16
+    for name_, g, rg in zip("qkv", grads, pull((dout.astype(jnp.float32), dlse))):
+        assert rel_err(g, rg) < KERNEL_BF16_GRAD, f"d{name_}"
+
+
+def test_cudnn_keeps_non_finite_keys_to_the_queries_that_see_them():
+    """A NaN key in the future of a causal call reaches no earlier query (lca.attention.nonfinite)."""
+    from lca.attention import attention
+
+    q, k, v = random_qkv(7, 1, 512, 512, 4, 4, 64, jnp.bfloat16)
+    v = v.at[:, 300].set(jnp.nan)
+    out = attention(q, k, v, impl="cudnn", causal=True)
+    assert np.isfinite(np.float32(out[:, :300])).all()
+    assert np.isnan(np.float32(out[:, 300:])).all()
