@@ -152,10 +152,10 @@ def _reading(by, ok) -> list[str]:
         + (f" Its fwd+bwd time is {min(ratios):.1f}x to {max(ratios):.1f}x blockwise's over the lengths run."
            if ratios else ""),
         "",
-        "Why: `landmark_attention` scans key chunks of kv_block keys against all T queries at once, so its "
-        "working set is T x kv_block per step (hence the kv_block = 512 column) and it computes every chunk, "
-        "also those wholly after a query (blockwise tiles the queries too and skips tiles above the diagonal, "
-        "about half of them); each chunk also does the grouped softmax's second (within-block) softmax. "
+        "Why: `landmark_attention` tiles the queries (q_block = 512) and, like blockwise, skips the key "
+        "chunks wholly after a tile (about half of them, causal); its working set is q_block x kv_block per "
+        "step. The rest of its cost is the grouped softmax's second (within-block) softmax and the landmark "
+        "pseudo-keys of every chunk. "
         "Times come from a shared 2-core machine at the load given above: compare within a row; a single "
         "row can be off.",
         "",
