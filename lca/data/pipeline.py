@@ -78,6 +78,9 @@ class DataConfig:
         row (`lca.data.landmark.InsertLandmarks`, no loss at landmark positions); rows are packed with
         seq_len - seq_len / L tokens so that they hold seq_len tokens with their landmarks (seq_len % L == 0).
         Set it to `model.mixers.landmark.block_size` when `model.pattern` uses the landmark mixer (checked at load).
+    task_loss: which targets of a synthetic task's row carry loss: "all" (every token, like text) or "answer"
+        (only the answer at the row's end: the copy the task tests, not the filler it is made of). Applies to a
+        task `source` and to the tasks of `mixture`; corpus rows keep every token.
     """
 
     source: str = "stdlib"
@@ -90,6 +93,22 @@ class DataConfig:
     prefetch: int = 2
     mixture: dict[str, float] = dataclasses.field(default_factory=dict)
     landmark_every: int | None = None
+    task_loss: str = "all"
+
+
+TASK_LOSSES = ("all", "answer")
+
+
+class AnswerOnlyLoss(grain.transforms.Map):
+    """Zero the loss mask of a task batch except its rows' last ``answer_len`` targets (the answer)."""
+
+    def __init__(self, answer_len: int):
+        self.answer_len = answer_len
+
+    def map(self, batch: dict) -> dict:
+        mask = np.zeros_like(batch["loss_mask"])
+        mask[:, -self.answer_len:] = batch["loss_mask"][:, -self.answer_len:]
+        return {**batch, "loss_mask": mask}
 
 
 def validate(cfg: DataConfig, *, seq_len: int, global_batch: int, process_count: int = 1, split: str = "train") -> None:
@@ -102,6 +121,8 @@ def validate(cfg: DataConfig, *, seq_len: int, global_batch: int, process_count:
         raise ValueError(f"data.packing={cfg.packing!r} is not known; use one of {list(PACKINGS)}.")
     if not 0.0 < cfg.eval_fraction < 1.0:
         raise ValueError(f"data.eval_fraction={cfg.eval_fraction!r} must be in (0, 1), e.g. 0.05.")
+    if cfg.task_loss not in TASK_LOSSES:
+        raise ValueError(f"data.task_loss={cfg.task_loss!r} is not known; use one of {list(TASK_LOSSES)}.")
     if cfg.num_workers < 0 or cfg.prefetch < 0:
         raise ValueError(f"data.num_workers={cfg.num_workers} and data.prefetch={cfg.prefetch} must be >= 0.")
     if split not in SPLITS:
@@ -399,7 +420,10 @@ def make_dataset(cfg: DataConfig, *, seq_len: int, global_batch: int, seed: int,
         docs = documents(part, split=split, seed=seed, length=row_len + 1)
         # A task example is exactly row_len + 1 tokens: "pad" packing puts one per row (concat would shift them).
         packing = "pad" if source in TASKS else cfg.packing
-        return PackedBatchDataset(docs, seq_len=row_len, rows=rows, num_streams=global_batch, packing=packing)
+        ds = PackedBatchDataset(docs, seq_len=row_len, rows=rows, num_streams=global_batch, packing=packing)
+        if source in TASKS and cfg.task_loss == "answer":
+            ds = ds.map(AnswerOnlyLoss(TASKS[source](row_len + 1, 0.5, seed=0).answer_len))
+        return ds
 
     ds = packed(cfg.source)
     if cfg.mixture:

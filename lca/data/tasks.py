@@ -12,6 +12,9 @@ queried pair) from the start (0) to the end (1) of the distractor text. `seed` i
 - `multi_needle`: `num_needles` pass keys for differently named doors at random depths; the one asked for is at
   `depth`.
 - `assoc_recall`: a list of random "abcd:1234" key:value pairs; the queried pair is at `depth`; the answer is the value.
+- `copy`: a random string of letters, digits and spaces, a newline, then the string again (the answer: the whole
+  second copy). Every answer token is a copy of a token one string-length back: the induction pattern passkey
+  retrieval needs, about a hundred copies per row instead of five. A training task (`depth` is unused).
 """
 
 from __future__ import annotations
@@ -115,7 +118,20 @@ def assoc_recall(context_len: int, depth: float, seed=0) -> TaskExample:
     return TaskExample(tokens, context_len - 4, 4)
 
 
-TASKS = {"passkey": passkey, "multi_needle": multi_needle, "assoc_recall": assoc_recall}
+_COPY_ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz0123456789 ", dtype=np.uint8)
+
+
+def copy(context_len: int, depth: float, seed=0) -> TaskExample:
+    """A random string, a newline, the string again: the second copy is the answer (``depth`` is unused)."""
+    _check("copy", context_len, depth, 3)
+    first = _COPY_ALPHABET[_rng(seed).integers(0, len(_COPY_ALPHABET), (context_len - 1) // 2)].tobytes()
+    answer = first[: context_len - len(first) - 1]
+    tokens = encode((first + b"\n" + answer).decode("ascii"))
+    assert tokens.shape == (context_len,), (tokens.shape, context_len)
+    return TaskExample(tokens, context_len - len(answer), len(answer))
+
+
+TASKS = {"passkey": passkey, "multi_needle": multi_needle, "assoc_recall": assoc_recall, "copy": copy}
 
 
 def get_task(name: str):

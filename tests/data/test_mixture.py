@@ -98,3 +98,25 @@ def test_bad_mixture_or_landmark_every(cfg, match):
 def test_mixture_rows_too_short_for_the_task_fail_before_the_first_batch():
     with pytest.raises(ValueError, match=r"data.mixture.passkey does not fit rows of 240 tokens .* use >= 243"):
         iterator(DataConfig(mixture={"passkey": 0.1}, landmark_every=16), seq_len=256)
+
+
+def test_task_loss_answer_keeps_only_the_answer_targets():
+    """data.task_loss=answer: a passkey row's loss covers its 5 answer digits; corpus rows keep every target."""
+    from lca.data.pipeline import DataConfig, make_train_iterator
+    from lca.data.tasks import passkey
+
+    cfg = DataConfig(source="passkey", task_loss="answer")
+    batch = next(make_train_iterator(cfg, seq_len=300, global_batch=2, seed=0))
+    mask = np.asarray(batch["loss_mask"])
+    assert mask.shape == (2, 300) and (mask[:, -5:] == 1).all() and (mask[:, :-5] == 0).all()
+    assert passkey(301, 0.5).answer_len == 5
+    everything = next(make_train_iterator(DataConfig(source="passkey"), seq_len=300, global_batch=2, seed=0))
+    np.testing.assert_array_equal(everything["targets"], batch["targets"])
+    assert np.asarray(everything["loss_mask"]).sum() > 2 * 250
+
+
+def test_bad_task_loss_names_the_choices():
+    from lca.data.pipeline import DataConfig, validate
+
+    with pytest.raises(ValueError, match=r"data.task_loss='copy' is not known; use one of \['all', 'answer'\]"):
+        validate(DataConfig(task_loss="copy"), seq_len=64, global_batch=2)
