@@ -123,8 +123,8 @@ _COPY_ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz0123456789 ", dtype=n
 
 def copy(context_len: int, depth: float, seed=0) -> TaskExample:
     """A random string, a newline, the string again: the second copy is the answer (``depth`` is unused)."""
-    _check("copy", context_len, depth, 3)
-    first = _COPY_ALPHABET[_rng(seed).integers(0, len(_COPY_ALPHABET), (context_len - 1) // 2)].tobytes()
+    _check("copy", context_len, depth, 32)  # strings of 16 or more: a copy needs some length to be a task
+    first = _COPY_ALPHABET[_rng(seed).integers(0, len(_COPY_ALPHABET), context_len // 2)].tobytes()
     answer = first[: context_len - len(first) - 1]
     tokens = encode((first + b"\n" + answer).decode("ascii"))
     assert tokens.shape == (context_len,), (tokens.shape, context_len)
