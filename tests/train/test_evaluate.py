@@ -50,3 +50,18 @@ def test_eval_batches_are_split_over_processes():
         for key, rows in batch.items():
             assert parts[0][i][key].shape[0] == 2
             np.testing.assert_array_equal(np.concatenate([parts[0][i][key], parts[1][i][key]]), rows)
+
+
+def test_held_out_text_leaves_the_task_mixture_out(tmp_path):
+    """Bits per byte are measured on the corpus: data.mixture's passkey batches are not held-out text."""
+    import numpy as np
+
+    from lca.train.evaluate import held_out_batches
+    from tests.train.conftest import tiny_config
+
+    shared = ["train.seq_len=256", "eval.batch=2", "eval.num_batches=4"]
+    plain = held_out_batches(tiny_config(tmp_path, *shared))
+    mixed = held_out_batches(tiny_config(tmp_path, *shared, "data.mixture={passkey: 0.5}"))
+    for ours, theirs in zip(mixed, plain, strict=True):
+        for key in theirs:
+            np.testing.assert_array_equal(ours[key], theirs[key])
