@@ -41,7 +41,9 @@ class TitansLmmConfig:
     chunk_size: int = 16  # tokens whose gradients share the chunk-start weights (1: fully online)
     conv_kernel: int = 4  # causal depthwise conv after the q/k/v projections (0: none)
     persistent: int = 0  # learned persistent memory tokens the memory sees first
-    max_lr: float = 0.1  # upper bound of the data-dependent learning rate theta
+    # upper bound of the data-dependent learning rate theta; 0.1 and 0.01 diverged in training at chunk 16
+    # (benchmarks/titans_eval.py), see MemoryConfig
+    max_lr: float = 0.003
     activation: str = "silu"  # of the memory MLP: silu | gelu | tanh
     micro_batches: int = 1  # on a context-split mesh: pipeline micro-batches per device's rows
 

@@ -134,3 +134,14 @@ def test_bad_shapes_are_value_errors():
         nm.memory_layer(params, state, x[:1], config=CONFIG)
     with pytest.raises(ValueError, match="num_heads=2"):
         nm.retrieve(state, x, config=CONFIG)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_default_step_keeps_a_fresh_memory_bounded(chunk_size):
+    """The default max_lr on 512 tokens of N(0, 1): no blow-up (0.1 reached inf within 256 tokens at chunk 16)."""
+    config = nm.MemoryConfig(d_model=64, num_heads=2, depth=2, chunk_size=chunk_size)
+    params = nm.init_params(jax.random.PRNGKey(0), config)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 512, 64))
+    y, state = jax.jit(lambda p, x: nm.memory_layer(p, nm.fresh_state(p, config, 2), x, config=config))(params, x)
+    assert bool(jnp.isfinite(y).all()) and float(jnp.abs(y).max()) < 10.0
+    assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(state))
