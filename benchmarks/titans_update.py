@@ -1,12 +1,23 @@
 """Titans memory update: chunk-parallel vs token-by-token speed, and peak memory vs sequence length.
 
-One memory stream (one batch row, one head): head_dim 64, a depth-2 memory MLP
-(hidden 128, SiLU), float32, random tokens and gates. "chunked" is
-``lca.memory.update.memorize_chunked`` (gradients at chunk-start weights, dual
-form, associative scan); "sequential" is the ``lax.scan`` oracle
-``lca.memory.sequential.memorize_sequential`` with the same semantics. Each point
-(method, mode, T) runs in a fresh subprocess: compile, then peak extra memory of
-one execution (benchmarks/peak_memory.py), then the median time of up to 4 runs.
+"chunked" is ``lca.memory.update.memorize_chunked`` (gradients at chunk-start
+weights, dual form, associative scan); "sequential" is the ``lax.scan`` oracle
+``lca.memory.sequential.memorize_sequential`` with the same semantics (one
+gradient per token, at its chunk's start weights). Both are jitted and, for
+several memory streams (batch rows x heads), vmapped over them as
+``lca.memory.memory_layer`` runs them; random tokens and gates, float32.
+
+Two shapes (``SETUPS``):
+
+- ``issue``: one stream, head_dim 64, depth-2 memory MLP (hidden 128, SiLU), chunk 64;
+- ``config``: the Titans configs' memory (``configs/titans_*.yaml``: d_model 64 over 2
+  memory heads, so head_dim 32, depth 2, expansion 2, chunk 16) at their batch 8:
+  16 streams.
+
+Each point (setup, method, mode, T, chunk) runs in a fresh subprocess: compile,
+one execution for the peak extra memory (benchmarks/peak_memory.py), then the
+median time of further runs (at least 3). Chunked and sequential points of the
+same (setup, mode, T) run back to back, so they see the same machine load.
 
     python benchmarks/titans_update.py                      # full sweep, writes results
     python benchmarks/titans_update.py --lengths 1024,4096 --out /tmp/r
@@ -22,17 +33,24 @@ import os
 import subprocess
 import sys
 
-DIM = 64
-DEPTH = 2
+SETUPS = {
+    "issue": {"dim": 64, "depth": 2, "expansion": 2, "chunk": 64, "streams": 1},
+    "config": {"dim": 32, "depth": 2, "expansion": 2, "chunk": 16, "streams": 16},
+}
+# the sequential scan's backward keeps every token's weights: GiBs beyond these T on this shared machine
+SEQUENTIAL_BWD_MAX = {"issue": 4096, "config": 2048}
 METHODS = ("chunked", "sequential")
 MODES = ("fwd", "fwd+bwd")
-LENGTHS = tuple(1024 * 2**i for i in range(7))  # 1k .. 64k
-SPEED_T = 4096
-SPEED_CHUNKS = (16, 64, 256)
+SPEED_LENGTHS = (1024, 2048, 4096, 8192)
+SWEEP_LENGTHS = tuple(1024 * 2**i for i in range(7))  # 1k .. 64k, forward, the issue setup
+SWEEP_CHUNKS = (16, 32, 64, 128, 256)  # at T = 4k, the issue setup
+CHUNK_T = 4096
 
 
-def run_point(method: str, mode: str, t: int, chunk: int) -> dict:
-    """In this (fresh) process: compile, measure one execution's peak, then time it."""
+def run_point(setup: str, method: str, mode: str, t: int, chunk: int) -> dict:
+    """In this (fresh) process: compile, measure one execution's peak, then time further runs."""
+    import time
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -44,178 +62,295 @@ def run_point(method: str, mode: str, t: int, chunk: int) -> dict:
     from lca.memory.sequential import memorize_sequential
     from lca.memory.update import MemoryTokens, memorize_chunked
 
+    shape = SETUPS[setup]
+    dim, streams = shape["dim"], shape["streams"]
     memorize = memorize_chunked if method == "chunked" else memorize_sequential
     rng = np.random.default_rng(0)
 
-    def arr(*shape, scale=1.0):
-        return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
+    def arr(*s, scale=1.0):
+        return jnp.asarray(scale * rng.standard_normal((streams,) + s), jnp.float32)
 
-    sigmoid = lambda x: 1 / (1 + jnp.exp(-x))  # noqa: E731
     tokens = MemoryTokens(
-        q=arr(t, DIM), k=arr(t, DIM, scale=DIM**-0.5), v=arr(t, DIM),
-        lr=0.1 * sigmoid(arr(t)), momentum=sigmoid(arr(t) + 2), forget=0.05 * sigmoid(arr(t)),
+        q=arr(t, dim), k=arr(t, dim, scale=dim**-0.5), v=arr(t, dim),
+        lr=0.1 * jax.nn.sigmoid(arr(t)), momentum=jax.nn.sigmoid(arr(t) + 2), forget=0.05 * jax.nn.sigmoid(arr(t)),
     )
-    weights = mlp.init_weights(jax.random.PRNGKey(0), mlp.layer_widths(DIM, DEPTH, 2))
+    one = mlp.init_weights(jax.random.PRNGKey(0), mlp.layer_widths(dim, shape["depth"], shape["expansion"]))
+    weights = jax.tree.map(lambda w: jnp.broadcast_to(w, (streams,) + w.shape), one)
     momentum = jax.tree.map(jnp.zeros_like, weights)
     stop = t // chunk
 
-    def forward(weights, momentum, tokens):
-        return memorize(weights, momentum, tokens, chunk_size=chunk, act=jax.nn.silu, stop=stop)
+    def one_stream(w, s, tok):
+        return memorize(w, s, tok, chunk_size=chunk, act=jax.nn.silu, stop=stop)
 
+    if streams == 1:
+        # the update itself: vmap would put the stream axis before the scanned one, and the scan
+        # would then copy the tokens to bring its axis first (input-sized memory, not the update's)
+        weights, momentum, tokens = jax.tree.map(lambda x: x[0], (weights, momentum, tokens))
+        forward = one_stream
+    else:
+        forward = jax.vmap(one_stream)
     if mode == "fwd":
         fn = forward
     else:
-        fn = jax.grad(
-            lambda w, s, tok: jnp.sum(forward(w, s, tok)[0]) + sum(jnp.sum(x) for x in jax.tree.leaves(forward(w, s, tok)[1])),
-            argnums=(0, 1, 2),
-        )
+
+        def objective(w, s, tok):
+            y, end = forward(w, s, tok)
+            return jnp.sum(y) + sum(jnp.sum(x) for x in jax.tree.leaves(end))
+
+        fn = jax.grad(objective, argnums=(0, 1, 2))
     compiled = jax.jit(fn).lower(weights, momentum, tokens).compile()
-    peak, first = measure(compiled, weights, momentum, tokens)
-    times = [first]
-    if first < 5.0:
-        for _ in range(3):
-            times.append(measure(compiled, weights, momentum, tokens)[1])
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    # XLA counts one iteration of each loop: a chunk (chunked) or a token (sequential), per direction
+    per_step = chunk if method == "chunked" else 1
+    flops_per_token = float(cost.get("flops", float("nan"))) / (streams * per_step)
+    peak, first = measure(compiled, weights, momentum, tokens)  # also the warm-up run
+    times, cpu = [], []
+    budget = time.perf_counter() + max(2.0, 3 * first)
+    while len(times) < 3 or (len(times) < 10 and time.perf_counter() < budget):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        jax.block_until_ready(compiled(weights, momentum, tokens))
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     return {
-        "method": method, "mode": mode, "T": t, "chunk": chunk,
-        "peak_bytes": peak, "output_bytes": t * DIM * 4, "seconds": float(np.median(times)),
+        "setup": setup, "method": method, "mode": mode, "T": t, "chunk": chunk, "streams": streams,
+        "peak_bytes": peak, "output_bytes": streams * t * dim * 4, "seconds": float(np.median(times)),
+        "cpu_seconds": float(np.median(cpu)), "runs": len(times), "flops_per_token": flops_per_token,
     }
 
 
-def _spawn(method, mode, t, chunk, timeout):
+def _spawn(setup, method, mode, t, chunk, timeout):
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path.insert(0, here)
     from peak_memory import env
 
-    cmd = [sys.executable, os.path.abspath(__file__), "--point", f"{method},{mode},{t},{chunk}"]
+    point = {"setup": setup, "method": method, "mode": mode, "T": t, "chunk": chunk}
+    cmd = [sys.executable, os.path.abspath(__file__), "--point", f"{setup},{method},{mode},{t},{chunk}"]
     environment = env()
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(here), environment.get("PYTHONPATH")]))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=environment)
     except subprocess.TimeoutExpired:
-        return {"method": method, "mode": mode, "T": t, "chunk": chunk, "error": f"timeout after {timeout}s"}
+        return {**point, "error": f"timeout after {timeout}s"}
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-        return {"method": method, "mode": mode, "T": t, "chunk": chunk, "error": tail[0][:200]}
+        return {**point, "error": tail[0][:200]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ok(p):
+    return p is not None and "error" not in p
+
+
+def _find(points, **match):
+    return next((p for p in points if all(p.get(k) == v for k, v in match.items())), None)
+
+
+def _pair(points, setup, mode, t):
+    """(chunked, sequential) points of a setup at its chunk size."""
+    chunk = SETUPS[setup]["chunk"]
+    return tuple(_find(points, setup=setup, method=m, mode=mode, T=t, chunk=chunk) for m in METHODS)
 
 
 def _mib(b):
     return f"{b / 2**20:,.2f}"
 
 
-def write_results(speed, sweep, machine, chunk, out_dir):
+def _secs(p):
+    return f"{p['seconds']:.4f}" if _ok(p) else ("not run" if p is None else "failed")
+
+
+def _ratio(seq, chunked):
+    return f"**{seq['seconds'] / chunked['seconds']:.1f}x**" if _ok(seq) and _ok(chunked) else "—"
+
+
+def _rate(p):
+    if not _ok(p):
+        return "—"
+    return f"{p['flops_per_token'] * p['T'] * p['streams'] / p['cpu_seconds'] / 1e9:.1f}"
+
+
+def _setup_line(name):
+    s = SETUPS[name]
+    hidden = s["dim"] * s["expansion"]
+    return (f"`{name}`: {s['streams']} stream{'s' if s['streams'] > 1 else ''}, head_dim {s['dim']}, depth-{s['depth']} "
+            f"memory MLP (hidden {hidden}, SiLU), chunk {s['chunk']}")
+
+
+def write_results(points, machine, out_dir):
     os.makedirs(out_dir, exist_ok=True)
-    ok = lambda p: p and "error" not in p  # noqa: E731
     lines = [
         "# Titans memory update: chunk-parallel vs sequential",
         "",
         f"Machine: {machine}.",
-        f"One memory stream: head_dim {DIM}, depth-{DEPTH} memory MLP (hidden {2 * DIM}, SiLU), float32, "
-        f"chunk size {chunk}. Each point in a fresh subprocess; time is the median of up to 4 runs after "
-        "compilation; peak is the extra memory of one execution (inputs excluded, output included).",
-        "Produced by `python benchmarks/titans_update.py`.",
+        "Both methods have the same chunk semantics (every gradient of a chunk at its start weights), are jitted "
+        "and, for several streams (batch rows x heads), vmapped over them; float32. Each point runs in a fresh "
+        "subprocess; "
+        "time is the median of at least 3 runs after a warm-up run; peak is the extra memory of the warm-up run "
+        "(inputs excluded, output included). Chunked and sequential points of a row ran back to back.",
+        "Produced by `python benchmarks/titans_update.py`. Shapes:",
         "",
-        f"## Speed at T = {SPEED_T:,}",
+        *[f"- {_setup_line(name)}" + (" (this benchmark's shape since it was written)" if name == "issue" else
+                                      " (the `configs/titans_*.yaml` memory at their batch 8: 8 rows x 2 memory heads)")
+          for name in SETUPS],
         "",
-        "Same chunk semantics in both; the sequential scan's cost does not depend on the chunk size.",
+        "## Speed-up vs sequence length",
+        "",
+        "fwd+bwd is the gradient of the outputs and end state with respect to the start weights, momentum and "
+        "tokens. The sequential scan's backward keeps every token's weights (GiBs), so its fwd+bwd runs only up to "
+        "T = " + ", ".join(f"{t:,} ({name})" for name, t in SEQUENTIAL_BWD_MAX.items()) + " (\"not run\" beyond).",
+        "",
+        "| setup | mode | T | chunked s | sequential s | speed-up | speed-up in process CPU time |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for setup in SETUPS:
+        for mode in MODES:
+            for t in SPEED_LENGTHS:
+                c, s = _pair(points, setup, mode, t)
+                if c is None and s is None:
+                    continue
+                cpu = f"{s['cpu_seconds'] / c['cpu_seconds']:.1f}x" if _ok(s) and _ok(c) else "—"
+                lines.append(f"| {setup} | {mode} | {t:,} | {_secs(c)} | {_secs(s)} | {_ratio(s, c)} | {cpu} |")
+    lines += [
+        "",
+        f"## Work per token and achieved rate (T = {CHUNK_T:,})",
+        "",
+        "FLOPs per token and stream as XLA's cost analysis counts them (one iteration of each loop: "
+        "a chunk of the chunked update, a token of the sequential one), and the rate each method reaches per "
+        "second of process CPU time (all its threads; less sensitive than wall time to the machine's load). "
+        "The chunked update does not do less arithmetic than the token-by-token scan (its outputs still "
+        "see every token's own weights, through the c x c dual form, and it still forms the chunk's whole "
+        "weight update); it gains only by running it as matmuls. So its forward speed-up is the ratio of "
+        "the two rates divided by the ratio of the two FLOP counts, and it is capped by how far the scan "
+        "is below the matmul rate of this CPU. The backward is another story: autodiff of the token scan "
+        "keeps and reloads every token's weights.",
+        "",
+        "| setup | mode | chunked kFLOP/token | sequential kFLOP/token | chunked GFLOP/CPU-s | sequential GFLOP/CPU-s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for setup in SETUPS:
+        for mode in MODES:
+            c, s = _pair(points, setup, mode, CHUNK_T)
+            cells = [setup, mode]
+            cells += [f"{p['flops_per_token'] / 1e3:,.0f}" if _ok(p) else "—" for p in (c, s)]
+            cells += [_rate(p) for p in (c, s)]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"## Chunk size (setup `issue`, T = {CHUNK_T:,})",
+        "",
+        "The sequential scan does the same work for any chunk size (one gradient per token); the chunked "
+        "update trades fewer sequential steps against O(chunk) more work per token.",
         "",
         "| mode | chunk | chunked s | sequential s | speed-up |",
         "|---|---:|---:|---:|---:|",
     ]
     for mode in MODES:
-        s = next((p for (m, md, _), p in speed.items() if m == "sequential" and md == mode), None)
-        for c in (p for (m, md, _), p in speed.items() if m == "chunked" and md == mode):
-            cells = [mode, str(c["chunk"]), f"{c['seconds']:.4f}" if ok(c) else "failed"]
-            cells.append(f"{s['seconds']:.4f}" if ok(s) else "failed")
-            cells.append(f"{s['seconds'] / c['seconds']:.1f}x" if ok(c) and ok(s) else "—")
-            lines.append("| " + " | ".join(cells) + " |")
+        s = _find(points, setup="issue", method="sequential", mode=mode, T=CHUNK_T, chunk=SETUPS["issue"]["chunk"])
+        for chunk in SWEEP_CHUNKS:
+            c = _find(points, setup="issue", method="chunked", mode=mode, T=CHUNK_T, chunk=chunk)
+            if c is not None:
+                lines.append(f"| {mode} | {chunk} | {_secs(c)} | {_secs(s)} | {_ratio(s, c)} |")
     lines += [
         "",
-        "## Peak memory vs sequence length (forward)",
+        "## Peak memory vs sequence length (setup `issue`, forward)",
         "",
         "The state is constant (the MLP weights and momentum); beyond the output ``y [T, 64]`` "
-        "the update needs O(chunk) activations per step.",
+        "the chunked update needs O(chunk) activations per step, whatever T.",
         "",
         "| T | output MiB | chunked peak MiB | chunked peak - output MiB | sequential peak MiB | chunked s | sequential s |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    chunk = SETUPS["issue"]["chunk"]
+    sweep = [p for p in points if p["setup"] == "issue" and p["mode"] == "fwd" and p["chunk"] == chunk]
     for t in sorted({p["T"] for p in sweep}):
-        c = next((p for p in sweep if p["T"] == t and p["method"] == "chunked"), None)
-        s = next((p for p in sweep if p["T"] == t and p["method"] == "sequential"), None)
-        out = t * DIM * 4
+        c = _find(sweep, method="chunked", T=t)
+        s = _find(sweep, method="sequential", T=t)
+        out = t * SETUPS["issue"]["dim"] * 4
         lines.append(
             "| " + " | ".join([
                 f"{t:,}", _mib(out),
-                _mib(c["peak_bytes"]) if ok(c) else "failed",
-                _mib(c["peak_bytes"] - out) if ok(c) else "—",
-                _mib(s["peak_bytes"]) if ok(s) else ("not run" if s is None else "failed"),
-                f"{c['seconds']:.4f}" if ok(c) else "—",
-                f"{s['seconds']:.4f}" if ok(s) else "—",
+                _mib(c["peak_bytes"]) if _ok(c) else _secs(c),
+                _mib(c["peak_bytes"] - out) if _ok(c) else "—",
+                _mib(s["peak_bytes"]) if _ok(s) else _secs(s),
+                _secs(c), _secs(s),
             ]) + " |"
         )
     lines += ["", "![peak memory and time vs T](titans_update.png)", ""]
     with open(os.path.join(out_dir, "titans_update.md"), "w") as f:
         f.write("\n".join(lines))
     with open(os.path.join(out_dir, "titans_update.json"), "w") as f:
-        json.dump({"machine": machine, "speed": list(speed.values()), "sweep": sweep}, f, indent=1)
-    _plot(sweep, machine, chunk, os.path.join(out_dir, "titans_update.png"))
+        json.dump({"machine": machine, "setups": SETUPS, "points": points}, f, indent=1)
+    _plot(sweep, machine, os.path.join(out_dir, "titans_update.png"))
 
 
-def _plot(sweep, machine, chunk, path):
+def _plot(sweep, machine, path):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from log_axes import plot_memory_and_time
 
     curves = [
-        (method, style, [p for p in sweep if p["method"] == method and "error" not in p])
+        (method, style, [p for p in sweep if p["method"] == method and _ok(p)])
         for method, style in (("chunked", "o-"), ("sequential", "s--"))
     ]
     ts = sorted({p["T"] for p in sweep})
+    dim = SETUPS["issue"]["dim"]
     plot_memory_and_time(
         curves,
-        f"Titans memory update, head_dim {DIM}, depth {DEPTH}, chunk {chunk}, forward — {machine}",
+        f"Titans memory update, head_dim {dim}, depth 2, chunk {SETUPS['issue']['chunk']}, forward — {machine}",
         path,
-        reference=("output y", ts, [t * DIM * 4 / 2**20 for t in ts]),
+        reference=("output y", ts, [t * dim * 4 / 2**20 for t in ts]),
     )
+
+
+def plan(args) -> list[tuple[str, str, str, int, int]]:
+    """Every (setup, method, mode, T, chunk), chunked and sequential of a row adjacent."""
+    todo = []
+    lengths = [int(t) for t in args.lengths.split(",")]
+    for setup, shape in SETUPS.items():
+        for mode in MODES:
+            for t in lengths:
+                for method in METHODS:
+                    if method == "sequential" and mode == "fwd+bwd" and t > SEQUENTIAL_BWD_MAX[setup]:
+                        continue
+                    todo.append((setup, method, mode, t, shape["chunk"]))
+    issue = SETUPS["issue"]["chunk"]
+    for mode in MODES:
+        todo += [("issue", "chunked", mode, CHUNK_T, c) for c in SWEEP_CHUNKS if c != issue]
+    for t in (int(t) for t in args.sweep.split(",")):
+        for method in METHODS:
+            if method == "sequential" and t > args.sequential_max:
+                continue
+            todo.append(("issue", method, "fwd", t, issue))
+    seen = set()
+    return [p for p in todo if not (p in seen or seen.add(p))]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--point", help=argparse.SUPPRESS)
-    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
-    parser.add_argument("--chunk", type=int, default=64, help="chunk size of the update")
-    parser.add_argument("--sequential-max", type=int, default=16384, help="longest T for the sequential sweep")
+    parser.add_argument("--lengths", default=",".join(map(str, SPEED_LENGTHS)), help="T of the speed table")
+    parser.add_argument("--sweep", default=",".join(map(str, SWEEP_LENGTHS)), help="T of the memory sweep")
+    parser.add_argument("--sequential-max", type=int, default=16384, help="longest T for the sequential memory sweep")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per point")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     if args.point:
-        method, mode, t, chunk = args.point.split(",")
-        print(json.dumps(run_point(method, mode, int(t), int(chunk))))
+        setup, method, mode, t, chunk = args.point.split(",")
+        print(json.dumps(run_point(setup, method, mode, int(t), int(chunk))))
         return
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from machine import describe
 
     machine = f"{describe()}; load average at start {os.getloadavg()[0]:.1f}"
-    speed = {}
-    for mode in MODES:
-        # the sequential oracle's cost does not depend on the chunk size: run it once
-        runs = [("sequential", args.chunk)] + [("chunked", c) for c in SPEED_CHUNKS]
-        for method, chunk in runs:
-            p = _spawn(method, mode, SPEED_T, chunk, args.timeout)
-            speed[(method, mode, chunk)] = p
-            shown = p.get("error") or f"{p['seconds']:.4f} s"
-            print(f"speed T={SPEED_T} {method:>10} chunk {chunk:>4} {mode:>7}: {shown}", flush=True)
-    sweep = []
-    for t in map(int, args.lengths.split(",")):
-        for method in METHODS:
-            if method == "sequential" and t > args.sequential_max:
-                continue
-            p = _spawn(method, "fwd", t, args.chunk, args.timeout)
-            sweep.append(p)
-            shown = p.get("error") or f"{p['peak_bytes'] / 2**20:8.2f} MiB {p['seconds']:.4f} s"
-            print(f"sweep T={t:>6} {method:>10}: {shown}", flush=True)
+    points = []
+    for setup, method, mode, t, chunk in plan(args):
+        p = _spawn(setup, method, mode, t, chunk, args.timeout)
+        points.append(p)
+        shown = p.get("error") or f"{p['peak_bytes'] / 2**20:9.2f} MiB {p['seconds']:.4f} s"
+        print(f"{setup:>6} {method:>10} {mode:>7} T={t:>6} chunk {chunk:>4}: {shown}", flush=True)
     machine += f", at end {os.getloadavg()[0]:.1f}"
-    write_results(speed, sweep, machine, args.chunk, args.out)
+    write_results(points, machine, args.out)
     print(f"wrote {args.out}/titans_update.{{md,png,json}}")
 
 

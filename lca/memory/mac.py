@@ -91,6 +91,16 @@ def init_params(key: jax.Array, config: MacConfig) -> dict:
     }
 
 
+def param_axes(config: MacConfig) -> dict:
+    """Logical axis names of :func:`init_params`' arrays (see :func:`lca.memory.neural_memory.param_axes`)."""
+    return {
+        "memory": nm.param_axes(config.memory),
+        "w_retrieve": ("embed", None),
+        "w_qkv": ("embed", None),
+        "w_out": (None, "embed"),
+    }
+
+
 def mac_mask(num_persistent: int, segment: int) -> jax.Array:
     """``[segment, num_persistent + 2 * segment]`` bool: which of [P || h || S] each query may see."""
     causal = jnp.tril(jnp.ones((segment, segment), bool))
@@ -171,7 +181,7 @@ class MacMixer(nnx.Module):
     def __init__(self, cfg: TitansMacConfig, env: MixerEnv, *, rngs: nnx.Rngs):
         self.config = cfg.mac(env.model)
         self.place = ContextPlacement(env, cfg.micro_batches)
-        self.parameters = as_variables(init_params(rngs.params(), self.config))
+        self.parameters = as_variables(init_params(rngs.params(), self.config), param_axes(self.config))
 
     def __call__(self, x, positions, segment_ids=None):
         y = mac_layer(as_arrays(self.parameters), x.astype(jnp.float32), positions, segment_ids, config=self.config,

@@ -101,6 +101,17 @@ def init_params(key: jax.Array, config: MagConfig) -> dict:
     }
 
 
+def param_axes(config: MagConfig) -> dict:
+    """Logical axis names of :func:`init_params`' arrays (see :func:`lca.memory.neural_memory.param_axes`)."""
+    return {
+        "memory": nm.param_axes(config.memory),
+        "w_qkv": ("embed", None),
+        "w_out": (None, "embed"),
+        "gain_attn": ("norm",),
+        "gain_memory": ("norm",),
+    }
+
+
 def _rms(x):
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
 
@@ -148,12 +159,13 @@ class MagMixer(nnx.Module):
     """
 
     init_params = staticmethod(init_params)
+    param_axes = staticmethod(param_axes)
     layer = staticmethod(mag_layer)
 
     def __init__(self, cfg: TitansMagConfig, env: MixerEnv, *, rngs: nnx.Rngs):
         self.config = cfg.mag(env.model)
         self.place = ContextPlacement(env, cfg.micro_batches)
-        self.parameters = as_variables(self.init_params(rngs.params(), self.config))
+        self.parameters = as_variables(self.init_params(rngs.params(), self.config), self.param_axes(self.config))
 
     def __call__(self, x, positions, segment_ids=None):
         y = self.layer(as_arrays(self.parameters), x.astype(jnp.float32), positions, segment_ids,

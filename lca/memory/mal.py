@@ -22,6 +22,7 @@ import jax
 from lca.memory.context_parallel import ContextSplit, fresh_memory
 from lca.memory.mag import MagConfig, MagMixer, TitansMagConfig, attention_branch
 from lca.memory.mag import init_params as mag_init_params
+from lca.memory.mag import param_axes as mag_param_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,12 @@ def init_params(key: jax.Array, config: MagConfig) -> dict:
     params = mag_init_params(key, config)
     del params["gain_attn"], params["gain_memory"]
     return params
+
+
+def param_axes(config: MagConfig) -> dict:
+    axes = mag_param_axes(config)
+    del axes["gain_attn"], axes["gain_memory"]
+    return axes
 
 
 def mal_layer(
@@ -51,4 +58,5 @@ class MalMixer(MagMixer):
     """MAL with the mixer call signature ``mixer(x, positions, segment_ids)`` (MAG's, with MAL's layer)."""
 
     init_params = staticmethod(init_params)
+    param_axes = staticmethod(param_axes)
     layer = staticmethod(mal_layer)

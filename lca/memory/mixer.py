@@ -24,7 +24,7 @@ from flax import nnx
 
 from lca.config import ConfigError, ModelConfig, choice_error
 from lca.memory.context_parallel import ContextSplit, fresh_memory
-from lca.memory.neural_memory import ACTIVATIONS, MemoryConfig, init_params
+from lca.memory.neural_memory import ACTIVATIONS, MemoryConfig, init_params, param_axes
 from lca.parallel.sharding import logical_to_spec
 
 if TYPE_CHECKING:
@@ -71,13 +71,21 @@ class TitansLmmConfig:
             )
 
 
-def as_variables(tree):
-    """Functional params (nested dicts / tuples of arrays) -> NNX containers of ``nnx.Param``."""
+def as_variables(tree, axes):
+    """Functional params (nested dicts / tuples of arrays) -> NNX containers of ``nnx.Param``.
+
+    ``axes``: the same tree with each array's logical axis names (a tuple per array), so the
+    rules shard these params as they do ``lca.models``' own (``nnx.with_partitioning``).
+    """
     if isinstance(tree, dict):
-        return nnx.Dict({k: as_variables(v) for k, v in tree.items()})
+        return nnx.Dict({k: as_variables(v, axes[k]) for k, v in tree.items()})
     if isinstance(tree, (tuple, list)):
-        return nnx.List([as_variables(v) for v in tree])
-    return nnx.Param(tree)
+        return nnx.List([as_variables(v, a) for v, a in zip(tree, axes, strict=True)])
+    if tree.ndim != len(axes):
+        raise ValueError(f"logical axes {axes} do not match a parameter of shape {tree.shape}")
+    # names only: the arrays exist already (the model build places them by these names), and a
+    # mixer built on its own, without a mesh, must still work
+    return nnx.Param(tree, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def as_arrays(node):
@@ -111,7 +119,7 @@ class MemoryMixer(nnx.Module):
     def __init__(self, cfg: TitansLmmConfig, env: MixerEnv, *, rngs: nnx.Rngs):
         self.config = cfg.memory(env.model.d_model)
         self.place = ContextPlacement(env, cfg.micro_batches)
-        self.parameters = as_variables(init_params(rngs.params(), self.config))
+        self.parameters = as_variables(init_params(rngs.params(), self.config), param_axes(self.config))
 
     def __call__(self, x: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None):
         del positions, segment_ids  # see module docstring

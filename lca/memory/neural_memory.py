@@ -155,6 +155,28 @@ def init_params(key: jax.Array, config: MemoryConfig) -> dict:
     return params
 
 
+def param_axes(config: MemoryConfig) -> dict:
+    """Logical axis names (:mod:`lca.parallel.sharding`) of :func:`init_params`' arrays, the same tree.
+
+    As in ``lca.models``' dense layers, the ``d_model`` side of a projection is ``"embed"``
+    (sharded over fsdp by the default rules) and per-head weights lead with ``"heads"``.
+    The fused q|k|v and gate columns stay whole (None): they are split into q, k, v and
+    heads after the matmul, and a shard boundary inside them would not follow that split.
+    """
+    axes = {
+        "w_qkv": ("embed", None),
+        "w_out": (None, "embed"),
+        "w_gates": ("embed", None),
+        "b_gates": (None,),
+        "memory": tuple(("heads", None, None) for _ in range(config.depth)),
+    }
+    if config.conv_kernel:
+        axes["conv"] = (None, None)
+    if config.num_persistent:
+        axes["persistent"] = (None, "embed")
+    return axes
+
+
 def init_state(params: dict, config: MemoryConfig, batch: int) -> MemoryState:
     """The empty state: memory at its learned initial weights, zero momentum, nothing pending."""
     weights = tuple(jnp.broadcast_to(w, (batch,) + w.shape) for w in params["memory"])
