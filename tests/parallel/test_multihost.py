@@ -9,9 +9,7 @@ the dense oracle (float32, relative error <= 2e-4).
 
 import os
 import socket
-import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -20,6 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tests.oracle import SEQPAR, rel_err
+from tests.processes import start_logged, wait_all
 from tests.parallel.multihost_case import oracle_case, run_case
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,23 +38,11 @@ def _run_workers(out_dir):
         [os.path.dirname(os.path.dirname(HERE)), os.environ.get("PYTHONPATH", "")])}
     env.pop("XLA_FLAGS", None)
     procs = [
-        subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), str(port),
-             str(out_dir)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+        start_logged([sys.executable, os.path.join(HERE, "multihost_worker.py"), str(i), str(port), str(out_dir)],
+                     merge_stdout=True, env=env)
         for i in range(2)
     ]
-    deadline = time.monotonic() + TIMEOUT_S  # one budget for both workers
-    try:
-        logs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        logs = [f"timed out after {TIMEOUT_S} s"] * 2
-    finally:
-        for p in procs:  # never leave a worker behind (one may wait forever for its peer)
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    logs = wait_all(procs, TIMEOUT_S)  # one budget for both workers; none is left behind
     failed = [(i, p.returncode, log[-3000:]) for i, (p, log) in enumerate(zip(procs, logs))
               if p.returncode != 0]
     assert not failed, failed

@@ -12,13 +12,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 import pytest
 
 from lca.config import load_config
+from tests.processes import start_logged, wait_all
 
 REPO = Path(__file__).resolve().parents[2]
 _CACHE = tempfile.mkdtemp(prefix="lca-test-jit-cache-")
@@ -52,7 +52,15 @@ def run_launcher(*args, devices: int = 8, env: dict | None = None, timeout: int 
 
 
 def start_launcher_processes(*args, processes: int = 2, devices: int = 4, env: dict | None = None):
-    """``python -m launch.train ARGS`` started as one multi-controller job of ``processes`` x ``devices`` CPU devices."""
+    """``python -m launch.train ARGS`` started as one multi-controller job of ``processes`` x ``devices`` CPU devices.
+
+    Their stderr are pipes, for tests that follow the log as it comes; read them all (or use
+    :func:`run_launcher_processes`), since a full pipe stalls its process.
+    """
+    return _launcher_processes(args, processes, devices, env, logged=False)
+
+
+def _launcher_processes(args, processes: int, devices: int, env: dict | None, *, logged: bool):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -60,11 +68,12 @@ def start_launcher_processes(*args, processes: int = 2, devices: int = 4, env: d
     env.pop("XLA_FLAGS", None)
     distributed = ["runtime.distributed=on", f"runtime.coordinator_address=127.0.0.1:{port}",
                    f"runtime.num_processes={processes}", f"runtime.cpu_devices={devices}"]
-    return [
-        subprocess.Popen([sys.executable, "-m", "launch.train", *args, *distributed, f"runtime.process_id={i}"],
-                         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for i in range(processes)
-    ]
+    commands = [[sys.executable, "-m", "launch.train", *args, *distributed, f"runtime.process_id={i}"]
+                for i in range(processes)]
+    if logged:
+        return [start_logged(cmd, cwd=REPO, env=env) for cmd in commands]
+    return [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for cmd in commands]
 
 
 def run_launcher_processes(*args, processes: int = 2, devices: int = 4, timeout: int = 300):
@@ -72,17 +81,8 @@ def run_launcher_processes(*args, processes: int = 2, devices: int = 4, timeout:
 
     Returns the processes' ``(returncode, stderr)``; kills any left when one fails or time runs out.
     """
-    procs = start_launcher_processes(*args, processes=processes, devices=devices)
-    deadline = time.monotonic() + timeout  # one budget for all of them
-    try:
-        logs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[1] for p in procs]
-    except subprocess.TimeoutExpired:
-        logs = [f"timed out after {timeout} s"] * processes
-    finally:
-        for p in procs:  # a process whose peer died waits for it forever
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    procs = _launcher_processes(args, processes, devices, None, logged=True)
+    logs = wait_all(procs, timeout)
     return [(p.returncode, log) for p, log in zip(procs, logs)]
 
 
