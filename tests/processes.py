@@ -16,8 +16,7 @@ import time
 def start_logged(cmd: list[str], *, merge_stdout: bool = False, **popen) -> subprocess.Popen:
     """``Popen(cmd)`` with stderr (and stdout if ``merge_stdout``) going to a temporary file, ``proc.log_file``."""
     log = tempfile.TemporaryFile(mode="w+")
-    stdout = subprocess.STDOUT if merge_stdout else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=log if merge_stdout else stdout, stderr=log, text=True, **popen)
+    proc = subprocess.Popen(cmd, stdout=log if merge_stdout else subprocess.DEVNULL, stderr=log, text=True, **popen)
     proc.log_file = log
     return proc
 
