@@ -12,9 +12,10 @@ queried pair) from the start (0) to the end (1) of the distractor text. `seed` i
 - `multi_needle`: `num_needles` pass keys for differently named doors at random depths; the one asked for is at
   `depth`.
 - `assoc_recall`: a list of random "abcd:1234" key:value pairs; the queried pair is at `depth`; the answer is the value.
-- `copy`: a random string of letters, digits and spaces, a newline, then the string again (the answer: the whole
-  second copy). Every answer token is a copy of a token one string-length back: the induction pattern passkey
-  retrieval needs, about a hundred copies per row instead of five. A training task (`depth` is unused).
+- `copy`: filler, then a random string of letters, digits and spaces of random length, a newline, and the string
+  again (the answer: the last `context_len // 8` tokens). Every answer token is a copy of a token one
+  string-length back, a distance that varies from row to row: the content-based induction passkey retrieval
+  needs, dozens of copies per row instead of five. A training task (`depth` is unused).
 """
 
 from __future__ import annotations
@@ -122,13 +123,24 @@ _COPY_ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz0123456789 ", dtype=n
 
 
 def copy(context_len: int, depth: float, seed=0) -> TaskExample:
-    """A random string, a newline, the string again: the second copy is the answer (``depth`` is unused)."""
-    _check("copy", context_len, depth, 32)  # strings of 16 or more: a copy needs some length to be a task
-    first = _COPY_ALPHABET[_rng(seed).integers(0, len(_COPY_ALPHABET), context_len // 2)].tobytes()
-    answer = first[: context_len - len(first) - 1]
-    tokens = encode((first + b"\n" + answer).decode("ascii"))
+    """Filler, a newline, a random string of random length, a newline, the string again.
+
+    The answer is the last ``context_len // 8`` tokens of the second copy (a fixed length, so a batch's answer
+    mask is one slice). The string's length is uniform in [answer_len, (context_len - 2) // 2], so the distance
+    from an answer token back to its original varies from row to row: only content-based copying (an induction
+    head) solves it, not a head that attends a fixed distance back, which a fixed-length copy teaches instead.
+    ``depth`` is unused.
+    """
+    _check("copy", context_len, depth, 32)  # answers of 4 or more: a copy needs some length to be a task
+    rng = _rng(seed)
+    answer_len = context_len // 8
+    n = int(rng.integers(answer_len, (context_len - 2) // 2 + 1))
+    string = _COPY_ALPHABET[rng.integers(0, len(_COPY_ALPHABET), n)].tobytes()
+    n_filler = context_len - 2 - 2 * n
+    filler = (FILLER * (n_filler // len(FILLER) + 1))[:n_filler]
+    tokens = encode((filler + b"\n" + string + b"\n" + string).decode("ascii"))
     assert tokens.shape == (context_len,), (tokens.shape, context_len)
-    return TaskExample(tokens, context_len - len(answer), len(answer))
+    return TaskExample(tokens, context_len - answer_len, answer_len)
 
 
 TASKS = {"passkey": passkey, "multi_needle": multi_needle, "assoc_recall": assoc_recall, "copy": copy}

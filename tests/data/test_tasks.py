@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lca.data.tasks import TASK_DESCRIPTION, TASKS, assoc_recall, multi_needle, passkey
+from lca.data.tasks import TASK_DESCRIPTION, TASKS, assoc_recall, copy, multi_needle, passkey
 from lca.data.tokenizer import decode, encode
 
 
@@ -51,6 +51,17 @@ def test_assoc_recall_answer_matches_pair():
     assert len(lookup) == len(pairs)  # keys distinct
     assert lookup[key] == decode(tokens[start:])
     assert abs(pairs.index(f"{key}:{lookup[key]}") - 0.6 * (len(pairs) - 1)) <= 0.5
+
+
+def test_copy_answer_is_a_copy_at_a_distance_that_varies():
+    distances = set()
+    for seed in range(20):
+        tokens, start, n = copy(385, 0.0, seed=seed)
+        assert tokens.shape == (385,) and n == 385 // 8 and start == 385 - n
+        _, string, again = decode(tokens).rsplit("\n", 2)
+        assert string == again and decode(tokens[start:]) == again[-n:]
+        distances.add(len(string) + 1)  # an answer token's original sits one string-length (+ newline) back
+    assert len(distances) >= 15  # no fixed offset for a positional head to learn
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
