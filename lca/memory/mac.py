@@ -111,8 +111,7 @@ def retrieve_context(params: dict, state: nm.MemoryState, s: jax.Array, config: 
     """``h = M*(q)`` for the segment ``s [b, c, d_model]``, no update -> ``[b, c, d_model]``."""
     mem = config.memory
     q = rearrange(jax.nn.silu(s @ params["w_retrieve"]), "b c (h d) -> b c h d", h=mem.num_heads)
-    # smooth at q = 0 (the zero padding of a last partial segment), unlike dividing by the norm
-    q = q * jax.lax.rsqrt(jnp.sum(q * q, axis=-1, keepdims=True) + 1e-12)
+    q = nm.l2_normalize(q)  # q = 0 on the zero padding of a last partial segment
     h = nm.retrieve(state, q, config=mem)
     return rearrange(h, "b c h d -> b c (h d)") @ params["memory"]["w_out"]
 

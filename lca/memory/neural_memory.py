@@ -220,6 +220,15 @@ def _causal_conv(taps: jax.Array, tail: jax.Array, z: jax.Array) -> tuple[jax.Ar
     return out, full[:, full.shape[1] - (kernel - 1) :]
 
 
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """``x / ||x||`` over the last axis, 0 at 0 with a finite gradient there.
+
+    ``x / max(norm(x), eps)`` would be 0 at 0 too, but its gradient is NaN: the norm's derivative
+    ``x / norm(x)`` is 0/0 even where ``max`` passes it a zero cotangent.
+    """
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
 def project(params: dict, config: MemoryConfig, tail: jax.Array, x: jax.Array):
     """Tokens ``MemoryTokens`` with leaves ``[b, h, l, ...]`` from ``x [b, l, d_model]``, and the new conv tail."""
     z = x @ params["w_qkv"]
@@ -227,8 +236,7 @@ def project(params: dict, config: MemoryConfig, tail: jax.Array, x: jax.Array):
         z, tail = _causal_conv(params["conv"], tail, z)
     z = jax.nn.silu(z)
     q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=config.num_heads) for t in jnp.split(z, 3, axis=-1))
-    q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-6)
-    k = k / jnp.maximum(jnp.linalg.norm(k, axis=-1, keepdims=True), 1e-6)
+    q, k = l2_normalize(q), l2_normalize(k)
     gates = jax.nn.sigmoid(x @ params["w_gates"] + params["b_gates"])
     lr, momentum, forget = (rearrange(g, "b l h -> b h l") for g in jnp.split(gates, 3, axis=-1))
     return MemoryTokens(q, k, v, config.max_lr * lr, momentum, forget), tail

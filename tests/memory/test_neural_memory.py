@@ -145,3 +145,14 @@ def test_default_step_keeps_a_fresh_memory_bounded(chunk_size):
     y, state = jax.jit(lambda p, x: nm.memory_layer(p, nm.fresh_state(p, config, 2), x, config=config))(params, x)
     assert bool(jnp.isfinite(y).all()) and float(jnp.abs(y).max()) < 10.0
     assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(state))
+
+
+def test_zero_tokens_have_finite_gradients():
+    # A token whose q/k projection is exactly 0 (zero input without a conv, e.g. padding) normalises to 0,
+    # and must not turn the outer gradients into NaN.
+    config = dataclasses.replace(CONFIG, conv_kernel=0, num_persistent=0)
+    params, x = _setup(config)
+    x = x.at[:, 3:6].set(0.0)
+    grads = jax.grad(lambda p, x: jnp.sum(_run(p, x, config)[0] ** 2), argnums=(0, 1))(params, x)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    np.testing.assert_array_equal(np.asarray(nm.l2_normalize(jnp.zeros((2, 4)))), 0.0)
