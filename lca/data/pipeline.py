@@ -81,6 +81,10 @@ class DataConfig:
     task_loss: which targets of a synthetic task's row carry loss: "all" (every token, like text) or "answer"
         (only the answer at the row's end: the copy the task tests, not the filler it is made of). Applies to a
         task `source` and to the tasks of `mixture`; corpus rows keep every token.
+    task_len_jitter: task examples are shortened by a uniform random 0..task_len_jitter tokens (the row's end is
+        padding), so the answer does not sit at the same row position in every example. With landmarks, use
+        landmark_every - 1: the answer then meets every offset within its landmark block; a model trained at one
+        offset (the default 0 and fixed-length rows) retrieves only at that offset of the block grid.
     """
 
     source: str = "stdlib"
@@ -94,21 +98,28 @@ class DataConfig:
     mixture: dict[str, float] = dataclasses.field(default_factory=dict)
     landmark_every: int | None = None
     task_loss: str = "all"
+    task_len_jitter: int = 0
 
 
 TASK_LOSSES = ("all", "answer")
 
 
 class AnswerOnlyLoss(grain.transforms.Map):
-    """Zero the loss mask of a task batch except its rows' last ``answer_len`` targets (the answer)."""
+    """Zero the loss mask of a task batch except each row's answer: its last ``answer_len`` real targets.
+
+    A task row holds one example from its start ("pad" packing), so its real targets are the first
+    ``loss_mask.sum()`` of the row, and the answer ends there (before any padding).
+    """
 
     def __init__(self, answer_len: int):
         self.answer_len = answer_len
 
     def map(self, batch: dict) -> dict:
-        mask = np.zeros_like(batch["loss_mask"])
-        mask[:, -self.answer_len:] = batch["loss_mask"][:, -self.answer_len:]
-        return {**batch, "loss_mask": mask}
+        loss_mask = batch["loss_mask"]
+        end = loss_mask.sum(axis=-1, keepdims=True).astype(np.int64)
+        index = np.arange(loss_mask.shape[-1])
+        answer = (index >= end - self.answer_len) & (index < end)
+        return {**batch, "loss_mask": np.where(answer, loss_mask, 0).astype(loss_mask.dtype)}
 
 
 def validate(cfg: DataConfig, *, seq_len: int, global_batch: int, process_count: int = 1, split: str = "train") -> None:
@@ -123,6 +134,9 @@ def validate(cfg: DataConfig, *, seq_len: int, global_batch: int, process_count:
         raise ValueError(f"data.eval_fraction={cfg.eval_fraction!r} must be in (0, 1), e.g. 0.05.")
     if cfg.task_loss not in TASK_LOSSES:
         raise ValueError(f"data.task_loss={cfg.task_loss!r} is not known; use one of {list(TASK_LOSSES)}.")
+    if not isinstance(cfg.task_len_jitter, int) or cfg.task_len_jitter < 0:
+        raise ValueError(f"data.task_len_jitter={cfg.task_len_jitter!r} must be an int >= 0 (tokens), e.g. "
+                         f"landmark_every - 1.")
     if cfg.num_workers < 0 or cfg.prefetch < 0:
         raise ValueError(f"data.num_workers={cfg.num_workers} and data.prefetch={cfg.prefetch} must be >= 0.")
     if split not in SPLITS:
@@ -135,7 +149,10 @@ def validate(cfg: DataConfig, *, seq_len: int, global_batch: int, process_count:
     if L is not None and (L < 2 or seq_len % L):
         raise ValueError(f"data.landmark_every={L} must be >= 2 and divide seq_len={seq_len} (each row holds whole "
                          f"landmark blocks); use e.g. seq_len={max(2, L) * max(1, seq_len // max(2, L))}.")
-    _validate_mixture(cfg, row_len=seq_len - seq_len // L if L else seq_len)
+    row_len = seq_len - seq_len // L if L else seq_len
+    if cfg.source in TASKS and cfg.task_len_jitter:
+        _check_task_fits("data.source", cfg.source, cfg.task_len_jitter, row_len=row_len)
+    _validate_mixture(cfg, row_len=row_len)
     if process_count < 1 or global_batch % process_count:
         raise ValueError(f"global_batch={global_batch} is not divisible by process_count={process_count}; "
                          f"use a multiple of {process_count}, e.g. {process_count * max(1, global_batch // process_count)}.")
@@ -147,16 +164,25 @@ def _validate_mixture(cfg: DataConfig, *, row_len: int) -> None:
             raise ValueError(f"data.mixture names {task!r}, not a synthetic task; use one of {sorted(TASKS)}.")
         if not 0.0 < share < 1.0:
             raise ValueError(f"data.mixture.{task}={share!r} must be a share of the batches in (0, 1), e.g. 0.25.")
-        try:  # one example per row: refuse rows too short for the task now, not in the first batch
-            TASKS[task](row_len + 1, 0.5, 0)
-        except ValueError as err:
-            raise ValueError(f"data.mixture.{task} does not fit rows of {row_len} tokens (seq_len without "
-                             f"landmarks): {err}") from None
+        _check_task_fits(f"data.mixture.{task}", task, cfg.task_len_jitter, row_len=row_len)
     if cfg.mixture and sum(cfg.mixture.values()) >= 1.0:
         raise ValueError(f"data.mixture shares {dict(cfg.mixture)} must sum to < 1: the rest is data.source.")
     if cfg.mixture and cfg.source not in FILE_SOURCES:
         raise ValueError(f"data.mixture mixes tasks into a corpus; data.source must be one of {list(FILE_SOURCES)}, "
                          f"got {cfg.source!r}.")
+
+
+def _check_task_fits(name: str, task: str, jitter: int, *, row_len: int) -> None:
+    """One example per row, of row_len + 1 - jitter .. row_len + 1 tokens: refuse rows too short now."""
+    if jitter and 2 * (row_len + 1 - jitter) <= row_len + 1:
+        raise ValueError(f"data.task_len_jitter={jitter} must be < {(row_len + 1) // 2} for rows of {row_len} "
+                         f"tokens: two shortened examples would share a row.")
+    try:
+        TASKS[task](row_len + 1 - jitter, 0.5, 0)
+    except ValueError as err:
+        shortened = f" shortened by up to data.task_len_jitter={jitter}" if jitter else ""
+        raise ValueError(f"{name} does not fit rows of {row_len} tokens (seq_len without landmarks){shortened}: "
+                         f"{err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- documents
@@ -174,15 +200,18 @@ class _FileDocument:
 
 @dataclasses.dataclass(frozen=True)
 class _TaskDocument:
-    """index -> one task example of `length` tokens, needle depth uniform in [0, 1], seeded by (seed, index)."""
+    """index -> one task example of `length` tokens (minus uniform 0..jitter), needle depth uniform in [0, 1],
+    seeded by (seed, index)."""
 
     task: str
     length: int
     seed: int
+    jitter: int = 0
 
     def __call__(self, index: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, int(index)])
-        return TASKS[self.task](self.length, float(rng.uniform()), rng).tokens
+        length = self.length - int(rng.integers(0, self.jitter + 1)) if self.jitter else self.length
+        return TASKS[self.task](length, float(rng.uniform()), rng).tokens
 
 
 def _file_source(cfg: DataConfig, split: str):
@@ -211,7 +240,8 @@ def documents(cfg: DataConfig, *, split: str, seed: int, length: int) -> grain.M
     if cfg.source in TASKS:
         # A different stream of examples per split so eval examples are not the training ones.
         split_seed = SPLITS.index(split)
-        return grain.MapDataset.range(2**62).map(_TaskDocument(cfg.source, length, seed * len(SPLITS) + split_seed))
+        return grain.MapDataset.range(2**62).map(
+            _TaskDocument(cfg.source, length, seed * len(SPLITS) + split_seed, cfg.task_len_jitter))
     source = _file_source(cfg, split)
     docs = grain.MapDataset.range(len(source)).map(_FileDocument(source))
     if cfg.shuffle:

@@ -120,3 +120,34 @@ def test_bad_task_loss_names_the_choices():
 
     with pytest.raises(ValueError, match=r"data.task_loss='copy' is not known; use one of \['all', 'answer'\]"):
         validate(DataConfig(task_loss="copy"), seq_len=64, global_batch=2)
+
+
+def test_task_len_jitter_moves_the_answer_and_its_loss_with_it():
+    """data.task_len_jitter: examples shortened by 0..jitter tokens, padded at the end; the loss follows the answer."""
+    from lca.data.tokenizer import decode
+
+    cfg = DataConfig(source="passkey", task_loss="answer", task_len_jitter=14)
+    ends = set()
+    for batch in take(iterator(cfg, seq_len=300, global_batch=4), 5):
+        for inputs, targets, mask, segments in zip(batch["inputs"], batch["targets"], batch["loss_mask"],
+                                                   batch["segment_ids"]):
+            real = int((segments > 0).sum())  # one example from the row's start, then padding
+            assert 300 - 14 <= real <= 300 and (segments[:real] == 1).all() and (segments[real:] == 0).all()
+            end = real - 1 if real < 300 else 300
+            assert np.flatnonzero(mask).tolist() == list(range(end - 5, end))  # the 5 key digits, nothing else
+            key = decode(targets[end - 5:end])
+            assert f"The pass key is {key}." in decode(inputs[:end])
+            ends.add(end)
+    assert len(ends) >= 8
+
+
+def test_task_len_jitter_errors_name_the_field():
+    from lca.data.pipeline import validate
+
+    with pytest.raises(ValueError, match=r"data.task_len_jitter=-1 must be an int >= 0"):
+        validate(DataConfig(task_len_jitter=-1), seq_len=64, global_batch=2)
+    with pytest.raises(ValueError, match=r"data.task_len_jitter=200 must be < 150 for rows of 300 tokens"):
+        validate(DataConfig(source="passkey", task_len_jitter=200), seq_len=300, global_batch=2)
+    with pytest.raises(ValueError, match=r"data.mixture.passkey does not fit rows of 256 tokens .* shortened by up "
+                                         r"to data.task_len_jitter=20: .* use >= 243"):
+        validate(DataConfig(mixture={"passkey": 0.5}, task_len_jitter=20), seq_len=256, global_batch=2)
