@@ -65,11 +65,12 @@ def load_trained(run_dir: Path):
     return cfg, step, nnx.merge(setup.graphdef, state["params"])
 
 
-def evaluate(run_dir: Path, lengths: list[int], samples: int, top_k: int | None) -> dict:
+def evaluate(run_dir: Path, lengths: list[int], samples: int, top_k: int | None, depths=None) -> dict:
     """Passkey accuracy and wall time per context length for the model trained in ``run_dir``."""
     import dataclasses
 
     from lca.eval.passkey import passkey_accuracy
+    from lca.eval.retrieval import DEFAULT_DEPTHS
 
     cfg, step, model = load_trained(run_dir)
     if top_k is not None and "landmark" in cfg.model.pattern:
@@ -79,6 +80,7 @@ def evaluate(run_dir: Path, lengths: list[int], samples: int, top_k: int | None)
     for length in lengths:
         start = time.time()
         result = passkey_accuracy(model, context_lengths=[length], samples_per_cell=samples,
+                                  depths=DEFAULT_DEPTHS if depths is None else depths,
                                   landmark_every=cfg.data.landmark_every, prefill_chunk=cfg.train.seq_len)
         rows.append({"length": length, "accuracy": float(result.accuracy.mean()),
                      "by_depth": result.accuracy[0].tolist(), "trials": result.accuracy.size * samples,
@@ -121,6 +123,20 @@ def write_results(out: Path, data: dict) -> None:
     for a, b in zip(lm["rows"], plain["rows"]):
         lines.append(f"| {a['length']} | {a['length'] / seq_len:g} | {a['accuracy']:.0%} | {b['accuracy']:.0%} | "
                      f"{a['trials']} | {a['wall_s']:.0f} | {b['wall_s']:.0f} |")
+    sweep = data.get("phase_sweep")
+    if sweep:
+        L = data["block_size"]
+        lines += ["", f"### Every offset of the answer in its landmark block, at {sweep['multiple']}x", "",
+                  f"Context lengths {sweep['lengths'][0]}..{sweep['lengths'][-1]}: the answer's first token lands at "
+                  f"each of the {L - 1} token slots of a landmark block (at the lengths above it lands at one "
+                  f"slot per length). Depths {sweep['depths']}, {sweep['samples']} samples per depth and length.", "",
+                  "| context (tokens) | answer's slot in its block | landmark accuracy | plain accuracy |",
+                  "|---:|---:|---:|---:|"]
+        for a, b in zip(lm["sweep"]["rows"], plain["sweep"]["rows"]):
+            lines.append(f"| {a['length']} | {(a['length'] - 5) % (L - 1)} | {a['accuracy']:.0%} | "
+                         f"{b['accuracy']:.0%} |")
+        mean = lambda info: sum(r["accuracy"] for r in info["sweep"]["rows"]) / len(info["sweep"]["rows"])  # noqa: E731
+        lines.append(f"| all | | **{mean(lm):.0%}** | **{mean(plain):.0%}** |")
     lines += ["", "Training (the launcher, one process at a time):", ""]
     for label, info in data["models"].items():
         loss = f", final loss {info['final_loss']:.3f}" if info.get("final_loss") is not None else ""
@@ -175,6 +191,9 @@ def main(argv=None) -> None:
     parser.add_argument("--fresh", action="store_true", help="delete the runs in --runs before training")
     parser.add_argument("--only", choices=list(MODELS), help="train and evaluate one model (a pilot)")
     parser.add_argument("--notes", default="", help="a paragraph appended to the markdown")
+    parser.add_argument("--phase-sweep", type=float, default=8,
+                        help="also evaluate at this multiple of train.seq_len plus 0..block_size-2 tokens, so the "
+                             "answer meets every slot of a landmark block (0: skip)")
     parser.add_argument("override", nargs="*", help="config overrides for both models, key=value")
     args = parser.parse_args(argv)
 
@@ -209,18 +228,26 @@ def main(argv=None) -> None:
     cfg = load_config("landmark", overrides)
     seq_len = cfg.train.seq_len
     lengths = [int(float(m) * seq_len) for m in args.multiples.split(",")]
-    for label, (run_dir, info) in models.items():
-        info.update(evaluate(run_dir, lengths, args.samples, args.top_k if label == "landmark" else None))
     section = cfg.model.mixers["landmark"]
+    sweep_depths = (0.0, 0.5, 1.0)
+    sweep_lengths = [int(args.phase_sweep * seq_len) + j for j in range(section.block_size - 1)]
+    for label, (run_dir, info) in models.items():
+        top_k = args.top_k if label == "landmark" else None
+        info.update(evaluate(run_dir, lengths, args.samples, top_k))
+        if args.phase_sweep:
+            info["sweep"] = evaluate(run_dir, sweep_lengths, 2, top_k, depths=sweep_depths)
     data = {
         "machine": describe(), "argv": _shown_args(sys.argv[1:] if argv is None else list(argv)), "seq_len": seq_len,
         "steps": cfg.train.steps, "global_batch": cfg.train.global_batch, "lr": cfg.train.lr,
-        "mixture": f"data.source={cfg.data.source}, data.mixture={dict(cfg.data.mixture)}",
+        "mixture": (f"data.source={cfg.data.source}, data.mixture={dict(cfg.data.mixture)}, "
+                    f"data.task_loss={cfg.data.task_loss}, data.task_len_jitter={cfg.data.task_len_jitter}"),
         "model": (f"d_model {cfg.model.d_model}, {cfg.model.num_layers} layers, {cfg.model.num_heads} heads "
                   f"({cfg.model.num_kv_heads} kv), mlp {cfg.model.mlp_dim}, {cfg.model.dtype}"),
         "block_size": section.block_size, "top_k": args.top_k or section.top_k, "selection": section.selection,
         "samples": args.samples, "depths": next(iter(models.values()))[1]["depths"],
         "load": (load_before, os.getloadavg()[0]), "notes": args.notes,
+        "phase_sweep": ({"multiple": args.phase_sweep, "lengths": sweep_lengths, "depths": list(sweep_depths),
+                         "samples": 2} if args.phase_sweep else None),
         "models": {label: info for label, (_, info) in models.items()},
     }
     if len(models) == len(MODELS):

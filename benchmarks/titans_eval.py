@@ -76,6 +76,7 @@ def recipe(overrides: list[str]) -> dict:
     cfg = load_config(str(REPO / CONFIG), overrides)
     return {"params": num_params(abstract_model(cfg)[1]), "steps": cfg.train.steps, "seq_len": cfg.train.seq_len,
             "global_batch": cfg.train.global_batch, "lr": cfg.train.lr, "mixture": dict(cfg.data.mixture),
+            "task_loss": cfg.data.task_loss,
             "d_model": cfg.model.d_model, "num_layers": cfg.model.num_layers, "mlp_dim": cfg.model.mlp_dim}
 
 
@@ -184,7 +185,8 @@ def write_report(results: dict, out: Path) -> None:
         "Runs one after another, one training process at a time, on a machine shared with other jobs "
         "(load average before -> after each training run in the table; CPU time is the run's own).", "",
         f"Every model: {first['step']} steps of batch {first['global_batch']} x {train_len} tokens, lr {first['lr']:g}, "
-        f"the stdlib corpus mixed with passkey examples (`data.mixture: {first['mixture']}`, a share of the batches), "
+        f"the stdlib corpus mixed with passkey examples (`data.mixture: {first['mixture']}`, a share of the batches; "
+        f"`data.task_loss: {first.get('task_loss', 'all')}`: loss on {'the answer only' if first.get('task_loss') == 'answer' else 'every token'} of a passkey row), "
         f"float32, {first['num_layers']} layers, d_model {first['d_model']}. "
         "All four Titans models use the Titans kind in every layer (no global attention layer): MAG and MAL "
         "attend through a 64-token window, MAC within 64-token segments, LMM not at all. The memory's "
