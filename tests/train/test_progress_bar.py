@@ -25,7 +25,10 @@ def console(monkeypatch):
         monkeypatch.setattr("sys.stderr", terminal)
         root = logging.getLogger()
         monkeypatch.setattr(root, "handlers", [logging.StreamHandler(terminal)])
-        monkeypatch.setattr(root, "level", logging.INFO)
+        monkeypatch.setattr(root, "level", root.level)  # restored after the test
+        # setLevel, not an attribute write: loggers cache isEnabledFor, and "lca.train" may have cached
+        # False for INFO in an earlier test of this worker (root at WARNING), which dropped the log line.
+        root.setLevel(logging.INFO)
         return terminal
 
     return make
