@@ -105,20 +105,24 @@ TASK_LOSSES = ("all", "answer")
 
 
 class AnswerOnlyLoss(grain.transforms.Map):
-    """Zero the loss mask of a task batch except each row's answer: its last ``answer_len`` real targets.
+    """Zero the loss mask of a task batch except each row's answer: its last real targets.
 
     A task row holds one example from its start ("pad" packing), so its real targets are the first
-    ``loss_mask.sum()`` of the row, and the answer ends there (before any padding).
+    ``end = loss_mask.sum()`` of the row (an example of ``end + 1`` tokens), and the answer ends there,
+    before any padding. ``answer_lens[end]`` is the answer's length for that example length: a task's
+    answer may grow with its length (``copy``), and ``data.task_len_jitter`` varies the length per row.
     """
 
-    def __init__(self, answer_len: int):
-        self.answer_len = answer_len
+    def __init__(self, task: str, lengths: range):
+        self.answer_lens = np.zeros(max(lengths), np.int64)
+        for n in lengths:
+            self.answer_lens[n - 1] = TASKS[task](n, 0.5, 0).answer_len
 
     def map(self, batch: dict) -> dict:
         loss_mask = batch["loss_mask"]
         end = loss_mask.sum(axis=-1, keepdims=True).astype(np.int64)
         index = np.arange(loss_mask.shape[-1])
-        answer = (index >= end - self.answer_len) & (index < end)
+        answer = (index >= end - self.answer_lens[end]) & (index < end)
         return {**batch, "loss_mask": np.where(answer, loss_mask, 0).astype(loss_mask.dtype)}
 
 
@@ -210,6 +214,7 @@ class _TaskDocument:
 
     def __call__(self, index: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, int(index)])
+        # no draw without jitter: the examples of jitter 0 stay those of before the option existed
         length = self.length - int(rng.integers(0, self.jitter + 1)) if self.jitter else self.length
         return TASKS[self.task](length, float(rng.uniform()), rng).tokens
 
@@ -452,7 +457,7 @@ def make_dataset(cfg: DataConfig, *, seq_len: int, global_batch: int, seed: int,
         packing = "pad" if source in TASKS else cfg.packing
         ds = PackedBatchDataset(docs, seq_len=row_len, rows=rows, num_streams=global_batch, packing=packing)
         if source in TASKS and cfg.task_loss == "answer":
-            ds = ds.map(AnswerOnlyLoss(TASKS[source](row_len + 1, 0.5, seed=0).answer_len))
+            ds = ds.map(AnswerOnlyLoss(source, range(row_len + 1 - cfg.task_len_jitter, row_len + 2)))
         return ds
 
     ds = packed(cfg.source)

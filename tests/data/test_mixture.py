@@ -151,3 +151,19 @@ def test_task_len_jitter_errors_name_the_field():
     with pytest.raises(ValueError, match=r"data.mixture.passkey does not fit rows of 256 tokens .* shortened by up "
                                          r"to data.task_len_jitter=20: .* use >= 243"):
         validate(DataConfig(mixture={"passkey": 0.5}, task_len_jitter=20), seq_len=256, global_batch=2)
+
+
+def test_task_len_jitter_loss_covers_an_answer_whose_length_follows_the_example():
+    """copy's answer is context_len // 8 tokens: with jitter each row's mask has its own example's answer length."""
+    from lca.data.tasks import copy
+
+    cfg = DataConfig(source="copy", task_loss="answer", task_len_jitter=40)
+    lengths = set()
+    for batch in take(iterator(cfg, seq_len=300, global_batch=4), 3):
+        for mask, segments in zip(batch["loss_mask"], batch["segment_ids"]):
+            real = int((segments > 0).sum())
+            end = real - 1 if real < 300 else 300  # an example of end + 1 tokens
+            answer_len = copy(end + 1, 0.0).answer_len
+            assert np.flatnonzero(mask).tolist() == list(range(end - answer_len, end))
+            lengths.add(answer_len)
+    assert len(lengths) >= 3
