@@ -132,8 +132,11 @@ def write_results(out: Path, data: dict) -> None:
                   f"slot per length). Depths {sweep['depths']}, {sweep['samples']} samples per depth and length.", "",
                   "| context (tokens) | answer's slot in its block | landmark accuracy | plain accuracy |",
                   "|---:|---:|---:|---:|"]
+        from lca.data.tasks import passkey
+
         for a, b in zip(lm["sweep"]["rows"], plain["sweep"]["rows"]):
-            lines.append(f"| {a['length']} | {(a['length'] - 5) % (L - 1)} | {a['accuracy']:.0%} | "
+            slot = passkey(a["length"], 0.0).answer_start % (L - 1)  # the answer's first token, in task tokens
+            lines.append(f"| {a['length']} | {slot} | {a['accuracy']:.0%} | "
                          f"{b['accuracy']:.0%} |")
         mean = lambda info: sum(r["accuracy"] for r in info["sweep"]["rows"]) / len(info["sweep"]["rows"])  # noqa: E731
         lines.append(f"| all | | **{mean(lm):.0%}** | **{mean(plain):.0%}** |")
