@@ -16,7 +16,7 @@ When the model's sequence strategy splits the sequence over a mesh axis
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from flax import nnx
 
 from lca.config import ConfigError, ModelConfig, choice_error
 from lca.memory.context_parallel import ContextSplit, fresh_memory
-from lca.memory.neural_memory import ACTIVATIONS, MemoryConfig, init_params, param_axes
+from lca.memory.neural_memory import ACTIVATIONS, MAX_GRAD_NORM, MemoryConfig, init_params, param_axes
 from lca.parallel.sharding import logical_to_spec
 
 if TYPE_CHECKING:
@@ -44,6 +44,9 @@ class TitansLmmConfig:
     # upper bound of the data-dependent learning rate theta; 0.1 and 0.01 diverged in training at chunk 16
     # (benchmarks/titans_eval.py), see MemoryConfig
     max_lr: float = 0.003
+    # each token's memory gradient is clipped to this norm (null: no clipping); without it MAC's memory
+    # blew up to inf within one row after 52 training steps (benchmarks/titans_eval.py), see MemoryConfig
+    max_grad_norm: Optional[float] = MAX_GRAD_NORM
     activation: str = "silu"  # of the memory MLP: silu | gelu | tanh
     micro_batches: int = 1  # on a context-split mesh: pipeline micro-batches per device's rows
 
@@ -51,7 +54,7 @@ class TitansLmmConfig:
         return MemoryConfig(
             d_model=d_model, num_heads=self.memory_heads, depth=self.depth, expansion=self.expansion,
             chunk_size=self.chunk_size, conv_kernel=self.conv_kernel, num_persistent=self.persistent,
-            max_lr=self.max_lr, activation=self.activation,
+            max_lr=self.max_lr, max_grad_norm=self.max_grad_norm, activation=self.activation,
         )
 
     def check(self, key: str, model: ModelConfig) -> None:
@@ -63,6 +66,9 @@ class TitansLmmConfig:
                 raise ConfigError(f"config key '{key}.{name}' must be an int >= 0, got {getattr(self, name)!r}.")
         if not self.max_lr > 0:
             raise ConfigError(f"config key '{key}.max_lr' must be > 0, got {self.max_lr!r}.")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"config key '{key}.max_grad_norm' must be > 0 or null (no clipping), "
+                              f"got {self.max_grad_norm!r}.")
         if self.activation not in ACTIVATIONS:
             raise choice_error(f"{key}.activation", self.activation, list(ACTIVATIONS))
         if model.d_model % self.memory_heads:

@@ -73,3 +73,19 @@ def activations_and_deltas(
         delta = (delta @ weights[i]) * slope
         deltas.append(delta)
     return inputs, deltas[::-1]
+
+
+def clip_factor(grad_sq_norm: jax.Array, max_norm: float | None) -> jax.Array:
+    """``min(1, max_norm / ||grad||)`` per token from ``grad_sq_norm [...]``; ones when ``max_norm`` is None.
+
+    From the squared norm, so its gradient is finite at a zero gradient (a norm's is not).
+    """
+    if max_norm is None:
+        return jnp.ones_like(grad_sq_norm)
+    return max_norm * jax.lax.rsqrt(jnp.maximum(grad_sq_norm, max_norm**2))
+
+
+def grad_sq_norms(inputs: list[jax.Array], deltas: list[jax.Array]) -> jax.Array:
+    """``[n]``: each token's squared gradient norm over all layers, ``sum_l ||delta_l||^2 ||a_l||^2``
+    (the squared Frobenius norm of the outer product ``delta_l a_l^T``)."""
+    return sum(jnp.sum(d * d, -1) * jnp.sum(a * a, -1) for a, d in zip(inputs, deltas, strict=True))

@@ -38,6 +38,8 @@ from einops import rearrange
 from lca.memory import mlp
 from lca.memory.update import MemoryTokens, chunk_step, memorize_chunked
 
+MAX_GRAD_NORM = 10.0  # see MemoryConfig.max_grad_norm
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "gelu": jax.nn.gelu,
@@ -58,6 +60,10 @@ class MemoryConfig:
         sums ``chunk_size`` gradients taken at its start weights and momentum (eta near 0.9) multiplies the
         step about tenfold: a fresh depth-2 memory on N(0, 1) input blew up within 128 tokens at 0.1 with
         chunk 16, and training diverged at 0.01; 0.003 trained stably (benchmarks/titans_eval.py).
+    max_grad_norm: each token's memory gradient (all layers) is clipped to this norm, i.e. theta_t is
+        scaled by ``min(1, max_grad_norm / ||grad_t||)`` (None: no clipping, the paper's rule). A bound on
+        every step keeps the memory finite however large its targets grow: MAC, whose retrievals feed its
+        next targets, blew up to inf within one 256-token row after 52 training steps without it.
     """
 
     d_model: int
@@ -69,6 +75,7 @@ class MemoryConfig:
     conv_kernel: int = 4
     num_persistent: int = 0
     max_lr: float = 0.003
+    max_grad_norm: float | None = MAX_GRAD_NORM
     activation: str = "silu"
 
     def __post_init__(self):
@@ -95,6 +102,8 @@ class MemoryConfig:
                 raise ValueError(f"MemoryConfig.{name} must be an int >= 0, got {value!r}")
         if not self.max_lr > 0:
             raise ValueError(f"MemoryConfig.max_lr must be > 0, got {self.max_lr!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"MemoryConfig.max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"MemoryConfig.activation={self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
 
@@ -259,7 +268,8 @@ def _stream_one(weights, momentum, pending, count, new, *, config: MemoryConfig,
     tokens = jax.tree.map(place, pending, new)
     end = count + length
     open_chunk = end // c
-    y, (w, s) = memorize(weights, momentum, tokens, chunk_size=c, act=config.act, stop=open_chunk)
+    y, (w, s) = memorize(weights, momentum, tokens, chunk_size=c, act=config.act, stop=open_chunk,
+                         max_grad_norm=config.max_grad_norm)
     valid = jnp.arange(c) < end - open_chunk * c
     new_pending = jax.tree.map(
         lambda x: jnp.where(
@@ -292,7 +302,7 @@ def current_weights(state: MemoryState, config: MemoryConfig) -> mlp.Weights:
     """The memory after every token streamed so far (open chunk included), ``[b, h, ...]`` per layer."""
 
     def one(w, s, pending):
-        return chunk_step(w, s, pending, config.act, row=state.count - 1)[1][0]
+        return chunk_step(w, s, pending, config.act, row=state.count - 1, max_grad_norm=config.max_grad_norm)[1][0]
 
     return jax.vmap(jax.vmap(one))(state.weights, state.momentum, state.pending)
 

@@ -4,7 +4,8 @@ A plain ``lax.scan`` over tokens with the same semantics as
 :func:`lca.memory.update.memorize_chunked`: every gradient is ``jax.grad`` of
 ``||M(k_t) - v_t||^2`` at the weights of the start of the token's chunk, then
 ``S_t = eta_t S_{t-1} - theta_t grad_t``, ``M_t = (1 - alpha_t) M_{t-1} + S_t`` and
-``y_t = M_t(q_t)``. It shares nothing with the chunk-parallel path but the MLP.
+``y_t = M_t(q_t)``; with ``max_grad_norm``, ``grad_t`` clipped to that norm first. It shares
+nothing with the chunk-parallel path but the MLP and the clipping formula.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from lca.memory import mlp
 from lca.memory.update import MemoryTokens
 
 
-def memorize_sequential(weights, momentum, tokens: MemoryTokens, *, chunk_size: int, act, stop):
+def memorize_sequential(weights, momentum, tokens: MemoryTokens, *, chunk_size: int, act, stop, max_grad_norm=None):
     """Same contract as :func:`lca.memory.update.memorize_chunked`, one token per step."""
     t = tokens.q.shape[0]
     stop_token = stop * chunk_size
@@ -29,7 +30,8 @@ def memorize_sequential(weights, momentum, tokens: MemoryTokens, *, chunk_size: 
         anchor = jax.tree.map(lambda a, x: jnp.where(at_chunk_start, x, a), anchor, w)
         saved = jax.tree.map(lambda old, x: jnp.where(index == stop_token, x, old), saved, (w, s))
         g = grad_fn(anchor, tok.k, tok.v)
-        s = jax.tree.map(lambda s_, g_: tok.momentum * s_ - tok.lr * g_, s, g)
+        lr = tok.lr * mlp.clip_factor(sum(jnp.sum(g_ * g_) for g_ in g), max_grad_norm)
+        s = jax.tree.map(lambda s_, g_: tok.momentum * s_ - lr * g_, s, g)
         w = jax.tree.map(lambda w_, s_: (1.0 - tok.forget) * w_ + s_, w, s)
         return (anchor, w, s, saved), mlp.apply(w, tok.q, act)
 

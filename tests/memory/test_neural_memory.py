@@ -70,9 +70,11 @@ def test_future_tokens_do_not_change_earlier_outputs():
     assert not np.allclose(y2[:, 7:], y[:, 7:])
 
 
-def test_memorises_random_pairs_at_test_time():
-    """Fixed random projections: after streaming, M* maps the seen keys closer to their values."""
-    config = dataclasses.replace(CONFIG, num_persistent=0, conv_kernel=0, max_lr=0.3)
+@pytest.mark.parametrize("max_grad_norm", [None, nm.MAX_GRAD_NORM])
+def test_memorises_random_pairs_at_test_time(max_grad_norm):
+    """Fixed random projections: after streaming, M* maps the seen keys closer to their values, with the
+    paper's rule (no clipping) and with the default clipping."""
+    config = dataclasses.replace(CONFIG, num_persistent=0, conv_kernel=0, max_lr=0.3, max_grad_norm=max_grad_norm)
     params, x = _setup(config, batch=1, length=16, seed=4)
     h = config.num_heads
     # theta = max_lr / 2 (a larger mini-batch step diverges), little momentum, no forgetting
@@ -117,6 +119,7 @@ def test_retrieve_reads_the_open_chunk():
         ("num_heads", 3, "divisible"),
         ("conv_kernel", -1, "conv_kernel"),
         ("max_lr", 0.0, "max_lr"),
+        ("max_grad_norm", 0.0, "max_grad_norm must be > 0 or None"),
         ("activation", "relu6", "activation"),
     ],
 )

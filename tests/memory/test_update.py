@@ -52,15 +52,58 @@ def test_chunked_equals_sequential(depth, chunk_size):
         _close(got, want)
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-def test_chunked_gradients_equal_sequential(depth):
+def _grad_norms(w, tokens):
+    """``[t]``: each token's gradient norm at the weights ``w``, from the closed form."""
+    return jnp.sqrt(mlp.grad_sq_norms(*mlp.activations_and_deltas(w, tokens.k, tokens.v, ACT)))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_clipped_chunked_equals_sequential(depth, chunk_size):
+    """max_grad_norm: both paths clip each token's gradient (all layers) to the same norm."""
+    w, s = _state(jax.random.PRNGKey(depth), depth)
+    tokens = _tokens(jax.random.PRNGKey(20 + chunk_size), 16)
+    clip = float(jnp.median(_grad_norms(w, tokens)))  # about half the tokens clipped at the start weights
+    n = 16 // chunk_size
+    for stop in map(jnp.int32, (0, n // 2, n)):
+        got = memorize_chunked(w, s, tokens, chunk_size=chunk_size, act=ACT, stop=stop, max_grad_norm=clip)
+        want = memorize_sequential(w, s, tokens, chunk_size=chunk_size, act=ACT, stop=stop, max_grad_norm=clip)
+        _close(got, want)
+    unclipped = memorize_chunked(w, s, tokens, chunk_size=chunk_size, act=ACT, stop=jnp.int32(n))
+    assert float(jnp.abs(unclipped[0] - got[0]).max()) > 1e-3  # the clip acted
+
+
+def test_clipping_bounds_every_step_and_keeps_huge_targets_finite():
+    """Online descent (chunk 1) without momentum or forgetting: token t moves the weights by exactly
+    ``lr * min(||grad_t||, max_grad_norm)``; unclipped, targets of 1e4 overflow within 64 tokens."""
+    w, _ = _state(jax.random.PRNGKey(8), 2)
+    s = jax.tree.map(jnp.zeros_like, w)
+    tokens = _tokens(jax.random.PRNGKey(9), 64, lr=0.5, momentum=0.9, forget=0.0)
+    tokens = tokens._replace(v=1e4 * tokens.v)
+    y, _ = memorize_chunked(w, s, tokens, chunk_size=1, act=ACT, stop=jnp.int32(64))
+    assert not bool(jnp.isfinite(y).all())
+    y, _ = memorize_chunked(w, s, tokens, chunk_size=1, act=ACT, stop=jnp.int32(64), max_grad_norm=1.0)
+    assert bool(jnp.isfinite(y).all())
+
+    plain = tokens._replace(momentum=jnp.zeros(64))
+    states = [memorize_chunked(w, s, plain, chunk_size=1, act=ACT, stop=jnp.int32(t), max_grad_norm=1.0)[1][0]
+              for t in range(9)]
+    for before, after, t in zip(states, states[1:], range(8)):
+        moved = jnp.sqrt(sum(jnp.sum((a - b) ** 2) for a, b in zip(after, before)))
+        norm = _grad_norms(before, jax.tree.map(lambda x: x[t:t + 1], plain))[0]
+        np.testing.assert_allclose(float(moved), 0.5 * min(float(norm), 1.0), rtol=1e-4)
+        assert float(norm) > 1.0  # every one of these steps was clipped
+
+
+@pytest.mark.parametrize("depth, max_grad_norm", [(1, None), (2, None), (2, 1.0)])
+def test_chunked_gradients_equal_sequential(depth, max_grad_norm):
     w, s = _state(jax.random.PRNGKey(3), depth)
     tokens = _tokens(jax.random.PRNGKey(4), 12)
     probe = jax.random.normal(jax.random.PRNGKey(5), (12, DIM))
 
     def objective(memorize):
         def f(w, s, tokens):
-            y, (w_end, s_end) = memorize(w, s, tokens, chunk_size=4, act=ACT, stop=3)
+            y, (w_end, s_end) = memorize(w, s, tokens, chunk_size=4, act=ACT, stop=3, max_grad_norm=max_grad_norm)
             return jnp.sum(y * probe) + sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves((w_end, s_end)))
 
         return jax.grad(f, argnums=(0, 1, 2))(w, s, tokens)
