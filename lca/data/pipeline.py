@@ -85,6 +85,11 @@ class DataConfig:
         padding), so the answer does not sit at the same row position in every example. With landmarks, use
         landmark_every - 1: the answer then meets every offset within its landmark block; a model trained at one
         offset (the default 0 and fixed-length rows) retrieves only at that offset of the block grid.
+    task_start_jitter: task examples start after a uniform random 0..task_start_jitter padding tokens (segment 0,
+        no loss) and are shortened by as many, so they still end where task_len_jitter puts them. With
+        task_len_jitter alone an example's length fixes its answer's offset in the block grid, and a small model
+        can learn an answer per (length, offset) pair that fails at other lengths; with both, every offset comes
+        with task_start_jitter + 1 lengths. Use landmark_every - 1 as well.
     """
 
     source: str = "stdlib"
@@ -99,6 +104,7 @@ class DataConfig:
     landmark_every: int | None = None
     task_loss: str = "all"
     task_len_jitter: int = 0
+    task_start_jitter: int = 0
 
 
 TASK_LOSSES = ("all", "answer")
@@ -107,10 +113,11 @@ TASK_LOSSES = ("all", "answer")
 class AnswerOnlyLoss(grain.transforms.Map):
     """Zero the loss mask of a task batch except each row's answer: its last real targets.
 
-    A task row holds one example from its start ("pad" packing), so its real targets are the first
-    ``end = loss_mask.sum()`` of the row (an example of ``end + 1`` tokens), and the answer ends there,
-    before any padding. ``answer_lens[end]`` is the answer's length for that example length: a task's
-    answer may grow with its length (``copy``), and ``data.task_len_jitter`` varies the length per row.
+    A task row holds one example ("pad" packing, after ``data.task_start_jitter``'s leading padding if any),
+    so it has ``count = loss_mask.sum()`` real targets (an example of ``count + 1`` tokens) and the answer
+    ends at the last of them, before any trailing padding. ``answer_lens[count]`` is the answer's length for
+    that example length: a task's answer may grow with its length (``copy``), and the jitters vary the
+    length per row.
     """
 
     def __init__(self, task: str, lengths: range):
@@ -120,9 +127,10 @@ class AnswerOnlyLoss(grain.transforms.Map):
 
     def map(self, batch: dict) -> dict:
         loss_mask = batch["loss_mask"]
-        end = loss_mask.sum(axis=-1, keepdims=True).astype(np.int64)
+        count = loss_mask.sum(axis=-1, keepdims=True).astype(np.int64)
         index = np.arange(loss_mask.shape[-1])
-        answer = (index >= end - self.answer_lens[end]) & (index < end)
+        end = np.max(np.where(loss_mask > 0, index + 1, 0), axis=-1, keepdims=True)
+        answer = (index >= end - self.answer_lens[count]) & (index < end)
         return {**batch, "loss_mask": np.where(answer, loss_mask, 0).astype(loss_mask.dtype)}
 
 
@@ -138,9 +146,10 @@ def validate(cfg: DataConfig, *, seq_len: int, global_batch: int, process_count:
         raise ValueError(f"data.eval_fraction={cfg.eval_fraction!r} must be in (0, 1), e.g. 0.05.")
     if cfg.task_loss not in TASK_LOSSES:
         raise ValueError(f"data.task_loss={cfg.task_loss!r} is not known; use one of {list(TASK_LOSSES)}.")
-    if not isinstance(cfg.task_len_jitter, int) or cfg.task_len_jitter < 0:
-        raise ValueError(f"data.task_len_jitter={cfg.task_len_jitter!r} must be an int >= 0 (tokens), e.g. "
-                         f"landmark_every - 1.")
+    for name in ("task_len_jitter", "task_start_jitter"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"data.{name}={value!r} must be an int >= 0 (tokens), e.g. landmark_every - 1.")
     if cfg.num_workers < 0 or cfg.prefetch < 0:
         raise ValueError(f"data.num_workers={cfg.num_workers} and data.prefetch={cfg.prefetch} must be >= 0.")
     if split not in SPLITS:
@@ -154,8 +163,8 @@ def validate(cfg: DataConfig, *, seq_len: int, global_batch: int, process_count:
         raise ValueError(f"data.landmark_every={L} must be >= 2 and divide seq_len={seq_len} (each row holds whole "
                          f"landmark blocks); use e.g. seq_len={max(2, L) * max(1, seq_len // max(2, L))}.")
     row_len = seq_len - seq_len // L if L else seq_len
-    if cfg.source in TASKS and cfg.task_len_jitter:
-        _check_task_fits("data.source", cfg.source, cfg.task_len_jitter, row_len=row_len)
+    if cfg.source in TASKS and (cfg.task_len_jitter or cfg.task_start_jitter):
+        _check_task_fits("data.source", cfg.source, cfg, row_len=row_len)
     _validate_mixture(cfg, row_len=row_len)
     if process_count < 1 or global_batch % process_count:
         raise ValueError(f"global_batch={global_batch} is not divisible by process_count={process_count}; "
@@ -168,7 +177,7 @@ def _validate_mixture(cfg: DataConfig, *, row_len: int) -> None:
             raise ValueError(f"data.mixture names {task!r}, not a synthetic task; use one of {sorted(TASKS)}.")
         if not 0.0 < share < 1.0:
             raise ValueError(f"data.mixture.{task}={share!r} must be a share of the batches in (0, 1), e.g. 0.25.")
-        _check_task_fits(f"data.mixture.{task}", task, cfg.task_len_jitter, row_len=row_len)
+        _check_task_fits(f"data.mixture.{task}", task, cfg, row_len=row_len)
     if cfg.mixture and sum(cfg.mixture.values()) >= 1.0:
         raise ValueError(f"data.mixture shares {dict(cfg.mixture)} must sum to < 1: the rest is data.source.")
     if cfg.mixture and cfg.source not in FILE_SOURCES:
@@ -176,15 +185,18 @@ def _validate_mixture(cfg: DataConfig, *, row_len: int) -> None:
                          f"got {cfg.source!r}.")
 
 
-def _check_task_fits(name: str, task: str, jitter: int, *, row_len: int) -> None:
-    """One example per row, of row_len + 1 - jitter .. row_len + 1 tokens: refuse rows too short now."""
+def _check_task_fits(name: str, task: str, cfg: DataConfig, *, row_len: int) -> None:
+    """One example per row, of row_len + 1 - both jitters .. row_len + 1 tokens: refuse rows too short now."""
+    jitter, start = cfg.task_len_jitter, cfg.task_start_jitter
     if jitter and 2 * (row_len + 1 - jitter) <= row_len + 1:
         raise ValueError(f"data.task_len_jitter={jitter} must be < {(row_len + 1) // 2} for rows of {row_len} "
                          f"tokens: two shortened examples would share a row.")
     try:
-        TASKS[task](row_len + 1 - jitter, 0.5, 0)
+        TASKS[task](row_len + 1 - jitter - start, 0.5, 0)
     except ValueError as err:
-        shortened = f" shortened by up to data.task_len_jitter={jitter}" if jitter else ""
+        knobs = " + ".join(f"data.{name}={value}" for name, value in
+                           (("task_len_jitter", jitter), ("task_start_jitter", start)) if value)
+        shortened = f" shortened by up to {knobs}" if knobs else ""
         raise ValueError(f"{name} does not fit rows of {row_len} tokens (seq_len without landmarks){shortened}: "
                          f"{err}") from None
 
@@ -205,18 +217,22 @@ class _FileDocument:
 @dataclasses.dataclass(frozen=True)
 class _TaskDocument:
     """index -> one task example of `length` tokens (minus uniform 0..jitter), needle depth uniform in [0, 1],
-    seeded by (seed, index)."""
+    seeded by (seed, index); with `start_jitter`, after uniform 0..start_jitter PAD_ID tokens that count in
+    `length` (`row_features` makes them padding)."""
 
     task: str
     length: int
     seed: int
     jitter: int = 0
+    start_jitter: int = 0
 
     def __call__(self, index: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, int(index)])
-        # no draw without jitter: the examples of jitter 0 stay those of before the option existed
+        # no draw without a jitter: the examples of jitter 0 stay those of before the options existed
         length = self.length - int(rng.integers(0, self.jitter + 1)) if self.jitter else self.length
-        return TASKS[self.task](length, float(rng.uniform()), rng).tokens
+        lead = int(rng.integers(0, self.start_jitter + 1)) if self.start_jitter else 0
+        example = TASKS[self.task](length - lead, float(rng.uniform()), rng).tokens
+        return np.concatenate([np.full(lead, PAD_ID, np.int32), example]) if lead else example
 
 
 def _file_source(cfg: DataConfig, split: str):
@@ -246,7 +262,8 @@ def documents(cfg: DataConfig, *, split: str, seed: int, length: int) -> grain.M
         # A different stream of examples per split so eval examples are not the training ones.
         split_seed = SPLITS.index(split)
         return grain.MapDataset.range(2**62).map(
-            _TaskDocument(cfg.source, length, seed * len(SPLITS) + split_seed, cfg.task_len_jitter))
+            _TaskDocument(cfg.source, length, seed * len(SPLITS) + split_seed, cfg.task_len_jitter,
+                          cfg.task_start_jitter))
     source = _file_source(cfg, split)
     docs = grain.MapDataset.range(len(source)).map(_FileDocument(source))
     if cfg.shuffle:
@@ -260,6 +277,9 @@ def documents(cfg: DataConfig, *, split: str, seed: int, length: int) -> grain.M
 def row_features(pieces, seq_len: int) -> dict:
     """Features of one row from its document pieces (int32 arrays, total length <= seq_len + 1), padded with PAD_ID.
 
+    A piece may begin with PAD_ID tokens (``data.task_start_jitter``): they are padding like the row's end
+    (segment 0, position 0, no loss), and the piece's positions count from its first real token.
+
     Returns inputs/targets/segment_ids/positions int32 [seq_len] and loss_mask float32 [seq_len].
     """
     lengths = np.array([len(p) for p in pieces], dtype=np.int64)
@@ -272,8 +292,11 @@ def row_features(pieces, seq_len: int) -> dict:
     if used:
         tokens[:used] = np.concatenate(pieces)
         segments[:used] = np.repeat(np.arange(1, len(pieces) + 1, dtype=np.int32), lengths)
-        starts = np.cumsum(lengths) - lengths
+        leads = np.array([np.cumprod(p == PAD_ID).sum() for p in pieces], dtype=np.int64)
+        starts = np.cumsum(lengths) - lengths + leads
         positions[:used] = np.arange(used) - np.repeat(starts, lengths)
+        lead = positions < 0
+        segments[lead], positions[lead] = 0, 0
     same_doc = (segments[:-1] == segments[1:]) & (segments[:-1] != 0)
     return {
         "inputs": tokens[:-1],
@@ -457,7 +480,8 @@ def make_dataset(cfg: DataConfig, *, seq_len: int, global_batch: int, seed: int,
         packing = "pad" if source in TASKS else cfg.packing
         ds = PackedBatchDataset(docs, seq_len=row_len, rows=rows, num_streams=global_batch, packing=packing)
         if source in TASKS and cfg.task_loss == "answer":
-            ds = ds.map(AnswerOnlyLoss(source, range(row_len + 1 - cfg.task_len_jitter, row_len + 2)))
+            shortest = row_len + 1 - cfg.task_len_jitter - cfg.task_start_jitter
+            ds = ds.map(AnswerOnlyLoss(source, range(shortest, row_len + 2)))
         return ds
 
     ds = packed(cfg.source)

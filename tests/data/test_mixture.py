@@ -153,6 +153,44 @@ def test_task_len_jitter_errors_name_the_field():
         validate(DataConfig(mixture={"passkey": 0.5}, task_len_jitter=20), seq_len=256, global_batch=2)
 
 
+def test_task_start_jitter_pads_the_start_and_the_answer_keeps_its_loss():
+    """data.task_start_jitter: 0..N leading padding tokens (segment 0, no loss) before a shortened example, so
+    one answer position in the row comes with several example lengths; positions count from the example."""
+    from lca.data.tokenizer import decode
+
+    cfg = DataConfig(source="passkey", task_loss="answer", task_len_jitter=6, task_start_jitter=12)
+    prefix = np.frombuffer(TASK_DESCRIPTION[:40], np.uint8)
+    leads, lengths_at_end = set(), {}
+    for batch in take(iterator(cfg, seq_len=300, global_batch=4), 6):
+        for row in zip(*(batch[k] for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions"))):
+            inputs, targets, mask, segments, positions = row
+            lead = int(np.argmax(segments > 0))
+            real = int((segments > 0).sum())
+            assert 0 <= lead <= 12 and (inputs[:lead] == PAD_ID).all() and (positions[:lead] == 0).all()
+            assert (inputs[lead:lead + 40] == prefix).all() and (segments[lead:lead + real] == 1).all()
+            np.testing.assert_array_equal(positions[lead:lead + real], np.arange(real))
+            answer = np.flatnonzero(mask)
+            end = int(answer[-1]) + 1
+            assert answer.tolist() == list(range(end - 5, end))  # the 5 key digits, nothing else
+            key = decode(targets[end - 5:end])
+            assert f"The pass key is {key}." in decode(inputs[lead:end])
+            assert 300 - 6 <= end + (end < 300) <= 301  # the end is where task_len_jitter alone puts it
+            leads.add(lead)
+            lengths_at_end.setdefault(end, set()).add(end - lead)
+    assert len(leads) >= 6 and max(len(n) for n in lengths_at_end.values()) >= 2
+
+
+def test_task_start_jitter_errors_name_the_field():
+    from lca.data.pipeline import validate
+
+    with pytest.raises(ValueError, match=r"data.task_start_jitter=-2 must be an int >= 0"):
+        validate(DataConfig(task_start_jitter=-2), seq_len=64, global_batch=2)
+    with pytest.raises(ValueError, match=r"data.mixture.passkey does not fit rows of 256 tokens .* "
+                                         r"data.task_len_jitter=4 \+ data.task_start_jitter=12: .* use >= 243"):
+        validate(DataConfig(mixture={"passkey": 0.5}, task_len_jitter=4, task_start_jitter=12), seq_len=256,
+                 global_batch=2)
+
+
 def test_task_len_jitter_loss_covers_an_answer_whose_length_follows_the_example():
     """copy's answer is context_len // 8 tokens: with jitter each row's mask has its own example's answer length."""
     from lca.data.tasks import copy
