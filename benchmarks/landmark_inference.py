@@ -55,7 +55,7 @@ def _inputs(method: str, t: int, context: int):
     n = context // BLOCK_SIZE
     keys, values = normal(1, n, BLOCK_SIZE, KV_HEADS, HEAD_DIM), normal(1, n, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
     if method == "retrieval":
-        cache = BlockCache(jnp.asarray(keys), jnp.asarray(values))
+        cache = BlockCache(jnp.asarray(keys), jnp.asarray(values), jnp.int32(n))  # unbounded: all n slots used
         return q, jnp.asarray(k_local), jnp.asarray(v_local), cache
     flat = lambda x: x.reshape(1, n * BLOCK_SIZE, KV_HEADS, HEAD_DIM)  # noqa: E731
     return (q, jnp.asarray(np.concatenate([flat(keys), k_local], 1)),
@@ -302,23 +302,16 @@ def _plot(points, top_k_points, machine, path):
 
 def main():
     sys.path.insert(0, HERE)
-    from peak_memory import run_fresh, sweep_parser
+    from peak_memory import point_or_rewrite, run_fresh, sweep_parser
 
     parser = sweep_parser(__doc__, timeout=600, out=os.path.join(HERE, "results"))
     parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="cached tokens (multiples of 64)")
     parser.add_argument("--top-ks", default=",".join(map(str, TOP_KS)), help="top_k sweep at the longest context")
     parser.add_argument("--rounds", type=int, default=5, help="side-by-side timing rounds per row")
     args = parser.parse_args()
-    if args.from_json:
-        with open(args.from_json) as f:
-            write_results(**json.load(f), out_dir=args.out)
-        return
-    if args.point:
-        kind, *rest = args.point.split(",")
-        if kind == "memory":
-            print(json.dumps(run_memory_point(rest[0], *map(int, rest[1:]))))
-        else:
-            print(json.dumps(run_timing_point(*map(int, rest))))
+    points = {"memory": lambda method, *sizes: run_memory_point(method, *map(int, sizes)),
+              "timing": lambda *sizes: run_timing_point(*map(int, sizes))}
+    if point_or_rewrite(args, write_results, points):
         return
 
     from machine import describe

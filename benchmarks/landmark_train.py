@@ -179,22 +179,15 @@ def _plot(points, machine, path):
 
 def main():
     sys.path.insert(0, HERE)
-    from peak_memory import run_fresh, sweep_parser
+    from peak_memory import point_or_rewrite, run_fresh, sweep_parser
 
     parser = sweep_parser(__doc__, timeout=1200, out=os.path.join(HERE, "results"))
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--rounds", type=int, default=3, help="side-by-side timing rounds per T")
     args = parser.parse_args()
-    if args.from_json:
-        with open(args.from_json) as f:
-            write_results(**json.load(f), out_dir=args.out)
-        return
-    if args.point:
-        kind, *rest = args.point.split(",")
-        if kind == "memory":
-            print(json.dumps(run_memory_point(rest[0], rest[1], int(rest[2]))))
-        else:
-            print(json.dumps(run_timing_point(int(rest[0]), int(rest[1]))))
+    points = {"memory": lambda method, mode, t: run_memory_point(method, mode, int(t)),
+              "timing": lambda t, rounds: run_timing_point(int(t), int(rounds))}
+    if point_or_rewrite(args, write_results, points):
         return
 
     from machine import describe

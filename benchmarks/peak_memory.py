@@ -91,6 +91,23 @@ def run_fresh(script: str, point: str, timeout: float, label: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def point_or_rewrite(args, write_results, points: dict) -> bool:
+    """A sweep's two modes that sweep nothing, from :func:`sweep_parser`'s arguments; True if it ran one.
+
+    ``--from-json``: ``write_results(**saved, out_dir=args.out)``. ``--point KIND,FIELD,...``: print the JSON
+    of ``points[KIND](*FIELDS)`` (fields as strings), the one measurement :func:`run_fresh` reads back.
+    """
+    if args.from_json:
+        with open(args.from_json) as f:
+            write_results(**json.load(f), out_dir=args.out)
+        return True
+    if args.point:
+        kind, *fields = args.point.split(",")
+        print(json.dumps(points[kind](*fields)))
+        return True
+    return False
+
+
 def sweep_parser(doc: str, *, timeout: int, out: str) -> argparse.ArgumentParser:
     """A sweep script's command line: ``--timeout`` per :func:`run_fresh` point, ``--out``, ``--from-json``
     (rewrite the results from a saved ``.json``, measuring nothing) and the hidden ``--point`` it runs."""
