@@ -243,7 +243,8 @@ def main(argv=None) -> None:
         "machine": describe(), "argv": _shown_args(sys.argv[1:] if argv is None else list(argv)), "seq_len": seq_len,
         "steps": cfg.train.steps, "global_batch": cfg.train.global_batch, "lr": cfg.train.lr,
         "mixture": (f"data.source={cfg.data.source}, data.mixture={dict(cfg.data.mixture)}, "
-                    f"data.task_loss={cfg.data.task_loss}, data.task_len_jitter={cfg.data.task_len_jitter}"),
+                    f"data.task_loss={cfg.data.task_loss}, data.task_len_jitter={cfg.data.task_len_jitter}, "
+                    f"data.task_start_jitter={cfg.data.task_start_jitter}"),
         "model": (f"d_model {cfg.model.d_model}, {cfg.model.num_layers} layers, {cfg.model.num_heads} heads "
                   f"({cfg.model.num_kv_heads} kv), mlp {cfg.model.mlp_dim}, {cfg.model.dtype}"),
         "block_size": section.block_size, "top_k": args.top_k or section.top_k, "selection": section.selection,
