@@ -292,11 +292,14 @@ def row_features(pieces, seq_len: int) -> dict:
     if used:
         tokens[:used] = np.concatenate(pieces)
         segments[:used] = np.repeat(np.arange(1, len(pieces) + 1, dtype=np.int32), lengths)
-        leads = np.array([np.cumprod(p == PAD_ID).sum() for p in pieces], dtype=np.int64)
+        # only a task piece can start with padding: other pieces skip the scan (this runs for every row)
+        leads = np.array([np.cumprod(p == PAD_ID).sum() if len(p) and p[0] == PAD_ID else 0 for p in pieces],
+                         dtype=np.int64)
         starts = np.cumsum(lengths) - lengths + leads
         positions[:used] = np.arange(used) - np.repeat(starts, lengths)
-        lead = positions < 0
-        segments[lead], positions[lead] = 0, 0
+        if leads.any():
+            lead = positions < 0
+            segments[lead], positions[lead] = 0, 0
     same_doc = (segments[:-1] == segments[1:]) & (segments[:-1] != 0)
     return {
         "inputs": tokens[:-1],
