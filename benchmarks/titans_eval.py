@@ -109,7 +109,6 @@ def run_model(name: str, runs: Path, overrides: list[str], machine: str) -> dict
 
 def evaluate_model(name: str, run_dir: Path, overrides: list[str], trained: dict) -> dict:
     """``trained`` (run_model's record of the training) with the evaluation of ``run_dir`` added."""
-    train = trained["train"]
     eval_cmd = _command("launch.eval", str(run_dir), *overrides)
     print(f"[{name}] {_shown(eval_cmd)}", flush=True)
     evaluation = _timed(eval_cmd, run_dir / "eval.log")
@@ -123,9 +122,8 @@ def evaluate_model(name: str, run_dir: Path, overrides: list[str], trained: dict
         "step": summary["step"], "final_train_loss": final_train_loss(run_dir),
         "bits_per_byte": summary["perplexity"]["bits_per_byte"], "bpb_tokens": summary["perplexity"]["tokens"],
         "context_lengths": grid["context_lengths"], "depths": grid["depths"],
-        "samples_per_cell": grid["samples_per_cell"], "accuracy": grid["accuracy"],
-        "train": train, "eval": evaluation,
-        "commands": {"train": trained["commands"]["train"], "eval": _shown(eval_cmd)},
+        "samples_per_cell": grid["samples_per_cell"], "accuracy": grid["accuracy"], "eval": evaluation,
+        "commands": {**trained["commands"], "eval": _shown(eval_cmd)},
     }
     by_length = ", ".join(f"{n}: {100 * sum(a) / len(a):.0f}%" for n, a in zip(grid["context_lengths"], grid["accuracy"]))
     print(f"[{name}] {record['bits_per_byte']:.3f} bits/byte; passkey {by_length}; "
@@ -148,17 +146,19 @@ def _verdict(records, failed) -> str:
     if failed:
         lines.append("Training diverged (NaN loss) for " + ", ".join(r["label"] for r in failed) + "; not evaluated.")
     longer = {r["label"]: [n > r["seq_len"] + 1 for n in r["context_lengths"]] for r in records}
-    within = {label: max((a for a, far in zip(acc, longer[label]) if not far), default=0.0)
-              for label, acc in mean.items()}
-    if not any(within.values()):
+
+    def best(beyond: bool) -> dict:
+        """Each model's best accuracy at the lengths longer (or not) than a training example."""
+        return {label: max((a for a, far in zip(acc, longer[label]) if far == beyond), default=0.0)
+                for label, acc in mean.items()}
+
+    if not any(best(beyond=False).values()):
         lines.append("No model retrieves the passkey even at the training length, so this run does not test the "
                      "paper's claim (memory models keep retrieving beyond the training length where the "
                      "transformer falls off): it needs a longer training budget first.")
     else:
-        beyond = {label: max((a for a, far in zip(acc, longer[label]) if far), default=0.0)
-                  for label, acc in mean.items()}
         lines.append("Best accuracy beyond the training length (longer than a training example): "
-                     + ", ".join(f"{label} {100 * b:.0f}%" for label, b in beyond.items()) + ".")
+                     + ", ".join(f"{label} {100 * b:.0f}%" for label, b in best(beyond=True).items()) + ".")
     return " ".join(lines)
 
 
