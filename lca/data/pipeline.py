@@ -163,12 +163,32 @@ def validate(cfg: DataConfig, *, seq_len: int, global_batch: int, process_count:
         raise ValueError(f"data.landmark_every={L} must be >= 2 and divide seq_len={seq_len} (each row holds whole "
                          f"landmark blocks); use e.g. seq_len={max(2, L) * max(1, seq_len // max(2, L))}.")
     row_len = seq_len - seq_len // L if L else seq_len
+    _check_task_knobs_have_a_task(cfg)
     if cfg.source in TASKS and (cfg.task_len_jitter or cfg.task_start_jitter):
         _check_task_fits("data.source", cfg.source, cfg, row_len=row_len)
     _validate_mixture(cfg, row_len=row_len)
     if process_count < 1 or global_batch % process_count:
         raise ValueError(f"global_batch={global_batch} is not divisible by process_count={process_count}; "
                          f"use a multiple of {process_count}, e.g. {process_count * max(1, global_batch // process_count)}.")
+
+
+TASK_KNOBS = {"task_loss": "all", "task_len_jitter": 0, "task_start_jitter": 0}  # each knob's no-op value
+
+
+def without_tasks(cfg: DataConfig) -> DataConfig:
+    """``cfg`` reading its corpus only: no mixture, and the task knobs back at their no-op values."""
+    return dataclasses.replace(cfg, mixture={}, **TASK_KNOBS)
+
+
+def _check_task_knobs_have_a_task(cfg: DataConfig) -> None:
+    """The task knobs shape synthetic task rows only: set without any, they would be ignored silently."""
+    if cfg.source in TASKS or cfg.mixture:
+        return
+    set_knobs = [f"data.{name}={getattr(cfg, name)!r}" for name, off in TASK_KNOBS.items() if getattr(cfg, name) != off]
+    if set_knobs:
+        raise ValueError(f"{', '.join(set_knobs)} shape synthetic task rows, but data.source={cfg.source!r} has none "
+                         f"and data.mixture is empty; add a task (e.g. data.mixture={{passkey: 0.25}}) or leave "
+                         f"{'them' if len(set_knobs) > 1 else 'it'} at the default.")
 
 
 def _validate_mixture(cfg: DataConfig, *, row_len: int) -> None:

@@ -59,15 +59,13 @@ def make_eval_logits_fn(setup, params):
 def held_out_batches(cfg: Config) -> list[dict]:
     """The eval batches: held-out ``data.source`` text only, each process reading its own rows, all getting the whole batch.
 
-    ``data.mixture`` is left out: its synthetic task rows would make the bits per byte
-    a blend of text and passkeys, and the retrieval grid measures the tasks already.
+    ``data.mixture`` (and the task knobs with it) is left out: its synthetic task rows would make the bits
+    per byte a blend of text and passkeys, and the retrieval grid measures the tasks already.
     """
-    import dataclasses
-
-    from lca.data.pipeline import eval_batches
+    from lca.data.pipeline import eval_batches, without_tasks
 
     local = eval_batches(
-        dataclasses.replace(cfg.data, mixture={}), seq_len=cfg.eval.seq_len or cfg.train.seq_len, batch=cfg.eval.batch,
+        without_tasks(cfg.data), seq_len=cfg.eval.seq_len or cfg.train.seq_len, batch=cfg.eval.batch,
         num_batches=cfg.eval.num_batches, seed=cfg.eval.seed,
     )
     if jax.process_count() == 1:

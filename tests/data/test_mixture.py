@@ -191,6 +191,23 @@ def test_task_start_jitter_errors_name_the_field():
                  global_batch=2)
 
 
+@pytest.mark.parametrize("knobs, named", [
+    ({"task_loss": "answer"}, r"data.task_loss='answer'"),
+    ({"task_len_jitter": 15, "task_start_jitter": 3}, r"data.task_len_jitter=15, data.task_start_jitter=3"),
+])
+def test_task_knobs_without_a_task_are_refused_not_ignored(knobs, named):
+    """The task knobs only shape task rows: on a corpus without data.mixture they would do nothing, silently."""
+    from lca.data.pipeline import validate, without_tasks
+
+    cfg = DataConfig(**knobs)
+    with pytest.raises(ValueError, match=named + r" shape synthetic task rows, but data.source='stdlib' has none "
+                                                 r"and data.mixture is empty; add a task"):
+        validate(cfg, seq_len=512, global_batch=2)
+    validate(dataclasses.replace(cfg, mixture={"passkey": 0.5}), seq_len=512, global_batch=2)  # with a task: fine
+    validate(dataclasses.replace(cfg, source="passkey"), seq_len=512, global_batch=2)
+    validate(without_tasks(dataclasses.replace(cfg, mixture={"passkey": 0.5})), seq_len=512, global_batch=2)
+
+
 def test_task_len_jitter_loss_covers_an_answer_whose_length_follows_the_example():
     """copy's answer is context_len // 8 tokens: with jitter each row's mask has its own example's answer length."""
     from lca.data.tasks import copy

@@ -61,7 +61,8 @@ def test_held_out_text_leaves_the_task_mixture_out(tmp_path):
 
     shared = ["train.seq_len=256", "eval.batch=2", "eval.num_batches=4"]
     plain = held_out_batches(tiny_config(tmp_path, *shared))
-    mixed = held_out_batches(tiny_config(tmp_path, *shared, "data.mixture={passkey: 0.5}"))
+    mixed = held_out_batches(tiny_config(tmp_path, *shared, "data.mixture={passkey: 0.5}", "data.task_loss=answer",
+                                         "data.task_len_jitter=15"))  # the task knobs go with the tasks
     for ours, theirs in zip(mixed, plain, strict=True):
         for key in theirs:
             np.testing.assert_array_equal(ours[key], theirs[key])
