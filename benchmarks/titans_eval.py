@@ -241,10 +241,13 @@ def _plot(records, lengths, train_len, machine, path) -> None:
     acc_ax, bpb_ax = fig.subplots(1, 2, width_ratios=[2, 1])
     shown = [i for i, n in enumerate(lengths) if n + 1 not in lengths]  # 256 beside 257: the table has it
     lengths = [lengths[i] for i in shown]
-    for r in records:
+    markers = "osD^vP*X"
+    for j, r in enumerate(records):
         acc = [100 * sum(r["accuracy"][i]) / len(r["accuracy"][i]) for i in shown]
         style = "--" if r["label"] == "transformer" else "-"
-        acc_ax.plot(lengths, acc, style, marker="o", label=r["label"])
+        # each model a little to the side (in log2 x), so that equal accuracies do not hide each other
+        dodge = 2 ** (0.05 * (j - (len(records) - 1) / 2))
+        acc_ax.plot([n * dodge for n in lengths], acc, style, marker=markers[j % len(markers)], label=r["label"])
     acc_ax.axvline(train_len, color="grey", lw=0.8, ls=":")
     acc_ax.text(train_len, 102, " training length", color="grey", fontsize=8, va="bottom")
     acc_ax.set_xscale("log", base=2)
