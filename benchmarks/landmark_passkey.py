@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"landmark": "landmark", "plain": "landmark_plain"}  # label -> shipped config
 
@@ -157,17 +159,35 @@ def write_results(out: Path, data: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(11 if sweep else 6, 4), squeeze=False,
+                             width_ratios=[3, 2] if sweep else None)
+    ax = axes[0, 0]
     for label, info, marker in (("landmark", lm, "o"), ("plain", plain, "s")):
         ax.plot([r["length"] for r in info["rows"]], [r["accuracy"] for r in info["rows"]], marker=marker,
                 label=label)
     ax.axvline(seq_len, color="grey", linestyle=":", label="training length")
     ax.set_xscale("log", base=2)
+    ax.set_xticks([r["length"] for r in lm["rows"]], [f"{r['length']}\n({r['length'] / seq_len:g}x)" for r in lm["rows"]])
+    ax.set_xticks([], minor=True)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("passkey accuracy")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("Passkey retrieval, greedy decoding through the cache")
     ax.legend()
+    if sweep:
+        from lca.data.tasks import passkey
+
+        ax = axes[0, 1]
+        slots = [passkey(r["length"], 0.0).answer_start % (L - 1) for r in lm["sweep"]["rows"]]
+        order = np.argsort(slots)
+        for label, info, marker in (("landmark", lm, "o"), ("plain", plain, "s")):
+            acc = [info["sweep"]["rows"][i]["accuracy"] for i in order]
+            ax.plot(np.asarray(slots)[order], acc, marker=marker, label=f"{label} (mean {np.mean(acc):.0%})")
+        ax.set_xticks(range(L - 1))
+        ax.set_xlabel(f"answer's first token: slot in its landmark block (L = {L})")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"Every block slot at {sweep['multiple']:g}x the training length", fontsize=10)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "landmark_passkey.png", dpi=120)
 
@@ -197,8 +217,15 @@ def main(argv=None) -> None:
     parser.add_argument("--phase-sweep", type=float, default=8,
                         help="also evaluate at this multiple of train.seq_len plus 0..block_size-2 tokens, so the "
                              "answer meets every slot of a landmark block (0: skip)")
+    parser.add_argument("--report", action="store_true",
+                        help="only rewrite landmark_passkey.md/.png in --out from its landmark_passkey.json")
     parser.add_argument("override", nargs="*", help="config overrides for both models, key=value")
     args = parser.parse_args(argv)
+    if args.report:
+        sys.path.insert(0, str(ROOT))
+        out = Path(args.out)
+        write_results(out, json.loads((out / "landmark_passkey.json").read_text()))
+        return
 
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -1,0 +1,29 @@
+"""The result pages rewrite from their committed JSON (``--report``) exactly as committed.
+
+Training and evaluating behind these pages takes an hour or more, so CI never reruns them; this catches a
+report writer that no longer reads its own JSON, or a page edited by hand away from its data.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+
+PAGES = [("landmark_passkey.py", "landmark_passkey"), ("titans_eval.py", "titans")]
+
+
+@pytest.mark.parametrize("script, page", PAGES, ids=[p for _, p in PAGES])
+def test_page_rewrites_from_its_json(script, page, tmp_path):
+    shutil.copy(RESULTS / f"{page}.json", tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--report", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / f"{page}.md").read_text() == (RESULTS / f"{page}.md").read_text()
+    assert (tmp_path / f"{page}.png").stat().st_size > 10_000
