@@ -5,7 +5,9 @@ weights, dual form, associative scan); "sequential" is the ``lax.scan`` oracle
 ``lca.memory.sequential.memorize_sequential`` with the same semantics (one
 gradient per token, at its chunk's start weights). Both are jitted and, for
 several memory streams (batch rows x heads), vmapped over them as
-``lca.memory.memory_layer`` runs them; random tokens and gates, float32.
+``lca.memory.memory_layer`` runs them; random tokens and gates, float32; each
+token's gradient clipped to the models' default ``max_grad_norm``
+(``lca.memory.neural_memory.MAX_GRAD_NORM``).
 
 Two shapes (``SETUPS``):
 
@@ -44,7 +46,15 @@ MODES = ("fwd", "fwd+bwd")
 SPEED_LENGTHS = (1024, 2048, 4096, 8192)
 SWEEP_LENGTHS = tuple(1024 * 2**i for i in range(7))  # 1k .. 64k, forward, the issue setup
 SWEEP_CHUNKS = (16, 32, 64, 128, 256)  # at T = 4k, the issue setup
+SWEEP_DIMS = (32, 64, 128, 256)  # head_dim at T = 4k, otherwise the issue setup
+SEQUENTIAL_BWD_MAX_DIM = 128  # its backward keeps 4096 tokens' weights: 3 GiB at 128, 12 GiB at 256
 CHUNK_T = 4096
+
+
+def shape_of(setup: str) -> dict:
+    """``SETUPS[name]``, or for ``"name/dN"`` that setup with head_dim ``N``."""
+    name, _, dim = setup.partition("/d")
+    return {**SETUPS[name], **({"dim": int(dim)} if dim else {})}
 
 
 def run_point(setup: str, method: str, mode: str, t: int, chunk: int) -> dict:
@@ -59,10 +69,11 @@ def run_point(setup: str, method: str, mode: str, t: int, chunk: int) -> dict:
     from peak_memory import measure
 
     from lca.memory import mlp
+    from lca.memory.neural_memory import MAX_GRAD_NORM
     from lca.memory.sequential import memorize_sequential
     from lca.memory.update import MemoryTokens, memorize_chunked
 
-    shape = SETUPS[setup]
+    shape = shape_of(setup)
     dim, streams = shape["dim"], shape["streams"]
     memorize = memorize_chunked if method == "chunked" else memorize_sequential
     rng = np.random.default_rng(0)
@@ -80,7 +91,7 @@ def run_point(setup: str, method: str, mode: str, t: int, chunk: int) -> dict:
     stop = t // chunk
 
     def one_stream(w, s, tok):
-        return memorize(w, s, tok, chunk_size=chunk, act=jax.nn.silu, stop=stop)
+        return memorize(w, s, tok, chunk_size=chunk, act=jax.nn.silu, stop=stop, max_grad_norm=MAX_GRAD_NORM)
 
     if streams == 1:
         # the update itself: vmap would put the stream axis before the scanned one, and the scan
@@ -116,6 +127,7 @@ def run_point(setup: str, method: str, mode: str, t: int, chunk: int) -> dict:
         "setup": setup, "method": method, "mode": mode, "T": t, "chunk": chunk, "streams": streams,
         "peak_bytes": peak, "output_bytes": streams * t * dim * 4, "seconds": float(np.median(times)),
         "cpu_seconds": float(np.median(cpu)), "runs": len(times), "flops_per_token": flops_per_token,
+        "max_grad_norm": MAX_GRAD_NORM,
     }
 
 
@@ -177,6 +189,10 @@ def _setup_line(name):
             f"memory MLP (hidden {hidden}, SiLU), chunk {s['chunk']}")
 
 
+def _clip(points):
+    return ", ".join(sorted({f"{p['max_grad_norm']:g}" if p.get("max_grad_norm") else "none" for p in points if _ok(p)}))
+
+
 def write_results(points, machine, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     lines = [
@@ -184,7 +200,8 @@ def write_results(points, machine, out_dir):
         "",
         f"Machine: {machine}.",
         "Both methods have the same chunk semantics (every gradient of a chunk at its start weights), are jitted "
-        "and, for several streams (batch rows x heads), vmapped over them; float32. Each point runs in a fresh "
+        "and, for several streams (batch rows x heads), vmapped over them; float32; each token's gradient is "
+        f"clipped to the models' default max_grad_norm ({_clip(points)}). Each point runs in a fresh "
         "subprocess; "
         "time is the median of at least 3 runs after a warm-up run; peak is the extra memory of the warm-up run "
         "(inputs excluded, output included). Chunked and sequential points of a row ran back to back.",
@@ -253,6 +270,30 @@ def write_results(points, machine, out_dir):
                 lines.append(f"| {mode} | {chunk} | {_secs(c)} | {_secs(s)} | {_ratio(s, c)} |")
     lines += [
         "",
+        f"## Memory size (setup `issue` but for head_dim, T = {CHUNK_T:,})",
+        "",
+        "The same two methods on a bigger or smaller memory: head_dim d, hidden 2d, so 4d^2 weights per copy "
+        "(the scan reads and writes the weights, the momentum and its chunk-start copy every token). The token "
+        "scan's rate (last column) decides the forward speed-up, and it peaks in the middle: at a small "
+        "memory each token's work is too little to hide a scan step's fixed cost, and once the weights outgrow "
+        "a core's cache every token streams them from memory, while the chunked update's matmuls reuse each "
+        "weight across a chunk. The sequential fwd+bwd is not run beyond head_dim "
+        f"{SEQUENTIAL_BWD_MAX_DIM} (it keeps every token's weights).",
+        "",
+        "| head_dim | weights per copy (KiB) | mode | chunked s | sequential s | speed-up | sequential GFLOP/CPU-s |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for dim in SWEEP_DIMS:
+        setup = "issue" if dim == SETUPS["issue"]["dim"] else f"issue/d{dim}"
+        for mode in MODES:
+            c, s = (_find(points, setup=setup, method=m, mode=mode, T=CHUNK_T, chunk=SETUPS["issue"]["chunk"])
+                    for m in METHODS)
+            if c is None and s is None:
+                continue
+            kib = 2 * dim * (2 * dim) * 4 / 1024  # two float32 layers, d x 2d and 2d x d
+            lines.append(f"| {dim} | {kib:,.0f} | {mode} | {_secs(c)} | {_secs(s)} | {_ratio(s, c)} | {_rate(s)} |")
+    lines += [
+        "",
         "## Peak memory vs sequence length (setup `issue`, forward)",
         "",
         "The state is constant (the MLP weights and momentum); beyond the output ``y [T, 64]`` "
@@ -316,6 +357,13 @@ def plan(args) -> list[tuple[str, str, str, int, int]]:
     issue = SETUPS["issue"]["chunk"]
     for mode in MODES:
         todo += [("issue", "chunked", mode, CHUNK_T, c) for c in SWEEP_CHUNKS if c != issue]
+    for dim in SWEEP_DIMS:
+        for mode in MODES:
+            for method in METHODS:
+                if method == "sequential" and mode == "fwd+bwd" and dim > SEQUENTIAL_BWD_MAX_DIM:
+                    continue
+                setup = "issue" if dim == SETUPS["issue"]["dim"] else f"issue/d{dim}"
+                todo.append((setup, method, mode, CHUNK_T, issue))
     for t in (int(t) for t in args.sweep.split(",")):
         for method in METHODS:
             if method == "sequential" and t > args.sequential_max:
@@ -333,7 +381,13 @@ def main():
     parser.add_argument("--sequential-max", type=int, default=16384, help="longest T for the sequential memory sweep")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per point")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--report", action="store_true", help="only rewrite titans_update.md/png from --out's JSON")
     args = parser.parse_args()
+    if args.report:
+        with open(os.path.join(args.out, "titans_update.json")) as f:
+            data = json.load(f)
+        write_results(data["points"], data["machine"], args.out)
+        return
     if args.point:
         setup, method, mode, t, chunk = args.point.split(",")
         print(json.dumps(run_point(setup, method, mode, int(t), int(chunk))))

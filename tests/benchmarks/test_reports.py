@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 
-PAGES = [("landmark_passkey.py", "landmark_passkey"), ("titans_eval.py", "titans")]
+PAGES = [("landmark_passkey.py", "landmark_passkey"), ("titans_eval.py", "titans"), ("titans_update.py", "titans_update")]
 
 
 @pytest.mark.parametrize("script, page", PAGES, ids=[p for _, p in PAGES])
