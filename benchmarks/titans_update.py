@@ -57,6 +57,20 @@ def shape_of(setup: str) -> dict:
     return {**SETUPS[name], **({"dim": int(dim)} if dim else {})}
 
 
+def dim_setup(dim: int) -> str:
+    """The setup name of the head_dim sweep's point at ``dim``: the issue setup itself at its own head_dim."""
+    return "issue" if dim == SETUPS["issue"]["dim"] else f"issue/d{dim}"
+
+
+def weight_bytes(shape: dict) -> int:
+    """One float32 copy of the memory MLP's weights of a setup ``shape``."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from lca.memory.mlp import layer_widths
+
+    widths = layer_widths(shape["dim"], shape["depth"], shape["expansion"])
+    return 4 * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
 def run_point(setup: str, method: str, mode: str, t: int, chunk: int) -> dict:
     """In this (fresh) process: compile, measure one execution's peak, then time further runs."""
     import time
@@ -284,13 +298,13 @@ def write_results(points, machine, out_dir):
         "|---:|---:|---|---:|---:|---:|---:|",
     ]
     for dim in SWEEP_DIMS:
-        setup = "issue" if dim == SETUPS["issue"]["dim"] else f"issue/d{dim}"
+        setup = dim_setup(dim)
         for mode in MODES:
             c, s = (_find(points, setup=setup, method=m, mode=mode, T=CHUNK_T, chunk=SETUPS["issue"]["chunk"])
                     for m in METHODS)
             if c is None and s is None:
                 continue
-            kib = 2 * dim * (2 * dim) * 4 / 1024  # two float32 layers, d x 2d and 2d x d
+            kib = weight_bytes(shape_of(setup)) / 1024
             lines.append(f"| {dim} | {kib:,.0f} | {mode} | {_secs(c)} | {_secs(s)} | {_ratio(s, c)} | {_rate(s)} |")
     lines += [
         "",
@@ -362,8 +376,7 @@ def plan(args) -> list[tuple[str, str, str, int, int]]:
             for method in METHODS:
                 if method == "sequential" and mode == "fwd+bwd" and dim > SEQUENTIAL_BWD_MAX_DIM:
                     continue
-                setup = "issue" if dim == SETUPS["issue"]["dim"] else f"issue/d{dim}"
-                todo.append((setup, method, mode, CHUNK_T, issue))
+                todo.append((dim_setup(dim), method, mode, CHUNK_T, issue))
     for t in (int(t) for t in args.sweep.split(",")):
         for method in METHODS:
             if method == "sequential" and t > args.sequential_max:
