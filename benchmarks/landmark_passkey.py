@@ -99,6 +99,13 @@ def load_final_loss(run_dir: Path) -> float | None:
     return records[max(records)]["loss"] if records else None
 
 
+def _answer_slot(length: int, block_size: int) -> int:
+    """Where a passkey prompt of ``length`` task tokens puts its answer's first token in a landmark block."""
+    from lca.data.tasks import passkey
+
+    return passkey(length, 0.0).answer_start % (block_size - 1)
+
+
 def write_results(out: Path, data: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "landmark_passkey.json").write_text(json.dumps(data, indent=1))
@@ -134,11 +141,8 @@ def write_results(out: Path, data: dict) -> None:
                   f"slot per length). Depths {sweep['depths']}, {sweep['samples']} samples per depth and length.", "",
                   "| context (tokens) | answer's slot in its block | landmark accuracy | plain accuracy |",
                   "|---:|---:|---:|---:|"]
-        from lca.data.tasks import passkey
-
         for a, b in zip(lm["sweep"]["rows"], plain["sweep"]["rows"]):
-            slot = passkey(a["length"], 0.0).answer_start % (L - 1)  # the answer's first token, in task tokens
-            lines.append(f"| {a['length']} | {slot} | {a['accuracy']:.0%} | "
+            lines.append(f"| {a['length']} | {_answer_slot(a['length'], L)} | {a['accuracy']:.0%} | "
                          f"{b['accuracy']:.0%} |")
         mean = lambda info: sum(r["accuracy"] for r in info["sweep"]["rows"]) / len(info["sweep"]["rows"])  # noqa: E731
         lines.append(f"| all | | **{mean(lm):.0%}** | **{mean(plain):.0%}** |")
@@ -175,10 +179,8 @@ def write_results(out: Path, data: dict) -> None:
     ax.set_title("Passkey retrieval, greedy decoding through the cache")
     ax.legend()
     if sweep:
-        from lca.data.tasks import passkey
-
         ax = axes[0, 1]
-        slots = [passkey(r["length"], 0.0).answer_start % (L - 1) for r in lm["sweep"]["rows"]]
+        slots = [_answer_slot(r["length"], L) for r in lm["sweep"]["rows"]]
         order = np.argsort(slots)
         for label, info, marker in (("landmark", lm, "o"), ("plain", plain, "s")):
             acc = [info["sweep"]["rows"][i]["accuracy"] for i in order]
@@ -221,13 +223,12 @@ def main(argv=None) -> None:
                         help="only rewrite landmark_passkey.md/.png in --out from its landmark_passkey.json")
     parser.add_argument("override", nargs="*", help="config overrides for both models, key=value")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
     if args.report:
-        sys.path.insert(0, str(ROOT))
         out = Path(args.out)
         write_results(out, json.loads((out / "landmark_passkey.json").read_text()))
         return
 
-    sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from machine import describe
 
