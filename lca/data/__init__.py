@@ -1,6 +1,7 @@
 """Data: byte tokenizer, document sources, synthetic long-context tasks and the Grain packing pipeline."""
 
-from lca.data.landmark import InsertLandmarks, StripLandmarks, insert_landmarks, strip_landmarks, with_landmarks_length
+from lca.data.landmark import (InsertLandmarks, JumpPositions, StripLandmarks, insert_landmarks, jump_positions,
+                               strip_landmarks, with_landmarks_length)
 from lca.data.pipeline import (DataConfig, eval_batches, make_dataset, make_train_iterator, merge_states, row_features,
                                validate)
 from lca.data.sources import FileSource, StdlibSource, TextDirSource
@@ -12,5 +13,6 @@ __all__ = [
     "FileSource", "StdlibSource", "TextDirSource",
     "TASKS", "TaskExample", "get_task", "passkey", "multi_needle", "assoc_recall",
     "VOCAB_SIZE", "PAD_ID", "EOS_ID", "LANDMARK_ID", "NUM_IDS", "check_token_id", "encode", "decode",
-    "InsertLandmarks", "StripLandmarks", "insert_landmarks", "strip_landmarks", "with_landmarks_length",
+    "InsertLandmarks", "StripLandmarks", "JumpPositions", "insert_landmarks", "strip_landmarks", "jump_positions",
+    "with_landmarks_length",
 ]

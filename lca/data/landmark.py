@@ -19,6 +19,14 @@ A landmark slot gets:
 
 Both transforms accept rows ``[n]`` or batches ``[..., n]`` of the pipeline's features (any subset of
 inputs/targets/segment_ids/positions/loss_mask; other keys are refused) and are exact inverses on them.
+
+Position jumps (training only, ``data.landmark_pos_jump = J``; the reference's ``--pos_jump_on_mem`` in
+lm_benchmark): after each landmark the positions of the rest of its document piece move up by a random
+``0 .. J - 1`` more, so the rotary distance between two blocks is no longer their distance in the row.
+Retrieval at inference re-positions the retrieved blocks (:mod:`lca.attention.landmark`), closer together
+than they were in the text; a model that saw varied block distances in training relies less on them.
+``JumpPositions`` draws the jumps of all ``global_batch`` rows from one generator per batch and keeps this
+process's rows, so the data stay independent of the process count.
 """
 
 from __future__ import annotations
@@ -61,13 +69,17 @@ def _run_positions(segments, positions_at_start):
 
     ``positions_at_start [..., n]`` is read at each run's first index.
     """
-    n = segments.shape[-1]
-    index = np.broadcast_to(np.arange(n), segments.shape)
-    starts = np.ones(segments.shape, bool)
-    starts[..., 1:] = segments[..., 1:] != segments[..., :-1]
-    run_start = np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
+    index, run_start = _run_starts(segments)
     first = np.take_along_axis(positions_at_start, run_start, axis=-1)
     return np.where(segments == 0, 0, first + index - run_start).astype(np.int32)
+
+
+def _run_starts(segments):
+    """``(index, run_start)`` ``[..., n]``: each token's row index, and the index where its run of equal ids begins."""
+    index = np.broadcast_to(np.arange(segments.shape[-1]), segments.shape)
+    starts = np.ones(segments.shape, bool)
+    starts[..., 1:] = segments[..., 1:] != segments[..., :-1]
+    return index, np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
 
 
 def insert_landmarks(features: dict, block_size: int) -> dict:
@@ -107,6 +119,34 @@ def strip_landmarks(features: dict, block_size: int) -> dict:
     return out
 
 
+def jump_positions(features: dict, block_size: int, jumps) -> dict:
+    """Add ``jumps [..., n // L]`` (ints >= 0, one per landmark slot) to the positions after each landmark.
+
+    The positions of a document piece then grow by the jumps of the landmarks inside it (from its first
+    token on), so every piece still starts at its own first position; landmarks and padding are unchanged
+    otherwise. Needs ``positions`` and ``segment_ids`` of rows of whole landmark blocks.
+    """
+    L = _check_block_size(block_size)
+    n = _check_features(features)
+    if "positions" not in features:
+        raise ValueError("jump_positions needs the positions (and segment_ids) features.")
+    positions, segments = np.asarray(features["positions"]), np.asarray(features["segment_ids"])
+    jumps = np.asarray(jumps)
+    if n % L or jumps.shape != positions.shape[:-1] + (n // L,) or (jumps < 0).any():
+        raise ValueError(f"jumps must be ints >= 0 of shape {positions.shape[:-1] + (n // L,)} (one per landmark "
+                         f"of rows of {n} = whole blocks of {L}), got shape {jumps.shape}.")
+    # Token i moves up by the jumps of the landmarks before it (the reference's cumsum(is_mem * jump)[:-1]).
+    per_slot = np.zeros(positions.shape, np.int64)
+    per_slot[..., L - 1::L] = jumps
+    before = np.cumsum(per_slot, axis=-1) - per_slot
+    # ... counted from its document piece's first token, so each piece keeps its start position.
+    _, run_start = _run_starts(segments)
+    moved = before - np.take_along_axis(before, run_start, axis=-1)
+    out = dict(features)
+    out["positions"] = np.where(segments == 0, positions, positions + moved).astype(positions.dtype)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class _LandmarkMap(grain.transforms.Map):
     block_size: int
@@ -129,4 +169,25 @@ class StripLandmarks(_LandmarkMap):
         return strip_landmarks(element, self.block_size)
 
 
-__all__ = ["InsertLandmarks", "StripLandmarks", "insert_landmarks", "strip_landmarks", "with_landmarks_length"]
+@dataclasses.dataclass(frozen=True)
+class JumpPositions(grain.transforms.RandomMap):
+    """Grain random map on batches of ``global_batch`` rows' slice ``rows``: :func:`jump_positions` with jumps
+    uniform in ``0 .. max_jump - 1``, drawn for all ``global_batch`` rows and sliced to ``rows``."""
+
+    block_size: int
+    max_jump: int
+    rows: range
+    global_batch: int
+
+    def __post_init__(self):
+        _check_block_size(self.block_size)
+        if isinstance(self.max_jump, bool) or not isinstance(self.max_jump, (int, np.integer)) or self.max_jump < 1:
+            raise ValueError(f"max_jump must be an int >= 1 (jumps 0 .. max_jump - 1), got {self.max_jump!r}.")
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        n = np.shape(element["positions"])[-1]
+        jumps = rng.integers(0, self.max_jump, size=(self.global_batch, n // self.block_size))
+        return jump_positions(element, self.block_size, jumps[self.rows.start:self.rows.stop])
+
+
+__all__ = ["InsertLandmarks", "JumpPositions", "jump_positions", "StripLandmarks", "insert_landmarks", "strip_landmarks", "with_landmarks_length"]

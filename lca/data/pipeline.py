@@ -47,7 +47,7 @@ import dataclasses
 import grain
 import numpy as np
 
-from lca.data.landmark import InsertLandmarks
+from lca.data.landmark import InsertLandmarks, JumpPositions
 from lca.data.sources import SPLITS, StdlibSource, TextDirSource
 from lca.data.tasks import TASKS
 from lca.data.tokenizer import EOS_ID, PAD_ID
@@ -78,6 +78,10 @@ class DataConfig:
         row (`lca.data.landmark.InsertLandmarks`, no loss at landmark positions); rows are packed with
         seq_len - seq_len / L tokens so that they hold seq_len tokens with their landmarks (seq_len % L == 0).
         Set it to `model.mixers.landmark.block_size` when `model.pattern` uses the landmark mixer (checked at load).
+    landmark_pos_jump: 0 (off) or J >= 2, with landmark_every: in training rows (split "train") the positions after
+        each landmark move up by a further uniform random 0..J-1 (`lca.data.landmark.JumpPositions`, the reference's
+        --pos_jump_on_mem), so that rotary distances between blocks vary; retrieval at inference places the
+        blocks it retrieves closer together than they were. Held-out batches keep plain positions.
     task_loss: which targets of a synthetic task's row carry loss: "all" (every token, like text) or "answer"
         (only the answer at the row's end: the copy the task tests, not the filler it is made of). Applies to a
         task `source` and to the tasks of `mixture`; corpus rows keep every token.
@@ -102,6 +106,7 @@ class DataConfig:
     prefetch: int = 2
     mixture: dict[str, float] = dataclasses.field(default_factory=dict)
     landmark_every: int | None = None
+    landmark_pos_jump: int = 0
     task_loss: str = "all"
     task_len_jitter: int = 0
     task_start_jitter: int = 0
@@ -162,6 +167,13 @@ def validate(cfg: DataConfig, *, seq_len: int, global_batch: int, process_count:
     if L is not None and (L < 2 or seq_len % L):
         raise ValueError(f"data.landmark_every={L} must be >= 2 and divide seq_len={seq_len} (each row holds whole "
                          f"landmark blocks); use e.g. seq_len={max(2, L) * max(1, seq_len // max(2, L))}.")
+    jump = cfg.landmark_pos_jump
+    if isinstance(jump, bool) or not isinstance(jump, int) or jump < 0 or jump == 1:
+        raise ValueError(f"data.landmark_pos_jump={jump!r} must be 0 (off) or an int >= 2 (jumps 0..J-1 after each "
+                         f"landmark), e.g. landmark_every.")
+    if jump and L is None:
+        raise ValueError(f"data.landmark_pos_jump={jump} moves positions at landmarks, but data.landmark_every is None "
+                         f"(no landmarks); set data.landmark_every or data.landmark_pos_jump=0.")
     row_len = seq_len - seq_len // L if L else seq_len
     _check_task_knobs_have_a_task(cfg)
     if cfg.source in TASKS and (cfg.task_len_jitter or cfg.task_start_jitter):
@@ -514,6 +526,8 @@ def make_dataset(cfg: DataConfig, *, seq_len: int, global_batch: int, seed: int,
         ds = grain.IterDataset.mix(parts, shares)
     if L:
         ds = ds.map(InsertLandmarks(L))
+        if cfg.landmark_pos_jump and split == "train":
+            ds = ds.random_map(JumpPositions(L, cfg.landmark_pos_jump, rows, global_batch), seed=seed)
     if cfg.num_workers > 0:
         _absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))

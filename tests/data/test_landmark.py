@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from lca.data.landmark import InsertLandmarks, StripLandmarks, insert_landmarks, strip_landmarks, with_landmarks_length
+from lca.data.landmark import (InsertLandmarks, JumpPositions, StripLandmarks, insert_landmarks, jump_positions,
+                               strip_landmarks, with_landmarks_length)
 from lca.data.pipeline import FEATURES, DataConfig, make_dataset, row_features
 from lca.data.tokenizer import EOS_ID, LANDMARK_ID, NUM_IDS, PAD_ID, VOCAB_SIZE, check_token_id, decode, encode
 
@@ -113,3 +114,55 @@ def test_inserted_rows_match_what_landmark_attention_reads():
     real = (batch["segment_ids"] > 0) & ~is_landmark
     np.testing.assert_allclose(weights.sum(-1).transpose(0, 2, 1)[real], 1.0, atol=1e-5)
     assert np.all(weights.transpose(0, 2, 1, 3)[:, :, :, np.arange(n) % L == L - 1] == 0)
+
+
+def test_position_jumps_by_hand():
+    # Rows of blocks of 3 (two tokens, then a landmark): "abcd" EOS | "xyz" (to its last target) | padding.
+    row = insert_landmarks(row_features([encode("abcd", add_eos=True), encode("xyz")], seq_len=10), block_size=3)
+    np.testing.assert_array_equal(row["segment_ids"], [1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0, 0])
+    np.testing.assert_array_equal(row["positions"], [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 0, 0, 0])
+    out = jump_positions(row, 3, np.array([10, 20, 30, 40, 50]))
+    # After landmark 0 (row index 2) +10, after landmark 1 (index 5) +20 more; piece 2 starts at index 7 and
+    # counts only the landmark inside it (index 8: +30; the one at 11 closes it); padding keeps 0.
+    np.testing.assert_array_equal(out["positions"], [0, 1, 2, 13, 14, 15, 36, 0, 1, 32, 33, 34, 0, 0, 0])
+    for key in ("inputs", "targets", "segment_ids", "loss_mask"):
+        np.testing.assert_array_equal(out[key], row[key])
+    np.testing.assert_array_equal(jump_positions(row, 3, np.zeros(5, int))["positions"], row["positions"])
+    with pytest.raises(ValueError, match=r"jumps must be ints >= 0 of shape \(5,\)"):
+        jump_positions(row, 3, np.zeros(4, int))
+    with pytest.raises(ValueError, match="max_jump"):
+        JumpPositions(3, 0, range(0, 1), 1)
+
+
+def test_position_jumps_in_the_pipeline_train_only_per_row_and_checkpointable(tmp_path):
+    for i in range(12):
+        (tmp_path / f"d{i:02d}.txt").write_text(f"document {i} " + "abc" * 20)
+    cfg = DataConfig(source="text_dir", path=str(tmp_path), prefetch=0, landmark_every=4, landmark_pos_jump=5)
+    plain = DataConfig(**{**cfg.__dict__, "landmark_pos_jump": 0})
+    kw = dict(seq_len=32, global_batch=4, seed=3)
+    whole = make_dataset(cfg, **kw, process_index=0, process_count=1)
+    it, ref = iter(whole), iter(make_dataset(plain, **kw, process_index=0, process_count=1))
+    batch, base = next(it), next(ref)
+    for key in ("inputs", "targets", "segment_ids", "loss_mask"):
+        np.testing.assert_array_equal(batch[key], base[key], err_msg=key)
+    moved = batch["positions"] - base["positions"]
+    assert moved.min() >= 0 and moved.max() > 0
+    steps = np.diff(batch["positions"], axis=-1)[np.diff(batch["segment_ids"], axis=-1) == 0]
+    assert steps.min() >= 1 and steps.max() <= 5  # strictly increasing within a piece, jumps 0..4
+    # A process's rows are the single process's rows: jumps do not depend on the process count.
+    half = next(iter(make_dataset(cfg, **kw, process_index=1, process_count=2)))
+    np.testing.assert_array_equal(half["positions"], batch["positions"][2:])
+    # Resuming from a saved state repeats the same jumps; held-out rows never jump.
+    state = it.get_state()
+    ahead = next(it)
+    it.set_state(state)
+    np.testing.assert_array_equal(next(it)["positions"], ahead["positions"])
+    held_out = DataConfig(**{**cfg.__dict__, "eval_fraction": 0.5})
+    plain_out = DataConfig(**{**held_out.__dict__, "landmark_pos_jump": 0})
+    eval_kw = dict(kw, split="eval", process_index=0, process_count=1)
+    np.testing.assert_array_equal(next(iter(make_dataset(held_out, **eval_kw)))["positions"],
+                                  next(iter(make_dataset(plain_out, **eval_kw)))["positions"])
+    for bad, match in (({"landmark_pos_jump": 1}, "must be 0"), ({"landmark_pos_jump": 4, "landmark_every": None},
+                                                                   "landmark_every is None")):
+        with pytest.raises(ValueError, match=match):
+            make_dataset(DataConfig(**{**cfg.__dict__, **bad}), **kw, process_index=0, process_count=1)
