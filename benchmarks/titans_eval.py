@@ -1,7 +1,7 @@
 """Titans at CPU scale: MAC, MAG, MAL, LMM and a plain transformer of the same size, same budget.
 
-Every model trains with ``lca-train configs/titans_eval.yaml`` (the stdlib corpus with half of
-the batches passkey needles, seq_len 256; same steps, batch, lr and data), one after another,
+Every model trains with ``lca-train configs/titans_eval.yaml`` (the stdlib corpus with three quarters of
+the batches passkey needles, seq_len 512; same steps, batch, lr and data), one after another,
 each run from scratch in its own process. Then ``lca-eval`` (a fresh process) measures bits per
 byte on held-out stdlib text and the passkey accuracy at 1x..16x the training length
 (teacher-forced: the whole 5-digit answer is the argmax after one forward pass over the prompt,
@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/titans_eval.yaml"
@@ -77,7 +79,7 @@ def recipe(overrides: list[str]) -> dict:
     cfg = load_config(str(REPO / CONFIG), overrides)
     return {"params": num_params(abstract_model(cfg)[1]), "steps": cfg.train.steps, "seq_len": cfg.train.seq_len,
             "global_batch": cfg.train.global_batch, "lr": cfg.train.lr, "mixture": dict(cfg.data.mixture),
-            "task_loss": cfg.data.task_loss,
+            "task_loss": cfg.data.task_loss, "task_len_jitter": cfg.data.task_len_jitter,
             "d_model": cfg.model.d_model, "num_layers": cfg.model.num_layers, "mlp_dim": cfg.model.mlp_dim}
 
 
@@ -131,12 +133,13 @@ def evaluate_model(name: str, run_dir: Path, overrides: list[str], trained: dict
     return record
 
 
-def _passkey_fixed_len() -> int:
-    """Tokens of a passkey example that are not filler: task text, needle, question and the 5-digit key."""
-    from lca.data.tasks import TASK_DESCRIPTION
+def _needle_distance(context_len: int) -> int:
+    """Tokens from the needle's start to the answer in a passkey example of ``context_len`` at depth 0 (the farthest)."""
+    from lca.data.tasks import passkey
 
-    needle = b"The pass key is 12345. Remember it. 12345 is the pass key. "
-    return len(TASK_DESCRIPTION) + len(needle) + len(b"\nWhat is the pass key? The pass key is ") + 5
+    example = passkey(context_len, 0.0)
+    start = bytes(example.tokens.astype(np.uint8)).find(b"The pass key is")
+    return example.answer_start - start
 
 
 def _verdict(records, failed) -> str:
@@ -199,18 +202,20 @@ def write_report(results: dict, out: Path) -> None:
         "(load average before -> after each training run in the table; CPU time is the run's own).", "",
         f"Every model: {first['step']} steps of batch {first['global_batch']} x {train_len} tokens, lr {first['lr']:g}, "
         f"the stdlib corpus mixed with passkey examples (`data.mixture: {first['mixture']}`, a share of the batches; "
-        f"`data.task_loss: {first.get('task_loss', 'all')}`: loss on {'the answer only' if first.get('task_loss') == 'answer' else 'every token'} of a passkey row), "
+        f"`data.task_loss: {first.get('task_loss', 'all')}`: loss on {'the answer only' if first.get('task_loss') == 'answer' else 'every token'} of a passkey row"
+        + (f"; `data.task_len_jitter: {first['task_len_jitter']}`: each passkey example 0..{first['task_len_jitter']} "
+           "tokens shorter, the row's end padding" if first.get("task_len_jitter") else "") + "), "
         f"float32, {first['num_layers']} layers, d_model {first['d_model']}. "
         "All four Titans models use the Titans kind in every layer (no global attention layer): MAG and MAL "
         "attend through a 64-token window, MAC within 64-token segments, LMM not at all. The memory keeps lca's "
         "defaults `max_lr` 0.003 (lucidrains' 0.1 diverges within 128-256 tokens of a freshly initialised memory "
         "at 16-token chunks, and 0.01 diverged in training) and `max_grad_norm` 10, each token's memory gradient "
-        "clipped to that norm: without it all four Titans models diverged in this recipe (MAC at step 53, LMM 65, "
+        "clipped to that norm: without it all four Titans models diverged in training at 256 tokens (MAC at step 53, LMM 65, "
         "MAL 242, MAG 1,169), their memories blowing up to inf within one row.",
         "",
-        f"At the training length a passkey example is almost all prompt (task text, needle and question take "
-        f"{_passkey_fixed_len()} of its {train_len} tokens), so the needle sits within about 100 tokens of the answer "
-        f"whatever its depth; at {lengths[-1]} tokens it can be {lengths[-1] - 150:,} tokens back.",
+        f"A needle at depth 0 sits {_needle_distance(train_len + 1):,} tokens before the answer in a training "
+        f"example of {train_len + 1} tokens (task text, needle and question take the rest), and "
+        f"{_needle_distance(lengths[-1]):,} tokens before it at {lengths[-1]:,} tokens.",
         "",
         f"bits/byte: held-out stdlib text ({records[0]['bpb_tokens']:,} tokens at length {train_len}). Passkey "
         f"accuracy: share of {trials} examples per length ({len(records[0]['depths'])} needle depths x "
@@ -239,7 +244,7 @@ def _plot(records, lengths, train_len, machine, path) -> None:
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
     acc_ax, bpb_ax = fig.subplots(1, 2, width_ratios=[2, 1])
-    shown = [i for i, n in enumerate(lengths) if n + 1 not in lengths]  # 256 beside 257: the table has it
+    shown = [i for i, n in enumerate(lengths) if n + 1 not in lengths]  # 512 beside 513: the table has it
     lengths = [lengths[i] for i in shown]
     markers = "osD^vP*X"
     for j, r in enumerate(records):

@@ -19,6 +19,7 @@ PAGES = [
     ("landmark_passkey.py", "landmark_passkey"),
     ("landmark_passkey.py", "landmark_passkey_start_jitter/landmark_passkey"),  # a recipe variant's page
     ("titans_eval.py", "titans"),
+    ("titans_eval.py", "titans_seq256/titans"),  # the earlier recipe's page
     ("titans_update.py", "titans_update"),
 ]
 
