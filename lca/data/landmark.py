@@ -190,4 +190,5 @@ class JumpPositions(grain.transforms.RandomMap):
         return jump_positions(element, self.block_size, jumps[self.rows.start:self.rows.stop])
 
 
-__all__ = ["InsertLandmarks", "JumpPositions", "jump_positions", "StripLandmarks", "insert_landmarks", "strip_landmarks", "with_landmarks_length"]
+__all__ = ["InsertLandmarks", "JumpPositions", "StripLandmarks", "insert_landmarks", "jump_positions", "strip_landmarks",
+           "with_landmarks_length"]
