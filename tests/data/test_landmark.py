@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -138,7 +140,7 @@ def test_position_jumps_in_the_pipeline_train_only_per_row_and_checkpointable(tm
     for i in range(12):
         (tmp_path / f"d{i:02d}.txt").write_text(f"document {i} " + "abc" * 20)
     cfg = DataConfig(source="text_dir", path=str(tmp_path), prefetch=0, landmark_every=4, landmark_pos_jump=5)
-    plain = DataConfig(**{**cfg.__dict__, "landmark_pos_jump": 0})
+    plain = dataclasses.replace(cfg, landmark_pos_jump=0)
     kw = dict(seq_len=32, global_batch=4, seed=3)
     whole = make_dataset(cfg, **kw, process_index=0, process_count=1)
     it, ref = iter(whole), iter(make_dataset(plain, **kw, process_index=0, process_count=1))
@@ -157,12 +159,12 @@ def test_position_jumps_in_the_pipeline_train_only_per_row_and_checkpointable(tm
     ahead = next(it)
     it.set_state(state)
     np.testing.assert_array_equal(next(it)["positions"], ahead["positions"])
-    held_out = DataConfig(**{**cfg.__dict__, "eval_fraction": 0.5})
-    plain_out = DataConfig(**{**held_out.__dict__, "landmark_pos_jump": 0})
+    held_out = dataclasses.replace(cfg, eval_fraction=0.5)
+    plain_out = dataclasses.replace(held_out, landmark_pos_jump=0)
     eval_kw = dict(kw, split="eval", process_index=0, process_count=1)
     np.testing.assert_array_equal(next(iter(make_dataset(held_out, **eval_kw)))["positions"],
                                   next(iter(make_dataset(plain_out, **eval_kw)))["positions"])
     for bad, match in (({"landmark_pos_jump": 1}, "must be 0"), ({"landmark_pos_jump": 4, "landmark_every": None},
                                                                    "landmark_every is None")):
         with pytest.raises(ValueError, match=match):
-            make_dataset(DataConfig(**{**cfg.__dict__, **bad}), **kw, process_index=0, process_count=1)
+            make_dataset(dataclasses.replace(cfg, **bad), **kw, process_index=0, process_count=1)
