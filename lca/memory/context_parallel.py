@@ -118,10 +118,15 @@ def context_parallel(
         step = functools.partial(run, params)
         return pipeline_shard(step, first(params, rows), xs, axis_name=axis_name, micro_batches=micro_batches)
 
-    if mesh.axis_types[mesh.axis_names.index(axis_name)] == jax.sharding.AxisType.Explicit:
-        # explicit axes: the sharding is in the type
-        xs = jax.tree.map(lambda a: jax.sharding.reshard(a, NamedSharding(mesh, spec)), xs)
-    return jax.shard_map(body, mesh=mesh, in_specs=(P(), spec), out_specs=spec)(params, xs)
+    if mesh.axis_types[mesh.axis_names.index(axis_name)] != jax.sharding.AxisType.Explicit:
+        return jax.shard_map(body, mesh=mesh, in_specs=(P(), spec), out_specs=spec)(params, xs)
+    # Explicit axes: the sharding is in the type. Shard the inputs as the pipeline needs, and give the
+    # result the (batch, length) sharding of the first input: sharded over `axis_name` only where the
+    # input was, so that an unsharded x gives an unsharded result (and cotangent), as on one device.
+    given = (tuple(jax.typeof(jax.tree.leaves(xs)[0]).sharding.spec) + (None, None))[:2]
+    xs = jax.tree.map(lambda a: jax.sharding.reshard(a, NamedSharding(mesh, spec)), xs)
+    out = jax.shard_map(body, mesh=mesh, in_specs=(P(), spec), out_specs=spec)(params, xs)
+    return jax.tree.map(lambda a: jax.sharding.reshard(a, NamedSharding(mesh, P(*given))), out)
 
 
 def context_parallel_memory(

@@ -1,0 +1,72 @@
+"""Every Titans architecture on a context-split mesh equals one device: LMM, MAG, MAL and MAC on 2, 4 and 8
+fake devices, forward and the gradients of all parameters and inputs.
+
+The memory learns fast here (``max_lr`` 0.1, against the default 0.003) so that its carried state matters:
+each case first checks that the last token's output depends, through the memory alone, on the first
+token, which sits on another device.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lca.config import ModelConfig
+from lca.memory import mac, mag, mal
+from lca.memory.context_parallel import ContextSplit, fresh_memory
+from lca.memory.mixer import TitansLmmConfig
+from lca.parallel import make_mesh
+
+MODEL = ModelConfig(d_model=16, num_heads=2)
+# chunk 3 does not line up with the 4-token shards; window 3 and segment 4 keep the attention of the
+# last token inside the last shard, so only the memory carries the first token to it
+MEMORY = dict(memory_heads=2, chunk_size=3, conv_kernel=2, persistent=2, max_lr=0.1)
+SEGMENT = 4
+BATCH = 2
+
+
+def _lmm():
+    config = TitansLmmConfig(**MEMORY).memory(MODEL.d_model)
+    from lca.memory import neural_memory as nm
+
+    layer = lambda p, x, pos, split: fresh_memory(p, x, config=config, split=split)  # noqa: E731
+    return nm.init_params, config, layer
+
+
+def _mixed(module, layer_fn, config):
+    return module.init_params, config, lambda p, x, pos, split: layer_fn(p, x, pos, config=config, split=split)
+
+
+ARCHITECTURES = {
+    "lmm": _lmm,
+    "mag": lambda: _mixed(mag, mag.mag_layer, mag.TitansMagConfig(**MEMORY, window=3).mag(MODEL)),
+    "mal": lambda: _mixed(mal, mal.mal_layer, mal.TitansMalConfig(**MEMORY, window=3).mag(MODEL)),
+    "mac": lambda: _mixed(mac, mac.mac_layer, mac.TitansMacConfig(**MEMORY, segment=SEGMENT).mac(MODEL)),
+}
+
+
+@pytest.mark.parametrize("devices", [2, 4, 8])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_context_split_equals_one_device(arch, devices):
+    init, config, layer = ARCHITECTURES[arch]()
+    length = SEGMENT * devices  # one MAC segment per device
+    params = init(jax.random.PRNGKey(0), config)
+    x = jax.random.normal(jax.random.PRNGKey(1), (BATCH, length, MODEL.d_model))
+    positions = jnp.broadcast_to(jnp.arange(length), (BATCH, length))
+    probe = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+    split = ContextSplit(make_mesh(context=devices, devices=jax.devices()[:devices]), "context", micro_batches=2)
+
+    def loss(split):
+        return lambda p, x: jnp.sum(layer(p, x, positions, split) * probe)
+
+    one = jax.jit(lambda p, x: layer(p, x, positions, None))
+    nudged = x.at[:, 0].add(1.0)
+    assert float(jnp.max(jnp.abs(one(params, nudged)[:, -1] - one(params, x)[:, -1]))) > 1e-4
+
+    pipelined = jax.jit(lambda p, x: layer(p, x, positions, split))
+    assert "ppermute" in str(jax.make_jaxpr(pipelined)(params, x))
+    np.testing.assert_allclose(pipelined(params, x), one(params, x), rtol=1e-5, atol=1e-6)
+    got = jax.jit(jax.grad(loss(split), argnums=(0, 1)))(params, x)
+    want = jax.jit(jax.grad(loss(None), argnums=(0, 1)))(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
