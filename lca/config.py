@@ -340,6 +340,10 @@ def _check_values(cfg: Config) -> None:
     from lca.models import mixers, strategies
 
     mixers.check(cfg.model, cfg)
+    if cfg.data.landmark_every is not None:  # any model reading landmark rows needs the id, not only a landmark layer
+        from lca.models.landmark import check_vocab_holds_landmark
+
+        check_vocab_holds_landmark(cfg.model, "that data.landmark_every inserts")
     strategies.check(cfg.model, tuple(field.name for field in dataclasses.fields(MeshConfig)))
     m = cfg.model
     if m.num_heads % m.num_kv_heads:

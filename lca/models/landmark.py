@@ -41,6 +41,17 @@ if TYPE_CHECKING:
 IMPLS = ("blockwise", "pallas")
 
 
+def check_vocab_holds_landmark(model: ModelConfig, why: str) -> None:
+    """ConfigError unless the model's embedding table has a row for the landmark token (``why``: who needs it)."""
+    from lca.data.tokenizer import LANDMARK_ID, VOCAB_SIZE, check_token_id
+    from lca.models.decoder import padded_vocab
+
+    try:
+        check_token_id(LANDMARK_ID, model.vocab_size or padded_vocab(VOCAB_SIZE))
+    except ValueError as err:
+        raise ConfigError(f"config key 'model.vocab_size' cannot hold the landmark token {why}: {err}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class LandmarkConfig:
     """``model.mixers.landmark``: grouped-softmax attention over landmark blocks, top-k retrieval at inference."""
@@ -52,9 +63,6 @@ class LandmarkConfig:
     impl: str = "blockwise"  # training-time grouped softmax: blockwise (lax.scan, custom VJP) | pallas
 
     def check(self, key: str, model: ModelConfig) -> None:
-        from lca.data.tokenizer import LANDMARK_ID, VOCAB_SIZE, check_token_id
-        from lca.models.decoder import padded_vocab
-
         if self.block_size < 2:
             raise ConfigError(f"config key '{key}.block_size' must be >= 2 (L - 1 tokens, then a landmark), "
                               f"got {self.block_size}.")
@@ -75,10 +83,7 @@ class LandmarkConfig:
             raise ConfigError(f"config key '{key}.block_size'={self.block_size} must divide the attention block "
                               f"model.attention.block_kv={block_kv} (each holds whole landmark blocks); use e.g. "
                               f"block_kv={self.block_size * max(1, block_kv // self.block_size)}.")
-        try:
-            check_token_id(LANDMARK_ID, model.vocab_size or padded_vocab(VOCAB_SIZE))
-        except ValueError as err:
-            raise ConfigError(f"config key 'model.vocab_size' cannot hold the landmark token: {err}") from None
+        check_vocab_holds_landmark(model, f"that '{key}' reads")
 
     def check_run(self, key: str, cfg) -> None:
         """Checks against the rest of the run: the data insert this block size's landmarks; rows hold whole blocks."""

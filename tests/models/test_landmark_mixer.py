@@ -52,6 +52,14 @@ def test_config_errors_at_load(overrides, match):
     assert "\n" not in str(info.value)
 
 
+def test_landmark_rows_need_a_vocabulary_holding_the_landmark_even_without_landmark_layers():
+    """A plain model may read landmark rows (``landmark_plain``); an id past its table would be clamped silently."""
+    load_config("tiny", ["model.pattern=[global]", f"data.landmark_every={L}"])
+    with pytest.raises(ConfigError, match=r"landmark token that data.landmark_every inserts: landmark_id=258 does "
+                                          r"not fit an embedding table of vocab_size=258"):
+        load_config("tiny", ["model.pattern=[global]", f"data.landmark_every={L}", "model.vocab_size=258"])
+
+
 def test_causal_at_the_model_level():
     model = make_model(tiny(), seed=2)
     rng = np.random.default_rng(0)
