@@ -212,25 +212,45 @@ def test_chunked_prefill_then_token_by_token_equals_one_pass():
     _close(jnp.concatenate(outs, axis=1), want, 1e-5)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_retrieved_blocks_take_the_papers_positions(seed):
+def _paper_shared_top1(q, landmark_keys, q_pos: int, L: int) -> int:
+    """Top-1 block, one set for all heads, scored at the paper's positions (llama_mem.py) with top_k=1.
+
+    The most recent block's landmark sits at slot 1, every older one at slot 0 (position ``slot * L + L - 1``);
+    the shared choice is the block with the largest softmax probability in any head.
+    """
+    n = landmark_keys.shape[1]
+    slots = jnp.where(jnp.arange(n) == n - 1, 1, 0)
+    keys = apply_rope(landmark_keys, (slots * L + L - 1)[None])
+    scores = jnp.einsum("bthd,bnhd->bhn", apply_rope(q, jnp.array([[q_pos]])), keys) / jnp.sqrt(q.shape[-1])
+    return int(jnp.argmax(jnp.max(jax.nn.softmax(scores, axis=-1), axis=1)[0]))
+
+
+def test_retrieved_blocks_take_the_papers_positions():
     # top_k=1 of 3 cached blocks, one set for all heads: the retrieved block sits in slot 0 (an older block)
-    # or slot 1 (the most recent one); the local window starts at (k' + 1) L = 2 L. The oracle on that layout,
-    # rotated at those positions, must give the same output.
+    # or slot 1 (the most recent one); the local window starts at (k' + 1) L = 2 L. The choice must be the
+    # one scored at the paper's positions, and the output the oracle's on that layout, rotated at those
+    # positions. Seeds until both slots were taken.
     L, n_blocks, local = 4, 3, 5
-    q, k, v = _qkv(40 + seed, 1, n_blocks * L + local, n_blocks * L + local, 2, 2)
-    cache, k_local, v_local = _split_for_retrieval(k, v, n_blocks, L)
-    got, idx = _jit(landmark_retrieval_attention, block_size=L, top_k=1, selection="shared", rope=apply_rope,
-                    return_indices=True)(q[:, -1:], k_local, v_local, cache)
-    j = int(idx[0, 0, 0, 0])
-    slot = 1 if j == n_blocks - 1 else 0
-    kv_pos = jnp.concatenate([slot * L + jnp.arange(L), 2 * L + jnp.arange(local)]).astype(jnp.int32)
-    q_pos = kv_pos[-1:]
-    keys = jnp.concatenate([cache.keys[:, j], k_local], axis=1)
-    values = jnp.concatenate([cache.values[:, j], v_local], axis=1)
-    want = _jit(landmark_reference_attention, block_size=L, q_positions=q_pos, kv_positions=kv_pos)(
-        apply_rope(q[:, -1:], q_pos[None]), apply_rope(keys, kv_pos[None]), values)
-    _close(got, want, 1e-5)
+    seen = set()
+    for seed in range(12):
+        q, k, v = _qkv(40 + seed, 1, n_blocks * L + local, n_blocks * L + local, 2, 2)
+        cache, k_local, v_local = _split_for_retrieval(k, v, n_blocks, L)
+        got, idx = _jit(landmark_retrieval_attention, block_size=L, top_k=1, selection="shared", rope=apply_rope,
+                        return_indices=True)(q[:, -1:], k_local, v_local, cache)
+        j = int(idx[0, 0, 0, 0])
+        assert j == _paper_shared_top1(q[:, -1:], cache.landmark_keys, 2 * L + local - 1, L), seed
+        slot = 1 if j == n_blocks - 1 else 0
+        kv_pos = jnp.concatenate([slot * L + jnp.arange(L), 2 * L + jnp.arange(local)]).astype(jnp.int32)
+        q_pos = kv_pos[-1:]
+        keys = jnp.concatenate([cache.keys[:, j], k_local], axis=1)
+        values = jnp.concatenate([cache.values[:, j], v_local], axis=1)
+        want = _jit(landmark_reference_attention, block_size=L, q_positions=q_pos, kv_positions=kv_pos)(
+            apply_rope(q[:, -1:], q_pos[None]), apply_rope(keys, kv_pos[None]), values)
+        _close(got, want, 1e-5)
+        seen.add(slot)
+        if seen == {0, 1}:
+            break
+    assert seen == {0, 1}, seen
 
 
 def test_a_capped_cache_keeps_the_latest_blocks():
@@ -283,18 +303,25 @@ def test_a_capped_cache_appends_a_traced_number_of_blocks_in_one_compiled_step()
 
 @pytest.mark.parametrize("selection", ["per_head", "shared"])
 def test_retrieval_picks_the_block_holding_a_planted_key(selection):
+    # GQA (query heads 0, 1 read kv head 0), top_k=1 of 12 blocks. The key is planted in kv head 0 only, in a
+    # block that query head 1 does not pick without it; with it, head 1 picks that block (all heads with
+    # "shared"), and heads 2 and 3, which read kv head 1, keep their own choices under "per_head".
     L, num_blocks, d = 6, 12, 16
-    q, k, v = _qkv(21, 1, 2 * L, num_blocks * L + 3, 2, 2, d)
-    target = 4
-    direction = q[0, -1, 0]  # the last query of head 0
-    planted = k.at[0, target * L + 2, :].set(direction).at[0, target * L + L - 1, :].set(3.0 * direction)
+    q, k, v = _qkv(21, 1, 2 * L, num_blocks * L + 3, 4, 2, d)
+    run = _jit(landmark_retrieval_attention, block_size=L, top_k=1, selection=selection, return_indices=True)
+    cache, k_local, v_local = _split_for_retrieval(k, v, num_blocks, L)
+    _, before = run(q[:, -1:], k_local, v_local, cache)
+    target = (int(before[0, 0, 1, 0]) + num_blocks // 2) % num_blocks
+    direction = q[0, -1, 1]  # the last query of head 1
+    planted = k.at[0, target * L + 2, 0].set(direction).at[0, target * L + L - 1, 0].set(3.0 * direction)
     cache, k_local, v_local = _split_for_retrieval(planted, v, num_blocks, L)
-    _, idx = _jit(landmark_retrieval_attention, block_size=L, top_k=2, selection=selection, return_indices=True)(
-        q[:, -1:], k_local, v_local, cache)
-    assert idx.shape == (1, 1, 2, 2)
-    assert target in np.asarray(idx[0, 0, 0])
+    _, idx = run(q[:, -1:], k_local, v_local, cache)
+    assert idx.shape == (1, 1, 4, 1)
+    assert int(idx[0, 0, 1, 0]) == target
     if selection == "shared":
-        np.testing.assert_array_equal(np.asarray(idx[0, 0, 0]), np.asarray(idx[0, 0, 1]))
+        np.testing.assert_array_equal(np.asarray(idx[0, 0, :, 0]), [target] * 4)
+    else:
+        np.testing.assert_array_equal(np.asarray(idx[0, 0, 2:]), np.asarray(before[0, 0, 2:]))
 
 
 def test_retrieval_memory_follows_k_not_the_cache():
