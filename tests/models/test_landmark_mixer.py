@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import lca.models.generate as generate_module
 from lca.config import ConfigError, load_config
 from lca.data.landmark import insert_landmarks
 from lca.models import make_model
@@ -90,17 +91,39 @@ def ordinary_predictions(model, prompt, out, landmark_every):
     return predicted[:, prompt.shape[1] - 1:-1]
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("landmark", [False, True], ids=["plain", "landmark"])
-def test_chunked_prefill_and_generation_equal_one_forward_pass(landmark):
+def test_chunked_prefill_and_generation_equal_one_forward_pass(landmark, jit, monkeypatch):
     overrides = ["model.mixers.landmark.top_k=16"] if landmark else ["model.pattern=[local,global]",
                                                                    "model.mixers.local.window=5"]
     cfg = load_config("tiny", [*(LANDMARK if landmark else []), *overrides, "model.num_layers=2"])
     model = make_model(cfg, seed=1)
     prompt = np.random.default_rng(0).integers(0, 256, (2, 13))
     every = L if landmark else None
-    # Prefill in chunks of 6 (15 tokens with 2 landmarks), then 6 tokens one by one (a landmark after the 1st).
-    out = generate(model, prompt, 6, landmark_every=every, prefill_chunk=6, jit=False)
+    steps = []  # (positions, logits) of every cached step generate() takes, landmark steps included
+    compiled = generate_module._extend_fn
+
+    def recording(model, jit):
+        step = compiled(model, jit)
+
+        def run(tokens, positions, caches):
+            logits, caches = step(tokens, positions, caches)
+            steps.append((np.asarray(positions[0]), np.asarray(logits)))
+            return logits, caches
+        return run
+
+    monkeypatch.setattr(generate_module, "_extend_fn", recording)
+    # Prefill in chunks of 6 (14 tokens with 1 landmark), then 6 tokens one by one (a landmark after the 1st).
+    out = generate(model, prompt, 6, landmark_every=every, prefill_chunk=6, jit=jit)
     np.testing.assert_array_equal(out, ordinary_predictions(model, prompt, out, every))
+    # The logits of every step, not only their argmax, are those of one pass over the whole frame.
+    full = np.concatenate([prompt, out], axis=1)
+    frame = insert_landmarks({"inputs": full}, every)["inputs"] if every else full
+    want = np.asarray(forward(model, frame))
+    seen = np.concatenate([positions for positions, _ in steps])
+    np.testing.assert_array_equal(seen, np.arange(frame.shape[1] - 1))
+    for positions, logits in steps:
+        np.testing.assert_allclose(logits, want[:, positions], rtol=2e-4, atol=2e-4)
 
 
 def test_retrieval_of_every_cached_block_equals_training_output():
