@@ -87,7 +87,7 @@ class MemoryConfig:
             "chunk_size": self.chunk_size,
         }
         for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MemoryConfig.{name} must be a positive int, got {value!r}")
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
@@ -98,7 +98,7 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig.head_dim must be a positive int or None, got {self.head_dim!r}")
         for name in ("conv_kernel", "num_persistent"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"MemoryConfig.{name} must be an int >= 0, got {value!r}")
         if not self.max_lr > 0:
             raise ValueError(f"MemoryConfig.max_lr must be > 0, got {self.max_lr!r}")

@@ -116,6 +116,9 @@ def test_retrieve_reads_the_open_chunk():
     [
         ("chunk_size", 0, "chunk_size"),
         ("depth", 0, "depth"),
+        ("expansion", True, "expansion must be a positive int, got True"),
+        ("num_persistent", -2, "num_persistent must be an int >= 0"),
+        ("head_dim", 0, "head_dim must be a positive int or None"),
         ("num_heads", 3, "divisible"),
         ("conv_kernel", -1, "conv_kernel"),
         ("max_lr", 0.0, "max_lr"),

@@ -133,6 +133,14 @@ def test_zero_learning_rate_leaves_memory_unchanged():
     y, (w_end, s_end) = memorize_chunked(w, s, tokens, chunk_size=4, act=ACT, stop=2)
     _close((w_end, s_end), (w, s), rtol=0, atol=0)
     _close(y, mlp.apply(w, tokens.q, ACT))
+    # With momentum and forgetting at work (random S0, eta, alpha), theta = 0 still learns nothing from the
+    # tokens: outputs and state do not depend on k and v, only the old state decays and moves.
+    w, s = _state(jax.random.PRNGKey(10), 2)
+    tokens = _tokens(jax.random.PRNGKey(11), 8, lr=0.0)
+    other = tokens._replace(k=2.0 * tokens.k[::-1], v=-tokens.v)
+    run = lambda toks: memorize_chunked(w, s, toks, chunk_size=4, act=ACT, stop=2)  # noqa: E731
+    _close(run(other), run(tokens), rtol=0, atol=0)
+    assert float(jnp.max(jnp.abs(run(tokens)[1][0][0] - w[0]))) > 1e-3  # the state did move
 
 
 def test_full_forgetting_clears_memory():
