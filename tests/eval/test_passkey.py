@@ -29,6 +29,9 @@ def test_scores_generated_answers(monkeypatch):
 
 
 def test_runs_a_landmark_model_through_its_cache():
+    """Smoke test: the real generate() and a landmark model's caches run end to end at a length past one prefill
+    chunk (the scoring is checked above with a generator that knows the answer; an untrained model's answer says
+    nothing)."""
     from lca.config import load_config
     from lca.models import make_model
 
