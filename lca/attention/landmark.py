@@ -727,6 +727,7 @@ def landmark_retrieval_attention(
     scale: float | None = None,
     window_len=None,
     return_indices: bool = False,
+    q_tile: int | None = None,
 ):
     """Inference-time landmark attention: top-k cached blocks plus the local window, one grouped softmax.
 
@@ -749,6 +750,9 @@ def landmark_retrieval_attention(
         after them are unused room, so a fixed-size window buffer serves every step.
       return_indices: also return the retrieved buffer slots ``[batch, t, num_heads, R]`` (age order),
         ``R = top_k`` for a capped cache, else ``min(top_k, count)``; ``-1`` marks a rank with no used block.
+      q_tile: retrieve for at most this many queries at a time (a ``lax.map`` over query tiles), so that a long
+        prefill chunk gathers ``q_tile x num_heads x R`` blocks at once instead of ``t x num_heads x R``; None
+        (default): all ``t`` queries at once. The result does not depend on it.
 
     Returns:
       ``out [batch, t, num_heads, head_dim]`` in q's dtype (and the indices). Memory grows with ``k``
@@ -767,6 +771,8 @@ def landmark_retrieval_attention(
         )
     if selection not in SELECTIONS:
         raise ValueError(f"selection={selection!r} is not known; use one of {list(SELECTIONS)}.")
+    if q_tile is not None and (isinstance(q_tile, bool) or not isinstance(q_tile, (int, np.integer)) or q_tile < 1):
+        raise ValueError(f"q_tile must be None or an int >= 1 (queries retrieved for at a time), got {q_tile!r}.")
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (blocks retrieved per query), got {top_k!r}.")
     if cache.capacity is not None and top_k > cache.capacity:
@@ -804,13 +810,43 @@ def landmark_retrieval_attention(
         used = jnp.arange(cache.slots) < cache.count
         slots = _stingy_slots(cache.count, kk, cache.slots)
         score_keys = rope(cache.landmark_keys, jnp.broadcast_to(slots * L + L - 1, (b, cache.slots)))
-        idx = _select_blocks(q_rot, score_keys, used, retrieved, selection, logit.scale)  # [b, t, h, R]
-        carry = _fold_retrieved(carry, qg, cache, idx, kk, rope, logit.scale)
+
+        def retrieve(q_rot, qg, carry):
+            idx = _select_blocks(q_rot, score_keys, used, retrieved, selection, logit.scale)  # [b, t, h, R]
+            return _fold_retrieved(carry, qg, cache, idx, kk, rope, logit.scale), idx
+
+        if q_tile is None or q_tile >= t:
+            carry, idx = retrieve(q_rot, qg, carry)
+        else:
+            carry, idx = _by_query_tiles(retrieve, int(q_tile), q_rot, qg, carry)
         idx = jnp.where(idx < cache.count, idx, -1)
 
     out, _ = _finish(*carry)
     out = rearrange(out, "b hk g t d -> b t (hk g) d").astype(q.dtype)
     return (out, idx) if return_indices else out
+
+
+def _by_query_tiles(retrieve, tile: int, q_rot, qg, carry):
+    """``retrieve(q_rot, qg, carry) -> (carry, idx)`` over tiles of ``tile`` queries in turn (``lax.map``).
+
+    Queries are axis 1 of ``q_rot [b, t, h, d]`` and idx, axis 3 of ``qg [b, hk, g, t, d]`` and of the running
+    softmax state ``carry``; the last tile is padded with zero queries, whose rows are dropped.
+    """
+    t = q_rot.shape[1]
+    n = -(-t // tile)
+
+    def split(x, axis):
+        x = jnp.pad(x, [(0, n * tile - t) if a == axis else (0, 0) for a in range(x.ndim)])
+        return jnp.moveaxis(x.reshape(x.shape[:axis] + (n, tile) + x.shape[axis + 1:]), axis, 0)
+
+    def join(x, axis):
+        x = jnp.moveaxis(x, 0, axis)
+        x = x.reshape(x.shape[:axis] + (n * tile,) + x.shape[axis + 2:])
+        return jax.lax.slice_in_dim(x, 0, t, axis=axis)
+
+    tiles = (split(q_rot, 1), split(qg, 3), jax.tree.map(lambda c: split(c, 3), carry))
+    carry, idx = jax.lax.map(lambda args: retrieve(*args), tiles)
+    return jax.tree.map(lambda c: join(c, 3), carry), join(idx, 1)
 
 
 def _fold_retrieved(carry, qg, cache: BlockCache, idx, kk, rope, scale: float):

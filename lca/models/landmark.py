@@ -61,6 +61,8 @@ class LandmarkConfig:
     cache_blocks: Optional[int] = None  # blocks the inference cache keeps (oldest dropped); None: all of them
     selection: str = "per_head"  # per_head (the reference code's) | shared (one set for all heads, the paper's)
     impl: str = "blockwise"  # training-time grouped softmax: blockwise (lax.scan, custom VJP) | pallas
+    # inference: queries that retrieve at a time in a prefill chunk (each gathers top_k blocks per head); null: all
+    q_tile: Optional[int] = 64
 
     def check(self, key: str, model: ModelConfig) -> None:
         if self.block_size < 2:
@@ -74,6 +76,8 @@ class LandmarkConfig:
         if self.cache_blocks is not None and self.top_k > self.cache_blocks:
             raise ConfigError(f"config key '{key}.top_k'={self.top_k} is larger than the cache "
                               f"({key}.cache_blocks={self.cache_blocks}); use top_k <= {self.cache_blocks}.")
+        if self.q_tile is not None and self.q_tile < 1:
+            raise ConfigError(f"config key '{key}.q_tile' must be >= 1 or null (all queries at once), got {self.q_tile}.")
         if self.selection not in SELECTIONS:
             raise choice_error(f"{key}.selection", self.selection, SELECTIONS)
         if self.impl not in IMPLS:
@@ -121,7 +125,8 @@ def _rope(theta: float):
 
 
 # Compiled as one unit even when the model runs eagerly.
-_retrieve = jax.jit(landmark_retrieval_attention, static_argnames=("block_size", "top_k", "selection", "rope"))
+_retrieve = jax.jit(landmark_retrieval_attention,
+                    static_argnames=("block_size", "top_k", "selection", "rope", "q_tile"))
 
 
 class LandmarkAttention(nnx.Module):
@@ -194,7 +199,8 @@ class LandmarkAttention(nnx.Module):
                               for buf, new in ((cache.keys, k), (cache.values, v)))
         filled = cache.length + t
         out = _retrieve(q, window_k, window_v, cache.blocks, block_size=L, top_k=self.cfg.top_k,
-                        selection=self.cfg.selection, rope=_rope(self.rope_theta), window_len=filled)
+                        selection=self.cfg.selection, rope=_rope(self.rope_theta), window_len=filled,
+                        q_tile=self.cfg.q_tile)
         done = filled // L
         blocks = append_blocks(cache.blocks, window_k[:, :most * L], window_v[:, :most * L], num_blocks=done)
         open_k, open_v = (jax.lax.dynamic_slice_in_dim(w, done * L, L, axis=1) for w in (window_k, window_v))

@@ -324,6 +324,47 @@ def test_retrieval_picks_the_block_holding_a_planted_key(selection):
         np.testing.assert_array_equal(np.asarray(idx[0, 0, 2:]), np.asarray(before[0, 0, 2:]))
 
 
+@pytest.mark.parametrize("selection", ["per_head", "shared"])
+@pytest.mark.parametrize("q_tile", [1, 3, 7])
+def test_query_tiles_give_the_same_retrieval(selection, q_tile):
+    # 7 queries over a cache of 5 blocks (GQA, rotary): tiles of 1, 3 (the last one padded) or all 7 at once
+    # retrieve the same blocks and give the same output as no tiling.
+    L, n = 4, 5
+    q, k, v = _qkv(17, 2, 7, n * L + 7, 4, 2)
+    cache, k_local, v_local = _split_for_retrieval(k, v, n, L)
+    options = dict(block_size=L, top_k=2, selection=selection, rope=apply_rope, return_indices=True)
+    want, want_idx = _jit(landmark_retrieval_attention, **options)(q, k_local, v_local, cache)
+    got, idx = _jit(landmark_retrieval_attention, q_tile=q_tile, **options)(q, k_local, v_local, cache)
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
+    _close(got, want, 1e-6)
+
+
+def _intermediate_sizes(jaxpr):
+    """Element counts of every value a jaxpr computes, inside loop bodies too."""
+    for eqn in jaxpr.eqns:
+        yield from (int(np.prod(var.aval.shape)) for var in eqn.outvars)
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _intermediate_sizes(inner)
+
+
+def test_query_tiles_bound_the_gathered_blocks():
+    # A 64-query prefill chunk gathers [64, heads, top_k, L, d] at once; in tiles of 8, an eighth of that, and
+    # then the largest value left is the local window's [64 queries, 64 keys] logits (per head), a quarter.
+    L, d, t, h, top_k = 8, 16, 64, 2, 4
+    q, k, v = _qkv(0, 1, t, t, h, h, d)
+    cache = append_blocks(empty_block_cache(1, L, h, d), *_qkv(1, 1, 16 * L, 16 * L, h, h, d)[1:])
+    gathered = t * h * top_k * L * d
+
+    def biggest(**options):
+        run = lambda q, k, v, c: landmark_retrieval_attention(q, k, v, c, block_size=L, top_k=top_k, **options)  # noqa: E731
+        return max(_intermediate_sizes(jax.make_jaxpr(run)(q, k, v, cache).jaxpr))
+
+    assert biggest() >= gathered
+    assert biggest(q_tile=8) <= gathered // 4
+
+
 def test_retrieval_memory_follows_k_not_the_cache():
     # Traced shapes: the retrieved keys are [b, t, h, k, L, d], whatever the cache length.
     L, d = 4, 8
@@ -361,6 +402,8 @@ def test_bad_inputs_name_the_argument():
         landmark_retrieval_attention(q, k, v, cache, block_size=5, top_k=1)
     with pytest.raises(ValueError, match="selection"):
         landmark_retrieval_attention(q, k, v, cache, block_size=4, top_k=1, selection="max")
+    with pytest.raises(ValueError, match="q_tile must be None or an int >= 1"):
+        landmark_retrieval_attention(q, k, v, cache, block_size=4, top_k=1, q_tile=0)
     with pytest.raises(ValueError, match="s >= t"):
         landmark_retrieval_attention(q, k[:, :4], v[:, :4], cache, block_size=4, top_k=1)
     with pytest.raises(ValueError, match="whole blocks"):

@@ -44,6 +44,7 @@ def test_config_builds_landmark_layers():
     (["data.landmark_every=null"], r"'data.landmark_every'=None must equal 'model.mixers.landmark.block_size'=8"),
     (["train.seq_len=60"], r"'train.seq_len'=60 must be a multiple of 'model.mixers.landmark.block_size'=8"),
     (["model.mixers.landmark.selection=share"], r"did you mean 'shared'"),
+    (["model.mixers.landmark.q_tile=0"], r"'model.mixers.landmark.q_tile' must be >= 1 or null"),
     (["model.mixers.landmark.impl=xla"], r"'model.mixers.landmark.impl' has unknown value 'xla'"),
     (["model.mixers.landmark.top_kk=2"], r"did you mean 'model.mixers.landmark.top_k'"),
 ])
@@ -127,8 +128,9 @@ def test_chunked_prefill_and_generation_equal_one_forward_pass(landmark, jit, mo
 
 
 def test_retrieval_of_every_cached_block_equals_training_output():
-    # top_k >= the blocks in the cache: chunk by chunk through the block cache is the training-time forward.
-    model = make_model(tiny("model.mixers.landmark.top_k=8"), seed=4)
+    # top_k >= the blocks in the cache: chunk by chunk through the block cache is the training-time forward
+    # (chunks of 11 and 18 queries retrieve in tiles of 4, the last one padded).
+    model = make_model(tiny("model.mixers.landmark.top_k=8", "model.mixers.landmark.q_tile=4"), seed=4)
     tokens = insert_landmarks({"inputs": np.random.default_rng(1).integers(0, 256, (2, 35))}, L)["inputs"]  # 40
     full = forward(model, tokens)
     caches = model.start_caches(2, tokens.shape[1])
