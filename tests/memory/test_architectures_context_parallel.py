@@ -1,5 +1,5 @@
 """Every Titans architecture on a context-split mesh equals one device: LMM, MAG, MAL and MAC on 2, 4 and 8
-fake devices, forward and the gradients of all parameters and inputs.
+fake devices, forward, and the gradients of all parameters and inputs on 8.
 
 The memory learns fast here (``max_lr`` 0.1, against the default 0.003) so that its carried state matters:
 each case first checks that the last token's output depends, through the memory alone, on the first
@@ -45,27 +45,42 @@ ARCHITECTURES = {
 }
 
 
-@pytest.mark.parametrize("devices", [2, 4, 8])
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_context_split_equals_one_device(arch, devices):
+def _case(arch, devices):
     init, config, layer = ARCHITECTURES[arch]()
     length = SEGMENT * devices  # one MAC segment per device
     params = init(jax.random.PRNGKey(0), config)
     x = jax.random.normal(jax.random.PRNGKey(1), (BATCH, length, MODEL.d_model))
     positions = jnp.broadcast_to(jnp.arange(length), (BATCH, length))
-    probe = jax.random.normal(jax.random.PRNGKey(2), x.shape)
-    split = ContextSplit(make_mesh(context=devices, devices=jax.devices()[:devices]), "context", micro_batches=2)
+    return params, x, lambda split: lambda p, x: layer(p, x, positions, split)
 
-    def loss(split):
-        return lambda p, x: jnp.sum(layer(p, x, positions, split) * probe)
 
-    one = jax.jit(lambda p, x: layer(p, x, positions, None))
+def _split(devices):
+    return ContextSplit(make_mesh(context=devices, devices=jax.devices()[:devices]), "context", micro_batches=2)
+
+
+@pytest.mark.parametrize("devices", [2, 4, 8])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_context_split_equals_one_device(arch, devices):
+    """Forward, after checking that the first token reaches the last one's output through the memory alone."""
+    params, x, layer = _case(arch, devices)
+    one = jax.jit(layer(None))
     nudged = x.at[:, 0].add(1.0)
     assert float(jnp.max(jnp.abs(one(params, nudged)[:, -1] - one(params, x)[:, -1]))) > 1e-4
-
-    pipelined = jax.jit(lambda p, x: layer(p, x, positions, split))
+    pipelined = jax.jit(layer(_split(devices)))
     assert "ppermute" in str(jax.make_jaxpr(pipelined)(params, x))
     np.testing.assert_allclose(pipelined(params, x), one(params, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_context_split_gradients_equal_one_device(arch):
+    # the longest chain of hand-offs, 8 devices, 2 micro-batches each
+    params, x, layer = _case(arch, 8)
+    split = _split(8)
+    probe = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+
+    def loss(split):
+        return lambda p, x: jnp.sum(layer(split)(p, x) * probe)
+
     got = jax.jit(jax.grad(loss(split), argnums=(0, 1)))(params, x)
     want = jax.jit(jax.grad(loss(None), argnums=(0, 1)))(params, x)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):

@@ -90,29 +90,6 @@ def test_bad_config_is_one_value_error(field, value):
         mac.MacConfig(memory=CONFIG.memory, **{"num_heads": 2, "segment": 4, field: value})
 
 
-@pytest.mark.parametrize("devices, micro_batches, length", [(2, 2, 16), (4, 1, 16)])
-def test_segments_pipelined_over_devices_equal_one_device(devices, micro_batches, length):
-    """Each device runs its whole segments and hands the memory on (ppermute): forward and gradients."""
-    from lca.memory.context_parallel import ContextSplit
-    from lca.parallel import make_mesh
-
-    params, x, positions = _setup(length)
-    mesh = make_mesh(context=devices, devices=jax.devices()[:devices])
-    split = ContextSplit(mesh, "context", micro_batches=micro_batches)
-    probe = jax.random.normal(jax.random.PRNGKey(5), x.shape)
-
-    def loss(split):
-        return lambda p, x: jnp.sum(mac.mac_layer(p, x, positions, config=CONFIG, split=split) * probe)
-
-    pipelined = jax.jit(loss(split))
-    assert "ppermute" in str(jax.make_jaxpr(pipelined)(params, x))
-    np.testing.assert_allclose(pipelined(params, x), loss(None)(params, x), rtol=1e-5)
-    got = jax.jit(jax.grad(loss(split), argnums=(0, 1)))(params, x)
-    want = jax.grad(loss(None), argnums=(0, 1))(params, x)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
-
-
 def test_shards_of_partial_segments_run_the_global_scan():
     from lca.memory.context_parallel import ContextSplit
     from lca.parallel import make_mesh
