@@ -77,7 +77,8 @@ class LandmarkConfig:
             raise ConfigError(f"config key '{key}.top_k'={self.top_k} is larger than the cache "
                               f"({key}.cache_blocks={self.cache_blocks}); use top_k <= {self.cache_blocks}.")
         if self.q_tile is not None and self.q_tile < 1:
-            raise ConfigError(f"config key '{key}.q_tile' must be >= 1 or null (all queries at once), got {self.q_tile}.")
+            raise ConfigError(f"config key '{key}.q_tile' must be >= 1 or null (all queries at once), "
+                              f"got {self.q_tile}.")
         if self.selection not in SELECTIONS:
             raise choice_error(f"{key}.selection", self.selection, SELECTIONS)
         if self.impl not in IMPLS:

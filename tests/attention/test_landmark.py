@@ -358,7 +358,8 @@ def test_query_tiles_bound_the_gathered_blocks():
     gathered = t * h * top_k * L * d
 
     def biggest(**options):
-        run = lambda q, k, v, c: landmark_retrieval_attention(q, k, v, c, block_size=L, top_k=top_k, **options)  # noqa: E731
+        def run(q, k, v, c):
+            return landmark_retrieval_attention(q, k, v, c, block_size=L, top_k=top_k, **options)
         return max(_intermediate_sizes(jax.make_jaxpr(run)(q, k, v, cache).jaxpr))
 
     assert biggest() >= gathered
