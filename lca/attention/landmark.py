@@ -372,12 +372,11 @@ def _kv_chunks(st: _Static, k, v, kv_pos, kv_seg):
     return (chunks(k), chunks(v), pos, valid, seg), first
 
 
-def _q_tiles(st: _Static, q_len: int, *per_query):
-    """Split query-indexed arrays into tiles ``[t, ...]`` of ``min(q_block, q_len)`` queries.
+def _q_tiles(tile: int, q_len: int, *per_query):
+    """Split query-indexed arrays into tiles ``[t, ...]`` of ``tile`` queries (``tile <= q_len``).
 
     Each argument is ``(array, axis)``, ``(array, axis, fill)`` or ``None``; padding is ``fill`` (default 0).
     """
-    tile = min(st.q_block, q_len)
     extra = -q_len % tile
 
     def split(item):
@@ -403,7 +402,8 @@ def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     h_kv, q_len = k.shape[2], q.shape[1]
     qg = rearrange(q, "b q (hk g) d -> b hk g q d", hk=h_kv).astype(jnp.float32)
     chunks, first = _kv_chunks(st, k, v, kv_pos, kv_seg)
-    tiles = _q_tiles(st, q_len, (qg, 3), (q_pos, 0, _NO_KEY), None if q_seg is None else (q_seg, 1))
+    tiles = _q_tiles(min(st.q_block, q_len), q_len, (qg, 3), (q_pos, 0, _NO_KEY),
+                     None if q_seg is None else (q_seg, 1))
 
     def tile_fn(tile):
         qg_t, pos_t, seg_t = tile
@@ -457,7 +457,7 @@ def _backward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout
     delta = jnp.sum(do * o, axis=-1)  # [b, hk, g, q]
     lse_safe = _finite(rearrange(lse, "b (hk g) q -> b hk g q", hk=h_kv))
     chunks, first = _kv_chunks(st, k, v, kv_pos, kv_seg)
-    tiles = _q_tiles(st, q_len, (qg, 3), (do, 3), (delta, 3), (lse_safe, 3), (q_pos, 0, _NO_KEY),
+    tiles = _q_tiles(min(st.q_block, q_len), q_len, (qg, 3), (do, 3), (delta, 3), (lse_safe, 3), (q_pos, 0, _NO_KEY),
                      None if q_seg is None else (q_seg, 1))
     kv_zeros = jnp.zeros(chunks[0].shape, jnp.float32)  # [c, b, n, L, hk, d]
 
@@ -771,8 +771,7 @@ def landmark_retrieval_attention(
         )
     if selection not in SELECTIONS:
         raise ValueError(f"selection={selection!r} is not known; use one of {list(SELECTIONS)}.")
-    if q_tile is not None and (isinstance(q_tile, bool) or not isinstance(q_tile, (int, np.integer)) or q_tile < 1):
-        raise ValueError(f"q_tile must be None or an int >= 1 (queries retrieved for at a time), got {q_tile!r}.")
+    q_tile = positive_int("q_tile", q_tile, allow_none=True, hint=" (queries retrieved for at a time; None: all)")
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (blocks retrieved per query), got {top_k!r}.")
     if cache.capacity is not None and top_k > cache.capacity:
@@ -818,7 +817,7 @@ def landmark_retrieval_attention(
         if q_tile is None or q_tile >= t:
             carry, idx = retrieve(q_rot, qg, carry)
         else:
-            carry, idx = _by_query_tiles(retrieve, int(q_tile), q_rot, qg, carry)
+            carry, idx = _by_query_tiles(retrieve, q_tile, q_rot, qg, carry)
         idx = jnp.where(idx < cache.count, idx, -1)
 
     out, _ = _finish(*carry)
@@ -827,26 +826,15 @@ def landmark_retrieval_attention(
 
 
 def _by_query_tiles(retrieve, tile: int, q_rot, qg, carry):
-    """``retrieve(q_rot, qg, carry) -> (carry, idx)`` over tiles of ``tile`` queries in turn (``lax.map``).
+    """``retrieve(q_rot, qg, carry) -> (carry, idx)`` over tiles of ``tile < t`` queries in turn (``lax.map``).
 
-    Queries are axis 1 of ``q_rot [b, t, h, d]`` and idx, axis 3 of ``qg [b, hk, g, t, d]`` and of the running
-    softmax state ``carry``; the last tile is padded with zero queries, whose rows are dropped.
+    Queries are axis 1 of ``q_rot [b, t, h, d]`` and of idx, axis 3 of ``qg [b, hk, g, t, d]`` and of the
+    running softmax state ``carry``; the last tile is padded with zero queries, whose rows are dropped.
     """
     t = q_rot.shape[1]
-    n = -(-t // tile)
-
-    def split(x, axis):
-        x = jnp.pad(x, [(0, n * tile - t) if a == axis else (0, 0) for a in range(x.ndim)])
-        return jnp.moveaxis(x.reshape(x.shape[:axis] + (n, tile) + x.shape[axis + 1:]), axis, 0)
-
-    def join(x, axis):
-        x = jnp.moveaxis(x, 0, axis)
-        x = x.reshape(x.shape[:axis] + (n * tile,) + x.shape[axis + 2:])
-        return jax.lax.slice_in_dim(x, 0, t, axis=axis)
-
-    tiles = (split(q_rot, 1), split(qg, 3), jax.tree.map(lambda c: split(c, 3), carry))
-    carry, idx = jax.lax.map(lambda args: retrieve(*args), tiles)
-    return jax.tree.map(lambda c: join(c, 3), carry), join(idx, 1)
+    tiles = _q_tiles(tile, t, (q_rot, 1), (qg, 3), *((c, 3) for c in carry))
+    carry, idx = jax.lax.map(lambda x: retrieve(x[0], x[1], x[2:]), tiles)
+    return tuple(_untile(c, 3, t) for c in carry), _untile(idx, 1, t)
 
 
 def _fold_retrieved(carry, qg, cache: BlockCache, idx, kk, rope, scale: float):

@@ -403,7 +403,8 @@ def test_bad_inputs_name_the_argument():
         landmark_retrieval_attention(q, k, v, cache, block_size=5, top_k=1)
     with pytest.raises(ValueError, match="selection"):
         landmark_retrieval_attention(q, k, v, cache, block_size=4, top_k=1, selection="max")
-    with pytest.raises(ValueError, match="q_tile must be None or an int >= 1"):
+    with pytest.raises(ValueError, match=r"q_tile must be a positive int or None, got q_tile=0 \(queries retrieved "
+                                         r"for at a time; None: all\)"):
         landmark_retrieval_attention(q, k, v, cache, block_size=4, top_k=1, q_tile=0)
     with pytest.raises(ValueError, match="s >= t"):
         landmark_retrieval_attention(q, k[:, :4], v[:, :4], cache, block_size=4, top_k=1)

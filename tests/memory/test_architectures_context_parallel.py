@@ -13,6 +13,7 @@ import pytest
 
 from lca.config import ModelConfig
 from lca.memory import mac, mag, mal
+from lca.memory import neural_memory as nm
 from lca.memory.context_parallel import ContextSplit, fresh_memory
 from lca.memory.mixer import TitansLmmConfig
 from lca.parallel import make_mesh
@@ -27,8 +28,6 @@ BATCH = 2
 
 def _lmm():
     config = TitansLmmConfig(**MEMORY).memory(MODEL.d_model)
-    from lca.memory import neural_memory as nm
-
     layer = lambda p, x, pos, split: fresh_memory(p, x, config=config, split=split)  # noqa: E731
     return nm.init_params, config, layer
 
