@@ -38,7 +38,9 @@ RESULTS=$(mktemp -d /tmp/gpu_check.XXXX)
 LOGS=${OUT:-$RESULTS}
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT
-if [[ -d .whl ]] && compgen -G ".whl/*.whl" >/dev/null; then
+# Only where they are missing: the wheels are for the GPU image's Python 3.12, not for a dry run here.
+if ! python3 -c "import grain, omegaconf, tensorboardX" 2>/dev/null && [[ -d .whl ]] \
+    && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl || { echo "gpu_check: installing .whl/*.whl failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$ROOT
