@@ -3,10 +3,15 @@
 #   (a) tests/kernels/test_gpu.py, the kernel tests and impl="cudnn"'s at real sizes in bf16;
 #   (b) benchmarks/kernels.py --sizes issue: lca's kernels vs cuDNN and JAX's Mosaic GPU/Triton examples,
 #       and lca's impl="cudnn" as a ring step on one device vs the bare cuDNN call (lca_cudnn_ring1);
-#   (c) benchmarks/train_gpu.py: a training step of the 104M decoder at 32k tokens per attention impl,
-#       with a per-op time table of its last two steps (lca.train.profile).
+#   (c) benchmarks/train_gpu.py: a training step of the 104M decoder at 32k tokens per attention impl;
+#   (d) the same with --profile for impl pallas: per-op time of its last two steps (lca.train.profile),
+#       traced with XLA's command buffers off (with them on, the whole step is one CUDA-graph op).
 # It writes benchmarks/results/kernels_<device>.md/.png and train_gpu_<device>{,_ops}.md, and copies them
-# with the three logs into $OUT when that is set (the device tool brings $OUT back).
+# with the four logs into $OUT when that is set (the device tool brings $OUT back: 8 files at most).
+#
+# The tests run with JAX_PLATFORMS=cuda (tests/conftest.py defaults to fake CPU devices), one process
+# (pytest-xdist's workers would each claim the GPU), no preallocation and XLA's autotuning off (it made
+# compiles take most of the 2026-11-27 run's test time); pytest-timeout, where installed, ends a stuck test.
 #
 # The GPU image (Python 3.12, jax 0.11.2, no network) lacks grain, omegaconf and tensorboardX:
 # bring them as wheels in .whl/ (ignored by git; carry it):
@@ -30,9 +35,9 @@ fi
 
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
-# On the GPU: about 8.5 minutes in all. The dry run's tests run interpreted on CPU: they get longer.
-if [[ $DRY == 1 ]]; then TESTS_S=${TESTS_S:-400}; else TESTS_S=${TESTS_S:-180}; fi
-KERNELS_S=${KERNELS_S:-190}; TRAIN_S=${TRAIN_S:-150}
+# On the GPU: about 9 minutes at most. The dry run's tests run interpreted on CPU: they get longer.
+if [[ $DRY == 1 ]]; then TESTS_S=${TESTS_S:-400}; else TESTS_S=${TESTS_S:-150}; fi
+KERNELS_S=${KERNELS_S:-190}; TRAIN_S=${TRAIN_S:-130}; PROFILE_S=${PROFILE_S:-90}
 # This run's results go to a fresh folder first, then (not in a dry run) to benchmarks/results.
 RESULTS=$(mktemp -d /tmp/gpu_check.XXXX)
 LOGS=${OUT:-$RESULTS}
@@ -65,16 +70,24 @@ if [[ $DRY == 1 ]]; then
     tests/attention/test_cudnn.py -k "lowers or bf16 or cuda_lowering" -q -x -m "slow or not slow"
   (cd benchmarks && stage kernels "$KERNELS_S" python3 kernels.py --smoke --results "$RESULTS")
   (cd benchmarks && stage train "$TRAIN_S" python3 train_gpu.py --smoke --steps 3 --impls pallas,blockwise \
-    --profile --results "$RESULTS")
-else
-  stage gpu_tests "$TESTS_S" python3 -m pytest tests/kernels/test_gpu.py -q -m "slow or not slow"
-  (cd benchmarks && stage kernels "$KERNELS_S" python3 kernels.py --sizes issue --budget-s $((KERNELS_S - 50)) \
     --results "$RESULTS")
-  (cd benchmarks && stage train "$TRAIN_S" python3 train_gpu.py --steps 5 --impls pallas,cudnn,blockwise \
-    --profile --results "$RESULTS")
+  (cd benchmarks && stage profile "$TRAIN_S" python3 train_gpu.py --smoke --steps 3 --impls pallas --profile \
+    --results "$RESULTS")
+else
+  per_test=""
+  python3 -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=60"
+  JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS="--xla_gpu_autotune_level=0" \
+    stage gpu_tests "$TESTS_S" python3 -m pytest tests/kernels/test_gpu.py -n 0 -p no:cacheprovider \
+    -m "slow or not slow" -rfEs --tb=short $per_test
+  (cd benchmarks && stage kernels "$KERNELS_S" python3 kernels.py --sizes issue --budget-s $((KERNELS_S - 25)) \
+    --results "$RESULTS")
+  (cd benchmarks && stage train "$TRAIN_S" python3 train_gpu.py --steps 5 --impls pallas,cudnn \
+    --results "$RESULTS")
+  (cd benchmarks && stage profile "$PROFILE_S" python3 train_gpu.py --steps 4 --impls pallas --profile \
+    --results "$RESULTS")
 fi
 # Subshell stages cannot set $status: read their logs' exit lines instead.
-for name in kernels train; do
+for name in kernels train profile; do
   grep -q "^wrote " "$LOGS/$name.log" 2>/dev/null || { echo "gpu_check: $name wrote no results"; status=1; }
 done
 if [[ $DRY == 0 ]]; then

@@ -13,13 +13,20 @@ Writes ``benchmarks/results/train_gpu_<device>.md`` (``--results`` another folde
 
     python benchmarks/train_gpu.py
     python benchmarks/train_gpu.py --smoke --results /tmp/out
-    python benchmarks/train_gpu.py --profile        # + per-op time tables (train_gpu_<device>_ops.md)
+    python benchmarks/train_gpu.py --profile --impls pallas   # per-op time tables instead
+
+``--profile`` traces the last two steps of each impl and writes only
+``train_gpu_<device>_ops.md``: time per op kind and the longest ops (``lca.train.profile``).
+It turns XLA's command buffers off first (``--xla_gpu_enable_command_buffer=``): with them
+on, a GPU step is one CUDA-graph op that hides every kernel in it. The step times of such
+a run include the kernels' launches, so the throughput table comes from a run without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import pathlib
 import re
 import statistics
@@ -92,6 +99,19 @@ def _markdown(rows, device: str, smoke: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+# XLA's GPU command buffers (CUDA graphs) off, so a trace shows each kernel as its own op.
+NO_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer="
+
+
+def _ops_markdown(rows, device: str) -> str:
+    sections = [f"## {r['impl']}\n\n{r['ops']}" for r in rows if r.get("ops")]
+    steps = _markdown(rows, device, smoke=False).split("\n", 4)[4]  # the table, without the title
+    return (f"# Per-op time of the training step: {device}\n\n"
+            f"Machine: {describe()}. From lca.train.profile (train.profile_at), traced with XLA's command "
+            f"buffers off (`XLA_FLAGS={NO_COMMAND_BUFFERS}`), so each kernel is its own op; the step times "
+            f"of this run (below) include their launches.\n\n{steps}\n" + "\n".join(sections))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU; writes only with --results")
@@ -99,8 +119,11 @@ def main():
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated (default {','.join(IMPLS)})")
     parser.add_argument("--results", type=pathlib.Path, default=None, help=f"output folder (default {RESULTS})")
     parser.add_argument("--profile", action="store_true",
-                        help="trace the last two steps of each impl; per-op time tables in train_gpu_<device>_ops.md")
+                        help="trace the last two steps of each impl with command buffers off; writes only "
+                             "the per-op time tables, train_gpu_<device>_ops.md")
     args = parser.parse_args()
+    if args.profile:  # before JAX starts its backend, which reads XLA_FLAGS once
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {NO_COMMAND_BUFFERS}".strip()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = jax.devices()[0]
     if device.platform not in ("gpu", "cuda") and not args.smoke:
@@ -116,14 +139,12 @@ def main():
         print({k: v for k, v in rows[-1].items() if k != "ops"}, flush=True)
         if write:  # after every impl: a run stopped by its time limit keeps what it measured
             results.mkdir(parents=True, exist_ok=True)
-            path.write_text(_markdown(rows, device.device_kind, args.smoke))
             if args.profile:
-                ops = [f"## {r['impl']}\n\n{r['ops']}" for r in rows if r.get("ops")]
-                ops_path = path.with_name(path.stem + "_ops.md")
-                ops_path.write_text(f"# Per-op time of the training step: {device.device_kind}\n\n"
-                                    f"Machine: {describe()}. From lca.train.profile (train.profile_at).\n\n"
-                                    + "\n".join(ops))
-    print(f"wrote {path}" if write else f"smoke run: {len(rows)} impls, nothing written")
+                path.with_name(path.stem + "_ops.md").write_text(_ops_markdown(rows, device.device_kind))
+            else:
+                path.write_text(_markdown(rows, device.device_kind, args.smoke))
+    written = path.with_name(path.stem + "_ops.md") if args.profile else path
+    print(f"wrote {written}" if write else f"smoke run: {len(rows)} impls, nothing written")
 
 
 if __name__ == "__main__":

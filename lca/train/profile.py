@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -65,11 +66,46 @@ def op_times(trace_dir: str | Path) -> list[OpTime]:
     return sorted(ops, key=lambda o: -o.total_ns)
 
 
-def op_table(ops: list[OpTime], steps: int, top: int = 25) -> str:
-    """Markdown: the ``top`` ops by time, per step and as a share of all op time."""
+# XLA's numbering of op instances: ``fusion.12``, ``cond.15.clone.2``, ``command_buffer_1``.
+_INSTANCE = re.compile(r"([._]\d+|\.clone)+$")
+COMMAND_BUFFER_HINT = (
+    "XLA ran this step as CUDA graphs (`command_buffer` ops), which hide the kernels inside: "
+    "trace with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` to see them."
+)
+
+
+def op_kind(op: str) -> str:
+    """An op's name without XLA's instance numbering: ``pallas_call.196`` -> ``pallas_call``."""
+    return _INSTANCE.sub("", op) or op
+
+
+def kind_times(ops: list[OpTime]) -> list[tuple[str, float, int]]:
+    """``(kind, total_ns, number of ops)`` per :func:`op_kind`, longest first."""
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for o in ops:
+        entry = totals[op_kind(o.op)]
+        entry[0] += o.total_ns
+        entry[1] += 1
+    return sorted(((kind, total, n) for kind, (total, n) in totals.items()), key=lambda k: -k[1])
+
+
+def op_table(ops: list[OpTime], steps: int, top: int = 25, top_kinds: int = 10) -> str:
+    """Markdown: time per op kind (e.g. all ``pallas_call``s together), then the ``top`` ops.
+
+    Times are per step and as a share of all op time.
+    """
     total = sum(o.total_ns for o in ops) or 1.0
+    per_step = max(steps, 1)
     lines = [
-        f"Op time over {steps} traced step(s): {total / 1e6 / max(steps, 1):.2f} ms per step in {len(ops)} ops.",
+        f"Op time over {steps} traced step(s): {total / 1e6 / per_step:.2f} ms per step in {len(ops)} ops.",
+        "",
+    ]
+    if any(op_kind(o.op) == "command_buffer" for o in ops):
+        lines += [COMMAND_BUFFER_HINT, ""]
+    lines += ["| op kind | ms per step | share | ops |", "|---|---|---|---|"]
+    for kind, kind_ns, n in kind_times(ops)[:top_kinds]:
+        lines.append(f"| `{kind}` | {kind_ns / 1e6 / per_step:.3f} | {100 * kind_ns / total:.1f}% | {n} |")
+    lines += [
         "",
         "| op | module | ms per step | share | calls per step |",
         "|---|---|---|---|---|",

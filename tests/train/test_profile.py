@@ -3,7 +3,7 @@
 import pytest
 
 from lca.config import ConfigError
-from lca.train.profile import OpTime, op_table, op_times
+from lca.train.profile import OpTime, kind_times, op_kind, op_table, op_times
 from tests.train.conftest import tiny_config
 
 
@@ -29,6 +29,22 @@ def test_op_table_per_step_and_shares():
     assert "2.00 ms per step in 2 ops" in table
     assert "| `fusion.1` | `jit_step` | 1.500 | 75.0% | 2 |" in table
     assert "| `dot.2` | `jit_step` | 0.500 | 25.0% | 1 |" in table
+    assert "command buffer" not in table
+
+
+def test_op_kinds_sum_the_instances_of_an_op():
+    ops = [OpTime("pallas_call.196", "jit_step", 6e6, 2), OpTime("cond.15.clone.2", "jit_step", 1e6, 2),
+           OpTime("pallas_call.7", "jit_step", 2e6, 2), OpTime("cond.3", "jit_step", 1e6, 2)]
+    assert [op_kind(o.op) for o in ops] == ["pallas_call", "cond", "pallas_call", "cond"]
+    assert kind_times(ops) == [("pallas_call", 8e6, 2), ("cond", 2e6, 2)]
+    table = op_table(ops, steps=2)
+    assert "| `pallas_call` | 4.000 | 80.0% | 2 |" in table
+    assert "| `cond` | 1.000 | 20.0% | 2 |" in table
+
+
+def test_command_buffers_are_named_as_hiding_the_kernels():
+    table = op_table([OpTime("command_buffer_1", "jit_step", 5e8, 1259)], steps=1)
+    assert "--xla_gpu_enable_command_buffer=" in table
 
 
 def test_no_trace_is_a_file_not_found_error(tmp_path):
