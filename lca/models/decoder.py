@@ -21,7 +21,7 @@ from flax import nnx
 
 from lca.config import ModelConfig
 from lca.models import strategies
-from lca.models.layers import dense, rms_norm
+from lca.models.layers import dense, embed_tokens, rms_norm
 from lca.models.mixers import MixerEnv, layer_mixers, make_mixer
 from lca.parallel.sharding import Sharder
 
@@ -112,7 +112,8 @@ class Decoder(nnx.Module):
         return self._logits(x)
 
     def _embed(self, tokens):
-        return self.shard(self.embed(tokens) * self.input_scale, ("batch", "sequence", "act_embed"))
+        table = self.embed.embedding[...].astype(self.embed.dtype)  # compute dtype, as nnx.Embed does
+        return self.shard(embed_tokens(table, tokens) * self.input_scale, ("batch", "sequence", "act_embed"))
 
     def _logits(self, x):
         x = self.final_norm(x)
