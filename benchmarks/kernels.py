@@ -32,6 +32,7 @@ mode and writes only where ``--results`` says.
     python benchmarks/kernels.py                # full sweep on a GPU
     python benchmarks/kernels.py --sizes issue --budget-s 240
     python benchmarks/kernels.py --smoke        # CPU plumbing check, no results
+    python benchmarks/kernels.py --report benchmarks/results/kernels_<device>.md   # redraw its plot
 """
 
 from __future__ import annotations
@@ -205,14 +206,16 @@ def _plot(rows, device: str, path: pathlib.Path):
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["d"], r["causal"], r["backward"]) for r in rows})
+    impls = sorted({r["impl"] for r in rows})
+    colors = {impl: f"C{i}" for i, impl in enumerate(impls)}  # one colour per impl in every panel
     cols = -(-len(panels) // 2)
     fig, axes = plt.subplots(2, cols, figsize=(5 * cols, 8), squeeze=False)
     for ax, (d, causal, backward) in zip(axes.T.flat, panels):
-        for impl in sorted({r["impl"] for r in rows}):
-            pts = [(r["t"], r["tflops"]) for r in rows if (r["d"], r["causal"], r["backward"], r["impl"])
-                   == (d, causal, backward, impl) and r["tflops"] is not None]
+        for impl in impls:
+            pts = sorted((r["t"], r["tflops"]) for r in rows if (r["d"], r["causal"], r["backward"], r["impl"])
+                         == (d, causal, backward, impl) and r["tflops"] is not None)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=impl)
+                ax.plot(*zip(*pts), marker="o", label=impl, color=colors[impl])
         ax.set_xscale("log", base=2)
         ax.set_title(f"{'fwd+bwd' if backward else 'fwd'}, d={d}, causal={causal}")
         ax.set_xlabel("T")
@@ -223,6 +226,22 @@ def _plot(rows, device: str, path: pathlib.Path):
     fig.savefig(path)
 
 
+def rows_from_markdown(text: str) -> list[dict]:
+    """The measured rows of a table :func:`_markdown` wrote (``--report``: redraw its plot)."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 9 or cells[0] not in ("fwd", "fwd+bwd"):
+            continue
+        measured = re.fullmatch(r"[0-9.]+", cells[7]) is not None
+        failed = re.fullmatch(r"failed \((.*)\)", cells[7])
+        note = "" if measured else failed.group(1) if failed else cells[7]
+        rows.append(dict(impl=cells[6], d=int(cells[2]), causal=cells[1] == "True", backward=cells[0] == "fwd+bwd",
+                         t=int(cells[3]), b=int(cells[4]), h=int(cells[5]),
+                         tflops=float(cells[7]) if measured else None, note=note))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run; writes only with --results")
@@ -230,7 +249,15 @@ def main():
                         help="sweep: head_dim 64/128, T 1k..64k; issue: issue 15's points with JAX's example kernels")
     parser.add_argument("--budget-s", type=float, default=None, help="stop measuring after this many seconds")
     parser.add_argument("--results", type=pathlib.Path, default=None, help=f"output folder (default {RESULTS})")
+    parser.add_argument("--report", type=pathlib.Path, default=None,
+                        help="redraw the plot beside this kernels_<device>.md from its table; measures nothing")
     args = parser.parse_args()
+    if args.report is not None:
+        text = args.report.read_text()
+        name = re.search(r"bf16, on (.*) \(jax", text.splitlines()[0]).group(1)
+        _plot(rows_from_markdown(text), name, args.report.with_suffix(".png"))
+        print(f"wrote {args.report.with_suffix('.png')}")
+        return
     device = jax.devices()[0]
     if device.platform not in ("gpu", "cuda") and not args.smoke:
         raise SystemExit(

@@ -34,3 +34,23 @@ def test_page_rewrites_from_its_json(script, page, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / f"{name}.md").read_text() == (RESULTS / f"{page}.md").read_text()
     assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+
+
+def test_kernel_page_redraws_its_plot_from_its_table(tmp_path):
+    """benchmarks/kernels.py keeps no JSON: ``--report`` reads the GPU run's table back and redraws the plot."""
+    page = RESULTS / "kernels_nvidia_h100_80gb_hbm3.md"
+    shutil.copy(page, tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, "kernels.py", "--report", str(tmp_path / page.name)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT / "benchmarks")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / page.with_suffix(".png").name).stat().st_size > 10_000
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from kernels import rows_from_markdown
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = rows_from_markdown(page.read_text())
+    assert len(rows) == 56 and sum(r["tflops"] is None for r in rows) == 7  # 2 failed, 5 skipped
+    cudnn = [r for r in rows if r["impl"] == "cudnn" and (r["t"], r["causal"], r["backward"]) == (8192, True, False)]
+    assert cudnn == [dict(impl="cudnn", d=128, causal=True, backward=False, t=8192, b=8, h=16, tflops=579.8, note="")]
