@@ -28,9 +28,9 @@ position-based (:mod:`lca.attention.mask`). A call goes to Pallas:
    * dtype other than bfloat16 / float16 (cuDNN's flash attention takes no float32);
    * head_dim not a multiple of 8, or above cuDNN's limit (128; 256 on sm_90+);
    * ``softcap`` (cuDNN has no tanh cap);
-   * segment ids (cuDNN's padding and packed masks take per-row lengths and
-     offsets of contiguous documents; lca's ids are arbitrary per token and cross
-     chunk boundaries in a ring, and lca's padding *is* a segment);
+   * segment ids, except in a plain self-attention call (see 4.: packed documents);
+     cuDNN's packed masks take per-row lengths and offsets of contiguous documents,
+     while lca's ids are arbitrary per token and cross chunk boundaries in a ring;
    * ``window`` without ``causal`` (cuDNN has only the left window);
    * in the backward, an lse cotangent when the fold below does not fit the head-dim limit.
 
@@ -55,6 +55,17 @@ position-based (:mod:`lca.attention.mask`). A call goes to Pallas:
    usual case, ring steps included) the backward gets ``dlse=None`` (symbolic
    zeros, :mod:`lca.attention.vjp`) and runs cuDNN's plain backward.
 
+4. Packed documents. A plain call (default positions, ``q_len == kv_len``, no lse
+   returned) with segment ids, causal or without mask, no window, on sm_90 or later,
+   runs cuDNN's packed layout: each row's maximal runs of equal ids are its documents
+   (:func:`segment_runs`), given to cuDNN as lengths and offsets, and cuDNN attends
+   within them. That is lca's rule (equal ids see each other) exactly when no id
+   comes back in a later run of its row and a row has at most
+   :data:`PACKED_MAX_RUNS` runs; ``lax.cond`` sends other batches to Pallas at run
+   time. Rows packed by :mod:`lca.data.pipeline` (ids 1, 2, ..., then padding 0)
+   qualify. cuDNN's softmax statistics of this layout never leave the call (its own
+   backward reads them), which is why no lse is returned.
+
 On a machine without a CUDA GPU cuDNN cannot run, and ``impl="cudnn"`` raises a
 ``ValueError`` at trace time that names the implementations that work there,
 rather than silently computing something else. Block sizes only steer the Pallas
@@ -69,6 +80,7 @@ queries that see it; without mask every query sees it anyway.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +100,10 @@ CASE_NAMES = ("cuDNN without mask", "cuDNN causal", "Pallas")
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Head-dim columns the lse-cotangent fold adds: one is used, cuDNN wants multiples of 8.
 FOLD_COLUMNS = 8
+# The most documents (runs of equal segment ids) per row that a packed call takes. cuDNN
+# keeps its softmax statistics per (row, document slot), [b * PACKED_MAX_RUNS, h, len]
+# float32, so the bound costs memory; batches with more run Pallas.
+PACKED_MAX_RUNS = 16
 
 
 def _fa():
@@ -114,11 +130,21 @@ def require_cuda() -> None:
     )
 
 
-def max_head_dim(device=None) -> int:
-    """cuDNN's largest head_dim for bf16/fp16 flash attention: 256 on sm_90 and later, else 128."""
+def _hopper_or_later(device=None) -> bool:
+    """Is the device (default: the first) an sm_90 or later GPU? False off GPU."""
     capability = str(getattr(device or jax.devices()[0], "compute_capability", "") or "")
     major = capability.split(".")[0]
-    return 256 if major.isdigit() and int(major) >= 9 else 128
+    return major.isdigit() and int(major) >= 9
+
+
+def max_head_dim(device=None) -> int:
+    """cuDNN's largest head_dim for bf16/fp16 flash attention: 256 on sm_90 and later, else 128."""
+    return 256 if _hopper_or_later(device) else 128
+
+
+def packs_documents(device=None) -> bool:
+    """Does this GPU run cuDNN's packed (ragged) layout? sm_90 and later."""
+    return _hopper_or_later(device)
 
 
 def fallback_reason(q, mask: Mask, logit: LogitOptions, *, segments: bool,
@@ -301,6 +327,86 @@ def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse=None, *
                      logit=logit, blocks=blocks)
 
 
+# --- packed documents ----------------------------------------------------------------------------
+
+
+def segment_runs(seg, max_runs: int = PACKED_MAX_RUNS):
+    """cuDNN's packed-layout description of each row's runs of equal segment ids.
+
+    ``seg [b, len]`` int. Returns ``(lengths [b, max_runs], starts [b, max_runs + 1],
+    exact)``: the length and first index of each run in order, -1 past the row's last
+    run (cuDNN's convention), and a bool scalar, true when every row has at most
+    ``max_runs`` runs and no id in two of its runs. Then attending within runs is
+    attending among equal ids, lca's rule.
+    """
+    b, n = seg.shape
+    index = jnp.arange(n, dtype=jnp.int32)
+    begins = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    run = jnp.cumsum(begins, axis=1, dtype=jnp.int32) - 1
+    runs = run[:, -1] + 1
+    slot = jnp.where(begins, run, max_runs + 1)  # out of range: dropped
+    starts = jnp.full((b, max_runs + 1), -1, jnp.int32)
+    starts = starts.at[jnp.arange(b)[:, None], slot].set(jnp.broadcast_to(index, (b, n)), mode="drop")
+    ends = jnp.where(starts[:, 1:] >= 0, starts[:, 1:], n)
+    lengths = jnp.where(starts[:, :max_runs] >= 0, ends - starts[:, :max_runs], -1)
+    ordered = jnp.sort(seg, axis=1)
+    distinct = 1 + jnp.sum(ordered[:, 1:] != ordered[:, :-1], axis=1, dtype=jnp.int32)
+    exact = jnp.all((runs <= max_runs) & (runs == distinct))
+    return lengths, starts, exact
+
+
+def _packed_options(mask: Mask, logit: LogitOptions) -> dict:
+    fa = _fa()
+    mask_type = fa.MaskType.PADDING_CAUSAL if mask.causal else fa.MaskType.PADDING
+    return dict(_options(NO_MASK, mask, logit), mask_type=mask_type)
+
+
+def _packed_operands(q, lengths, starts):
+    """Bias, q/kv lengths, q/kv offsets and page tables for a packed self-attention call."""
+    empty = jnp.zeros((0,), q.dtype)
+    return [empty, lengths, lengths, starts, starts, empty, empty]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _packed(mask: Mask, logit: LogitOptions, q, k, v, lengths, starts):
+    return _packed_forward(mask, logit, q, k, v, lengths, starts)[0]
+
+
+def _packed_forward(mask, logit, q, k, v, lengths, starts):
+    fk, fv = nonfinite.forward_operands(k, v)
+    out, stats = _fa()._dot_product_attention_fwd_p_wrapper.bind(
+        q, fk, fv, *_packed_operands(q, lengths, starts), is_training=True, **_packed_options(mask, logit))
+    return out, (q, k, v, lengths, starts, out, stats)
+
+
+def _packed_backward(mask, logit, residuals, dout):
+    q, k, v, lengths, starts, out, stats = residuals
+    bk, bv = nonfinite.backward_operands(k, v)
+    dq, dk, dv = _fa()._dot_product_attention_bwd_p_wrapper.bind(
+        q, bk, bv, *_packed_operands(q, lengths, starts), stats, out, dout.astype(q.dtype),
+        **_packed_options(mask, logit))[:3]
+    return dq, dk, dv, None, None
+
+
+_packed.defvjp(_packed_forward, _packed_backward)
+
+
+def packed_reason(q, k, mask: Mask, logit: LogitOptions, *, segments: bool, defaults: bool,
+                  return_lse: bool) -> str | None:
+    """Why a call cannot take the packed-documents path (module docstring, 4.), or None."""
+    if not segments:
+        return "no segment ids"
+    if not defaults or q.shape[1] != k.shape[1]:
+        return "explicit positions or q_len != kv_len (packing is for self-attention)"
+    if return_lse:
+        return "the lse is returned (the packed layout's statistics are cuDNN's own)"
+    if mask.window is not None:
+        return "a window"
+    if not packs_documents():
+        return "a GPU before sm_90 (cuDNN's packed layout needs Hopper)"
+    return fallback_reason(q, mask, logit, segments=False)
+
+
 # --- the single-device function ---------------------------------------------------------------
 
 
@@ -358,8 +464,15 @@ def cudnn_attention(
                  BlockSizes(*inputs.block_sizes(block_q, block_kv)),
                  default_case(mask, q_len, kv_len) if defaults else None)
     q_seg, kv_seg = segs if segs is not None else (None, None)
+    with_lse = inputs.flag("return_lse", return_lse)
+    if packed_reason(q, k, mask, st.logit, segments=segs is not None, defaults=defaults,
+                     return_lse=with_lse) is None:
+        lengths, starts, exact = segment_runs(q_seg)
+        return lax.cond(exact & jnp.all(q_seg == kv_seg),
+                        lambda: _packed(mask, st.logit, q, k, v, lengths, starts),
+                        lambda: _attention(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)[0])
     out, lse = _attention(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-    return (out, lse) if inputs.flag("return_lse", return_lse) else out
+    return (out, lse) if with_lse else out
 
 
 # cuDNN's primitives and the interpreted Pallas fallback carry no varying-axes

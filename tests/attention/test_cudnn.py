@@ -296,3 +296,101 @@ def test_cuda_lowering_of_a_ring_with_cudnn_steps(n, as_if_cuda):
 
     hlo = _cuda_hlo(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
     assert FWD in hlo and BWD in hlo
+
+
+# --- packed documents (cuDNN's ragged layout, sm_90) --------------------------------------------
+
+
+def _runs_numpy(row, max_runs):
+    starts = [i for i in range(len(row)) if i == 0 or row[i] != row[i - 1]]
+    lengths = [b - a for a, b in zip(starts, starts[1:] + [len(row)])]
+    ids = [row[a] for a in starts]
+    exact = len(starts) <= max_runs and len(set(ids)) == len(ids)
+    pad = lambda xs, n: (xs + [-1] * n)[:n]  # noqa: E731
+    return pad(lengths, max_runs), pad(starts, max_runs + 1), exact
+
+
+@pytest.mark.parametrize("rows, max_runs", [
+    ([[1, 1, 1, 2, 2, 3, 0, 0]], 4),                     # the data pipeline's packing: ids 1, 2, 3, then padding
+    ([[5, 5, 5, 5, 5, 5, 5, 5], [1, 2, 3, 4, 5, 6, 7, 8]], 8),  # one document; one token each
+    ([[1, 1, 2, 2, 1, 1, 3, 3]], 4),                     # id 1 comes back: not exact
+    ([[1, 2, 3, 4, 5, 6, 7, 8]], 4),                     # more runs than slots: not exact
+    ([[0, 0, 1, 1, 0, 2, 2, 2]], 4),                     # padding in two places: not exact
+])
+def test_segment_runs_match_a_direct_count(rows, max_runs):
+    seg = jnp.asarray(rows, jnp.int32)
+    lengths, starts, exact = jax.jit(cudnn.segment_runs, static_argnums=1)(seg, max_runs)
+    want = [_runs_numpy(list(r), max_runs) for r in rows]
+    assert np.asarray(lengths).tolist() == [w[0] for w in want]
+    assert np.asarray(starts).tolist() == [w[1] for w in want]
+    assert bool(exact) == all(w[2] for w in want)
+
+
+def test_segment_runs_on_random_rows():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        # sorted ids: runs of increasing ids (exact when few enough); unsorted: ids may come back
+        row = rng.integers(0, 6, 24)
+        rows = np.stack([np.sort(row), row])
+        lengths, starts, exact = cudnn.segment_runs(jnp.asarray(rows, jnp.int32), 6)
+        want = [_runs_numpy(list(r), 6) for r in rows]
+        assert np.asarray(lengths).tolist() == [w[0] for w in want]
+        assert np.asarray(starts).tolist() == [w[1] for w in want]
+        assert bool(exact) == all(w[2] for w in want)
+        if exact:  # the runs cover every token
+            assert int(np.asarray(lengths)[np.asarray(lengths) > 0].sum()) == 24 * 2
+
+
+@pytest.fixture
+def as_if_hopper(as_if_cuda, monkeypatch):
+    """As ``as_if_cuda``, on a GPU that runs cuDNN's packed layout (sm_90)."""
+    monkeypatch.setattr(cudnn, "packs_documents", lambda device=None: True)
+
+
+PACKED = "mask_type\\22: \\22PADDING_CAUSAL\\22"
+
+
+def _packed_loss(q, k, v, seg, **options):
+    return attention(q, k, v, impl="cudnn", segment_ids=seg, **options).astype(jnp.float32).sum()
+
+
+def test_cuda_lowering_of_packed_documents_on_hopper(as_if_hopper):
+    """Segment ids in a plain call: cuDNN's packed call (lengths and offsets), Pallas as the run-time fallback."""
+    q, k, v, _ = make_inputs(2, 32, 4, 2, 64)
+    q, k, v = q.astype(BF16), k.astype(BF16), v.astype(BF16)
+    seg = jnp.asarray(np.repeat([[1, 2, 3, 0]], 8, axis=1).repeat(2, axis=0), jnp.int32)
+    hlo = _cuda_hlo(jax.grad(lambda *a: _packed_loss(*a, causal=True), argnums=(0, 1, 2)), q, k, v, seg)
+    assert hlo.count(FWD) == 1 and hlo.count(BWD) == 1 and PACKED in hlo
+    # cuDNN's operands: q, k, v, q/kv lengths [2, 16], q/kv offsets [2, 17]
+    fwd = [line for line in hlo.splitlines() if FWD in line][0]
+    assert "tensor<2x16xi32>" in fwd and "tensor<2x17xi32>" in fwd
+    assert "stablehlo.case" in hlo  # the run-time choice: other batches run the Pallas kernels
+    full = _cuda_hlo(lambda *a: _packed_loss(*a), q, k, v, seg)
+    assert "mask_type\\22: \\22PADDING\\22" in full
+
+
+@pytest.mark.parametrize("name, options", [
+    ("lse returned", dict(causal=True, return_lse=True)),
+    ("window", dict(causal=True, window=8)),
+    ("softcap", dict(causal=True, softcap=20.0)),
+    ("explicit positions", dict(causal=True, q_positions=jnp.arange(32, dtype=jnp.int32) + 5,
+                                kv_positions=jnp.arange(32, dtype=jnp.int32) + 5)),
+])
+def test_packed_documents_only_where_exact(name, options, as_if_hopper):
+    q, k, v, _ = make_inputs(1, 32, 2, 2, 64)
+    q, k, v = q.astype(BF16), k.astype(BF16), v.astype(BF16)
+    seg = jnp.asarray(np.repeat([[1, 2]], 16, axis=1), jnp.int32)
+
+    def call(q, k, v):
+        out = attention(q, k, v, impl="cudnn", segment_ids=seg, **options)
+        return out[0] if isinstance(out, tuple) else out
+
+    assert PACKED not in _cuda_hlo(call, q, k, v), name
+
+
+def test_packed_documents_need_hopper(as_if_cuda):
+    """Before sm_90 (here: no compute capability) segment ids run Pallas, as before."""
+    q, k, v, _ = make_inputs(1, 32, 2, 2, 64)
+    q, k, v = q.astype(BF16), k.astype(BF16), v.astype(BF16)
+    seg = jnp.ones((1, 32), jnp.int32)
+    assert "__cudnn$" not in _cuda_hlo(lambda *a: _packed_loss(*a, causal=True), q, k, v, seg)

@@ -201,3 +201,36 @@ def test_cudnn_keeps_non_finite_keys_to_the_queries_that_see_them():
     out = attention(q, k, v, impl="cudnn", causal=True)
     assert np.isfinite(np.float32(out[:, :300])).all()
     assert np.isnan(np.float32(out[:, 300:])).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("rows", ["packed", "id_comes_back"])
+def test_cudnn_packed_documents_match_oracle(causal, rows):
+    """Segment ids in a plain call: cuDNN's packed layout on sm_90 (exact rows), Pallas otherwise; vs the oracle."""
+    if not _is_hopper():
+        pytest.skip("cuDNN's packed layout needs sm_90 (H100/H200)")
+    from lca.attention import attention
+    from tests.oracle import KERNEL_BF16, KERNEL_BF16_GRAD, rel_err
+
+    b, t, h, h_kv, d = 2, 2048, 8, 2, 128
+    q, k, v = random_qkv(8, b, t, t, h, h_kv, d, jnp.bfloat16)
+    lengths = [[700, 300, 1000, 48], [1, 1500, 500, 47]]  # the last run of each row is padding (id 0)
+    seg = np.concatenate([np.repeat([1, 2, 3, 0], row)[None] for row in lengths]).astype(np.int32)
+    if rows == "id_comes_back":
+        seg[:, 1200:1300] = 1  # id 1 again after other documents: no packed call, Pallas
+    seg = jnp.asarray(seg)
+    w = jax.random.normal(jax.random.PRNGKey(9), q.shape, jnp.float32)
+
+    def run(attn):
+        loss = lambda q, k, v: (attn(q, k, v).astype(jnp.float32) * w).sum()  # noqa: E731
+        return jax.jit(jax.value_and_grad(lambda *a: (loss(*a), attn(*a)), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    cudnn = lambda q, k, v: attention(q, k, v, impl="cudnn", causal=causal, segment_ids=seg)  # noqa: E731
+    hlo = jax.jit(cudnn).lower(q, k, v).as_text()
+    assert ("PADDING_CAUSAL" if causal else "PADDING") in hlo
+    (_, out), grads = run(cudnn)
+    (_, want), want_grads = run(lambda q, k, v: reference_attention(
+        *(x.astype(jnp.float32) for x in (q, k, v)), causal=causal, segment_ids=seg))
+    assert rel_err(out, want) < KERNEL_BF16
+    for name_, g, rg in zip("qkv", grads, want_grads):
+        assert rel_err(g, rg) < KERNEL_BF16_GRAD, f"d{name_}"
