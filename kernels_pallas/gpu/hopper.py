@@ -36,10 +36,16 @@ Forward kernel (grid ``(n_pairs, h, b)``, three warpgroups per program, ``thread
   visible by ``Mask.block_full``, no padding, one segment on both sides: no
   mask, no empty-row guard).
 * GQA/MQA through the TMA source slice (KV head ``h // group``), never copied.
-  K is passed pre-transposed (``[b, h_kv, d, Tk]``) and ``P`` goes through SMEM
-  as the A operand of ``P V``: the interpret mode simulates neither transposed
-  refs nor register A operands, and this way the tested code is the code that
-  would run. Each matmul accumulates into a fresh ``plgpu.ACC``.
+  K is passed pre-transposed (``[b, h_kv, d, Tk]``): the interpret mode does not
+  simulate transposed refs.
+* ``P V`` as JAX's own Mosaic GPU attention does it: the accumulator is rescaled
+  during the softmax, and on hardware ``P`` is the register A operand of a wgmma
+  accumulating into it in place (:func:`accumulate`). The interpret mode has neither
+  register A operands nor ``run_state``, so there ``P`` goes through SMEM into a
+  fresh accumulator that is then added: the same arithmetic; lowering for CUDA
+  covers the compiled path.
+* ``approx_math`` on hardware: ``exp2`` and the divisions as PTX approximations
+  (``ex2.approx``), as JAX's kernel is compiled.
 * Lengths: schedule rows (one entry per key block: 2049 at 128k keys with
   64-key blocks) go to SMEM in TMA pieces of at most 256 entries.
 
@@ -58,8 +64,13 @@ Validation, and what is NOT validated:
 * On CPU, lowering for CUDA (``lowering_platforms=("cuda",)``) runs the
   Pallas -> Mosaic GPU lowering (layouts, TMA shapes and alignment, the
   ``lax.switch`` over codes) without compiling to PTX.
-* It has NOT run on an H100/H200: ``backend="auto"`` does not pick it (see
-  ``kernels_pallas.api``) until ``tests/kernels/test_gpu.py`` passes there.
+* On an H100 (2026-11-27, before the register ``P`` and ``approx_math``): the
+  forward and gradients at real sizes matched the oracle, one of the two
+  ring-position forward tests failed (its message was not captured), and the forward
+  ran at 0.53 to 0.60 of cuDNN, slower than the portable kernel
+  (``benchmarks/results/kernels_nvidia_h100_80gb_hbm3.md``). ``backend="auto"``
+  does not pick it (see ``kernels_pallas.api``) until ``tests/kernels/test_gpu.py``
+  passes there and it is faster.
 
 Alignment (checked in ``kernels_pallas.blocks``): ``block_q`` a multiple of 64
 (wgmma M per warpgroup), ``block_kv`` a multiple of 64, both at most 256
@@ -67,7 +78,9 @@ Alignment (checked in ``kernels_pallas.blocks``): ``block_q`` a multiple of 64
 up to 256; on hardware the inputs must be bfloat16/float16. SMEM: two Q tiles
 (reused for a same-dtype output), ``STAGES`` K and V tiles, two P tiles and
 the schedule rows; a float32 output (ring steps) takes one more tile, shared
-by the consumers in turn (:func:`_check_smem`).
+by the consumers in turn (:func:`_check_smem`). Only the interpret mode allocates
+the P tiles now, but the checks still count them: a margin until the register
+path has run on an H100.
 """
 
 from __future__ import annotations
@@ -92,13 +105,14 @@ from lca.attention.mask import Mask
 from lca.attention.tiling import Tiling, pad_axis
 from lca.parallel.vma import varying_struct
 
-__all__ = ["STAGES", "Layouts", "forward", "interpret_params", "log2_logits", "matmul", "pair_schedule",
+__all__ = ["STAGES", "Layouts", "forward", "kernel_options", "log2_logits", "matmul",
+           "pair_schedule",
            "tile_transforms"]
 
 _SWIZZLE = 128  # bytes
 
 
-def interpret_params(interpret: bool):
+def _interpret_params(interpret: bool):
     if not interpret:
         return None
     # jax 0.10.2 has no public alias for the Mosaic GPU interpret params (the TPU
@@ -107,6 +121,13 @@ def interpret_params(interpret: bool):
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     return InterpretGPUParams()
+
+
+def kernel_options(interpret: bool) -> dict:
+    """``plgpu.kernel``'s interpret params, or on hardware ``approx_math`` (PTX ``ex2.approx``), as JAX's kernels."""
+    if interpret:
+        return {"interpret": _interpret_params(True)}
+    return {"compiler_params": plgpu.CompilerParams(approx_math=True)}
 
 
 def tile_transforms(dtype):
@@ -151,6 +172,21 @@ def matmul(a_smem, b_smem, shape, while_running=None):
         return acc_ref[...]
 
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+
+def accumulate(acc, a, b_smem, interpret: bool):
+    """``acc + a @ b``: on hardware a wgmma accumulating into ``acc`` in place, ``a`` in registers.
+
+    The interpret mode has neither register A operands nor ``run_state``: there ``a``
+    is an SMEM tile and the product goes to a fresh accumulator, then is added.
+    """
+    if interpret:
+        return acc + matmul(a, b_smem, acc.shape)
+
+    def run(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_smem)
+
+    return pl.run_state(run)(plgpu.ACC.init(acc))
 
 
 _LOG2E = math.log2(math.e)
@@ -373,13 +409,17 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
                 m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new) if edge else m_new
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_ref, (bq, bk), [0]))
                 alpha = jnp.exp2(m - m_ref)
+                acc = acc * lax.broadcast_in_dim(alpha, (bq, d), [0])  # rescaled before P V, not after
                 l = alpha * l + p.sum(axis=1)
-                p_smem[wg] = p.astype(dtype)
-                plgpu.commit_smem()  # make the register->SMEM stores visible to wgmma
+                p16 = p.astype(dtype)
+                if interpret:  # no register A operands there: P through SMEM
+                    p_smem[wg] = p16
+                    plgpu.commit_smem()  # make the register->SMEM stores visible to wgmma
+                    p16 = p_smem.at[wg]
                 take_turn()
-                pv = matmul(p_smem.at[wg], v_smem.at[slot], (bq, d))
+                acc = accumulate(acc, p16, v_smem.at[slot], interpret)
                 plgpu.barrier_arrive(v_free.at[slot])
-                return m_new, l, acc * lax.broadcast_in_dim(alpha, (bq, d), [0]) + pv
+                return m_new, l, acc
 
             def hidden_step(t, carry):
                 """A key block only the other consumer sees: keep the barriers' phases in step."""
@@ -433,7 +473,7 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
             plgpu.SMEM((2, bq, d), dtype, transforms=tile),
             plgpu.SMEM((STAGES, d, bk), dtype, transforms=tile),
             plgpu.SMEM((STAGES, bk, d), dtype, transforms=tile),
-            plgpu.SMEM((2, bq, bk), dtype, transforms=tile),
+            plgpu.SMEM((2, bq, bk), dtype, transforms=tile) if interpret else None,  # P (interpret mode)
             plgpu.SMEM((bq, d), out_dtype, transforms=tile_transforms(out_dtype)) if separate_out else None,
             plgpu.SMEM((2, bq), jnp.float32),
             plgpu.SMEM((width,), jnp.int32),
@@ -465,5 +505,5 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
         grid_names=("q", "h", "b"),
         num_threads=3,
         thread_name="wg",
-        interpret=interpret_params(interpret),
+        **kernel_options(interpret),
     )(*args)

@@ -45,7 +45,7 @@ from kernels_pallas.blocks import MOSAIC_GPU_BWD_MAX_HEAD_DIM
 from kernels_pallas.blocks import MOSAIC_GPU_STAGES as STAGES
 from kernels_pallas.blocks import TMA_MAX_ELEMS
 from kernels_pallas.gpu import portable
-from kernels_pallas.gpu.hopper import Layouts, interpret_params, log2_logits, matmul, tile_transforms
+from kernels_pallas.gpu.hopper import Layouts, kernel_options, log2_logits, matmul, tile_transforms
 from kernels_pallas.tiles import BlockPlan, block_lists
 from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
@@ -211,7 +211,7 @@ def _dq(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, i
         args += [q_seg, kv_seg]
     return plgpu.kernel(
         entry, out_type=varying_struct((b, tq, h, d), jnp.float32, q), grid=(nq, h, b),
-        grid_names=("q", "h", "b"), interpret=interpret_params(interpret),
+        grid_names=("q", "h", "b"), **kernel_options(interpret),
     )(*args)
 
 
@@ -323,5 +323,5 @@ def _dkdv(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, *, tiling, mask, logit,
     out = varying_struct((b, tk, h_kv, d), jnp.float32, q)
     return plgpu.kernel(
         entry, out_type=(out, out), grid=(nk, h_kv, b), grid_names=("kv", "h", "b"),
-        interpret=interpret_params(interpret),
+        **kernel_options(interpret),
     )(*args)
