@@ -34,7 +34,9 @@ Forward kernel (grid ``(n_pairs, h, b)``, three warpgroups per program, ``thread
   (diagonal, window edge, key padding, a segment boundary: the per-element
   :func:`kernels_pallas.block_math.visible` mask) or ``INTERIOR`` (every pair
   visible by ``Mask.block_full``, no padding, one segment on both sides: no
-  mask, no empty-row guard).
+  mask, no empty-row guard). A consumer runs its leading interior blocks (causal
+  attention's blocks below the diagonal) in a loop of their own, and switches over
+  the codes only for the rest.
 * GQA/MQA through the TMA source slice (KV head ``h // group``), never copied.
   K is passed pre-transposed (``[b, h_kv, d, Tk]``): the interpret mode does not
   simulate transposed refs.
@@ -213,7 +215,10 @@ def pair_schedule(plan: BlockPlan, tiling: Tiling, mask: Mask, q_seg, kv_seg, al
       either query block ``2p`` or ``2p + 1`` (the producer fetches each once);
     * ``codes[., i, 1 + t]``: for query block ``i`` and the ``t``-th listed key block,
       ``HIDDEN`` (skipped), ``EDGE`` (masked per element: diagonal, window edge,
-      key padding, a segment boundary) or ``INTERIOR`` (every pair visible: no mask).
+      key padding, a segment boundary) or ``INTERIOR`` (every pair visible: no mask);
+    * ``codes[., i, 0]``: how many listed key blocks from the first are ``INTERIOR``
+      (causal attention's blocks below the diagonal): the kernel runs those in a loop
+      of its own, straight-line code with no switch over the codes.
     """
     nq, nk, bq, bk = tiling.num_q, tiling.num_kv, tiling.block_q, tiling.block_kv
     n_pairs = -(-nq // 2)
@@ -238,7 +243,8 @@ def pair_schedule(plan: BlockPlan, tiling: Tiling, mask: Mask, q_seg, kv_seg, al
     codes = jnp.take_along_axis(code, listed, axis=2)
     count = jnp.repeat(lists[:, 0], 2)[None, :, None]
     codes = jnp.where(jnp.arange(listed.shape[2])[None, None] < count, codes, HIDDEN)
-    return lists, jnp.pad(codes, ((0, 0), (0, 0), (1, 0)))
+    lead = jnp.cumprod(codes == INTERIOR, axis=2).sum(axis=2, dtype=jnp.int32)
+    return lists, jnp.concatenate([lead[..., None], codes], axis=2)
 
 
 def _check_smem(bq, bk, d, out_dtype, separate_out: bool, width):
@@ -416,6 +422,10 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
                     p_smem[wg] = p16
                     plgpu.commit_smem()  # make the register->SMEM stores visible to wgmma
                     p16 = p_smem.at[wg]
+                elif d <= 128:
+                    # The softmax is finished before the turn is taken, not moved past it by the
+                    # compiler (JAX's Mosaic GPU attention found this ordering matters).
+                    acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
                 take_turn()
                 acc = accumulate(acc, p16, v_smem.at[slot], interpret)
                 plgpu.barrier_arrive(v_free.at[slot])
@@ -443,7 +453,11 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
                 lay.cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA),
             )
             pl.when(wg == 1)(take_turn)  # consumer 1 starts one turn behind
-            m, l, acc = lax.fori_loop(0, count, step, init)
+            # Every step takes two turns and frees its slot once, whatever its code, so the
+            # consumers may split their loops at different points.
+            lead = code_smem[wg, 0]
+            carry = lax.fori_loop(0, lead, functools.partial(visible_step, edge=False), init)
+            m, l, acc = lax.fori_loop(lead, count, step, carry)
             pl.when(wg == 0)(take_turn)  # ... and consumer 0 ends one behind: equal turns
             has_key = l > 0
             l_safe = jnp.where(has_key, l, 1.0)

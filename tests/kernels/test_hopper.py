@@ -152,11 +152,16 @@ def test_pair_schedule_codes_match_the_element_mask(segmented):
     if segmented:
         qs = np.pad(np.asarray(q_seg), ((0, 0), (0, nq2 * bq - tiling.q_padded)), mode="edge")
         dense = dense & (qs[:, :, None] == np.asarray(kv_seg)[:, None, :])
-    seen_kinds = set()
+    seen_kinds, leads = set(), []
     for bi in range(codes.shape[0]):
         for i in range(tiling.num_q):  # block num_q (odd count) is padding only
             count = lists[i // 2, 0]
             assert (codes[bi, i, 1 + count:] == hopper.HIDDEN).all()
+            # the interior prefix the kernel runs without a switch
+            lead = codes[bi, i, 0]
+            assert (codes[bi, i, 1:1 + lead] == hopper.INTERIOR).all()
+            assert lead == count or codes[bi, i, 1 + lead] != hopper.INTERIOR
+            leads.append(int(lead))
             for t in range(count):
                 j = lists[i // 2, 1 + t]
                 tile = dense[min(bi, dense.shape[0] - 1), i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
@@ -167,6 +172,7 @@ def test_pair_schedule_codes_match_the_element_mask(segmented):
                 elif code == hopper.HIDDEN:
                     assert not tile.any()
     assert seen_kinds == {hopper.HIDDEN, hopper.EDGE, hopper.INTERIOR}
+    assert max(leads) > 0  # some query block starts with interior key blocks
 
 
 @pytest.mark.parametrize("segmented, softcap, q_len", [(True, 30.0, 200), (False, None, 300 * 64)])
