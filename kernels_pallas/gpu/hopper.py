@@ -107,9 +107,8 @@ from lca.attention.mask import Mask
 from lca.attention.tiling import Tiling, pad_axis
 from lca.parallel.vma import varying_struct
 
-__all__ = ["STAGES", "Layouts", "forward", "kernel_options", "log2_logits", "matmul",
-           "pair_schedule",
-           "tile_transforms"]
+__all__ = ["STAGES", "Layouts", "accumulate", "forward", "kernel_options", "log2_logits", "matmul",
+           "pair_schedule", "tile_transforms"]
 
 _SWIZZLE = 128  # bytes
 

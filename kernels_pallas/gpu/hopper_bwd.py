@@ -15,9 +15,12 @@ through a ``STAGES``-deep TMA pipeline (the block lists of
 
 Why the transposed copies (``K^T``, ``V^T``, ``Q^T``, ``dO^T`` are passed
 pre-transposed from HBM): the Mosaic GPU interpret mode simulates neither
-transposed SMEM refs nor register A operands, so with plain tiles the kernel
-that is tested on CPU is the kernel that would run. It costs SMEM and HBM
-reads; ``plgpu.transpose_ref`` would remove both once it can be validated.
+transposed SMEM refs nor register A operands. It costs SMEM and HBM reads;
+``plgpu.transpose_ref`` would remove both once it can be validated. On hardware
+``P`` and ``dS`` are the register A operands of wgmmas accumulating into dQ, dK and
+dV in place (``kernels_pallas.gpu.hopper.accumulate``); the interpret mode puts them
+through SMEM instead, and lowering for CUDA covers the compiled path. Compiled with
+``approx_math``.
 
 Math in the log2 domain (as the forward): ``p = exp2(s log2e - lse log2e)``
 with the scale folded into the logit multiply; ``ds`` carries the softcap
@@ -45,7 +48,7 @@ from kernels_pallas.blocks import MOSAIC_GPU_BWD_MAX_HEAD_DIM
 from kernels_pallas.blocks import MOSAIC_GPU_STAGES as STAGES
 from kernels_pallas.blocks import TMA_MAX_ELEMS
 from kernels_pallas.gpu import portable
-from kernels_pallas.gpu.hopper import Layouts, kernel_options, log2_logits, matmul, tile_transforms
+from kernels_pallas.gpu.hopper import Layouts, accumulate, kernel_options, log2_logits, matmul, tile_transforms
 from kernels_pallas.tiles import BlockPlan, block_lists
 from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
@@ -179,9 +182,12 @@ def _dq(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, i
             ok = block_math.visible(mask, q_col, kv_row, key_idx < tiling.kv_len, qs, ks)
             p = jnp.where(ok, jnp.exp2(s2 - lse_col), 0.0)
             dp = matmul(do_smem, vt_smem.at[slot], full)
-            ds_smem[...] = _dlogits(s2, p, dp, delta_col, logit).astype(dtype)
-            plgpu.commit_smem()
-            dq = dq + matmul(ds_smem, k_smem.at[slot], (bq, d))
+            ds = _dlogits(s2, p, dp, delta_col, logit).astype(dtype)
+            if interpret:  # no register A operands there: dS through SMEM
+                ds_smem[...] = ds
+                plgpu.commit_smem()
+                ds = ds_smem
+            dq = accumulate(dq, ds, k_smem.at[slot], interpret)
             pl.when(t + STAGES < count)(lambda: fetch(t + STAGES))
             return dq
 
@@ -197,7 +203,7 @@ def _dq(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, i
             plgpu.SMEM((STAGES, d, bk), dtype, transforms=tile),
             plgpu.SMEM((STAGES, d, bk), dtype, transforms=tile),
             plgpu.SMEM((STAGES, bk, d), dtype, transforms=tile),
-            plgpu.SMEM((bq, bk), dtype, transforms=tile),
+            plgpu.SMEM((bq, bk), dtype, transforms=tile) if interpret else None,  # dS (interpret mode)
             plgpu.SMEM((bq, d), jnp.float32, transforms=tile_transforms(jnp.float32)),
             plgpu.SMEM((width,), jnp.int32),
             plgpu.SMEM((2, bq), jnp.int32),
@@ -284,11 +290,14 @@ def _dkdv(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, *, tiling, mask, logit,
             delta_row = lax.broadcast_in_dim(lay.load(rows_smem.at[slot, 1], col_layout), full, [1])
             p = jnp.where(ok, jnp.exp2(s2 - lse_row), 0.0)
             dp = matmul(v_smem, dot_smem.at[slot], full)
-            p_smem[...] = p.astype(dtype)
-            ds_smem[...] = _dlogits(s2, p, dp, delta_row, logit).astype(dtype)
-            plgpu.commit_smem()
-            dv = dv + matmul(p_smem, do_smem.at[slot], (bk, d))
-            dk = dk + matmul(ds_smem, q_smem.at[slot], (bk, d))
+            p16, ds = p.astype(dtype), _dlogits(s2, p, dp, delta_row, logit).astype(dtype)
+            if interpret:  # no register A operands there: P and dS through SMEM
+                p_smem[...] = p16
+                ds_smem[...] = ds
+                plgpu.commit_smem()
+                p16, ds = p_smem, ds_smem
+            dv = accumulate(dv, p16, do_smem.at[slot], interpret)
+            dk = accumulate(dk, ds, q_smem.at[slot], interpret)
             pl.when(t + STAGES < steps)(lambda: fetch(t + STAGES))
             return dk, dv
 
@@ -309,8 +318,8 @@ def _dkdv(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, *, tiling, mask, logit,
             plgpu.SMEM((STAGES, d, bq), dtype, transforms=tile),
             plgpu.SMEM((STAGES, 2, bq), jnp.float32),  # lse (log2 units), delta
             plgpu.SMEM((STAGES, 2, bq), jnp.int32),  # query positions, segments
-            plgpu.SMEM((bk, bq), dtype, transforms=tile),
-            plgpu.SMEM((bk, bq), dtype, transforms=tile),
+            plgpu.SMEM((bk, bq), dtype, transforms=tile) if interpret else None,  # P (interpret mode)
+            plgpu.SMEM((bk, bq), dtype, transforms=tile) if interpret else None,  # dS (interpret mode)
             plgpu.SMEM((bk, d), jnp.float32, transforms=tile_transforms(jnp.float32)),
             plgpu.SMEM((width,), jnp.int32),
         )
