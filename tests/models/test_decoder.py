@@ -113,3 +113,23 @@ def test_bf16_compute_gives_float32_logits():
     graphdef, params = nnx.split(make_model(cfg), nnx.Param)
     logits = jax.jit(make_logits_fn(graphdef))(nnx.to_pure_dict(params), batch())
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+
+
+def test_cudnn_training_step_runs_packed_documents_through_cudnn(monkeypatch):
+    """model.attention.impl=cudnn on an sm_90 GPU: the batch's segment ids take cuDNN's packed layout.
+
+    Lowered for CUDA from this CPU (as if on a Hopper GPU): the gradient of the logits has
+    cuDNN's packed forward and backward calls (PADDING_CAUSAL), not only the Pallas fallback.
+    """
+    from lca.attention import cudnn
+
+    monkeypatch.setattr(cudnn, "require_cuda", lambda: None)
+    monkeypatch.setattr(cudnn, "packs_documents", lambda device=None: True)
+    cfg = tiny("model.attention.impl=cudnn", "model.dtype=bfloat16", "model.head_dim=64")
+    graphdef, params = nnx.split(make_model(cfg, None, seed=3), nnx.Param)
+    logits = make_logits_fn(graphdef)
+    data = batch()
+    grad = jax.grad(lambda p: logits(p, data).astype(jnp.float32).mean())
+    hlo = jax.jit(grad).trace(nnx.to_pure_dict(params)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "PADDING_CAUSAL" in hlo
+    assert "__cudnn$fmhaSoftmax(" in hlo and "__cudnn$fmhaSoftmaxBackward(" in hlo
