@@ -64,7 +64,8 @@ position-based (:mod:`lca.attention.mask`). A call goes to Pallas:
    :data:`PACKED_MAX_RUNS` runs; ``lax.cond`` sends other batches to Pallas at run
    time. Rows packed by :mod:`lca.data.pipeline` (ids 1, 2, ..., then padding 0)
    qualify. cuDNN's softmax statistics of this layout never leave the call (its own
-   backward reads them), which is why no lse is returned.
+   backward reads them), which is why no lse is returned. GQA/MQA keys and values are
+   repeated to the query's heads for this call (:func:`_as_many_heads` says why).
 
 On a machine without a CUDA GPU cuDNN cannot run, and ``impl="cudnn"`` raises a
 ``ValueError`` at trace time that names the implementations that work there,
@@ -391,6 +392,20 @@ def _packed_backward(mask, logit, residuals, dout):
 _packed.defvjp(_packed_forward, _packed_backward)
 
 
+def _as_many_heads(q, k, v):
+    """``k, v`` with q's number of heads (GQA groups repeated) for a packed call.
+
+    JAX turns the per-document offsets into element offsets with the *query's* heads x
+    head_dim for K and V too (``fused_attention_stablehlo._fix_seqlen_offsets`` in jax
+    0.10), which is K's stride only when it has as many heads. The repeat's gradient
+    sums each group back.
+    """
+    group = q.shape[2] // k.shape[2]
+    if group == 1:
+        return k, v
+    return jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+
+
 def packed_reason(q, k, mask: Mask, logit: LogitOptions, *, segments: bool, defaults: bool,
                   return_lse: bool) -> str | None:
     """Why a call cannot take the packed-documents path (module docstring, 4.), or None."""
@@ -469,7 +484,7 @@ def cudnn_attention(
                      return_lse=with_lse) is None:
         lengths, starts, exact = segment_runs(q_seg)
         return lax.cond(exact & jnp.all(q_seg == kv_seg),
-                        lambda: _packed(mask, st.logit, q, k, v, lengths, starts),
+                        lambda: _packed(mask, st.logit, q, *_as_many_heads(q, k, v), lengths, starts),
                         lambda: _attention(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)[0])
     out, lse = _attention(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     return (out, lse) if with_lse else out

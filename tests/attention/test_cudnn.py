@@ -361,9 +361,10 @@ def test_cuda_lowering_of_packed_documents_on_hopper(as_if_hopper):
     seg = jnp.asarray(np.repeat([[1, 2, 3, 0]], 8, axis=1).repeat(2, axis=0), jnp.int32)
     hlo = _cuda_hlo(jax.grad(lambda *a: _packed_loss(*a, causal=True), argnums=(0, 1, 2)), q, k, v, seg)
     assert hlo.count(FWD) == 1 and hlo.count(BWD) == 1 and PACKED in hlo
-    # cuDNN's operands: q, k, v, q/kv lengths [2, 16], q/kv offsets [2, 17]
+    # cuDNN's operands: q, k, v (GQA repeated to q's 4 heads), q/kv lengths [2, 16], q/kv offsets [2, 17]
     fwd = [line for line in hlo.splitlines() if FWD in line][0]
     assert "tensor<2x16xi32>" in fwd and "tensor<2x17xi32>" in fwd
+    assert "tensor<2x32x4x64xbf16>, tensor<2x32x4x64xbf16>, tensor<2x32x4x64xbf16>" in fwd
     assert "stablehlo.case" in hlo  # the run-time choice: other batches run the Pallas kernels
     full = _cuda_hlo(lambda *a: _packed_loss(*a), q, k, v, seg)
     assert "mask_type\\22: \\22PADDING\\22" in full
