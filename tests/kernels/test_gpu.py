@@ -63,8 +63,11 @@ def test_bf16_real_sizes(backend, name):
         assert err < 3e-2, f"d{name_}: relative max error {err}"
 
 
-@pytest.mark.parametrize("block_kv", [64, 128])
-def test_mosaic_gpu_forward_zigzag_positions(block_kv):
+# (block_kv, head_dim): a float32 output (a ring step's) with 128-key blocks fits SMEM at head_dim 64;
+# at head_dim 128 the kernel refuses it with a ValueError (tests/kernels/test_hopper.py), which is what
+# this test met on the H100 on 2026-11-27 when it asked for that.
+@pytest.mark.parametrize("block_kv, d", [(64, 128), (128, 64)])
+def test_mosaic_gpu_forward_zigzag_positions(block_kv, d):
     """The Hopper forward with explicit positions (a ring step), GQA and segments, in bf16."""
     if not _is_hopper():
         pytest.skip("mosaic_gpu needs sm_90 (H100/H200)")
@@ -72,7 +75,7 @@ def test_mosaic_gpu_forward_zigzag_positions(block_kv):
     from lca.attention.blocks import BlockSizes
     from lca.attention import inputs
 
-    b, q_len, kv_len, h, h_kv, d = 2, 1024, 3072, 8, 2, 128
+    b, q_len, kv_len, h, h_kv = 2, 1024, 3072, 8, 2
     q, k, v = random_qkv(2, b, q_len, kv_len, h, h_kv, d, jnp.bfloat16)
     q_pos = jnp.arange(q_len, dtype=jnp.int32) + 4096
     kv_pos = jnp.concatenate([jnp.arange(1024), jnp.arange(8192, 9216), jnp.arange(3500, 4524)])
