@@ -15,8 +15,8 @@ Backends (``backend=``):
   kernels with their own blocks (``kernels_pallas.gpu.hopper_bwd``; the
   portable kernels for head_dim 256). Validated on CPU under the Mosaic GPU
   interpret mode and by lowering for CUDA on CPU. On an H100 (2026-11-27) the
-  kernels of that day matched the oracle at real sizes except one ring-position
-  forward test, and ran slower than the portable ones; the compiled path has
+  kernels of that day matched the oracle at real sizes (one ring-position test
+  asked for blocks the kernel refuses by design), and ran slower than the portable ones; the compiled path has
   changed since (register operands, ``approx_math``) and has not run there again.
 * ``"tpu"``: Mosaic TPU kernels with VMEM scratch (forward, dQ, dK/dV). On CPU
   they run under the TPU interpret mode (``pltpu.InterpretParams``).

@@ -68,7 +68,8 @@ Validation, and what is NOT validated:
   ``lax.switch`` over codes) without compiling to PTX.
 * On an H100 (2026-11-27, before the register ``P`` and ``approx_math``): the
   forward and gradients at real sizes matched the oracle, one of the two
-  ring-position forward tests failed (its message was not captured), and the forward
+  ring-position forward tests failed (it asked for a float32 output with 128-key
+  blocks at head_dim 128, which :func:`_check_smem` refuses by design), and the forward
   ran at 0.53 to 0.60 of cuDNN, slower than the portable kernel
   (``benchmarks/results/kernels_nvidia_h100_80gb_hbm3.md``). ``backend="auto"``
   does not pick it (see ``kernels_pallas.api``) until ``tests/kernels/test_gpu.py``
