@@ -77,26 +77,26 @@ def measure(impl: str, steps: int, smoke: bool, run_dir: pathlib.Path, profile: 
     return row
 
 
-def _markdown(rows, device: str, smoke: bool) -> str:
-    size = "a tiny smoke model (256 tokens)" if smoke else "the 104M decoder at 32,768 tokens"
-    lines = [
-        f"# Training step of {size}, one device: {device}",
-        "",
-        f"Machine: {describe()}. Median of the logged steps after the first; MFU from analytic model "
-        "FLOPs (lca.train.flops) over the device's dense bf16 peak (lca.train.metrics.PEAK_FLOPS).",
-        "",
-        "| impl | step (ms) | tokens/s | TFLOP/s/device | MFU | note |",
-        "|---|---|---|---|---|---|",
-    ]
+def _step_table(rows) -> str:
+    """Markdown table: step time, tokens/s, TFLOP/s and MFU per impl."""
 
     def fmt(value, spec):
         return "" if value is None else format(value, spec)
 
+    lines = ["| impl | step (ms) | tokens/s | TFLOP/s/device | MFU | note |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['impl']} | {fmt(r.get('step_time_s') and 1e3 * r['step_time_s'], '.0f')} | "
                      f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('tflops_per_device'), '.1f')} | "
                      f"{fmt(r.get('mfu') and 100 * r['mfu'], '.1f')}{'%' if r.get('mfu') else ''} | {r['note']} |")
     return "\n".join(lines) + "\n"
+
+
+def _markdown(rows, device: str, smoke: bool) -> str:
+    size = "a tiny smoke model (256 tokens)" if smoke else "the 104M decoder at 32,768 tokens"
+    return (f"# Training step of {size}, one device: {device}\n\n"
+            f"Machine: {describe()}. Median of the logged steps after the first; MFU from analytic model "
+            "FLOPs (lca.train.flops) over the device's dense bf16 peak (lca.train.metrics.PEAK_FLOPS).\n\n"
+            + _step_table(rows))
 
 
 # XLA's GPU command buffers (CUDA graphs) off, so a trace shows each kernel as its own op.
@@ -105,11 +105,10 @@ NO_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer="
 
 def _ops_markdown(rows, device: str) -> str:
     sections = [f"## {r['impl']}\n\n{r['ops']}" for r in rows if r.get("ops")]
-    steps = _markdown(rows, device, smoke=False).split("\n", 4)[4]  # the table, without the title
     return (f"# Per-op time of the training step: {device}\n\n"
             f"Machine: {describe()}. From lca.train.profile (train.profile_at), traced with XLA's command "
             f"buffers off (`XLA_FLAGS={NO_COMMAND_BUFFERS}`), so each kernel is its own op; the step times "
-            f"of this run (below) include their launches.\n\n{steps}\n" + "\n".join(sections))
+            f"of this run (below) include their launches.\n\n{_step_table(rows)}\n" + "\n".join(sections))
 
 
 def main():
@@ -130,7 +129,7 @@ def main():
         raise SystemExit(f"benchmarks/train_gpu.py measures a GPU; found {device.platform}. Use --smoke.")
     results = args.results or RESULTS
     slug = re.sub(r"[^A-Za-z0-9]+", "_", device.device_kind).strip("_").lower()
-    path = results / f"train_gpu_{slug}.md"
+    path = results / (f"train_gpu_{slug}_ops.md" if args.profile else f"train_gpu_{slug}.md")
     write = not args.smoke or args.results is not None
     rows = []
     for impl in args.impls.split(","):
@@ -139,12 +138,9 @@ def main():
         print({k: v for k, v in rows[-1].items() if k != "ops"}, flush=True)
         if write:  # after every impl: a run stopped by its time limit keeps what it measured
             results.mkdir(parents=True, exist_ok=True)
-            if args.profile:
-                path.with_name(path.stem + "_ops.md").write_text(_ops_markdown(rows, device.device_kind))
-            else:
-                path.write_text(_markdown(rows, device.device_kind, args.smoke))
-    written = path.with_name(path.stem + "_ops.md") if args.profile else path
-    print(f"wrote {written}" if write else f"smoke run: {len(rows)} impls, nothing written")
+            path.write_text(_ops_markdown(rows, device.device_kind) if args.profile
+                            else _markdown(rows, device.device_kind, args.smoke))
+    print(f"wrote {path}" if write else f"smoke run: {len(rows)} impls, nothing written")
 
 
 if __name__ == "__main__":
