@@ -48,6 +48,8 @@ class TitansLmmConfig:
     # blew up to inf within one row after 52 training steps (benchmarks/titans_eval.py), see MemoryConfig
     max_grad_norm: Optional[float] = MAX_GRAD_NORM
     activation: str = "silu"  # of the memory MLP: silu | gelu | tanh
+    # forgetting rate alpha per token at initialisation: a fresh memory reaches back about 1 / init_forget tokens
+    init_forget: float = 0.05
     micro_batches: int = 1  # on a context-split mesh: pipeline micro-batches per device's rows
 
     def memory(self, d_model: int) -> MemoryConfig:
@@ -55,6 +57,7 @@ class TitansLmmConfig:
             d_model=d_model, num_heads=self.memory_heads, depth=self.depth, expansion=self.expansion,
             chunk_size=self.chunk_size, conv_kernel=self.conv_kernel, num_persistent=self.persistent,
             max_lr=self.max_lr, max_grad_norm=self.max_grad_norm, activation=self.activation,
+            init_forget=self.init_forget,
         )
 
     def check(self, key: str, model: ModelConfig) -> None:
@@ -69,6 +72,9 @@ class TitansLmmConfig:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"config key '{key}.max_grad_norm' must be > 0 or null (no clipping), "
                               f"got {self.max_grad_norm!r}.")
+        if not 0 < self.init_forget < 1:
+            raise ConfigError(f"config key '{key}.init_forget' must be in (0, 1) (a sigmoid's value), "
+                              f"got {self.init_forget!r}.")
         if self.activation not in ACTIVATIONS:
             raise choice_error(f"{key}.activation", self.activation, list(ACTIVATIONS))
         if model.d_model % self.memory_heads:

@@ -28,6 +28,7 @@ would carry across documents.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -64,6 +65,9 @@ class MemoryConfig:
         scaled by ``min(1, max_grad_norm / ||grad_t||)`` (None: no clipping, the paper's rule). A bound on
         every step keeps the memory finite however large its targets grow: MAC, whose retrievals feed its
         next targets, blew up to inf within one 256-token row after 52 training steps without it.
+    init_forget: the forgetting rate alpha (per token) at initialisation, through the bias of its sigmoid.
+        It sets how far back the fresh memory reaches: a write fades as ``(1 - alpha)^distance``, so
+        about ``1 / alpha`` tokens.
     """
 
     d_model: int
@@ -77,6 +81,7 @@ class MemoryConfig:
     max_lr: float = 0.003
     max_grad_norm: float | None = MAX_GRAD_NORM
     activation: str = "silu"
+    init_forget: float = 0.05
 
     def __post_init__(self):
         positive = {
@@ -104,6 +109,8 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig.max_lr must be > 0, got {self.max_lr!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"MemoryConfig.max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}")
+        if not 0 < self.init_forget < 1:
+            raise ValueError(f"MemoryConfig.init_forget must be in (0, 1) (a sigmoid's value), got {self.init_forget!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"MemoryConfig.activation={self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
 
@@ -149,8 +156,10 @@ def init_params(key: jax.Array, config: MemoryConfig) -> dict:
         "w_qkv": dense(keys[0], d, 3 * inner),
         "w_out": dense(keys[1], inner, d),
         "w_gates": dense(keys[2], d, 3 * h) * 0.1,
-        # theta starts near max_lr / 2, eta (momentum) near 0.9, alpha (forgetting) near 0.05
-        "b_gates": jnp.concatenate([jnp.zeros(h), jnp.full(h, 2.2), jnp.full(h, -3.0)]).astype(jnp.float32),
+        # theta starts near max_lr / 2, eta (momentum) near 0.9, alpha (forgetting) at init_forget
+        "b_gates": jnp.concatenate(
+            [jnp.zeros(h), jnp.full(h, 2.2), jnp.full(h, math.log(config.init_forget / (1 - config.init_forget)))]
+        ).astype(jnp.float32),
         "memory": mlp.init_weights(
             keys[3], mlp.layer_widths(config.dim, config.depth, config.expansion), leading=(h,)
         ),

@@ -124,11 +124,26 @@ def test_retrieve_reads_the_open_chunk():
         ("max_lr", 0.0, "max_lr"),
         ("max_grad_norm", 0.0, "max_grad_norm must be > 0 or None"),
         ("activation", "relu6", "activation"),
+        ("init_forget", 0.0, "init_forget must be in"),
+        ("init_forget", 1.0, "init_forget must be in"),
     ],
 )
 def test_bad_config_is_one_value_error(field, value, match):
     with pytest.raises(ValueError, match=match):
         dataclasses.replace(CONFIG, **{field: value})
+
+
+@pytest.mark.parametrize("init_forget", [0.05, 0.0025])
+def test_forgetting_starts_at_init_forget(init_forget):
+    # With the data-dependent part zeroed, every token's alpha is exactly the configured start value;
+    # theta and eta keep their fixed starts (max_lr / 2, about 0.9).
+    config = dataclasses.replace(CONFIG, init_forget=init_forget)
+    params, x = _setup(config)
+    params["w_gates"] = jnp.zeros_like(params["w_gates"])
+    tokens, _ = nm.project(params, config, nm.init_state(params, config, 2).conv_tail, x)
+    np.testing.assert_allclose(np.asarray(tokens.forget), init_forget, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(tokens.lr), config.max_lr / 2, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(tokens.momentum), jax.nn.sigmoid(2.2), rtol=1e-5)
 
 
 def test_bad_shapes_are_value_errors():

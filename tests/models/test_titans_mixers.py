@@ -46,6 +46,7 @@ def test_shipped_titans_configs_load():
         ("titans_lmm", "memory_heads=3", r"'model.mixers.titans_lmm.memory_heads' \(3\) must divide model.d_model"),
         ("titans_lmm", "max_lr=0", r"'model.mixers.titans_lmm.max_lr' must be > 0"),
         ("titans_mac", "max_grad_norm=-1", r"'model.mixers.titans_mac.max_grad_norm' must be > 0 or null"),
+        ("titans_mal", "init_forget=1.5", r"'model.mixers.titans_mal.init_forget' must be in \(0, 1\)"),
         ("titans_lmm", "activation=relu", r"model.mixers.titans_lmm.activation"),
         ("titans_lmm", "chunk=4", r"did you mean 'model.mixers.titans_lmm.chunk_size'"),
         ("titans_mag", "window=0", r"'model.mixers.titans_mag.window' must be an int >= 1, got 0"),
