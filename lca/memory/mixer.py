@@ -48,8 +48,9 @@ class TitansLmmConfig:
     # blew up to inf within one row after 52 training steps (benchmarks/titans_eval.py), see MemoryConfig
     max_grad_norm: Optional[float] = MAX_GRAD_NORM
     activation: str = "silu"  # of the memory MLP: silu | gelu | tanh
-    # forgetting rate alpha per token at initialisation: a fresh memory reaches back about 1 / init_forget tokens
-    init_forget: float = 0.05
+    # forgetting rate alpha per token at initialisation: a fresh memory reaches back about 1 / init_forget tokens;
+    # 0.05 decayed a fresh memory's weights to ~0 within 2k tokens and MAG never learned the passkey (MemoryConfig)
+    init_forget: float = 0.0025
     micro_batches: int = 1  # on a context-split mesh: pipeline micro-batches per device's rows
 
     def memory(self, d_model: int) -> MemoryConfig:

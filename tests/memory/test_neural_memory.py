@@ -168,6 +168,16 @@ def test_default_step_keeps_a_fresh_memory_bounded(chunk_size):
     assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(state))
 
 
+def test_default_forgetting_keeps_a_fresh_memory_alive():
+    """At init, forgetting must not erase the memory within a few thousand tokens: at the old start
+    alpha ~0.05 the weights fell to ~1e-35 after 2,048 tokens of N(0, 1) (0.95^2048), so no write survived."""
+    config = nm.MemoryConfig(d_model=64, num_heads=2, depth=2, chunk_size=16)
+    params = nm.init_params(jax.random.PRNGKey(0), config)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 2048, 64))
+    _, state = jax.jit(lambda p, x: nm.memory_layer(p, nm.fresh_state(p, config, 2), x, config=config))(params, x)
+    assert min(float(jnp.abs(w).max()) for w in state.weights) > 0.1
+
+
 def test_zero_tokens_have_finite_gradients():
     # A token whose q/k projection is exactly 0 (zero input without a conv, e.g. padding) normalises to 0,
     # and must not turn the outer gradients into NaN.
