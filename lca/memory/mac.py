@@ -6,12 +6,16 @@ For each segment, in order, with the memory ``M_{t-1}`` left by the segments bef
     h_t = M*_{t-1}(q_t)              retrieval, no update; q_t = l2norm(SiLU(S_t W_r)) per memory head
     y_t = Attn([P || h_t || S_t])    queries from S_t; P visible to every query,
                                      h_t and S_t causal (query i sees positions j <= i)
-    M_t = M_{t-1} learning from y_t  the neural memory's update (:mod:`lca.memory.neural_memory`)
-    o_t = y_t * sigmoid(m_t)         m_t = the memory's output on y_t
+    M_t = M_{t-1} learning from S_t + y_t   the neural memory's update (:mod:`lca.memory.neural_memory`)
+    o_t = y_t * sigmoid(m_t)         m_t = the memory's output on S_t + y_t
 
 The retrieved token ``h_t[j]`` is computed from ``S_t[j]``, so it is masked causally
 like ``S_t`` itself: attending to ``h_t[j > i]`` would read the future.
-Departures from the paper, and why: the paper writes ``o_t = y_t (x) M*_t(y_t)``; we
+Departures from the paper, and why: the paper writes ``M_t = M_{t-1}(y_t)`` and
+``o_t = y_t (x) M*_t(y_t)``; we feed the memory the residual stream after attention,
+``S_t + y_t`` (the attention block's output with its residual connection, which the paper
+uses in every block), because from ``y_t`` alone, an average over the segment, the memory
+never learned to carry a pass key between segments (benchmarks/results/titans.md); we
 gate with a sigmoid (as in our MAG) so the product stays bounded; RoPE is applied to
 the queries and to the keys of ``h_t`` and ``S_t`` at the tokens' positions, the
 persistent keys are not rotated.
@@ -145,7 +149,8 @@ def mac_segments(params: dict, state: nm.MemoryState, x, positions, *, config: M
     def step(state, inputs):
         s, pos = inputs
         y = segment_attention(params, s, retrieve_context(params, state, s, config), pos, config)
-        m, state = nm.memory_layer(params["memory"], state, y, config=config.memory)
+        # the memory learns from the segment's residual stream after attention (see the module docstring)
+        m, state = nm.memory_layer(params["memory"], state, s + y, config=config.memory)
         return state, y * jax.nn.sigmoid(m)
 
     state, out = jax.lax.scan(step, state, (xs, ps))

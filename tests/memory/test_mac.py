@@ -49,7 +49,7 @@ def _dense_mac(params, x, positions):
             probs = jax.nn.softmax(jnp.einsum("bhd,bkhd->bhk", q[:, i], keys) / jnp.sqrt(q.shape[-1]), -1)
             rows.append(jnp.einsum("bhk,bkhd->bhd", probs, values))
         y = rearrange(jnp.stack(rows, 1), "b c h d -> b c (h d)") @ params["w_out"]
-        m, state = nm.memory_layer(params["memory"], state, y, config=mem)
+        m, state = nm.memory_layer(params["memory"], state, s + y, config=mem)
         outs.append(y * jax.nn.sigmoid(m))
     return jnp.concatenate(outs, 1)
 
