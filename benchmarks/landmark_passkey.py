@@ -67,17 +67,22 @@ def load_trained(run_dir: Path):
     return cfg, step, nnx.merge(setup.graphdef, state["params"])
 
 
-def evaluate(run_dir: Path, lengths: list[int], samples: int, top_k: int | None, depths=None) -> dict:
-    """Passkey accuracy and wall time per context length for the model trained in ``run_dir``."""
+def evaluate(run_dir: Path, lengths: list[int], samples: int, top_k: int | None, depths=None,
+             selection: str | None = None) -> dict:
+    """Passkey accuracy and wall time per context length for the model trained in ``run_dir``.
+
+    ``top_k`` / ``selection``: the landmark layers' retrieval at inference (None: as trained).
+    """
     import dataclasses
 
     from lca.eval.passkey import passkey_accuracy
     from lca.eval.retrieval import DEFAULT_DEPTHS
 
     cfg, step, model = load_trained(run_dir)
-    if top_k is not None and "landmark" in cfg.model.pattern:
+    retrieval = {name: value for name, value in (("top_k", top_k), ("selection", selection)) if value is not None}
+    if retrieval and "landmark" in cfg.model.pattern:
         for block in model.blocks():
-            block.attn.cfg = dataclasses.replace(block.attn.cfg, top_k=top_k)
+            block.attn.cfg = dataclasses.replace(block.attn.cfg, **retrieval)
     rows = []
     for length in lengths:
         start = time.time()
@@ -210,6 +215,9 @@ def main(argv=None) -> None:
     parser.add_argument("--multiples", default="1,2,4,8,16", help="context lengths as multiples of train.seq_len")
     parser.add_argument("--samples", type=int, default=4, help="samples per depth (5 depths)")
     parser.add_argument("--top-k", type=int, help="landmark blocks retrieved at inference (default: the config's)")
+    parser.add_argument("--selection", choices=["per_head", "shared"],
+                        help="landmark block selection at inference (default: the config's)")
+    parser.add_argument("--sweep-samples", type=int, default=2, help="samples per depth of the --phase-sweep")
     parser.add_argument("--runs", default="runs/landmark_passkey", help="where the two training runs go")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--skip-train", action="store_true", help="evaluate the runs already in --runs")
@@ -263,10 +271,11 @@ def main(argv=None) -> None:
     sweep_depths = (0.0, 0.5, 1.0)
     sweep_lengths = [int(args.phase_sweep * seq_len) + j for j in range(section.block_size - 1)]
     for label, (run_dir, info) in models.items():
-        top_k = args.top_k if label == "landmark" else None
-        info.update(evaluate(run_dir, lengths, args.samples, top_k))
+        top_k, selection = (args.top_k, args.selection) if label == "landmark" else (None, None)
+        info.update(evaluate(run_dir, lengths, args.samples, top_k, selection=selection))
         if args.phase_sweep:
-            info["sweep"] = evaluate(run_dir, sweep_lengths, 2, top_k, depths=sweep_depths)
+            info["sweep"] = evaluate(run_dir, sweep_lengths, args.sweep_samples, top_k, depths=sweep_depths,
+                                     selection=selection)
     data = {
         "machine": describe(), "argv": _shown_args(sys.argv[1:] if argv is None else list(argv)), "seq_len": seq_len,
         "steps": cfg.train.steps, "global_batch": cfg.train.global_batch, "lr": cfg.train.lr,
@@ -275,11 +284,11 @@ def main(argv=None) -> None:
                     f"data.task_start_jitter={cfg.data.task_start_jitter}"),
         "model": (f"d_model {cfg.model.d_model}, {cfg.model.num_layers} layers, {cfg.model.num_heads} heads "
                   f"({cfg.model.num_kv_heads} kv), mlp {cfg.model.mlp_dim}, {cfg.model.dtype}"),
-        "block_size": section.block_size, "top_k": args.top_k or section.top_k, "selection": section.selection,
+        "block_size": section.block_size, "top_k": args.top_k or section.top_k, "selection": args.selection or section.selection,
         "samples": args.samples, "depths": next(iter(models.values()))[1]["depths"],
         "load": (load_before, os.getloadavg()[0]), "notes": args.notes,
         "phase_sweep": ({"multiple": args.phase_sweep, "lengths": sweep_lengths, "depths": list(sweep_depths),
-                         "samples": 2} if args.phase_sweep else None),
+                         "samples": args.sweep_samples} if args.phase_sweep else None),
         "models": {label: info for label, (_, info) in models.items()},
     }
     if len(models) == len(MODELS):
