@@ -24,7 +24,7 @@ from flax import nnx
 
 from lca.config import ConfigError, ModelConfig, choice_error
 from lca.memory.context_parallel import ContextSplit, fresh_memory
-from lca.memory.neural_memory import ACTIVATIONS, MAX_GRAD_NORM, MemoryConfig, init_params, param_axes
+from lca.memory.neural_memory import ACTIVATIONS, INIT_FORGET, MAX_GRAD_NORM, MemoryConfig, init_params, param_axes
 from lca.parallel.sharding import logical_to_spec
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class TitansLmmConfig:
     activation: str = "silu"  # of the memory MLP: silu | gelu | tanh
     # forgetting rate alpha per token at initialisation: a fresh memory reaches back about 1 / init_forget tokens;
     # 0.05 decayed a fresh memory's weights to ~0 within 2k tokens and MAG never learned the passkey (MemoryConfig)
-    init_forget: float = 0.0025
+    init_forget: float = INIT_FORGET
     micro_batches: int = 1  # on a context-split mesh: pipeline micro-batches per device's rows
 
     def memory(self, d_model: int) -> MemoryConfig:

@@ -40,6 +40,7 @@ from lca.memory import mlp
 from lca.memory.update import MemoryTokens, chunk_step, memorize_chunked
 
 MAX_GRAD_NORM = 10.0  # see MemoryConfig.max_grad_norm
+INIT_FORGET = 0.0025  # see MemoryConfig.init_forget
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
@@ -85,7 +86,7 @@ class MemoryConfig:
     max_lr: float = 0.003
     max_grad_norm: float | None = MAX_GRAD_NORM
     activation: str = "silu"
-    init_forget: float = 0.0025
+    init_forget: float = INIT_FORGET
 
     def __post_init__(self):
         positive = {
@@ -114,7 +115,9 @@ class MemoryConfig:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"MemoryConfig.max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}")
         if not 0 < self.init_forget < 1:
-            raise ValueError(f"MemoryConfig.init_forget must be in (0, 1) (a sigmoid's value), got {self.init_forget!r}")
+            raise ValueError(
+                f"MemoryConfig.init_forget must be in (0, 1) (a sigmoid's value), got {self.init_forget!r}"
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"MemoryConfig.activation={self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
 

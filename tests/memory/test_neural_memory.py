@@ -174,7 +174,7 @@ def test_default_forgetting_keeps_a_fresh_memory_alive():
     config = nm.MemoryConfig(d_model=64, num_heads=2, depth=2, chunk_size=16)
     params = nm.init_params(jax.random.PRNGKey(0), config)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 2048, 64))
-    _, state = jax.jit(lambda p, x: nm.memory_layer(p, nm.fresh_state(p, config, 2), x, config=config))(params, x)
+    _, state = _run(params, x, config=config)
     assert min(float(jnp.abs(w).max()) for w in state.weights) > 0.1
 
 
