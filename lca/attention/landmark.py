@@ -45,7 +45,8 @@ Public functions: :func:`landmark_reference_attention` (dense oracle) and :func:
 weight matrix); :func:`landmark_attention` (blockwise, O(n) memory, custom VJP) built from
 :func:`landmark_forward` / :func:`landmark_backward` through :func:`landmark_vjp`, which the Pallas kernels in
 ``kernels_pallas.landmark`` reuse; :func:`landmark_retrieval_attention` with :class:`BlockCache`,
-:func:`empty_block_cache` and :func:`append_blocks` for inference.
+:func:`empty_block_cache` and :func:`append_blocks` for inference; :func:`landmark_decoded_attention`, a
+whole row attended block by block through the retrieval path (what decoding meets), for training.
 
 Deviations from the reference, and why:
 
@@ -823,6 +824,100 @@ def landmark_retrieval_attention(
     out, _ = _finish(*carry)
     out = rearrange(out, "b hk g t d -> b t (hk g) d").astype(q.dtype)
     return (out, idx) if return_indices else out
+
+
+def landmark_decoded_attention(q, k, v, *, block_size: int, top_k: int, selection: str = "per_head", rope=None,
+                               scale: float | None = None):
+    """A whole row attended as greedy decoding attends it: block by block, each retrieving from the earlier ones.
+
+    Block ``B`` of the row (its ``L`` queries) gets :func:`landmark_retrieval_attention` with its own keys as the
+    local window and blocks ``0 .. B-1`` as the cache: its queries see their own block (causal) and, per
+    query, the ``top_k`` earlier blocks the landmark scores pick, at the paper's retrieval positions. That is
+    what a token meets when it is generated one at a time after a long context, where the training-time
+    grouped softmax (:func:`landmark_attention`) shows it every earlier block at its true distance. Training
+    some rows through this function (``model.mixers.landmark.train_retrieval``) teaches a model the
+    re-positioned blocks; the block choice itself (``lax.top_k``) carries no gradient.
+
+    Args:
+      q: ``[batch, n, num_heads, head_dim]`` *before* rotary embeddings, ``n`` a multiple of ``block_size``;
+        one document per row, starting at row index 0 (no segment ids: a caller with packed rows routes
+        those through the grouped softmax instead).
+      k, v: ``[batch, n, num_kv_heads, head_dim]``, k before rotary.
+      block_size, top_k, selection, rope, scale: as in :func:`landmark_retrieval_attention`.
+
+    Returns:
+      ``[batch, n, num_heads, head_dim]`` in q's dtype. With ``top_k >= n // block_size`` it equals
+      :func:`landmark_attention` of the rotated q and k (every block at its true distance).
+
+    It computes densely what a per-block loop over :func:`landmark_retrieval_attention` computes (the test
+    holds the two equal): every query against every key at each of the ``top_k + 1`` slots a block can take,
+    then the chosen slots picked out, ``O(n^2 * top_k)`` arithmetic and memory per row. That is the training
+    rows' scale, where it is matmul-shaped and several times faster than gathering blocks per query; do not
+    use it for long rows.
+    """
+    L = _check_block_size(block_size)
+    b, t, s, h, h_kv, d = inputs.check_qkv(q, k, v)
+    if t != s or t % L:
+        raise ValueError(f"q {q.shape}, k {k.shape} must share a length that is a multiple of block_size={L} "
+                         f"(rows of whole landmark blocks), got q_len={t}, kv_len={s}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1 (blocks retrieved per query), got {top_k!r}.")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r} is not known; use one of {list(SELECTIONS)}.")
+    scale = inputs.logit_options(d, scale).scale
+    rope = _no_rope if rope is None else rope
+    n = t // L
+    most = min(int(top_k), n)
+    # Per query: its block B, its slot a in the block, kk = min(top_k, B) blocks retrieved; the local window
+    # (block B) starts at (kk + 1) L, as in landmark_retrieval_attention.
+    block, a = jnp.arange(t) // L, jnp.arange(t) % L
+    kk = jnp.minimum(most, block)
+    at = lambda x, pos: rope(x, jnp.broadcast_to(pos, (b, t)))  # noqa: E731
+    grouped = lambda x: rearrange(x, "b t (hk g) d -> b hk g t d", hk=h_kv).astype(jnp.float32)  # noqa: E731
+    # A key of an earlier block at slot s sits at s L + l. Rotary sees differences only, so shift both sides by
+    # -s L: the query at (kk + 1 - s) L + a (one copy per slot, small) against the key at l.
+    q_slots = jnp.stack([grouped(at(q, (kk + 1 - s_) * L + a)) for s_ in range(most + 1)])
+    keys = rearrange(at(k, a), "b (n l) h d -> b n l h d", l=L).astype(jnp.float32)
+    j = jnp.arange(n)
+    earlier = j[None, :] < block[:, None]  # [t, n]
+    recent = j[None, :] >= (block - kk)[:, None]  # the kk most recent earlier blocks
+    # Scoring: landmark j at slot j - (B - kk) + 1 when recent, else 0 (the paper's stingy positions).
+    score_slot = jnp.where(recent, j[None, :] - (block - kk)[:, None] + 1, 0)
+    scores = _pick_slot(jnp.einsum("sbhgtd,bnhd->sbhgtn", q_slots, keys[:, :, L - 1]), score_slot) * scale
+    scores = jnp.where(earlier, scores, -jnp.inf)
+    if selection == "shared":
+        probs = jnp.where(earlier, jax.nn.softmax(scores, axis=-1), 0.0)
+        scores = jnp.where(earlier, jnp.max(probs, axis=(1, 2), keepdims=True), -jnp.inf)
+    _, idx = jax.lax.top_k(scores, most)
+    chosen = (jax.nn.one_hot(idx, n, dtype=jnp.int32).sum(-2) > 0) & earlier  # [b, hk, g, t, n]
+    # Attending: the chosen blocks in age order take slots 0, 1, ..., one up when recent.
+    slot = jnp.cumsum(chosen, axis=-1) - 1 + recent
+    q_pair = _pick_slot(q_slots[..., None, :], slot[..., None])  # [b, hk, g, t, n, d]: the query as block j sees it
+    logits = jnp.einsum("bhgtnd,bnlhd->bhgtnl", q_pair, keys) * scale
+    values = rearrange(v, "b (n l) h d -> b n l h d", l=L).astype(jnp.float32)
+    ordinary = jnp.arange(L) < L - 1
+    inner = jax.nn.softmax(jnp.where(ordinary, logits, -jnp.inf), axis=-1)
+    averages = jnp.einsum("bhgtnl,bnlhd->bhgtnd", inner, values)  # each chosen block's value
+    pseudo = jnp.where(chosen, logits[..., L - 1], -jnp.inf)
+    # Own block: ordinary keys up to the query (never its own landmark), at true distances.
+    local = rearrange(grouped(at(q, a)), "b hk g (n a) d -> b hk g n a d", a=L)  # true in-block distances
+    own = jnp.einsum("bhgnad,bnchd->bhgnac", local, keys) * scale
+    own = jnp.where((jnp.arange(L)[None, :] <= jnp.arange(L)[:, None]) & ordinary, own, -jnp.inf)
+    own = rearrange(own, "b hk g n a c -> b hk g (n a) c")
+    weights = jax.nn.softmax(jnp.concatenate([own, pseudo], axis=-1), axis=-1)  # one group 0 per query
+    own_weights = rearrange(weights[..., :L], "b hk g (n a) c -> b hk g n a c", a=L)
+    out = (rearrange(jnp.einsum("bhgnac,bnchd->bhgnad", own_weights, values), "b hk g n a d -> b hk g (n a) d")
+           + jnp.einsum("bhgtn,bhgtnd->bhgtd", weights[..., L:], averages))
+    return rearrange(out, "b hk g t d -> b t (hk g) d").astype(q.dtype)
+
+
+def _pick_slot(x, slot):
+    """``x[slot]`` elementwise: ``x [slots, ...]``, ``slot`` int broadcasting against ``x[0]`` (a select chain, whose
+    gradient stays elementwise, unlike a gather's scatter)."""
+    out = x[0]
+    for s in range(1, x.shape[0]):
+        out = jnp.where(slot == s, x[s], out)
+    return out
 
 
 def _by_query_tiles(retrieve, tile: int, q_rot, qg, carry):

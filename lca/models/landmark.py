@@ -15,6 +15,14 @@ query retrieves its ``top_k`` blocks through the landmark keys and attends over 
 so ``positions`` are not used when extending. With ``top_k`` at least the number of cached blocks this is
 the training-time output.
 
+Training through retrieval (``train_retrieval``, an lca addition; the paper trains the grouped softmax only):
+that share of each batch's rows is attended the way greedy decoding attends it, block by block with the
+``top_k`` retrieved blocks at the paper's positions (:func:`lca.attention.landmark.landmark_decoded_attention`),
+so the model also learns the re-positioned blocks it meets at inference; the rest keep the grouped softmax,
+which trains the landmark scores that pick the blocks. Only rows holding one document from their first index
+can be attended so (packed rows keep the grouped softmax), and teacher-forced evaluation through ``__call__``
+uses it too.
+
 The layer computes with its own attention functions, not ``model.attention`` (no sequence strategy: on a
 mesh XLA places it), and has no window or softcap.
 """
@@ -30,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lca.attention.landmark import (SELECTIONS, BlockCache, append_blocks, empty_block_cache, landmark_attention,
-                                    landmark_retrieval_attention)
+                                    landmark_decoded_attention, landmark_retrieval_attention)
 from lca.config import ConfigError, ModelConfig, choice_error
 from lca.models.layers import dense
 from lca.models.rope import apply_rope
@@ -63,6 +71,9 @@ class LandmarkConfig:
     impl: str = "blockwise"  # training-time grouped softmax: blockwise (lax.scan, custom VJP) | pallas
     # inference: queries that retrieve at a time in a prefill chunk (each gathers top_k blocks per head); null: all
     q_tile: Optional[int] = 64
+    # share of each batch's rows (rounded) attended as decoding attends them: block by block, top_k retrieved
+    # blocks at the paper's positions (landmark_decoded_attention) instead of the grouped softmax; 0: the paper's
+    train_retrieval: float = 0.0
 
     def check(self, key: str, model: ModelConfig) -> None:
         if self.block_size < 2:
@@ -81,6 +92,9 @@ class LandmarkConfig:
                               f"got {self.q_tile}.")
         if self.selection not in SELECTIONS:
             raise choice_error(f"{key}.selection", self.selection, SELECTIONS)
+        if isinstance(self.train_retrieval, bool) or not 0.0 <= self.train_retrieval <= 1.0:
+            raise ConfigError(f"config key '{key}.train_retrieval' must be a share of the rows in [0, 1], "
+                              f"got {self.train_retrieval!r}.")
         if self.impl not in IMPLS:
             raise choice_error(f"{key}.impl", self.impl, IMPLS)
         block_kv = model.attention.block_kv  # None: landmark attention's own key chunk, one block
@@ -161,17 +175,37 @@ class LandmarkAttention(nnx.Module):
     def __call__(self, x, positions, segment_ids):
         """``x [b, l, d_model]``, ``positions, segment_ids [b, l]`` -> ``[b, l, d_model]``."""
         q, k, v = self._project(x)
-        q = self.shard(apply_rope(q, positions, self.rope_theta), ("batch", "sequence", "act_heads", None))
-        k = self.shard(apply_rope(k, positions, self.rope_theta), ("batch", "sequence", "act_kv_heads", None))
+        q_rot = self.shard(apply_rope(q, positions, self.rope_theta), ("batch", "sequence", "act_heads", None))
+        k_rot = self.shard(apply_rope(k, positions, self.rope_theta), ("batch", "sequence", "act_kv_heads", None))
         v = self.shard(v, ("batch", "sequence", "act_kv_heads", None))
         L = self.cfg.block_size
         if self.cfg.impl == "pallas":
             from kernels_pallas.landmark import landmark_flash_attention  # only when asked for
 
-            out = landmark_flash_attention(q, k, v, block_size=L, segment_ids=segment_ids, block_q=self.block_q)
+            out = landmark_flash_attention(q_rot, k_rot, v, block_size=L, segment_ids=segment_ids, block_q=self.block_q)
         else:
-            out = landmark_attention(q, k, v, block_size=L, segment_ids=segment_ids, kv_block=self.block_kv)
+            out = landmark_attention(q_rot, k_rot, v, block_size=L, segment_ids=segment_ids, kv_block=self.block_kv)
+        rows = round(self.cfg.train_retrieval * x.shape[0])
+        if rows:
+            out = self._decoded_rows(out, rows, q, k, v, segment_ids)
         return self._output(out)
+
+    def _decoded_rows(self, out, rows: int, q, k, v, segment_ids):
+        """The first ``rows`` rows attended as decoding attends them (``train_retrieval``), where they can be.
+
+        Only a row holding one document from its first index (then padding, if any) can: the retrieval path has
+        no segment mask, so rows of packed documents keep the grouped softmax.
+        """
+        decoded = landmark_decoded_attention(q[:rows], k[:rows], v[:rows], block_size=self.cfg.block_size,
+                                             top_k=self.cfg.top_k, selection=self.cfg.selection,
+                                             rope=_rope(self.rope_theta))
+        if segment_ids is not None:
+            seg = segment_ids[:rows]
+            real = seg != 0
+            one_doc = (real[:, 0] & jnp.all((seg == seg[:, :1]) | ~real, axis=1)
+                       & jnp.all(real[:, :-1] | ~real[:, 1:], axis=1))  # no document after padding
+            decoded = jnp.where(one_doc[:, None, None, None], decoded, out[:rows])
+        return jnp.concatenate([decoded.astype(out.dtype), out[rows:]], axis=0)
 
     # ------------------------------------------------------------------------------------------- inference
 

@@ -13,6 +13,7 @@ from lca.attention.landmark import (
     append_blocks,
     empty_block_cache,
     landmark_attention,
+    landmark_decoded_attention,
     landmark_reference_attention,
     landmark_retrieval_attention,
     landmark_weights,
@@ -210,6 +211,39 @@ def test_chunked_prefill_then_token_by_token_equals_one_pass():
         cache = append_blocks(cache, k[:, start:complete], v[:, start:complete])
         start = complete
     _close(jnp.concatenate(outs, axis=1), want, 1e-5)
+
+
+def _decoded_block_by_block(q, k, v, L, **options):
+    """The oracle of landmark_decoded_attention: each block through the retrieval path, earlier blocks cached."""
+    cache, outs = empty_block_cache(k.shape[0], L, k.shape[2], k.shape[3]), []
+    for start in range(0, q.shape[1], L):
+        block = slice(start, start + L)
+        outs.append(landmark_retrieval_attention(q[:, block], k[:, block], v[:, block], cache, block_size=L,
+                                                 **options))
+        cache = append_blocks(cache, k[:, block], v[:, block])
+    return jnp.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize("selection,top_k,h,hk,n,L", [
+    ("per_head", 1, 4, 2, 24, 4), ("per_head", 3, 2, 2, 30, 5), ("shared", 2, 4, 1, 24, 4), ("shared", 9, 2, 2, 16, 4),
+])
+def test_decoded_rows_equal_the_retrieval_path_block_by_block_forward_and_gradients(selection, top_k, h, hk, n, L):
+    q, k, v = _qkv(40 + n, 2, n, n, h, hk)
+    options = dict(top_k=top_k, selection=selection, rope=apply_rope)
+    want, want_grads = _value_and_grads(lambda q, k, v: _decoded_block_by_block(q, k, v, L, **options), q, k, v)
+    got, got_grads = _value_and_grads(landmark_decoded_attention, q, k, v, block_size=L, **options)
+    _close(got, want, 1e-5)
+    for got_g, want_g in zip(got_grads, want_grads):
+        _close(got_g, want_g, 1e-5)
+
+
+def test_decoded_rows_retrieving_every_block_equal_training():
+    L, n = 4, 20
+    q, k, v = _qkv(41, 2, n, n, 4, 2)
+    positions = jnp.broadcast_to(jnp.arange(n), (2, n))
+    want = _jit(landmark_attention, block_size=L)(apply_rope(q, positions), apply_rope(k, positions), v)
+    got = _jit(landmark_decoded_attention, block_size=L, top_k=n // L, rope=apply_rope)(q, k, v)
+    _close(got, want, 1e-5)
 
 
 def _paper_shared_top1(q, landmark_keys, q_pos: int, L: int) -> int:
@@ -412,4 +446,10 @@ def test_bad_inputs_name_the_argument():
         append_blocks(cache, k[:, :6], v[:, :6])
     with pytest.raises(ValueError, match="capacity"):
         empty_block_cache(1, 4, 2, 8, capacity=0)
+    with pytest.raises(ValueError, match=r"must share a length that is a multiple of block_size=3"):
+        landmark_decoded_attention(q, k, v, block_size=3, top_k=1)
+    with pytest.raises(ValueError, match=r"top_k must be an int >= 1"):
+        landmark_decoded_attention(q, k, v, block_size=4, top_k=0)
+    with pytest.raises(ValueError, match="selection"):
+        landmark_decoded_attention(q, k, v, block_size=4, top_k=1, selection="max")
     assert isinstance(append_blocks(cache, k, v), BlockCache)

@@ -47,6 +47,7 @@ def test_config_builds_landmark_layers():
     (["model.mixers.landmark.q_tile=0"], r"'model.mixers.landmark.q_tile' must be >= 1 or null"),
     (["model.mixers.landmark.impl=xla"], r"'model.mixers.landmark.impl' has unknown value 'xla'"),
     (["model.mixers.landmark.top_kk=2"], r"did you mean 'model.mixers.landmark.top_k'"),
+    (["model.mixers.landmark.train_retrieval=1.5"], r"'model.mixers.landmark.train_retrieval' must be a share"),
 ])
 def test_config_errors_at_load(overrides, match):
     with pytest.raises(ConfigError, match=match) as info:
@@ -167,3 +168,39 @@ def test_pallas_impl_equals_blockwise():
     blockwise = forward(make_model(tiny("model.num_layers=1"), seed=5), tokens)
     pallas = forward(make_model(tiny("model.num_layers=1", "model.mixers.landmark.impl=pallas"), seed=5), tokens)
     np.testing.assert_allclose(pallas, blockwise, rtol=1e-4, atol=1e-4)
+
+
+def test_rows_trained_through_retrieval_are_attended_as_decoding_attends_them():
+    # train_retrieval=1: every one-document row is attended block by block through the retrieval path, which is
+    # what extending the caches one block at a time computes (top_k=2 of up to 4 earlier blocks: re-positioned).
+    cfg = tiny("model.mixers.landmark.top_k=2", "model.mixers.landmark.train_retrieval=1.0",
+               "model.pattern=[landmark]")
+    model = make_model(cfg, seed=7)
+    tokens = insert_landmarks({"inputs": np.random.default_rng(4).integers(0, 256, (2, 35))}, L)["inputs"]  # 40
+    full = forward(model, tokens)
+    caches, pieces = model.start_caches(2, tokens.shape[1]), []
+    for start in range(0, tokens.shape[1], L):
+        positions = jnp.broadcast_to(jnp.arange(start, start + L), (2, L))
+        logits, caches = model.extend(jnp.asarray(tokens[:, start:start + L]), positions, caches)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, rtol=2e-4, atol=2e-4)
+    # ... which differs from the grouped softmax over every block at its true distance
+    grouped = make_model(tiny("model.mixers.landmark.top_k=2", "model.pattern=[landmark]"), seed=7)
+    assert not np.allclose(forward(grouped, tokens), full, atol=1e-3)
+
+
+def test_only_the_share_of_one_document_rows_is_trained_through_retrieval():
+    # train_retrieval=0.5 of 4 rows: rows 0-1 may go through retrieval, rows 2-3 keep the grouped softmax; of
+    # rows 0-1, the one holding two documents keeps it too (the retrieval path has no segment mask).
+    rng = np.random.default_rng(5)
+    tokens = jnp.asarray(insert_landmarks({"inputs": rng.integers(0, 256, (4, 35))}, L)["inputs"])
+    segments = np.ones(tokens.shape, np.int32)
+    segments[1, 20:] = 2
+    segments[0, 36:] = 0  # padding after the document: still one document
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    args = ("model.mixers.landmark.top_k=1", "model.pattern=[landmark]")
+    mixed = make_model(tiny(*args, "model.mixers.landmark.train_retrieval=0.5"), seed=8)
+    grouped = make_model(tiny(*args), seed=8)
+    got, want = (m(tokens, positions, jnp.asarray(segments)) for m in (mixed, grouped))
+    np.testing.assert_allclose(got[1:], want[1:], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got[0, :36], want[0, :36], atol=1e-3)
