@@ -50,11 +50,14 @@ def load_trained(run_dir: Path):
     """``(config, model)``: the newest checkpoint of ``run_dir`` restored into an ``nnx`` model."""
     from flax import nnx
 
-    from lca.config import load_run_config
+    from lca.config import ConfigError, load_run_config
     from lca.train.checkpoint import Checkpointer
     from lca.train.setup import build_mesh, make_setup
 
-    cfg = load_run_config(run_dir, [f"run_dir={run_dir}", "runtime.cpu_devices=0"])
+    try:
+        cfg = load_run_config(run_dir, [f"run_dir={run_dir}", "runtime.cpu_devices=0"])
+    except ConfigError as err:  # e.g. --skip-train with a --runs folder that holds no run
+        raise SystemExit(f"{err} (--runs {run_dir.parent}: train it first, without --skip-train)") from None
     setup = make_setup(cfg, build_mesh(cfg))
     ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                         read_only=True)

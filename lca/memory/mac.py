@@ -25,12 +25,13 @@ the segments of its shard and hands the memory state on, pipelined over micro-ba
 (:func:`lca.memory.context_parallel.context_parallel`): the same result as one device.
 That needs each device's shard to be whole segments (``l / devices`` a multiple of
 ``segment``); otherwise XLA runs the global scan on the gathered sequence (exact, not
-sharded).
+sharded), with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import TYPE_CHECKING
 
 import jax
@@ -170,10 +171,17 @@ def mac_layer(
     b, length, _ = x.shape
     c = config.segment
     fresh = lambda p, rows: nm.fresh_state(p["memory"], config.memory, rows)  # noqa: E731
-    if split is not None and length % (split.mesh.shape[split.axis] * c) == 0:
-        run = lambda p, state, xp: mac_segments(p, state, *xp, config=config)  # noqa: E731
-        return context_parallel(run, fresh, params, (x, positions), mesh=split.mesh, axis_name=split.axis,
-                                micro_batches=split.micro_batches, batch_axes=split.batch_axes)
+    if split is not None:
+        devices = split.mesh.shape[split.axis]
+        if length % (devices * c) == 0:
+            run = lambda p, state, xp: mac_segments(p, state, *xp, config=config)  # noqa: E731
+            return context_parallel(run, fresh, params, (x, positions), mesh=split.mesh, axis_name=split.axis,
+                                    micro_batches=split.micro_batches, batch_axes=split.batch_axes)
+        # Exact, but every device runs the whole scan: say so once per trace rather than slow down unseen.
+        warnings.warn(f"titans_mac: a sequence of {length} tokens over {devices} devices of mesh axis "
+                      f"'{split.axis}' is not whole segments of {c} per device, so MAC runs its global segment "
+                      f"scan on the gathered sequence instead of pipelining it; use a length that is a multiple "
+                      f"of {devices * c}.", stacklevel=2)
     pad = -length % c  # zeros after the end: causal, so they change nothing before it
     x, positions = jnp.pad(x, ((0, 0), (0, pad), (0, 0))), jnp.pad(positions, ((0, 0), (0, pad)))
     return mac_segments(params, fresh(params, b), x, positions, config=config)[0][:, :length]
