@@ -159,7 +159,8 @@ def write_results(out: Path, data: dict) -> None:
         loss = f", final loss {info['final_loss']:.3f}" if info.get("final_loss") is not None else ""
         load = f" (load average {info['load_after']:.1f} at the end)" if info.get("load_after") else ""
         wall = f"{info['train_wall_s'] / 60:.1f} min{load}" if info.get("train_wall_s") else "not timed"
-        lines.append(f"- {label}: `{info['command']}`: {wall}{loss} (checkpoint step {info['step']})")
+        carried = f"; results carried over from `{info['carried_from']}`" if info.get("carried_from") else ""
+        lines.append(f"- {label}: `{info['command']}`: {wall}{loss} (checkpoint step {info['step']}){carried}")
     lines += ["", f"Load average before / after: {data['load'][0]:.1f} / {data['load'][1]:.1f}.", "",
               "![passkey accuracy vs context length](landmark_passkey.png)", ""]
     if data.get("notes"):
@@ -227,6 +228,9 @@ def main(argv=None) -> None:
     parser.add_argument("--fresh", action="store_true", help="delete the runs in --runs before training")
     parser.add_argument("--only", choices=list(MODELS), help="train and evaluate one model (a pilot)")
     parser.add_argument("--notes", default="", help="a paragraph appended to the markdown")
+    parser.add_argument("--carry-plain", metavar="JSON",
+                        help="with --only landmark: take the plain model's results from this landmark_passkey.json "
+                             "of an earlier run (same config and data) instead of training and evaluating it again")
     parser.add_argument("--phase-sweep", type=float, default=8,
                         help="also evaluate at this multiple of train.seq_len plus 0..block_size-2 tokens, so the "
                              "answer meets every slot of a landmark block (0: skip)")
@@ -273,6 +277,12 @@ def main(argv=None) -> None:
     section = cfg.model.mixers["landmark"]
     sweep_depths = (0.0, 0.5, 1.0)
     sweep_lengths = [int(args.phase_sweep * seq_len) + j for j in range(section.block_size - 1)]
+    carried = {}
+    if args.carry_plain:  # the plain model's results as an earlier run of this driver recorded them
+        if args.only != "landmark":
+            raise SystemExit("--carry-plain goes with --only landmark (the landmark model evaluated, the plain one kept).")
+        carried["plain"] = json.loads(Path(args.carry_plain).read_text())["models"]["plain"]
+        carried["plain"]["carried_from"] = str(args.carry_plain)
     for label, (run_dir, info) in models.items():
         top_k, selection = (args.top_k, args.selection) if label == "landmark" else (None, None)
         info.update(evaluate(run_dir, lengths, args.samples, top_k, selection=selection))
@@ -292,9 +302,9 @@ def main(argv=None) -> None:
         "load": (load_before, os.getloadavg()[0]), "notes": args.notes,
         "phase_sweep": ({"multiple": args.phase_sweep, "lengths": sweep_lengths, "depths": list(sweep_depths),
                          "samples": args.sweep_samples} if args.phase_sweep else None),
-        "models": {label: info for label, (_, info) in models.items()},
+        "models": {**{label: info for label, (_, info) in models.items()}, **carried},
     }
-    if len(models) == len(MODELS):
+    if len(data["models"]) == len(MODELS):
         write_results(Path(args.out), data)
     else:
         print(json.dumps(data, indent=1))
