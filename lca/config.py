@@ -148,6 +148,11 @@ class TrainConfig:
     # out) into RUN_DIR/profile/, with a per-op time table ops.md (lca.train.profile). 0: off.
     profile_at: int = 0
     profile_steps: int = 2
+    # Fine-tune: a run that starts fresh takes its parameters from this checkpoint (a
+    # run_dir's newest, or RUN/checkpoints/STEP) instead of initialising them; the
+    # optimizer, step, schedule and data start anew. Ignored once the run has its own
+    # checkpoints. None: initialise from train.seed.
+    init_from: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,10 @@ Multi-process runs: every process restores the same step or none (a checkpoint
 that fails on one process is set aside on all of them, after all of them have
 tried it), and a run may resume on another process count: the saved iterator
 states are merged and each process takes its own rows (``lca.data.merge_states``).
+
+Fine-tuning (``train.init_from``) reads only the ``params`` of another run's
+checkpoint (:func:`init_from_checkpoint`, :func:`restore_params`), so that run's
+optimizer, schedule and data position need not match this one's.
 """
 
 from __future__ import annotations
@@ -228,16 +232,19 @@ def set_aside_names(directory: str | Path) -> list[str]:
     return sorted(names, key=lambda name: (-int(name.split(".", 1)[0]), name))
 
 
-def state_mismatch(state_dir: Path, abstract_state) -> list[str]:
+def state_mismatch(state_dir: Path, abstract_state, *, part: str | None = None) -> list[str]:
     """``["params.x: saved (32,) float32, wanted (64,) float32", ...]`` from the checkpoint's metadata.
 
-    Reading the metadata raises if it is unreadable (that is corruption).
+    ``part``: compare only the saved subtree under this top-level key (``abstract_state``
+    then holds just that key). Reading the metadata raises if it is unreadable (that is corruption).
     """
     handler = ocp.StandardCheckpointHandler()
     try:
         saved = _leaf_types(handler.metadata(epath.Path(state_dir)))
     finally:
         handler.close()
+    if part is not None:
+        saved = {key: value for key, value in saved.items() if key.split(".", 1)[0] == part}
     wanted = _leaf_types(abstract_state)
     out = []
     for key in sorted(set(saved) | set(wanted)):
@@ -246,6 +253,58 @@ def state_mismatch(state_dir: Path, abstract_state) -> list[str]:
             describe = lambda t: "absent" if t is None else f"{tuple(t[0])} {t[1]}"  # noqa: E731
             out.append(f"{key}: saved {describe(have)}, wanted {describe(want)}")
     return out
+
+
+def init_from_checkpoint(path: str | Path) -> Path:
+    """The ``state`` folder of the checkpoint that ``train.init_from=path`` names.
+
+    ``path`` is a run_dir (its newest checkpoint), its ``checkpoints`` folder, or one
+    step's folder (``RUN/checkpoints/1200``). ConfigError when it names none.
+    """
+    path = Path(path).expanduser().absolute()
+    if path.name.isdigit() and (path / "state").is_dir():
+        return path / "state"
+    for folder in (path / "checkpoints", path):
+        steps = checkpoint_steps(folder)
+        if steps:
+            return folder / str(steps[-1]) / "state"
+    found = "no checkpoints/<step>/ in it" if path.exists() else "no such folder"
+    raise ConfigError(f"train.init_from={str(path)!r} holds no checkpoint ({found}); give a run_dir that has "
+                      "checkpoints, or one step's folder RUN/checkpoints/STEP.")
+
+
+def restore_params(state_dir: Path, abstract_params):
+    """The ``params`` of the checkpoint at ``state_dir``, restored with ``abstract_params``' shardings.
+
+    ConfigError, before anything is restored, when the checkpoint cannot be read or
+    its parameters have other shapes than this config's (the model must be the same).
+    """
+    target = {"params": abstract_params}
+    step_dir = state_dir.parent
+
+    def unreadable(err):
+        return ConfigError(f"train.init_from: checkpoint {step_dir} cannot be read ({describe_error(err)}); "
+                           f"name an earlier step of {step_dir.parent} (RUN/checkpoints/STEP).")
+
+    try:
+        mismatch = state_mismatch(state_dir, target, part="params")
+    except Exception as err:  # noqa: BLE001 - any read failure: this checkpoint cannot start the run
+        raise unreadable(err) from None
+    if mismatch:
+        raise ConfigError(
+            f"train.init_from: the parameters of checkpoint {step_dir} differ from this config's "
+            f"({'; '.join(mismatch[:3])}{'; ...' if len(mismatch) > 3 else ''}); fine-tuning needs the same model: "
+            "change only keys that keep the parameters' shapes (training, data, compute options)."
+        )
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    except Exception as err:  # noqa: BLE001 - e.g. a truncated array file
+        raise unreadable(err) from None
+    finally:
+        checkpointer.close()
+    return restored["params"]
 
 
 def _leaf_types(tree) -> dict[str, tuple]:

@@ -4,7 +4,8 @@
 that the config fits the mesh, the data exist, ``run_dir`` can be written and,
 when the run has checkpoints, that the config has not changed what they hold
 (``lca.train.run_dir``). It then resumes from the newest good checkpoint in
-``cfg.run_dir`` if there is one; given the same config, a resumed run computes
+``cfg.run_dir`` if there is one (else it starts at step 0, with the parameters of
+``train.init_from``'s checkpoint when that is set); given the same config, a resumed run computes
 exactly the losses of an uninterrupted one (same parameters, same optimizer
 state, data iterator at the same position, same compiled program).
 
@@ -28,7 +29,8 @@ import numpy as np
 
 from lca.config import Config, ConfigError, save_config
 from lca.models.build import num_params
-from lca.train.checkpoint import Checkpointer, checkpoint_steps, set_aside_names
+from lca.train.checkpoint import (Checkpointer, checkpoint_steps, init_from_checkpoint, restore_params,
+                                  set_aside_names)
 from lca.train.evaluate import check_eval, evaluate
 from lca.train.metrics import MetricsWriter, ProgressBar, format_line, plot_loss_curve, throughput
 from lca.train.profile import StepProfiler
@@ -123,6 +125,8 @@ def train(cfg: Config, *, data_iterator=None) -> dict:
         check_resume(cfg, run_dir)
     elif cfg.checkpoint.enabled and set_aside_names(ckpt_dir) and not cfg.checkpoint.restart_if_unusable:
         raise _no_usable_checkpoint(ckpt_dir)
+    # Checked now so that a wrong path stops before anything is written; a resumed run never reads it.
+    init_dir = init_from_checkpoint(cfg.train.init_from) if cfg.train.init_from and not resuming else None
     setup = make_setup(cfg, mesh)
     data = data_iterator if data_iterator is not None else make_data_iterator(cfg)
     ckpt = None
@@ -135,7 +139,12 @@ def train(cfg: Config, *, data_iterator=None) -> dict:
                 raise _no_usable_checkpoint(ckpt_dir)
         if state is None:
             start, state = 0, init_state(setup, cfg.train.seed)
-            log.info("starting fresh in %s", run_dir)
+            if cfg.train.init_from:
+                init_dir = init_dir or init_from_checkpoint(cfg.train.init_from)
+                state["params"] = restore_params(init_dir, setup.abstract_state["params"])
+                log.info("starting in %s from the parameters of %s", run_dir, init_dir.parent)
+            else:
+                log.info("starting fresh in %s", run_dir)
         else:
             log.info("resuming from step %d (%s)", start, ckpt_dir / str(start))
         if start >= cfg.train.steps:
