@@ -120,6 +120,14 @@ def _check_kv_block(kv_block, block_size: int) -> int:
     return kv_block
 
 
+def _check_selection(top_k, selection, *, least: int) -> None:
+    """The retrieval options: ``top_k`` an int >= ``least``, ``selection`` one of SELECTIONS."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r} is not known; use one of {list(SELECTIONS)}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < least:
+        raise ValueError(f"top_k must be an int >= {least} (blocks retrieved per query), got {top_k!r}.")
+
+
 def _check_aligned_positions(kv_pos, block_size: int):
     """Each array chunk of ``block_size`` keys must hold one landmark block (checked when positions are concrete)."""
     try:
@@ -770,11 +778,8 @@ def landmark_retrieval_attention(
             f"cache blocks {cache.keys.shape} must be [batch, n, block_size, num_kv_heads, head_dim] = "
             f"[{b}, n, {block_size}, {h_kv}, {d}] to match q {q.shape} and k {k.shape}."
         )
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection={selection!r} is not known; use one of {list(SELECTIONS)}.")
+    _check_selection(top_k, selection, least=0)
     q_tile = positive_int("q_tile", q_tile, allow_none=True, hint=" (queries retrieved for at a time; None: all)")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (blocks retrieved per query), got {top_k!r}.")
     if cache.capacity is not None and top_k > cache.capacity:
         raise ValueError(
             f"top_k={top_k} is larger than the cache (capacity={cache.capacity} blocks); use "
@@ -861,10 +866,7 @@ def landmark_decoded_attention(q, k, v, *, block_size: int, top_k: int, selectio
     if t != s or t % L:
         raise ValueError(f"q {q.shape}, k {k.shape} must share a length that is a multiple of block_size={L} "
                          f"(rows of whole landmark blocks), got q_len={t}, kv_len={s}.")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ValueError(f"top_k must be an int >= 1 (blocks retrieved per query), got {top_k!r}.")
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection={selection!r} is not known; use one of {list(SELECTIONS)}.")
+    _check_selection(top_k, selection, least=1)
     scale = inputs.logit_options(d, scale).scale
     rope = _no_rope if rope is None else rope
     n = t // L

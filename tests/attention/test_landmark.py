@@ -437,6 +437,9 @@ def test_bad_inputs_name_the_argument():
         landmark_retrieval_attention(q, k, v, cache, block_size=5, top_k=1)
     with pytest.raises(ValueError, match="selection"):
         landmark_retrieval_attention(q, k, v, cache, block_size=4, top_k=1, selection="max")
+    for top_k in (-1, True, 1.0):
+        with pytest.raises(ValueError, match=rf"top_k must be an int >= 0 .*got {top_k!r}"):
+            landmark_retrieval_attention(q, k, v, cache, block_size=4, top_k=top_k)
     with pytest.raises(ValueError, match=r"q_tile must be a positive int or None, got q_tile=0 \(queries retrieved "
                                          r"for at a time; None: all\)"):
         landmark_retrieval_attention(q, k, v, cache, block_size=4, top_k=1, q_tile=0)
