@@ -154,12 +154,6 @@ def _shrunk_to_fit(tiles: PassTiles, backward: bool, head_dim: int, itemsize: in
     return PassTiles(bq, bk, tiles.warps)
 
 
-def default_blocks(backend: str, head_dim: int | None = None) -> BlockSizes:
-    """The ``backend``'s generic sizes (no device known) for what a caller leaves as None."""
-    blocks = default_plan(backend, head_dim).blocks
-    return BlockSizes(blocks.block_q, blocks.block_kv)
-
-
 # --------------------------------------------------------------------------- estimates
 
 
