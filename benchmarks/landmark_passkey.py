@@ -3,7 +3,8 @@
 Both models are trained through the launcher (``lca-train``) the same way, on the same data mixture (the
 default corpus with passkey rows, ``data.mixture``): ``configs/landmark.yaml`` (every layer a landmark layer,
 a landmark token after every ``block_size - 1`` tokens) and its plain sibling ``configs/landmark_plain.yaml``
-(global attention, no landmarks). Then each answers passkey prompts (``lca.data.tasks.passkey``: the
+(global attention, no landmarks). The landmark model then fine-tunes with ``configs/landmark_retrieval.yaml``
+(half of the passkey rows attended block by block through top-k retrieval, as decoding attends them). Then each answers passkey prompts (``lca.data.tasks.passkey``: the
 paper's filler, needle and question) by greedy decoding through its inference caches
 (``lca.eval.passkey.passkey_accuracy``, prefill in chunks of the training length), at context lengths of
 1x .. 16x the training length ``train.seq_len`` (counted in task tokens; the landmark model's landmarks come
@@ -15,8 +16,8 @@ rotary positions it never saw.
     python benchmarks/landmark_passkey.py --steps 200 --multiples 1,4 --samples 1 --out /tmp/r   # a pilot
 
 Writes ``landmark_passkey.md``, ``.png`` and ``.json`` under ``--out``. Training runs go to
-``--runs``/{landmark,landmark_plain} (``--fresh`` deletes them first; otherwise a finished run is resumed,
-i.e. not retrained).
+``--runs``/{landmark,landmark_retrieval,landmark_plain} (``--fresh`` deletes them first; otherwise a finished
+run is resumed, i.e. not retrained).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = {"landmark": "landmark", "plain": "landmark_plain"}  # label -> shipped config
+# label -> the shipped configs that train it, in order; each later stage fine-tunes the one before
+# (train.init_from): the landmark model's second stage trains through retrieval (configs/landmark_retrieval.yaml).
+MODELS = {"landmark": ("landmark", "landmark_retrieval"), "plain": ("landmark_plain",)}
 
 
 def train(config: str, run_dir: Path, overrides: list[str]) -> tuple[list[str], float]:
@@ -100,6 +103,17 @@ def evaluate(run_dir: Path, lengths: list[int], samples: int, top_k: int | None,
     return {"step": step, "depths": list(result.depths), "rows": rows}
 
 
+def _stage(config: str, overrides: list[str]) -> str:
+    """A fine-tuning stage in words, for the results page."""
+    from lca.config import load_config
+
+    cfg = load_config(config, overrides)
+    share = cfg.model.mixers["landmark"].train_retrieval
+    return (f"`{config}`: {cfg.train.steps} more steps at lr {cfg.train.lr:g} from the previous stage's "
+            f"parameters, {share:.0%} of each batch's rows trained through retrieval "
+            "(`model.mixers.landmark.train_retrieval`)")
+
+
 def load_final_loss(run_dir: Path) -> float | None:
     from lca.train.metrics import read_metrics
 
@@ -128,7 +142,9 @@ def write_results(out: Path, data: dict) -> None:
         f"Both models: {data['model']}, trained {data['steps']} steps at train.seq_len={seq_len} on the same "
         f"mixture (`{data['mixture']}`), batch {data['global_batch']}, lr {data['lr']}. Landmark: block size "
         f"{data['block_size']}, top-k {data['top_k']} ({data['selection']}) at inference, unbounded cache. "
-        f"Plain: global attention, no landmarks. Evaluation: greedy decoding through the caches "
+        f"Plain: global attention, no landmarks. "
+        + "".join(f"The landmark model then fine-tunes: {stage}. " for stage in lm.get("stages", []))
+        + f"Evaluation: greedy decoding through the caches "
         f"(`lca.eval.passkey.passkey_accuracy`, prefill chunks of {seq_len} tokens), depths "
         f"{data['depths']}, {data['samples']} samples per depth; context length in task tokens (the landmark "
         f"model's landmarks come on top).",
@@ -215,7 +231,7 @@ def _shown_args(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, help="training steps (default: the config's)")
+    parser.add_argument("--steps", type=int, help="training steps of every stage (default: the configs')")
     parser.add_argument("--multiples", default="1,2,4,8,16", help="context lengths as multiples of train.seq_len")
     parser.add_argument("--samples", type=int, default=4, help="samples per depth (5 depths)")
     parser.add_argument("--top-k", type=int, help="landmark blocks retrieved at inference (default: the config's)")
@@ -253,21 +269,25 @@ def main(argv=None) -> None:
     runs = Path(args.runs).resolve()
     load_before = os.getloadavg()[0]
     models = {}
-    for label, config in MODELS.items():
+    for label, configs in MODELS.items():
         if args.only and label != args.only:
             continue
-        run_dir = runs / config
-        if args.fresh and run_dir.exists():
-            shutil.rmtree(run_dir)
-        info = {"config": config}
-        cmd = ["lca-train", config, *overrides]
-        info["command"] = " ".join(cmd)
-        timing = run_dir / "train_wall.json"  # kept with the run, so --skip-train still reports it
-        if not args.skip_train:
-            _, wall = train(config, run_dir, overrides)
-            timing.write_text(json.dumps({"train_wall_s": wall, "load_after": os.getloadavg()[0]}))
-        if timing.is_file():
-            info.update(json.loads(timing.read_text()))
+        info, commands, run_dir = {"config": configs[-1]}, [], None
+        for config in configs:
+            stage = [*overrides, *([f"train.init_from={run_dir}"] if run_dir else [])]
+            run_dir = runs / config
+            if args.fresh and run_dir.exists():
+                shutil.rmtree(run_dir)
+            commands.append(" ".join(["lca-train", config, *stage]))
+            timing = run_dir / "train_wall.json"  # kept with the run, so --skip-train still reports it
+            if not args.skip_train:
+                _, wall = train(config, run_dir, stage)
+                timing.write_text(json.dumps({"train_wall_s": wall, "load_after": os.getloadavg()[0]}))
+            if timing.is_file():
+                for key, value in json.loads(timing.read_text()).items():  # walls add up, the last load stays
+                    info[key] = info.get(key, 0) + value if key == "train_wall_s" else value
+        info["command"] = " && ".join(commands)
+        info["stages"] = [_stage(config, overrides) for config in configs[1:]]
         info["final_loss"] = load_final_loss(run_dir)
         models[label] = (run_dir, info)
 

@@ -25,7 +25,7 @@ lm_benchmark): after each landmark the positions of the rest of its document pie
 ``0 .. J - 1`` more, so the rotary distance between two blocks is no longer their distance in the row.
 Retrieval at inference re-positions the retrieved blocks (:mod:`lca.attention.landmark`), closer together
 than they were in the text; the jumps are meant to keep a model from relying on block distances (on the
-passkey model they made retrieval worse: ``benchmarks/results/landmark_passkey.md``).
+passkey model they made retrieval worse: ``benchmarks/results/landmark_passkey_pos_jump.json``).
 ``JumpPositions`` draws the jumps of all ``global_batch`` rows from one generator per batch and keeps this
 process's rows, so the data stay independent of the process count.
 """

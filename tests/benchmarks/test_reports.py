@@ -18,6 +18,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 PAGES = [
     ("landmark_passkey.py", "landmark_passkey"),
     ("landmark_passkey.py", "landmark_passkey_start_jitter/landmark_passkey"),  # a recipe variant's page
+    ("landmark_passkey.py", "landmark_passkey_grouped_only/landmark_passkey"),  # before the retrieval stage
     ("titans_eval.py", "titans"),
     ("titans_eval.py", "titans_seq256/titans"),  # the earlier recipe's page
     ("titans_update.py", "titans_update"),
