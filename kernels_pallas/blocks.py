@@ -10,9 +10,12 @@ Backend rules (checked with a ``ValueError`` naming what would work):
   two in [16, 256] on GPU; interpret mode (CPU) accepts any positive sizes.
 * ``mosaic_gpu``: forward blocks powers of two in [64, 256] (the forward's wgmma
   works on 64-row warpgroup tiles and 128-byte swizzled SMEM tiles, and each tile
-  is one TMA copy of at most 256 rows); backward blocks follow ``gpu_portable``'s
-  rules (the backward is the portable kernels), ``head_dim`` 64, 128 or 256, the forward's SMEM (Q, ``MOSAIC_GPU_STAGES`` K/V tiles, P, out) within
-  the H100's 227 KiB, and on GPU bfloat16/float16 inputs (wgmma). The same
+  is one TMA copy of at most 256 rows); up to ``head_dim`` 128 the backward's
+  own blocks (:func:`mosaic_gpu_backward_plan`: powers of two in [64, 256] whose
+  warp-specialised dQ and dK/dV kernels fit an SM's SMEM; default 64 x 64), above
+  it ``gpu_portable``'s rules (the backward is then the portable kernels);
+  ``head_dim`` 64, 128 or 256, the forward's SMEM (Q, ``MOSAIC_GPU_STAGES`` K/V
+  tiles, P, out) within the H100's 227 KiB, and on GPU bfloat16/float16 inputs (wgmma). The same
   rules hold in interpret mode (it simulates the same TMA tiles), except that
   float32 is accepted there for tight checks.
 * ``tpu``: multiples of 128 (the lane width), ``head_dim`` up to 256 (VMEM).
@@ -140,7 +143,8 @@ def default_plan(backend: str, head_dim: int | None = None, limits: GpuLimits | 
         bwd = _shrunk_to_fit(bwd, True, head_dim, itemsize, limits)
     if backend == "gpu_portable":
         return Plan(BlockSizes(fwd.block_q, fwd.block_kv, bwd.block_q, bwd.block_kv), fwd.warps, bwd.warps)
-    # mosaic_gpu: one warpgroup runs the forward; the backward is the portable kernels.
+    # mosaic_gpu: the forward's threads are its own (three warpgroups); these backward tiles serve the
+    # portable kernels, which run it above MOSAIC_GPU_BWD_MAX_HEAD_DIM (mosaic_gpu_backward_plan below).
     return Plan(BlockSizes(block_q, block_kv, bwd.block_q, bwd.block_kv), 4, bwd.warps)
 
 
@@ -355,16 +359,20 @@ MOSAIC_GPU_BWD_MAX_HEAD_DIM = 128
 MOSAIC_GPU_BWD_DEFAULT = (64, 64)
 
 
-def mosaic_gpu_backward_smem(block_q: int, block_kv: int, head_dim: int, itemsize: int) -> int:
-    """Bytes of SMEM of the larger Mosaic GPU backward kernel (dK/dV, or dQ) for these tiles.
+def mosaic_gpu_backward_smem(block_q: int, block_kv: int, head_dim: int, itemsize: int, width: int = 0) -> int:
+    """Bytes of SMEM on hardware of the larger Mosaic GPU backward kernel (dK/dV, or dQ) for these tiles.
 
-    dK/dV: K, V, and per stage Q, Q^T, dO, dO^T, the p^T/ds^T tiles and one f32
-    output tile; dQ: Q, dO, per stage K^T, V^T, K, the ds tile and an f32 output.
+    Both kernels are warp-specialised with two consumers (``kernels_pallas.gpu.hopper_bwd``).
+    dQ: per consumer Q, dO, lse, delta, query positions and segments; per stage K, V,
+    key positions and segments; one float32 output tile. dK/dV is the same with the
+    roles of query and key blocks swapped. ``width``: the schedule rows' entries
+    (a list and two code rows, int32), which grow with the streamed side's length.
     """
-    bq, bk, d, n, st = block_q, block_kv, head_dim, itemsize, MOSAIC_GPU_STAGES
-    dkdv = n * (2 * bk * d + 4 * st * bq * d + 2 * bk * bq) + 4 * bk * d + 4 * (2 * st * bq + 2 * st * bq)
-    dq = n * (2 * bq * d + 3 * st * bk * d + bq * bk) + 4 * bq * d + 4 * 4 * bq
-    return max(dkdv, dq)
+    def kernel(own, streamed):
+        return (itemsize * (2 * 2 * own * head_dim + MOSAIC_GPU_STAGES * 2 * streamed * head_dim)
+                + 4 * own * head_dim + 4 * (2 * 4 * own + MOSAIC_GPU_STAGES * 4 * streamed) + 4 * 3 * width)
+
+    return max(kernel(block_q, block_kv), kernel(block_kv, block_q))
 
 
 def mosaic_gpu_backward_plan(plan_: Plan, given: BlockSizes | None, head_dim: int) -> Plan:

@@ -4,8 +4,8 @@ What runs where (precisely):
 
 * **forward**: the Mosaic GPU kernel in this module (:func:`forward`).
 * **backward** (dQ, dK/dV): the Mosaic GPU kernels of
-  ``kernels_pallas.gpu.hopper_bwd`` (one warpgroup each, a TMA pipeline, exp2,
-  per-element masks on every visited tile), with their own tiles
+  ``kernels_pallas.gpu.hopper_bwd`` (warp-specialised as the forward: a producer
+  and two consumers, exp2, per-element masks on edge tiles only), with their own tiles
   (``kernels_pallas.blocks.mosaic_gpu_backward_plan``, default 64 x 64); for
   head_dim 256 (beyond their SMEM) the portable kernels.
 
@@ -38,8 +38,9 @@ Forward kernel (grid ``(n_pairs, h, b)``, three warpgroups per program, ``thread
   attention's blocks below the diagonal) in a loop of their own, and switches over
   the codes only for the rest.
 * GQA/MQA through the TMA source slice (KV head ``h // group``), never copied.
-  K is passed pre-transposed (``[b, h_kv, d, Tk]``): the interpret mode does not
-  simulate transposed refs.
+  ``Q K^T`` reads the K tile through ``plgpu.transpose_ref`` on hardware; the
+  interpret mode does not simulate transposed refs, so there a pre-transposed
+  copy of K (``[b, h_kv, d, Tk]``) is streamed as well (:class:`TransposedViews`).
 * ``P V`` as JAX's own Mosaic GPU attention does it: the accumulator is rescaled
   during the softmax, and on hardware ``P`` is the register A operand of a wgmma
   accumulating into it in place (:func:`accumulate`). The interpret mode has neither
@@ -59,14 +60,16 @@ Validation, and what is NOT validated:
   The interpret mode runs the three warpgroups as concurrent threads with
   simulated SMEM, TMA copies, barriers (it raises on a phase that a waiting
   thread skipped or an arrival completed twice before anyone observed it) and
-  ``wgmma``. It does NOT model register layouts (``layout_cast``/``plgpu.load``
+  ``wgmma``. It does NOT model transposed SMEM refs (hence the pre-transposed
+  copies it streams instead), register layouts (``layout_cast``/``plgpu.load``
   hints are identity there), asynchronous ``wgmma`` (it is synchronous),
   ``commit_smem`` fences, register reallocation, or timing, so it cannot show
   a race that only real concurrency of the tensor cores would expose, nor speed.
 * On CPU, lowering for CUDA (``lowering_platforms=("cuda",)``) runs the
   Pallas -> Mosaic GPU lowering (layouts, TMA shapes and alignment, the
   ``lax.switch`` over codes) without compiling to PTX.
-* On an H100 (2026-11-27, before the register ``P`` and ``approx_math``): the
+* On an H100 (2026-11-27, before the register ``P``, ``approx_math``, the
+  ``transpose_ref`` K and the warp-specialised backward): the
   forward and gradients at real sizes matched the oracle, one of the two
   ring-position forward tests failed (it asked for a float32 output with 128-key
   blocks at head_dim 128, which :func:`_check_smem` refuses by design), and the forward
@@ -108,8 +111,8 @@ from lca.attention.mask import Mask
 from lca.attention.tiling import Tiling, pad_axis
 from lca.parallel.vma import varying_struct
 
-__all__ = ["STAGES", "Layouts", "accumulate", "forward", "kernel_options", "log2_logits", "matmul",
-           "pair_schedule", "tile_transforms"]
+__all__ = ["STAGES", "Layouts", "TransposedViews", "accumulate", "forward", "kernel_options", "log2_logits", "matmul",
+           "pair_rows", "pair_schedule", "tile_codes", "tile_mask", "tile_transforms"]
 
 _SWIZZLE = 128  # bytes
 
@@ -160,6 +163,37 @@ class Layouts:
         return self.cast(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA)
 
 
+class TransposedViews:
+    """Streamed tiles ``x [block, d]`` that a wgmma also reads as ``x^T [d, block]`` (a B operand).
+
+    On hardware ``x^T`` is ``plgpu.transpose_ref`` of the plain SMEM tile, as in
+    JAX's own Mosaic GPU attention: one tile, one copy. The interpret mode does not
+    simulate transposed refs, so there a second, pre-transposed tile is streamed
+    from a ``[b, h, d, t]`` copy of ``x`` in HBM; these methods give nothing on hardware.
+    """
+
+    def __init__(self, interpret: bool):
+        self.interpret = interpret
+
+    def sources(self, *xs):
+        """The pre-transposed HBM operands ``[b, h, d, t]`` of ``xs [b, t, h, d]`` (interpret mode)."""
+        return [rearrange(x, "b t h d -> b h d t") for x in xs] if self.interpret else []
+
+    def smem(self, n: int, block: int, d: int, dtype):
+        """SMEM for ``n`` pre-transposed tiles per stage (interpret mode)."""
+        if not self.interpret:
+            return None
+        return plgpu.SMEM((n, STAGES, d, block), dtype, transforms=tile_transforms(dtype))
+
+    def copies(self, sources, t_smem, slot, bi, head, span):
+        """The TMA copies ``[(gmem, smem)]`` of one stage's pre-transposed tiles (interpret mode)."""
+        return [(src.at[bi, head, :, span], t_smem.at[n, slot]) for n, src in enumerate(sources)]
+
+    def t(self, plain, t_smem, n: int, slot):
+        """``plain [block, d]`` transposed, ``[d, block]``: a view on hardware, tile ``n`` of ``slot`` in interpret mode."""
+        return t_smem.at[n, slot] if self.interpret else plgpu.transpose_ref(plain, (1, 0))
+
+
 def matmul(a_smem, b_smem, shape, while_running=None):
     """``a @ b`` of two SMEM tiles into a fresh wgmma accumulator, as an f32 value.
 
@@ -191,6 +225,24 @@ def accumulate(acc, a, b_smem, interpret: bool):
     return pl.run_state(run)(plgpu.ACC.init(acc))
 
 
+def tile_mask(lay: Layouts, mask: Mask, shape, q_tok, kv_tok, key_start, kv_len: int, segmented: bool,
+              keys_on_rows: bool = False):
+    """The per-element visibility of an edge tile: positions, segments and key padding.
+
+    ``q_tok``, ``kv_tok``: ``[2, n]`` int32 SMEM rows (positions, then segments)
+    of the tile's query and key block; ``key_start``: the key block's first index.
+    Queries run along the tile's rows, keys along its columns, unless ``keys_on_rows``.
+    """
+    q_axis, k_axis = (1, 0) if keys_on_rows else (0, 1)
+
+    def spread(ref, axis):  # one value per row (axis 0) or per column (axis 1)
+        return lax.broadcast_in_dim(lay.load(ref, plgpu.Layout.WGMMA.reduce(1 - axis)), shape, [axis])
+
+    key_ok = key_start + lay.iota(shape, k_axis) < kv_len
+    q_seg, kv_seg = (spread(q_tok.at[1], q_axis), spread(kv_tok.at[1], k_axis)) if segmented else (None, None)
+    return block_math.visible(mask, spread(q_tok.at[0], q_axis), spread(kv_tok.at[0], k_axis), key_ok, q_seg, kv_seg)
+
+
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
@@ -205,46 +257,72 @@ def log2_logits(scores, logit: LogitOptions):
     return jnp.tanh(scores * (logit.scale / logit.softcap)) * (logit.softcap * _LOG2E)
 
 
-def pair_schedule(plan: BlockPlan, tiling: Tiling, mask: Mask, q_seg, kv_seg, align: int = 32):
-    """What a program of two query blocks streams, and what each of its consumers does per key block.
+def tile_codes(plan: BlockPlan, tiling: Tiling, mask: Mask, q_seg, kv_seg):
+    """``[bs, nq, nk]`` int32: what a (query block, key block) tile needs, ``bs = b`` when segmented, else 1.
 
-    Returns ``(lists [n_pairs, width], codes [bs, 2 n_pairs, width])`` int32 with
-    ``bs = b`` when segmented (segments decide which blocks are interior), else 1:
-
-    * ``lists[p] = [count, j_0, ..., j_{count-1}, 0...]``: the key blocks visible to
-      either query block ``2p`` or ``2p + 1`` (the producer fetches each once);
-    * ``codes[., i, 1 + t]``: for query block ``i`` and the ``t``-th listed key block,
-      ``HIDDEN`` (skipped), ``EDGE`` (masked per element: diagonal, window edge,
-      key padding, a segment boundary) or ``INTERIOR`` (every pair visible: no mask);
-    * ``codes[., i, 0]``: how many listed key blocks from the first are ``INTERIOR``
-      (causal attention's blocks below the diagonal): the kernel runs those in a loop
-      of its own, straight-line code with no switch over the codes.
+    ``HIDDEN`` (no pair visible: never fetched), ``EDGE`` (diagonal, window edge,
+    key padding, a segment boundary: the per-element
+    :func:`kernels_pallas.block_math.visible` mask) or ``INTERIOR`` (every pair
+    visible by ``Mask.block_full``, no padded key, one document on both sides: no
+    mask, and no row of it can be empty).
     """
     nq, nk, bq, bk = tiling.num_q, tiling.num_kv, tiling.block_q, tiling.block_kv
-    n_pairs = -(-nq // 2)
-    vis = pad_axis(plan.vis, 0, 2 * n_pairs) != 0  # an odd last query block pairs with nothing
-    lists = block_lists(vis.reshape(n_pairs, 2, nk).any(axis=1), align)
-    q_blk = pad_axis(plan.q_pos, 0, 2 * n_pairs * bq, mode="edge").reshape(2 * n_pairs, bq)
+    q_blk = plan.q_pos.reshape(nq, bq)
     kv_blk = plan.kv_pos.reshape(nk, bk)
     full = mask.block_full(q_blk.min(1)[:, None], q_blk.max(1)[:, None],
                            kv_blk.min(1)[None], kv_blk.max(1)[None])
     full = full & ((jnp.arange(nk) + 1) * bk <= tiling.kv_len)[None]  # no padded key in the block
-    full = jnp.broadcast_to(full, (1, 2 * n_pairs, nk))
+    full = jnp.broadcast_to(full, (1, nq, nk))
     if q_seg is not None:
-        qs = pad_axis(q_seg, 1, 2 * n_pairs * bq, mode="edge").reshape(q_seg.shape[0], 2 * n_pairs, bq)
-        ks = kv_seg.reshape(kv_seg.shape[0], nk, bk)
+        qs, ks = q_seg.reshape(q_seg.shape[0], nq, bq), kv_seg.reshape(kv_seg.shape[0], nk, bk)
         q_lo, q_hi, k_lo, k_hi = qs.min(2), qs.max(2), ks.min(2), ks.max(2)
         one_doc = ((q_lo == q_hi)[:, :, None] & (k_lo == k_hi)[:, None, :]
                    & (q_lo[:, :, None] == k_lo[:, None, :]))
         full = full & one_doc
-    code = jnp.where(vis[None], jnp.where(full, INTERIOR, EDGE), HIDDEN).astype(jnp.int32)
-    listed = jnp.repeat(lists[:, 1:], 2, axis=0)  # [2 n_pairs, width - 1] key block indices
+    return jnp.where(plan.vis[None] != 0, jnp.where(full, INTERIOR, EDGE), HIDDEN).astype(jnp.int32)
+
+
+def pair_rows(code, align: int = 32, reverse: bool = False):
+    """The schedule of programs that own two rows of ``code [bs, n, m]`` (tile codes) each.
+
+    Returns ``(lists [n_pairs, width], codes [bs, 2 n_pairs, width])`` int32; an
+    odd last row pairs with an all-``HIDDEN`` one:
+
+    * ``lists[p] = [count, j_0, ..., j_{count-1}, 0...]``: the columns visible to
+      either row ``2p`` or ``2p + 1`` (the producer fetches each once), in
+      ascending order, or descending with ``reverse``;
+    * ``codes[., i, 1 + t]``: row ``i``'s code for the ``t``-th listed column
+      (``HIDDEN`` past ``count``);
+    * ``codes[., i, 0]``: how many listed columns from the first are ``INTERIOR``:
+      a kernel runs those in a loop of their own, with no switch over the codes.
+    """
+    n_pairs = -(-code.shape[1] // 2)
+    code = pad_axis(code, 1, 2 * n_pairs)  # zeros: HIDDEN
+    vis = (code != HIDDEN).any(axis=0)  # the plan's visibility: the same for every batch row
+    lists = block_lists(vis.reshape(n_pairs, 2, -1).any(axis=1), align)
+    count = lists[:, :1]
+    if reverse:
+        t = jnp.arange(lists.shape[1] - 1)[None]
+        lists = jnp.concatenate(
+            [count, jnp.take_along_axis(lists[:, 1:], jnp.where(t < count, count - 1 - t, t), axis=1)], axis=1)
+    listed = jnp.repeat(lists[:, 1:], 2, axis=0)  # [2 n_pairs, width - 1] column indices
     listed = jnp.broadcast_to(listed[None], (code.shape[0],) + listed.shape)
     codes = jnp.take_along_axis(code, listed, axis=2)
-    count = jnp.repeat(lists[:, 0], 2)[None, :, None]
-    codes = jnp.where(jnp.arange(listed.shape[2])[None, None] < count, codes, HIDDEN)
+    codes = jnp.where(jnp.arange(listed.shape[2])[None, None] < jnp.repeat(count, 2)[None, :, None],
+                      codes, HIDDEN)
     lead = jnp.cumprod(codes == INTERIOR, axis=2).sum(axis=2, dtype=jnp.int32)
     return lists, jnp.concatenate([lead[..., None], codes], axis=2)
+
+
+def pair_schedule(plan: BlockPlan, tiling: Tiling, mask: Mask, q_seg, kv_seg, align: int = 32):
+    """What a program of two query blocks streams (key blocks), and what each of its consumers does per block.
+
+    :func:`pair_rows` of :func:`tile_codes`: ``lists [n_pairs, width]`` of the key
+    blocks visible to query block ``2p`` or ``2p + 1``, and ``codes [bs, 2 n_pairs,
+    width]`` per query block (leading interior count, then a code per listed key block).
+    Causal attention's interior blocks (below the diagonal) lead.
+    """
+    return pair_rows(tile_codes(plan, tiling, mask, q_seg, kv_seg), align)
 
 
 def _check_smem(bq, bk, d, out_dtype, separate_out: bool, width):
@@ -295,22 +373,21 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
         q_seg = pad_axis(q_seg, 1, tq, mode="edge")
     lay = Layouts(interpret)
     row_layout = plgpu.Layout.WGMMA.reduce(1)  # one value per query row
-    col_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per key column
     # A TMA copy moves at most TMA_MAX_ELEMS per dimension: list rows go in pieces
     # (128-byte aligned: 256 int32s is a multiple of 32).
     pieces = [pl.ds(start, min(TMA_MAX_ELEMS, width - start)) for start in range(0, width, TMA_MAX_ELEMS)]
-    kv_copies = 4 if segmented else 3  # K, V, key positions, key segments
+    kv_copies = 4 if segmented else 3  # K, V, key positions, key segments (K^T in interpret mode: copy 4)
+    views = TransposedViews(interpret)
     q_copies = 3 if segmented else 2  # Q, query positions, query segments
     separate_out = jnp.dtype(out_dtype) != jnp.dtype(dtype)  # else the output reuses Q's SMEM
     _check_smem(bq, bk, d, out_dtype, separate_out, width)
 
-    def kernel(q_ref, kt_ref, v_ref, qpos_ref, kvpos_ref, lists_ref, codes_ref, *rest):
-        if segmented:
-            qseg_ref, kvseg_ref, o_ref, lse_ref, scratch = rest
-        else:
-            (o_ref, lse_ref, scratch), qseg_ref, kvseg_ref = rest, None, None
-        smem, bars = scratch
-        (q_smem, kt_smem, v_smem, p_smem, o_smem, lse_smem, list_smem, code_smem, qtok_smem,
+    def kernel(q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, lists_ref, codes_ref, *rest):
+        rest = list(rest)
+        qseg_ref, kvseg_ref = (rest.pop(0), rest.pop(0)) if segmented else (None, None)
+        kt_refs = [rest.pop(0)] if interpret else []
+        o_ref, lse_ref, (smem, bars) = rest
+        (q_smem, k_smem, kt_smem, v_smem, p_smem, o_smem, lse_smem, list_smem, code_smem, qtok_smem,
          kvtok_smem) = smem
         list_bar, q_bars, kv_bars, k_free, v_free, turn, out_free = bars
         wg = lax.axis_index("wg")
@@ -338,7 +415,9 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
                 def _():
                     plgpu.barrier_wait(k_free.at[slot])  # both consumers are done with the slot's K
 
-                plgpu.copy_gmem_to_smem(kt_ref.at[bi, hk, :, keys], kt_smem.at[slot], kv_bars.at[slot * 4])
+                plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, hk], k_smem.at[slot], kv_bars.at[slot * 5])
+                for src, dst in views.copies(kt_refs, kt_smem, slot, bi, hk, keys):
+                    plgpu.copy_gmem_to_smem(src, dst, kv_bars.at[slot * 5 + 4])
 
                 @pl.when(t >= STAGES)
                 def _():
@@ -348,7 +427,7 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
                 if segmented:
                     rest_.append((kvseg_ref.at[bi, keys], kvtok_smem.at[slot, 1]))
                 for n, (src, dst) in enumerate(rest_):
-                    plgpu.copy_gmem_to_smem(src, dst, kv_bars.at[slot * 4 + 1 + n])
+                    plgpu.copy_gmem_to_smem(src, dst, kv_bars.at[slot * 5 + 1 + n])
                 return None
 
             lax.fori_loop(0, count, fetch, None)
@@ -383,33 +462,28 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
                 plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(turn)
 
+            def wait_k(slot):
+                plgpu.barrier_wait(kv_bars.at[slot * 5])
+                if interpret:
+                    plgpu.barrier_wait(kv_bars.at[slot * 5 + 4])  # K^T
+
             def wait_rest(slot):
                 for n in range(1, kv_copies):
-                    plgpu.barrier_wait(kv_bars.at[slot * 4 + n])
-
-            def edge_mask(t, slot):
-                """``[bq, bk]`` visibility of an edge tile: positions, segments, key padding."""
-                full = (bq, bk)
-                q_col = lax.broadcast_in_dim(lay.load(qtok_smem.at[wg, 0], row_layout), full, [0])
-                kv_row = lax.broadcast_in_dim(lay.load(kvtok_smem.at[slot, 0], col_layout), full, [1])
-                key_idx = list_smem[1 + t] * bk + lay.iota(full, 1)
-                qs = ks = None
-                if segmented:
-                    qs = lax.broadcast_in_dim(lay.load(qtok_smem.at[wg, 1], row_layout), full, [0])
-                    ks = lax.broadcast_in_dim(lay.load(kvtok_smem.at[slot, 1], col_layout), full, [1])
-                return block_math.visible(mask, q_col, kv_row, key_idx < tiling.kv_len, qs, ks)
+                    plgpu.barrier_wait(kv_bars.at[slot * 5 + n])
 
             def visible_step(t, carry, edge: bool):
                 m, l, acc = carry
                 slot = lax.rem(t, jnp.int32(STAGES))
-                plgpu.barrier_wait(kv_bars.at[slot * 4])
+                wait_k(slot)
                 # The turn is taken while this consumer's Q K^T runs on the tensor cores.
-                s = matmul(q_smem.at[wg], kt_smem.at[slot], (bq, bk), while_running=take_turn)
+                s = matmul(q_smem.at[wg], views.t(k_smem.at[slot], kt_smem, 0, slot), (bq, bk),
+                           while_running=take_turn)
                 plgpu.barrier_arrive(k_free.at[slot])
                 s = log2_logits(s, logit)
                 wait_rest(slot)
                 if edge:
-                    s = jnp.where(edge_mask(t, slot), s, -jnp.inf)
+                    s = jnp.where(tile_mask(lay, mask, (bq, bk), qtok_smem.at[wg], kvtok_smem.at[slot],
+                                            list_smem[1 + t] * bk, tiling.kv_len, segmented), s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 # An edge tile can leave a row with no key yet; an interior one cannot.
                 m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new) if edge else m_new
@@ -434,7 +508,7 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
             def hidden_step(t, carry):
                 """A key block only the other consumer sees: keep the barriers' phases in step."""
                 slot = lax.rem(t, jnp.int32(STAGES))
-                plgpu.barrier_wait(kv_bars.at[slot * 4])
+                wait_k(slot)
                 take_turn()
                 plgpu.barrier_arrive(k_free.at[slot])
                 wait_rest(slot)
@@ -485,8 +559,9 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
         tile = tile_transforms(dtype)
         smem = (
             plgpu.SMEM((2, bq, d), dtype, transforms=tile),
-            plgpu.SMEM((STAGES, d, bk), dtype, transforms=tile),
-            plgpu.SMEM((STAGES, bk, d), dtype, transforms=tile),
+            plgpu.SMEM((STAGES, bk, d), dtype, transforms=tile),  # K
+            views.smem(1, bk, d, dtype),  # K^T (interpret mode)
+            plgpu.SMEM((STAGES, bk, d), dtype, transforms=tile),  # V
             plgpu.SMEM((2, bq, bk), dtype, transforms=tile) if interpret else None,  # P (interpret mode)
             plgpu.SMEM((bq, d), out_dtype, transforms=tile_transforms(out_dtype)) if separate_out else None,
             plgpu.SMEM((2, bq), jnp.float32),
@@ -498,7 +573,7 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
         bars = (
             plgpu.Barrier(num_barriers=3 * len(pieces)),
             plgpu.Barrier(num_barriers=2 * q_copies),
-            plgpu.Barrier(num_barriers=4 * STAGES),
+            plgpu.Barrier(num_barriers=5 * STAGES),
             plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # K slot free
             plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # V slot free
             plgpu.Barrier(num_arrivals=2),  # the consumers' turns
@@ -506,9 +581,10 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
         )
         pl.run_scoped(lambda *scratch: kernel(*refs, scratch), smem, bars, collective_axes="wg")
 
-    args = [q, rearrange(k, "b t h d -> b h d t"), v, q_pos, plan.kv_pos, lists, codes]
+    args = [q, k, v, q_pos, plan.kv_pos, lists, codes]
     if segmented:
         args += [q_seg, kv_seg]
+    args += views.sources(k)
     return plgpu.kernel(
         entry,
         out_type=(

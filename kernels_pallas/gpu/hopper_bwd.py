@@ -1,88 +1,94 @@
-"""The ``"mosaic_gpu"`` backward on Hopper: Mosaic GPU dQ and dK/dV kernels (FlashAttention-2 math, exp2).
+"""The ``"mosaic_gpu"`` backward on Hopper: warp-specialised Mosaic GPU dQ and dK/dV kernels (FlashAttention-2 math, exp2).
 
-Two kernels, one warpgroup per program, each streaming the blocks it visits
-through a ``STAGES``-deep TMA pipeline (the block lists of
-:func:`kernels_pallas.tiles.block_lists`, so hidden blocks are never fetched):
+Both kernels have the forward's shape (``kernels_pallas.gpu.hopper``): per program
+three warpgroups (``thread_name="wg"``). Warpgroup 2 is the producer: it
+TMA-copies the blocks its consumers need into ``STAGES`` SMEM slots, refilling a
+slot once both consumers have freed it. Warpgroups 0 and 1 are the consumers:
+each owns one block of its own, runs the ``wgmma`` and the elementwise math, and
+takes the registers the producer gives up (``set_max_registers``). Two consumers
+share every streamed block (half the HBM reads per owned row of one consumer per
+program) and keep two warpgroups of math on the SM.
 
-* **dQ** (grid ``(nq, h, b)``): Q, dO, lse, delta of one query block stay in
-  SMEM; per visible key block ``s = Q K^T``, ``dp = dO V^T``,
+* **dQ** (grid ``(n_pairs, h, b)``): consumer ``w`` owns query block ``2p + w``
+  (Q, dO, lse, delta stay in SMEM); the producer streams the key blocks visible
+  to either (K, V). Per key block ``s = Q K^T``, ``dp = dO V^T``,
   ``ds = p (dp - delta)``, ``dQ += ds K``.
-* **dK/dV** (grid ``(nk, h_kv, b)``): K and V of one key block stay in SMEM;
-  the program visits every query head of its KV group (GQA sums in registers,
-  never through atomics) and each visible query block, in the transposed
-  orientation so every matmul's B operand is a plain SMEM tile:
-  ``s^T = K Q^T``, ``dp^T = V dO^T``, ``dV += p^T dO``, ``dK += ds^T Q``.
+* **dK/dV** (grid ``(n_pairs, h_kv, b)``): consumer ``w`` owns key block
+  ``2p + w`` (K, V stay in SMEM); the producer streams, for every query head of
+  the KV group, the query blocks visible to either (Q, dO, lse, delta). GQA sums
+  over the group in registers, never through atomics. In the transposed
+  orientation ``s^T = K Q^T``, ``dp^T = V dO^T``, ``dV += p^T dO``,
+  ``dK += ds^T Q``, so ``P^T`` and ``dS^T`` are register A operands.
 
-Why the transposed copies (``K^T``, ``V^T``, ``Q^T``, ``dO^T`` are passed
-pre-transposed from HBM): the Mosaic GPU interpret mode simulates neither
-transposed SMEM refs nor register A operands. It costs SMEM and HBM reads;
-``plgpu.transpose_ref`` would remove both once it can be validated. On hardware
-``P`` and ``dS`` are the register A operands of wgmmas accumulating into dQ, dK and
-dV in place (``kernels_pallas.gpu.hopper.accumulate``); the interpret mode puts them
-through SMEM instead, and lowering for CUDA covers the compiled path. Compiled with
-``approx_math``.
+**Masks only where needed**, from the forward's schedule codes
+(:func:`kernels_pallas.gpu.hopper.tile_codes`; dK/dV on their transpose): a
+``HIDDEN`` block only keeps the barriers in step, an ``EDGE`` block is masked per
+element, an ``INTERIOR`` one is not. A consumer runs its leading interior blocks
+in a loop of their own; dK/dV lists query blocks last first, so that causal
+attention's interior blocks (above the diagonal, seen from a key block) lead.
+
+**Transposed operands.** On hardware ``K^T``, ``V^T`` (dQ) and ``Q^T``, ``dO^T``
+(dK/dV) are ``plgpu.transpose_ref`` views of the plain SMEM tiles, as in JAX's
+own Mosaic GPU attention. The interpret mode does not simulate transposed refs:
+there the producer also copies pre-transposed tiles from HBM (:class:`kernels_pallas.gpu.hopper.TransposedViews`).
+``P`` and ``dS`` are register A operands of wgmmas accumulating in place on
+hardware, SMEM tiles in interpret mode (``kernels_pallas.gpu.hopper.accumulate``).
 
 Math in the log2 domain (as the forward): ``p = exp2(s log2e - lse log2e)``
 with the scale folded into the logit multiply; ``ds`` carries the softcap
 derivative and the scale, so ``dq = ds k`` and ``dk = ds^T q`` in natural
-units. Every visited tile is masked per element (the backward has no
-interior/edge split yet). Outputs are float32 through one SMEM tile.
+units. Outputs are float32 through one SMEM tile that the consumers take in
+turn. Compiled with ``approx_math``.
 
-Not validated on hardware; see ``kernels_pallas.gpu.hopper`` for what the
-interpret mode does and does not simulate. ``head_dim`` 256 does not fit the
-dK/dV kernel's SMEM: :func:`backward` then runs the portable kernels.
+Not validated on hardware (no GPU since it was written): the interpret mode
+(``tests/kernels/test_hopper.py``) checks the arithmetic and the barrier
+protocol, lowering for CUDA checks layouts, TMA shapes and the transposed views;
+see ``kernels_pallas.gpu.hopper`` for what the interpret mode does not simulate.
+``head_dim`` 256 does not fit the SMEM (:func:`kernels_pallas.blocks.mosaic_gpu_backward_smem`):
+:func:`backward` then runs the portable kernels.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
-from einops import rearrange
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas import block_math
-from kernels_pallas.blocks import MOSAIC_GPU_BWD_MAX_HEAD_DIM
+from kernels_pallas.blocks import _MOSAIC_GPU_SMEM, MOSAIC_GPU_BWD_MAX_HEAD_DIM, mosaic_gpu_backward_smem
 from kernels_pallas.blocks import MOSAIC_GPU_STAGES as STAGES
 from kernels_pallas.blocks import TMA_MAX_ELEMS
 from kernels_pallas.gpu import portable
-from kernels_pallas.gpu.hopper import Layouts, accumulate, kernel_options, log2_logits, matmul, tile_transforms
-from kernels_pallas.tiles import BlockPlan, block_lists
+from kernels_pallas.gpu.hopper import (EDGE, HIDDEN, INTERIOR, Layouts, accumulate, kernel_options, log2_logits, matmul,
+                                       TransposedViews, pair_rows, tile_codes, tile_mask, tile_transforms)
+from kernels_pallas.tiles import BlockPlan
 from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
-from lca.attention.tiling import Tiling
+from lca.attention.tiling import Tiling, pad_axis
 from lca.parallel.vma import varying_struct
 
 __all__ = ["MAX_HEAD_DIM", "backward"]
 
-MAX_HEAD_DIM = MOSAIC_GPU_BWD_MAX_HEAD_DIM  # at head_dim 256 the dK/dV kernel's SMEM exceeds an SM's
+MAX_HEAD_DIM = MOSAIC_GPU_BWD_MAX_HEAD_DIM  # at head_dim 256 the kernels' SMEM exceeds an SM's
 _LOG2E = math.log2(math.e)
-_T = "b t h d -> b h d t"
+_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
+_COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
 
 
 def _pieces(width):
+    """TMA copies move at most ``TMA_MAX_ELEMS`` per dimension: schedule rows go in pieces."""
     return [pl.ds(s, min(TMA_MAX_ELEMS, width - s)) for s in range(0, width, TMA_MAX_ELEMS)]
 
 
-def _start(copies, barrier, first=0):
-    """Start the TMA copies ``[(gmem, smem)]``, copy ``n`` arriving on ``barrier.at[first + n]``."""
+def _copy_in(copies, barrier, first=0):
+    """TMA-copy ``[(gmem, smem)]`` in flight together (copy ``n`` on ``barrier.at[first + n]``), wait for all."""
     for n, (src, dst) in enumerate(copies):
         plgpu.copy_gmem_to_smem(src, dst, barrier.at[first + n])
-
-
-def _copy_in(copies, barrier):
-    """TMA-copy ``[(gmem, smem)]`` in flight together and wait for all."""
-    _start(copies, barrier)
     for n in range(len(copies)):
-        plgpu.barrier_wait(barrier.at[n])
-
-
-def _prime(fetch, steps):
-    """The pipeline's prologue: fetch the first ``STAGES`` of ``steps`` blocks."""
-    for t in range(STAGES):
-        pl.when(t < steps)(lambda t=t: fetch(jnp.int32(t)))
+        plgpu.barrier_wait(barrier.at[first + n])
 
 
 def _store(value, smem, dst):
@@ -102,6 +108,114 @@ def _dlogits(s2, p, dp, delta, logit: LogitOptions):
     return ds * logit.scale
 
 
+class _Slots:
+    """The ``STAGES`` SMEM slots between the producer and both consumers.
+
+    ``copies`` TMA copies fill a slot, one "full" barrier each; a slot is free
+    again once both consumers have arrived on its "free" barrier. Every consumer
+    waits for and frees every step, hidden ones included, so the barriers'
+    phases stay in step whatever each consumer computes.
+    """
+
+    def __init__(self, full, free, copies: int):
+        self.full, self.free, self.copies = full, free, copies
+
+    def fill(self, t, copies):
+        """Producer: step ``t``'s ``[(gmem, smem)]`` copies, once its slot's previous use is freed."""
+        slot = lax.rem(t, jnp.int32(STAGES))
+        pl.when(t >= STAGES)(lambda: plgpu.barrier_wait(self.free.at[slot]))
+        for n, (src, dst) in enumerate(copies):
+            plgpu.copy_gmem_to_smem(src, dst, self.full.at[slot * self.copies + n])
+
+    def drain(self, steps):
+        """Producer: observe the last frees too (a phase nobody awaits is a protocol error)."""
+        def body(t, _):
+            plgpu.barrier_wait(self.free.at[lax.rem(t, jnp.int32(STAGES))])
+
+        lax.fori_loop(jnp.maximum(steps - STAGES, 0), steps, body, None)
+
+    def wait(self, slot):
+        for n in range(self.copies):
+            plgpu.barrier_wait(self.full.at[slot * self.copies + n])
+
+    def release(self, slot):
+        plgpu.barrier_arrive(self.free.at[slot])
+
+
+def _through_smem(interpret: bool, smem, *values):
+    """Register A operands on hardware; the interpret mode has none, so there they go through ``smem``."""
+    if not interpret:
+        return values
+    for n, value in enumerate(values):
+        smem[n] = value
+    plgpu.commit_smem()  # make the register->SMEM stores visible to wgmma
+    return tuple(smem.at[n] for n in range(len(values)))
+
+
+def _prologue(kernel: str, lists, tiling: Tiling, d: int, interpret: bool):
+    """``(n_pairs, width, pieces, Layouts, TransposedViews)`` of a kernel, its SMEM checked."""
+    n_pairs, width = lists.shape
+    _check_smem(kernel, tiling.block_q, tiling.block_kv, d, width)
+    return n_pairs, width, _pieces(width), Layouts(interpret), TransposedViews(interpret)
+
+
+def _check_smem(kernel: str, bq: int, bk: int, d: int, width: int):
+    need = mosaic_gpu_backward_smem(bq, bk, d, 2, width)
+    if need > _MOSAIC_GPU_SMEM:
+        raise ValueError(
+            f"the mosaic_gpu {kernel} kernel needs {need} bytes of shared memory with block_q_bwd={bq}, "
+            f"block_kv_bwd={bk}, head_dim={d} and {width} schedule entries per program "
+            f"({_MOSAIC_GPU_SMEM} available): use block_q_bwd=block_kv_bwd=64, or backend='gpu_portable'."
+        )
+
+
+def _load_schedule(lists_ref, codes_ref, pair, bs, list_smem, code_smem, pieces, list_bar, start: bool):
+    """The program's list row and its consumers' code rows into SMEM (the producer starts the copies, all wait)."""
+    copies = [(lists_ref.at[pair, piece], list_smem.at[piece]) for piece in pieces]
+    copies += [(codes_ref.at[bs, 2 * pair + w, piece], code_smem.at[w, piece]) for w in range(2) for piece in pieces]
+    if start:
+        for n, (src, dst) in enumerate(copies):
+            plgpu.copy_gmem_to_smem(src, dst, list_bar.at[n])
+    for n in range(len(copies)):
+        plgpu.barrier_wait(list_bar.at[n])
+    return list_smem[0]
+
+
+def _roles(wg, schedule, produce, own, own_bars, consume):
+    """The warp-specialised program: warpgroup 2 produces, warpgroups 0 and 1 consume.
+
+    ``schedule``: :func:`_load_schedule`'s refs; ``produce(count)`` streams the
+    listed blocks; a consumer copies in ``own`` (its block's ``[(gmem, smem)]``,
+    on ``own_bars`` from ``wg * len(own)``) and runs ``consume(count)``.
+    """
+    @pl.when(wg == 2)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+        produce(_load_schedule(*schedule, start=True))
+
+    @pl.when(wg < 2)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        _copy_in(own, own_bars, wg * len(own))
+        consume(_load_schedule(*schedule, start=False))
+
+
+def _consume(wg, count, code_smem, step, carry):
+    """A consumer's loop over ``count`` listed blocks: the leading interior ones without a switch."""
+    lead = code_smem[wg, 0]
+    carry = lax.fori_loop(0, lead, lambda i, c: step(i, c, INTERIOR), carry)
+
+    kinds = [functools.partial(step, kind=kind) for kind in (HIDDEN, EDGE, INTERIOR)]  # by code value
+    return lax.fori_loop(lead, count, lambda i, c: lax.switch(code_smem[wg, 1 + i], kinds, i, c), carry)
+
+
+def _in_turn(wg, out_free, store):
+    """Consumer 0 stores through the one output tile first, then hands it to consumer 1."""
+    pl.when(wg == 1)(lambda: plgpu.barrier_wait(out_free))
+    store()
+    pl.when(wg == 0)(lambda: plgpu.barrier_arrive(out_free))
+
+
 def backward(q, k, v, do, lse, delta, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling,
              mask: Mask, logit: LogitOptions, interpret: bool, num_warps: int = 4):
     """``(dq [b, Tq, h, d], dk, dv [b, Tk, h_kv, d])`` float32 on padded inputs.
@@ -112,225 +226,233 @@ def backward(q, k, v, do, lse, delta, plan: BlockPlan, q_seg, kv_seg, *, tiling:
     if q.shape[-1] > MAX_HEAD_DIM:
         return portable.backward(q, k, v, do, lse, delta, plan, q_seg, kv_seg, tiling=tiling,
                                  mask=mask, logit=logit, interpret=interpret, num_warps=num_warps)
-    lse2 = lse * _LOG2E
+    code = tile_codes(plan, tiling, mask, q_seg, kv_seg)
     kw = dict(tiling=tiling, mask=mask, logit=logit, interpret=interpret)
-    dq = _dq(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, **kw)
-    dk, dv = _dkdv(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, **kw)
-    return dq, dk, dv
+    lse2 = lse * _LOG2E
+    dq = _dq(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, pair_rows(code), **kw)
+    dk, dv = _dkdv(q, k, v, do, lse2, delta, plan, q_seg, kv_seg,
+                   pair_rows(jnp.swapaxes(code, 1, 2), reverse=True), **kw)
+    return dq[:, :q.shape[1]], dk[:, :k.shape[1]], dv[:, :k.shape[1]]
 
 
-def _dq(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, interpret):
-    b, tq, h, d = q.shape
+def _barriers(pieces, n_own: int, n_stream: int):
+    """Schedule rows, the consumers' own blocks, the slots (full, free) and the output tile's turn."""
+    return (plgpu.Barrier(num_barriers=3 * len(pieces)), plgpu.Barrier(num_barriers=2 * n_own),
+            plgpu.Barrier(num_barriers=STAGES * n_stream), plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+            plgpu.Barrier())
+
+
+def _launch(body, args: dict, out_type, grid, grid_names, smem, bars, interpret):
+    """``plgpu.kernel`` with three warpgroups; ``body(refs: dict, outs, smem, bars)``."""
+    names = list(args)
+
+    def entry(*refs):
+        ins, outs = dict(zip(names, refs)), refs[len(names):]
+        pl.run_scoped(lambda smem_, bars_: body(ins, outs, smem_, bars_), smem, bars, collective_axes="wg")
+
+    return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=3,
+                        thread_name="wg", **kernel_options(interpret))(*args.values())
+
+
+def _dq(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, schedule, *, tiling, mask, logit, interpret):
+    b, _, h, d = q.shape
     group = h // k.shape[2]
-    bq, bk, nq = tiling.block_q, tiling.block_kv, tiling.num_q
+    bq, bk = tiling.block_q, tiling.block_kv
     segmented = q_seg is not None
     dtype = q.dtype
-    lay = Layouts(interpret)
-    row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-    lists = block_lists(plan.vis, align=32)
-    width = lists.shape[1]
-    pieces = _pieces(width)
-    n_kv = 5 if segmented else 4  # K^T, V^T, K, key positions (+ segments)
+    lists, codes = schedule
+    n_pairs, width, pieces, lay, ops = _prologue("dQ", lists, tiling, d, interpret)
+    tq = 2 * n_pairs * bq  # an odd number of query blocks gets one all-hidden block
+    args = dict(q=pad_axis(q, 1, tq), do=pad_axis(do, 1, tq), lse=pad_axis(lse2, 2, tq),
+                delta=pad_axis(delta, 2, tq), k=k, v=v, q_pos=pad_axis(plan.q_pos, 0, tq, mode="edge"),
+                kv_pos=plan.kv_pos, lists=lists, codes=codes)
+    if segmented:
+        args.update(q_seg=pad_axis(q_seg, 1, tq, mode="edge"), kv_seg=kv_seg)
+    t_names = [f"{n}_t" for n in ("k", "v")] if interpret else []
+    args.update(zip(t_names, ops.sources(k, v)))
+    n_own = 6 if segmented else 5  # Q, dO, lse, delta, query positions (+ segments)
+    n_stream = (4 if segmented else 3) + len(t_names)  # K, V, key positions (+ segments, K^T, V^T)
 
-    def kernel(q_ref, do_ref, lse_ref, delta_ref, kt_ref, vt_ref, k_ref, qpos_ref, kvpos_ref, lists_ref,
-               *rest):
-        if segmented:
-            qseg_ref, kvseg_ref, dq_ref, scratch = rest
-        else:
-            (dq_ref, scratch), qseg_ref, kvseg_ref = rest, None, None
-        smem, bars = scratch
-        q_smem, do_smem, rows_smem, kt_smem, vt_smem, k_smem, ds_smem, dq_smem, list_smem, qtok_smem, kvtok_smem = smem
-        q_bar, kv_bars = bars
-        i, hi, bi = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
+    def body(r, outs, smem, bars):
+        (dq_ref,) = outs
+        q_smem, do_smem, rows_smem, qtok_smem, k_smem, v_smem, kvtok_smem, t_smem, ds_smem, out_smem, \
+            list_smem, code_smem = smem
+        list_bar, own_bars, full_bars, free_bars, out_free = bars
+        slots = _Slots(full_bars, free_bars, n_stream)
+        wg = lax.axis_index("wg")
+        pair, hi, bi = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
         hk = lax.div(hi, jnp.int32(group))
-        rows = pl.ds(i * bq, bq)
-        copies = [(q_ref.at[bi, rows, hi], q_smem), (do_ref.at[bi, rows, hi], do_smem),
-                  (lse_ref.at[bi, hi, rows], rows_smem.at[0]), (delta_ref.at[bi, hi, rows], rows_smem.at[1]),
-                  (qpos_ref.at[rows], qtok_smem.at[0])]
-        copies += [(lists_ref.at[i, piece], list_smem.at[piece]) for piece in pieces]
+        schedule_ = (r["lists"], r["codes"], pair, bi if segmented else 0, list_smem, code_smem, pieces, list_bar)
+
+        rows = pl.ds((2 * pair + wg) * bq, bq)
+        own = [(r["q"].at[bi, rows, hi], q_smem.at[wg]), (r["do"].at[bi, rows, hi], do_smem.at[wg]),
+               (r["lse"].at[bi, hi, rows], rows_smem.at[wg, 0]), (r["delta"].at[bi, hi, rows], rows_smem.at[wg, 1]),
+               (r["q_pos"].at[rows], qtok_smem.at[wg, 0])]
         if segmented:
-            copies.append((qseg_ref.at[bi, rows], qtok_smem.at[1]))
-        _copy_in(copies, q_bar)
-        count = list_smem[0]
+            own.append((r["q_seg"].at[bi, rows], qtok_smem.at[wg, 1]))
 
-        def fetch(t):
-            slot = lax.rem(t, jnp.int32(STAGES))
-            keys = pl.ds(list_smem[1 + t] * bk, bk)
-            kv = [(kt_ref.at[bi, hk, :, keys], kt_smem.at[slot]), (vt_ref.at[bi, hk, :, keys], vt_smem.at[slot]),
-                  (k_ref.at[bi, keys, hk], k_smem.at[slot]), (kvpos_ref.at[keys], kvtok_smem.at[slot, 0])]
-            if segmented:
-                kv.append((kvseg_ref.at[bi, keys], kvtok_smem.at[slot, 1]))
-            _start(kv, kv_bars, slot * 5)
+        def produce(count):
+            def fetch(t, _):
+                slot = lax.rem(t, jnp.int32(STAGES))
+                keys = pl.ds(list_smem[1 + t] * bk, bk)
+                copies = [(r["k"].at[bi, keys, hk], k_smem.at[slot]), (r["v"].at[bi, keys, hk], v_smem.at[slot]),
+                          (r["kv_pos"].at[keys], kvtok_smem.at[slot, 0])]
+                if segmented:
+                    copies.append((r["kv_seg"].at[bi, keys], kvtok_smem.at[slot, 1]))
+                slots.fill(t, copies + ops.copies([r[n] for n in t_names], t_smem, slot, bi, hk, keys))
 
-        _prime(fetch, count)
-        full = (bq, bk)
-        lse_col = lax.broadcast_in_dim(lay.load(rows_smem.at[0], row_layout), full, [0])
-        delta_col = lax.broadcast_in_dim(lay.load(rows_smem.at[1], row_layout), full, [0])
+            lax.fori_loop(0, count, fetch, None)
+            slots.drain(count)
 
-        def step(t, dq):
-            slot = lax.rem(t, jnp.int32(STAGES))
-            for n in range(n_kv):
-                plgpu.barrier_wait(kv_bars.at[slot * 5 + n])
-            s2 = log2_logits(matmul(q_smem, kt_smem.at[slot], full), logit)
-            q_col = lax.broadcast_in_dim(lay.load(qtok_smem.at[0], row_layout), full, [0])
-            kv_row = lax.broadcast_in_dim(lay.load(kvtok_smem.at[slot, 0], col_layout), full, [1])
-            key_idx = list_smem[1 + t] * bk + lay.iota(full, 1)
-            qs = ks = None
-            if segmented:
-                qs = lax.broadcast_in_dim(lay.load(qtok_smem.at[1], row_layout), full, [0])
-                ks = lax.broadcast_in_dim(lay.load(kvtok_smem.at[slot, 1], col_layout), full, [1])
-            ok = block_math.visible(mask, q_col, kv_row, key_idx < tiling.kv_len, qs, ks)
-            p = jnp.where(ok, jnp.exp2(s2 - lse_col), 0.0)
-            dp = matmul(do_smem, vt_smem.at[slot], full)
-            ds = _dlogits(s2, p, dp, delta_col, logit).astype(dtype)
-            if interpret:  # no register A operands there: dS through SMEM
-                ds_smem[...] = ds
-                plgpu.commit_smem()
-                ds = ds_smem
-            dq = accumulate(dq, ds, k_smem.at[slot], interpret)
-            pl.when(t + STAGES < count)(lambda: fetch(t + STAGES))
-            return dq
+        def consume(count):
+            full = (bq, bk)
+            lse_col = lax.broadcast_in_dim(lay.load(rows_smem.at[wg, 0], _ROW), full, [0])
+            delta_col = lax.broadcast_in_dim(lay.load(rows_smem.at[wg, 1], _ROW), full, [0])
 
-        dq = lax.fori_loop(0, count, step, lay.cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA))
-        _store(dq, dq_smem, dq_ref.at[bi, rows, hi])
+            def step(i, dq, kind):
+                slot = lax.rem(i, jnp.int32(STAGES))
+                slots.wait(slot)
+                if kind != HIDDEN:
+                    s2 = log2_logits(matmul(q_smem.at[wg], ops.t(k_smem.at[slot], t_smem, 0, slot), full), logit)
+                    p = jnp.exp2(s2 - lse_col)
+                    if kind == EDGE:
+                        ok = tile_mask(lay, mask, full, qtok_smem.at[wg], kvtok_smem.at[slot], list_smem[1 + i] * bk,
+                                       tiling.kv_len, segmented)
+                        p = jnp.where(ok, p, 0.0)
+                    dp = matmul(do_smem.at[wg], ops.t(v_smem.at[slot], t_smem, 1, slot), full)
+                    (ds,) = _through_smem(interpret, ds_smem.at[wg] if interpret else None,
+                                          _dlogits(s2, p, dp, delta_col, logit).astype(dtype))
+                    dq = accumulate(dq, ds, k_smem.at[slot], interpret)
+                slots.release(slot)
+                return dq
 
-    def entry(*refs):
-        tile = tile_transforms(dtype)
-        smem = (
-            plgpu.SMEM((bq, d), dtype, transforms=tile),
-            plgpu.SMEM((bq, d), dtype, transforms=tile),
-            plgpu.SMEM((2, bq), jnp.float32),  # lse (log2 units), delta
-            plgpu.SMEM((STAGES, d, bk), dtype, transforms=tile),
-            plgpu.SMEM((STAGES, d, bk), dtype, transforms=tile),
-            plgpu.SMEM((STAGES, bk, d), dtype, transforms=tile),
-            plgpu.SMEM((bq, bk), dtype, transforms=tile) if interpret else None,  # dS (interpret mode)
-            plgpu.SMEM((bq, d), jnp.float32, transforms=tile_transforms(jnp.float32)),
-            plgpu.SMEM((width,), jnp.int32),
-            plgpu.SMEM((2, bq), jnp.int32),
-            plgpu.SMEM((STAGES, 2, bk), jnp.int32),
-        )
-        bars = (plgpu.Barrier(num_barriers=6 + len(pieces)), plgpu.Barrier(num_barriers=5 * STAGES))
-        pl.run_scoped(lambda *scratch: kernel(*refs, scratch), smem, bars)
+            dq = _consume(wg, count, code_smem, step, lay.cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA))
+            _in_turn(wg, out_free, lambda: _store(dq, out_smem, dq_ref.at[bi, rows, hi]))
 
-    args = [q, do, lse2, delta, rearrange(k, _T), rearrange(v, _T), k, plan.q_pos, plan.kv_pos, lists]
-    if segmented:
-        args += [q_seg, kv_seg]
-    return plgpu.kernel(
-        entry, out_type=varying_struct((b, tq, h, d), jnp.float32, q), grid=(nq, h, b),
-        grid_names=("q", "h", "b"), **kernel_options(interpret),
-    )(*args)
+        _roles(wg, schedule_, produce, own, own_bars, consume)
+
+    tile = tile_transforms(dtype)
+    smem = (
+        plgpu.SMEM((2, bq, d), dtype, transforms=tile),  # per consumer: Q
+        plgpu.SMEM((2, bq, d), dtype, transforms=tile),  # dO
+        plgpu.SMEM((2, 2, bq), jnp.float32),  # lse (log2 units), delta
+        plgpu.SMEM((2, 2, bq), jnp.int32),  # query positions, segments
+        plgpu.SMEM((STAGES, bk, d), dtype, transforms=tile),  # per slot: K
+        plgpu.SMEM((STAGES, bk, d), dtype, transforms=tile),  # V
+        plgpu.SMEM((STAGES, 2, bk), jnp.int32),  # key positions, segments
+        ops.smem(2, bk, d, dtype),  # K^T, V^T (interpret mode)
+        plgpu.SMEM((2, 1, bq, bk), dtype, transforms=tile) if interpret else None,  # dS (interpret mode)
+        plgpu.SMEM((bq, d), jnp.float32, transforms=tile_transforms(jnp.float32)),  # dQ, in turn
+        plgpu.SMEM((width,), jnp.int32),
+        plgpu.SMEM((2, width), jnp.int32),
+    )
+    return _launch(body, args, varying_struct((b, tq, h, d), jnp.float32, q), (n_pairs, h, b), ("q", "h", "b"),
+                   smem, _barriers(pieces, n_own, n_stream), interpret)
 
 
-def _dkdv(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, *, tiling, mask, logit, interpret):
-    b, tk, h_kv, d = k.shape
-    h = q.shape[2]
-    group = h // h_kv
-    bq, bk, nk = tiling.block_q, tiling.block_kv, tiling.num_kv
+def _dkdv(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, schedule, *, tiling, mask, logit, interpret):
+    b, _, h_kv, d = k.shape
+    group = q.shape[2] // h_kv
+    bq, bk = tiling.block_q, tiling.block_kv
     segmented = q_seg is not None
     dtype = q.dtype
-    lay = Layouts(interpret)
-    row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-    lists = block_lists(plan.vis.T, align=32)
-    width = lists.shape[1]
-    pieces = _pieces(width)
-    n_q = 8 if segmented else 7  # Q, Q^T, dO, dO^T, lse, delta, positions (+ segments)
-
-    def kernel(q_ref, qt_ref, do_ref, dot_ref, lse_ref, delta_ref, k_ref, v_ref, qpos_ref, kvpos_ref,
-               lists_ref, *rest):
-        if segmented:
-            qseg_ref, kvseg_ref, dk_ref, dv_ref, scratch = rest
-        else:
-            (dk_ref, dv_ref, scratch), qseg_ref, kvseg_ref = rest, None, None
-        smem, bars = scratch
-        (k_smem, v_smem, kvtok_smem, q_smem, qt_smem, do_smem, dot_smem, rows_smem, qtok_smem, p_smem,
-         ds_smem, out_smem, list_smem) = smem
-        k_bar, q_bars = bars
-        j, hk, bi = lax.axis_index("kv"), lax.axis_index("h"), lax.axis_index("b")
-        keys = pl.ds(j * bk, bk)
-        copies = [(k_ref.at[bi, keys, hk], k_smem), (v_ref.at[bi, keys, hk], v_smem),
-                  (kvpos_ref.at[keys], kvtok_smem.at[0])]
-        copies += [(lists_ref.at[j, piece], list_smem.at[piece]) for piece in pieces]
-        if segmented:
-            copies.append((kvseg_ref.at[bi, keys], kvtok_smem.at[1]))
-        _copy_in(copies, k_bar)
-        count = list_smem[0]
-        steps = count * group  # every query head of the KV group, each over the visible query blocks
-
-        def fetch(t):
-            slot = lax.rem(t, jnp.int32(STAGES))
-            head = hk * group + lax.div(t, count)
-            rows = pl.ds(list_smem[1 + lax.rem(t, count)] * bq, bq)
-            qs = [(q_ref.at[bi, rows, head], q_smem.at[slot]), (qt_ref.at[bi, head, :, rows], qt_smem.at[slot]),
-                  (do_ref.at[bi, rows, head], do_smem.at[slot]),
-                  (dot_ref.at[bi, head, :, rows], dot_smem.at[slot]),
-                  (lse_ref.at[bi, head, rows], rows_smem.at[slot, 0]),
-                  (delta_ref.at[bi, head, rows], rows_smem.at[slot, 1]),
-                  (qpos_ref.at[rows], qtok_smem.at[slot, 0])]
-            if segmented:
-                qs.append((qseg_ref.at[bi, rows], qtok_smem.at[slot, 1]))
-            _start(qs, q_bars, slot * 8)
-
-        _prime(fetch, steps)
-        full = (bk, bq)  # keys on rows, queries on columns
-        kv_col = lax.broadcast_in_dim(lay.load(kvtok_smem.at[0], row_layout), full, [0])
-        key_idx = j * bk + lay.iota(full, 0)
-        ks = lax.broadcast_in_dim(lay.load(kvtok_smem.at[1], row_layout), full, [0]) if segmented else None
-
-        def step(t, carry):
-            dk, dv = carry
-            slot = lax.rem(t, jnp.int32(STAGES))
-            for n in range(n_q):
-                plgpu.barrier_wait(q_bars.at[slot * 8 + n])
-            s2 = log2_logits(matmul(k_smem, qt_smem.at[slot], full), logit)
-            q_row = lax.broadcast_in_dim(lay.load(qtok_smem.at[slot, 0], col_layout), full, [1])
-            qs = (lax.broadcast_in_dim(lay.load(qtok_smem.at[slot, 1], col_layout), full, [1])
-                  if segmented else None)
-            ok = block_math.visible(mask, q_row, kv_col, key_idx < tiling.kv_len, qs, ks)
-            lse_row = lax.broadcast_in_dim(lay.load(rows_smem.at[slot, 0], col_layout), full, [1])
-            delta_row = lax.broadcast_in_dim(lay.load(rows_smem.at[slot, 1], col_layout), full, [1])
-            p = jnp.where(ok, jnp.exp2(s2 - lse_row), 0.0)
-            dp = matmul(v_smem, dot_smem.at[slot], full)
-            p16, ds = p.astype(dtype), _dlogits(s2, p, dp, delta_row, logit).astype(dtype)
-            if interpret:  # no register A operands there: P and dS through SMEM
-                p_smem[...] = p16
-                ds_smem[...] = ds
-                plgpu.commit_smem()
-                p16, ds = p_smem, ds_smem
-            dv = accumulate(dv, p16, do_smem.at[slot], interpret)
-            dk = accumulate(dk, ds, q_smem.at[slot], interpret)
-            pl.when(t + STAGES < steps)(lambda: fetch(t + STAGES))
-            return dk, dv
-
-        zeros = lay.cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
-        dk, dv = lax.fori_loop(0, steps, step, (zeros, zeros))
-        _store(dk, out_smem, dk_ref.at[bi, keys, hk])  # one float32 tile, used in turn
-        _store(dv, out_smem, dv_ref.at[bi, keys, hk])
-
-    def entry(*refs):
-        tile = tile_transforms(dtype)
-        smem = (
-            plgpu.SMEM((bk, d), dtype, transforms=tile),
-            plgpu.SMEM((bk, d), dtype, transforms=tile),
-            plgpu.SMEM((2, bk), jnp.int32),  # key positions, segments
-            plgpu.SMEM((STAGES, bq, d), dtype, transforms=tile),
-            plgpu.SMEM((STAGES, d, bq), dtype, transforms=tile),
-            plgpu.SMEM((STAGES, bq, d), dtype, transforms=tile),
-            plgpu.SMEM((STAGES, d, bq), dtype, transforms=tile),
-            plgpu.SMEM((STAGES, 2, bq), jnp.float32),  # lse (log2 units), delta
-            plgpu.SMEM((STAGES, 2, bq), jnp.int32),  # query positions, segments
-            plgpu.SMEM((bk, bq), dtype, transforms=tile) if interpret else None,  # P (interpret mode)
-            plgpu.SMEM((bk, bq), dtype, transforms=tile) if interpret else None,  # dS (interpret mode)
-            plgpu.SMEM((bk, d), jnp.float32, transforms=tile_transforms(jnp.float32)),
-            plgpu.SMEM((width,), jnp.int32),
-        )
-        bars = (plgpu.Barrier(num_barriers=4 + len(pieces)), plgpu.Barrier(num_barriers=8 * STAGES))
-        pl.run_scoped(lambda *scratch: kernel(*refs, scratch), smem, bars)
-
-    args = [q, rearrange(q, _T), do, rearrange(do, _T), lse2, delta, k, v, plan.q_pos, plan.kv_pos, lists]
+    lists, codes = schedule
+    n_pairs, width, pieces, lay, ops = _prologue("dK/dV", lists, tiling, d, interpret)
+    tk = 2 * n_pairs * bk  # an odd number of key blocks gets one all-hidden block
+    args = dict(q=q, do=do, lse=lse2, delta=delta, k=pad_axis(k, 1, tk), v=pad_axis(v, 1, tk), q_pos=plan.q_pos,
+                kv_pos=pad_axis(plan.kv_pos, 0, tk, mode="edge"), lists=lists, codes=codes)
     if segmented:
-        args += [q_seg, kv_seg]
+        args.update(q_seg=q_seg, kv_seg=pad_axis(kv_seg, 1, tk, mode="edge"))
+    t_names = [f"{n}_t" for n in ("q", "do")] if interpret else []
+    args.update(zip(t_names, ops.sources(q, do)))
+    n_own = 4 if segmented else 3  # K, V, key positions (+ segments)
+    n_stream = (6 if segmented else 5) + len(t_names)  # Q, dO, lse, delta, query positions (+ segments, Q^T, dO^T)
+
+    def body(r, outs, smem, bars):
+        dk_ref, dv_ref = outs
+        k_smem, v_smem, kvtok_smem, q_smem, do_smem, rows_smem, qtok_smem, t_smem, pds_smem, out_smem, \
+            list_smem, code_smem = smem
+        list_bar, own_bars, full_bars, free_bars, out_free = bars
+        slots = _Slots(full_bars, free_bars, n_stream)
+        wg = lax.axis_index("wg")
+        pair, hk, bi = lax.axis_index("kv"), lax.axis_index("h"), lax.axis_index("b")
+        schedule_ = (r["lists"], r["codes"], pair, bi if segmented else 0, list_smem, code_smem, pieces, list_bar)
+
+        keys = pl.ds((2 * pair + wg) * bk, bk)
+        own = [(r["k"].at[bi, keys, hk], k_smem.at[wg]), (r["v"].at[bi, keys, hk], v_smem.at[wg]),
+               (r["kv_pos"].at[keys], kvtok_smem.at[wg, 0])]
+        if segmented:
+            own.append((r["kv_seg"].at[bi, keys], kvtok_smem.at[wg, 1]))
+
+        def produce(count):
+            def fetch(t, _):
+                # Step t: query head hk * group + t // count, its (t % count)-th listed query block.
+                slot = lax.rem(t, jnp.int32(STAGES))
+                head = hk * group + lax.div(t, count)
+                rows = pl.ds(list_smem[1 + lax.rem(t, count)] * bq, bq)
+                copies = [(r["q"].at[bi, rows, head], q_smem.at[slot]), (r["do"].at[bi, rows, head], do_smem.at[slot]),
+                          (r["lse"].at[bi, head, rows], rows_smem.at[slot, 0]),
+                          (r["delta"].at[bi, head, rows], rows_smem.at[slot, 1]),
+                          (r["q_pos"].at[rows], qtok_smem.at[slot, 0])]
+                if segmented:
+                    copies.append((r["q_seg"].at[bi, rows], qtok_smem.at[slot, 1]))
+                slots.fill(t, copies + ops.copies([r[n] for n in t_names], t_smem, slot, bi, head, rows))
+
+            lax.fori_loop(0, count * group, fetch, None)
+            slots.drain(count * group)
+
+        def consume(count):
+            full = (bk, bq)  # keys on rows, queries on columns
+
+            def head_blocks(g, carry):
+                def step(i, carry, kind):
+                    slot = lax.rem(g * count + i, jnp.int32(STAGES))
+                    slots.wait(slot)
+                    if kind != HIDDEN:
+                        dk, dv = carry
+                        st2 = log2_logits(matmul(k_smem.at[wg], ops.t(q_smem.at[slot], t_smem, 0, slot), full), logit)
+                        p = jnp.exp2(st2 - lax.broadcast_in_dim(lay.load(rows_smem.at[slot, 0], _COL), full, [1]))
+                        if kind == EDGE:
+                            ok = tile_mask(lay, mask, full, qtok_smem.at[slot], kvtok_smem.at[wg], (2 * pair + wg) * bk,
+                                           tiling.kv_len, segmented, keys_on_rows=True)
+                            p = jnp.where(ok, p, 0.0)
+                        dpt = matmul(v_smem.at[wg], ops.t(do_smem.at[slot], t_smem, 1, slot), full)
+                        delta_row = lax.broadcast_in_dim(lay.load(rows_smem.at[slot, 1], _COL), full, [1])
+                        p16, ds = _through_smem(interpret, pds_smem.at[wg] if interpret else None, p.astype(dtype),
+                                                _dlogits(st2, p, dpt, delta_row, logit).astype(dtype))
+                        carry = (accumulate(dk, ds, q_smem.at[slot], interpret),
+                                 accumulate(dv, p16, do_smem.at[slot], interpret))
+                    slots.release(slot)
+                    return carry
+
+                return _consume(wg, count, code_smem, step, carry)
+
+            zeros = lay.cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
+            dk, dv = lax.fori_loop(0, group, head_blocks, (zeros, zeros))
+
+            def store():
+                _store(dk, out_smem, dk_ref.at[bi, keys, hk])
+                _store(dv, out_smem, dv_ref.at[bi, keys, hk])
+
+            _in_turn(wg, out_free, store)
+
+        _roles(wg, schedule_, produce, own, own_bars, consume)
+
+    tile = tile_transforms(dtype)
+    smem = (
+        plgpu.SMEM((2, bk, d), dtype, transforms=tile),  # per consumer: K
+        plgpu.SMEM((2, bk, d), dtype, transforms=tile),  # V
+        plgpu.SMEM((2, 2, bk), jnp.int32),  # key positions, segments
+        plgpu.SMEM((STAGES, bq, d), dtype, transforms=tile),  # per slot: Q
+        plgpu.SMEM((STAGES, bq, d), dtype, transforms=tile),  # dO
+        plgpu.SMEM((STAGES, 2, bq), jnp.float32),  # lse (log2 units), delta
+        plgpu.SMEM((STAGES, 2, bq), jnp.int32),  # query positions, segments
+        ops.smem(2, bq, d, dtype),  # Q^T, dO^T (interpret mode)
+        plgpu.SMEM((2, 2, bk, bq), dtype, transforms=tile) if interpret else None,  # P^T, dS^T (interpret mode)
+        plgpu.SMEM((bk, d), jnp.float32, transforms=tile_transforms(jnp.float32)),  # dK then dV, in turn
+        plgpu.SMEM((width,), jnp.int32),
+        plgpu.SMEM((2, width), jnp.int32),
+    )
     out = varying_struct((b, tk, h_kv, d), jnp.float32, q)
-    return plgpu.kernel(
-        entry, out_type=(out, out), grid=(nk, h_kv, b), grid_names=("kv", "h", "b"),
-        **kernel_options(interpret),
-    )(*args)
+    return _launch(body, args, (out, out), (n_pairs, h_kv, b), ("kv", "h", "b"), smem,
+                   _barriers(pieces, n_own, n_stream), interpret)

@@ -12,6 +12,8 @@ The interpret mode compiles each warpgroup's program per grid point, so one
 small case runs by default and the grid runs under ``-m slow``.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,8 +133,13 @@ def test_float32_output_lowers_and_too_wide_is_a_clear_error():
 
 
 @pytest.mark.parametrize("segmented", [False, True])
-def test_pair_schedule_codes_match_the_element_mask(segmented):
-    """HIDDEN / EDGE / INTERIOR per (query block, listed key block) agree with the dense mask."""
+@pytest.mark.parametrize("kernel", ["forward_and_dq", "dkdv"])
+def test_pair_schedule_codes_match_the_element_mask(segmented, kernel):
+    """HIDDEN / EDGE / INTERIOR per (owned block, listed block) agree with the dense mask.
+
+    ``forward_and_dq``: programs own two query blocks and stream key blocks in order;
+    ``dkdv``: programs own two key blocks and stream query blocks last first.
+    """
     q_len, kv_len, bq, bk = 300, 250, 64, 64
     mask = inputs.make_mask(True, 150)
     tiling = Tiling(q_len, kv_len, bq, bk)
@@ -143,48 +150,85 @@ def test_pair_schedule_codes_match_the_element_mask(segmented):
     segs = jnp.stack([(jnp.arange(400) >= 200), jnp.zeros(400, bool)]).astype(jnp.int32)
     q_seg, kv_seg = (segs[:, :q_len], segs[:, :kv_len]) if segmented else (None, None)
     q_seg, kv_seg = tiles.pad_segments(q_seg, kv_seg, tiling)
-    lists, codes = hopper.pair_schedule(plan, tiling, mask, q_seg, kv_seg)
-    lists, codes = np.asarray(lists), np.asarray(codes)
-    nq2 = 2 * lists.shape[0]
-    qp = np.pad(np.asarray(plan.q_pos), (0, nq2 * bq - tiling.q_padded), mode="edge")
-    dense = np.asarray(mask.visible(jnp.asarray(qp), plan.kv_pos))[None]  # [1, Tq2, Tk]
+    dense = np.asarray(mask.visible(plan.q_pos, plan.kv_pos))[None]  # [1, Tq, Tk]
     dense = dense & (np.arange(tiling.kv_padded) < kv_len)[None, None]
     if segmented:
-        qs = np.pad(np.asarray(q_seg), ((0, 0), (0, nq2 * bq - tiling.q_padded)), mode="edge")
-        dense = dense & (qs[:, :, None] == np.asarray(kv_seg)[:, None, :])
+        dense = dense & (np.asarray(q_seg)[:, :, None] == np.asarray(kv_seg)[:, None, :])
+    if kernel == "forward_and_dq":
+        lists, codes = hopper.pair_schedule(plan, tiling, mask, q_seg, kv_seg)
+        owned, own_block, streamed = tiling.num_q, bq, bk
+    else:
+        code = hopper.tile_codes(plan, tiling, mask, q_seg, kv_seg)
+        lists, codes = hopper.pair_rows(jnp.swapaxes(code, 1, 2), reverse=True)
+        dense = np.swapaxes(dense, 1, 2)
+        owned, own_block, streamed = tiling.num_kv, bk, bq
+    lists, codes = np.asarray(lists), np.asarray(codes)
+    assert codes.shape[1] == 2 * lists.shape[0] >= owned
     seen_kinds, leads = set(), []
     for bi in range(codes.shape[0]):
-        for i in range(tiling.num_q):  # block num_q (odd count) is padding only
+        for i in range(owned):  # an odd count's last program pairs with an all-hidden block
             count = lists[i // 2, 0]
+            listed = lists[i // 2, 1:1 + count]
+            order = listed if kernel == "forward_and_dq" else listed[::-1]
+            assert (np.diff(order) > 0).all()
             assert (codes[bi, i, 1 + count:] == hopper.HIDDEN).all()
             # the interior prefix the kernel runs without a switch
             lead = codes[bi, i, 0]
             assert (codes[bi, i, 1:1 + lead] == hopper.INTERIOR).all()
             assert lead == count or codes[bi, i, 1 + lead] != hopper.INTERIOR
             leads.append(int(lead))
-            for t in range(count):
-                j = lists[i // 2, 1 + t]
-                tile = dense[min(bi, dense.shape[0] - 1), i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+            for t, j in enumerate(listed):
+                tile = dense[min(bi, dense.shape[0] - 1), i * own_block:(i + 1) * own_block,
+                             j * streamed:(j + 1) * streamed]
                 code = codes[bi, i, 1 + t]
                 seen_kinds.add(int(code))
                 if code == hopper.INTERIOR:
                     assert tile.all()
                 elif code == hopper.HIDDEN:
                     assert not tile.any()
+            # every block a row sees is listed for its program
+            hidden = np.setdiff1d(np.arange(dense.shape[2] // streamed), listed)
+            for j in hidden:
+                assert not dense[:, i * own_block:(i + 1) * own_block, j * streamed:(j + 1) * streamed].any()
     assert seen_kinds == {hopper.HIDDEN, hopper.EDGE, hopper.INTERIOR}
-    assert max(leads) > 0  # some query block starts with interior key blocks
+    assert max(leads) > 0  # some owned block starts with interior blocks
 
 
-@pytest.mark.parametrize("segmented, softcap, q_len", [(True, 30.0, 200), (False, None, 300 * 64)])
-def test_backward_lowers_to_mosaic_gpu(segmented, softcap, q_len):
-    """dQ and dK/dV (bf16, interpret=False) pass the Mosaic GPU lowering; 300 query blocks per key block list."""
-    shape = (1, q_len, 256, 2, 1, 64)
-    cfg = _config(inputs.make_mask(True, None), 64, (64, 64), softcap, interpret=False)
-    cfg = api.KernelConfig(cfg.mask, cfg.logit, BlockSizes(64, 64, 64, 128), "mosaic_gpu", False)
-    out = jnp.zeros((1, q_len, 2, 64), jnp.bfloat16)
-    lse = jnp.zeros((1, 2, q_len), jnp.float32)
-    text = _lowered(lambda *a: api.kernel_backward(*a, out, lse, out, cfg=cfg), shape, segmented)
+def _lowered_backward(shape, blocks=(64, 64), segmented=False, softcap=None):
+    b, q_len, _, h, _, d = shape
+    cfg = _config(inputs.make_mask(True, None), d, (64, 64), softcap, interpret=False)
+    cfg = api.KernelConfig(cfg.mask, cfg.logit, BlockSizes(64, 64, *blocks), "mosaic_gpu", False)
+    out = jnp.zeros((b, q_len, h, d), jnp.bfloat16)
+    lse = jnp.zeros((b, h, q_len), jnp.float32)
+    return _lowered(lambda *a: api.kernel_backward(*a, out, lse, out, cfg=cfg), shape, segmented)
+
+
+@pytest.mark.parametrize(
+    "shape, segmented, softcap",
+    [
+        ((1, 200, 256, 2, 1, 64), True, 30.0),
+        ((1, 300 * 64, 256, 2, 1, 64), False, None),  # 300 query blocks per key block's list
+        ((1, 128, 128 * 1024, 2, 1, 128), False, None),  # 128k keys: 2049-entry schedule rows in dQ
+    ],
+)
+def test_backward_lowers_to_mosaic_gpu(shape, segmented, softcap):
+    """dQ and dK/dV (bf16, interpret=False) pass the Mosaic GPU lowering, transposed operands as SMEM views."""
+    text = _lowered_backward(shape, segmented=segmented, softcap=softcap)
     assert text.count("mosaic_gpu") >= 2  # the dQ and the dK/dV kernels
+    # On hardware K^T, V^T, Q^T, dO^T are transpose_ref views: no operand is transposed in HBM.
+    assert not re.search(r"stablehlo\.transpose .*(bf16|f32)", text)
+
+
+def test_forward_reads_k_transposed_in_smem_not_hbm():
+    cfg = _config(inputs.make_mask(True, None), 64, (64, 64), None, interpret=False)
+    text = _lowered(lambda *a: api.kernel_forward(*a, cfg=cfg, out_dtype=jnp.bfloat16), (1, 256, 256, 2, 1, 64))
+    assert "mosaic_gpu" in text and "stablehlo.transpose" not in text
+
+
+def test_backward_smem_beyond_an_sm_is_a_clear_error():
+    """Schedule rows grow with the streamed length: past an SM's SMEM a ValueError names the kernel and the bytes."""
+    with pytest.raises(ValueError, match=r"mosaic_gpu dQ kernel needs \d+ bytes of shared memory .* 6016 schedule"):
+        _lowered_backward((1, 64, 6000 * 64, 1, 1, 128))
 
 
 def test_backward_blocks_are_its_own_and_checked():
