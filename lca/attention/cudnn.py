@@ -43,6 +43,9 @@ position-based (:mod:`lca.attention.mask`). A call goes to Pallas:
    * causal, both position runs contiguous and starting at the same position
      (self-attention; the diagonal chunks of a zigzag ring): cuDNN causal, with
      the window as cuDNN's sliding window;
+   * causal without a window, the same strictly increasing positions on both
+     sides (a zigzag shard's first ring step, one call over both chunks): cuDNN
+     causal, index order being position order;
    * anything else: Pallas. That includes causal with ``q_len != kv_len`` in a
      plain call: lca aligns bottom-right, cuDNN top-left.
 
@@ -191,6 +194,10 @@ def position_case(mask: Mask, q_pos, kv_pos):
         return NO_MASK
     every_key = mask.block_full(q_pos.min(), q_pos.max(), kv_pos.min(), kv_pos.max())
     top_left = _is_run(q_pos) & _is_run(kv_pos) & (q_pos[0] == kv_pos[0]) & mask.causal
+    if mask.causal and mask.window is None and q_pos.shape == kv_pos.shape:
+        # The same increasing positions on both sides (a zigzag shard against itself, gaps
+        # and all): index order is position order, so causal by position is causal by index.
+        top_left = top_left | (jnp.all(q_pos == kv_pos) & jnp.all(q_pos[1:] > q_pos[:-1]))
     return jnp.where(every_key, NO_MASK, jnp.where(top_left, CAUSAL, PALLAS)).astype(jnp.int32)
 
 

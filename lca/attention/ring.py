@@ -13,8 +13,8 @@ layout (``zigzag``, ``contiguous``, ``striped``) is correct under the one
 :class:`Mask`, and a (query chunk, key chunk) pair that the mask hides entirely
 (a causal chunk in the future, a window out of reach) is skipped with
 ``lax.cond``. Zigzag gives every device two chunks, ``i`` and ``2n-1-i``, so all
-devices do the same causal work, and each step after the first covers its
-visible chunk pairs with one local call (see ``_RECTANGLES``).
+devices do the same causal work, and each step covers its visible chunk pairs
+with one local call (see ``_RECTANGLES``; with a window, a first step walks its pairs).
 
 The backward is a ``jax.custom_vjp`` that runs the ring again: K/V travel as in
 the forward and their gradients dK/dV travel with them, each step adding the
@@ -91,9 +91,19 @@ def _when(visible, fn, carry):
 # earlier device) or the second query chunk against both key chunks (a later
 # device): one rectangle, computed by ONE local call of twice a chunk pair's size
 # instead of a scan over four pairs. ``_RECTANGLES`` lists those shapes as
-# (query chunks, key chunks); a step whose visible pairs fit none of them (the
-# first step's diagonal, a window, user positions) walks the pairs one by one.
+# (query chunks, key chunks). The first step's diagonal (each query chunk against
+# its own, the second also against the first) is one call over the whole shard
+# (``_WHOLE``): the local implementations skip the hidden tiles themselves, and
+# cuDNN takes it as plain causal attention, index order being position order. With
+# a window a step whose visible pairs fit neither rectangle walks the pairs one by
+# one instead, so that cuDNN still runs the pairs whose window it can express.
 _RECTANGLES = (((0, 1), (0,)), ((1,), (0, 1)))
+_WHOLE = ((0, 1), (0, 1))
+
+
+def _rectangles(st: RingStatic):
+    """The chunk rectangles a step may run as one call, in order of preference."""
+    return _RECTANGLES + ((_WHOLE,) if st.spec.mask.window is None else ())
 
 
 def _visibility(st: RingStatic, q_pos, kv_pos):
@@ -105,11 +115,12 @@ def _visibility(st: RingStatic, q_pos, kv_pos):
 
 
 def _plan(st: RingStatic, q_pos, kv_pos):
-    """Branch index for this step: 0 skip, 1 + r for ``_RECTANGLES[r]``, last: pair by pair."""
+    """Branch index for this step: 0 skip, 1 + r for ``_rectangles(st)[r]``, then pair by pair."""
     vis = _visibility(st, q_pos, kv_pos)
-    branch = jnp.int32(1 + len(_RECTANGLES))
-    for r in reversed(range(len(_RECTANGLES))):
-        rows, cols = _RECTANGLES[r]
+    rectangles = _rectangles(st)
+    branch = jnp.int32(1 + len(rectangles))
+    for r in reversed(range(len(rectangles))):
+        rows, cols = rectangles[r]
         outside = np.ones(vis.shape, bool)
         outside[np.ix_(rows, cols)] = False
         branch = jnp.where(jnp.any(vis & outside), branch, 1 + r)
@@ -131,11 +142,13 @@ def _paste(x, piece, span, axis: int):
     return lax.dynamic_update_slice_in_dim(x, piece, span[0], axis)
 
 
-def _by_plan(st: RingStatic, q_pos, kv_pos, rectangle, carry):
-    """Run this step's plan, a ``rectangle(carry, q_span, kv_span)`` call per chunk rectangle.
+def _by_plan(st: RingStatic, q_pos, kv_pos, rectangle, carry, fresh: bool):
+    """Run this step's plan, a ``rectangle(carry, qs, ks, fresh)`` call per chunk rectangle.
 
     Spans ``qs``, ``ks`` are ``(start, size)`` along the local sequence. A plan
-    that is no rectangle runs one call per visible chunk pair.
+    that is no rectangle runs one call per visible chunk pair. ``fresh``: ``carry``
+    holds nothing yet (the first step), so a plan of one call may overwrite its
+    rows instead of merging into them; pair by pair always merges.
     """
 
     def pairwise(carry):
@@ -144,55 +157,57 @@ def _by_plan(st: RingStatic, q_pos, kv_pos, rectangle, carry):
         def pair(carry, q_chunk, kv_chunk):
             qs, ks = (q_chunk * lq, lq), (kv_chunk * lk, lk)
             visible = _pair_visible(st.spec.mask, _cut(q_pos, qs, 0), _cut(kv_pos, ks, 0))
-            return _when(visible, lambda carry: rectangle(carry, qs, ks), carry)
+            return _when(visible, lambda carry: rectangle(carry, qs, ks, False), carry)
 
         return _over_pairs(st.chunks, pair, carry)
 
     if st.chunks == 1 or st.spec.mask.is_full:
         return _when(_pair_visible(st.spec.mask, q_pos, kv_pos),
-                     lambda c: rectangle(c, (0, q_pos.shape[0]), (0, kv_pos.shape[0])), carry)
+                     lambda c: rectangle(c, (0, q_pos.shape[0]), (0, kv_pos.shape[0]), fresh), carry)
+    rectangles = _rectangles(st)
     spans = [(_span(rows, q_pos.shape[0], st.chunks), _span(cols, kv_pos.shape[0], st.chunks))
-             for rows, cols in _RECTANGLES]
+             for rows, cols in rectangles]
     branches = [lambda c: c]
-    branches += [functools.partial(rectangle, qs=qs, ks=ks) for qs, ks in spans]
-    branches.append(pairwise)
+    branches += [functools.partial(rectangle, qs=qs, ks=ks, fresh=fresh) for qs, ks in spans]
+    if _WHOLE not in rectangles:  # else every plan fits a rectangle
+        branches.append(pairwise)
     return lax.switch(_plan(st, q_pos, kv_pos), branches, carry)
 
 
 # --- one ring step --------------------------------------------------------------------
 
 
-def _forward_step(st: RingStatic, q_side, kv, acc):
-    """Merge attention of the local queries over the key shard ``kv`` into ``acc``."""
+def _forward_step(st: RingStatic, q_side, kv, acc, fresh: bool = False):
+    """Merge attention of the local queries over the key shard ``kv`` into ``acc`` (empty if ``fresh``)."""
     q, q_pos, q_seg = q_side
     k, v, kv_pos, kv_seg = kv
 
-    def rectangle(acc, qs, ks):
+    def rectangle(acc, qs, ks, fresh):
         out, lse = acc
         o, l = st.spec.forward(_cut(q, qs, 1), _cut(k, ks, 1), _cut(v, ks, 1), _cut(q_pos, qs, 0),
                                _cut(kv_pos, ks, 0), _cut(q_seg, qs, 1), _cut(kv_seg, ks, 1))
-        o, l = merge_attention(_cut(out, qs, 1), _cut(lse, qs, 2), o, l)
-        return _paste(out, o, qs, 1), _paste(lse, l, qs, 2)
+        if not fresh:  # a fresh accumulator holds nothing to merge with (out 0, lse -inf)
+            o, l = merge_attention(_cut(out, qs, 1), _cut(lse, qs, 2), o, l)
+        return _paste(out, o.astype(out.dtype), qs, 1), _paste(lse, l.astype(lse.dtype), qs, 2)
 
-    return _by_plan(st, q_pos, kv_pos, rectangle, acc)
+    return _by_plan(st, q_pos, kv_pos, rectangle, acc, fresh)
 
 
-def _backward_step(st: RingStatic, q_side, kv, grads):
-    """Add this key shard's share of dQ (local) and dK/dV (travelling) to ``grads``."""
+def _backward_step(st: RingStatic, q_side, kv, grads, fresh: bool = False):
+    """Add this key shard's share of dQ (local) and dK/dV (travelling) to ``grads`` (zeros if ``fresh``)."""
     q, q_pos, q_seg, out, lse, dout, dlse = q_side
     k, v, kv_pos, kv_seg = kv
 
-    def rectangle(grads, qs, ks):
-        dq, dk, dv = grads
-        gq, gk, gv = st.spec.backward(
+    def rectangle(grads, qs, ks, fresh):
+        pieces = st.spec.backward(
             _cut(q, qs, 1), _cut(k, ks, 1), _cut(v, ks, 1), _cut(q_pos, qs, 0),
             _cut(kv_pos, ks, 0), _cut(q_seg, qs, 1), _cut(kv_seg, ks, 1), _cut(out, qs, 1),
             _cut(lse, qs, 2), _cut(dout, qs, 1), _cut(dlse, qs, 2),
         )
-        return (_paste(dq, _cut(dq, qs, 1) + gq, qs, 1), _paste(dk, _cut(dk, ks, 1) + gk, ks, 1),
-                _paste(dv, _cut(dv, ks, 1) + gv, ks, 1))
+        return tuple(_paste(g, (piece if fresh else _cut(g, span, 1) + piece).astype(g.dtype), span, 1)
+                     for g, piece, span in zip(grads, pieces, (qs, ks, ks)))
 
-    return _by_plan(st, q_pos, kv_pos, rectangle, grads)
+    return _by_plan(st, q_pos, kv_pos, rectangle, grads, fresh)
 
 
 # --- the ring ---------------------------------------------------------------------------
@@ -216,7 +231,10 @@ def _ring_forward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
         return (incoming, _forward_step(st, q_side, kv, acc)), None
 
     (kv, acc), _ = lax.scan(step, (kv, acc), length=n - 1)
-    return _forward_step(st, q_side, kv, acc)  # last shard: nothing left to send
+    # Last shard: nothing left to send. On one device it is the only step, whose result is
+    # the accumulator itself (no merge into an empty one); on n, the scan's first step merges
+    # into the empty one rather than being traced a second time outside the scan.
+    return _forward_step(st, q_side, kv, acc, fresh=n == 1)
 
 
 def _ring_backward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse):
@@ -233,6 +251,8 @@ def _ring_backward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, l
         dq, dk, dv = _backward_step(st, q_side, kv, (dq, *dkv))
         return (incoming, dq, _rotate((dk, dv), st, n)), None
 
+    if n == 1:  # the only step's gradients are the sums (see _ring_forward)
+        return _backward_step(st, q_side, kv, (dq, *dkv), fresh=True)
     (kv, dq, dkv), _ = lax.scan(step, (kv, dq, dkv), length=n - 1)
     dq, dk, dv = _backward_step(st, q_side, kv, (dq, *dkv))
     # dK/dV of the shard held last belong to the next device: one hop home.

@@ -81,6 +81,12 @@ POSITIONS = {
     "causal bottom-right (plain q_len < kv_len)": (CAUSAL, range(4, 8), range(8), cudnn.PALLAS),
     "causal, keys in the future": (CAUSAL, range(8), range(8, 16), cudnn.PALLAS),
     "causal, gap in the keys": (CAUSAL, range(8), [0, 1, 2, 3, 5, 6, 7, 8], cudnn.PALLAS),
+    # A zigzag shard against itself: chunks 1 and 6 of 8, a gap between them.
+    "causal, a zigzag shard's own positions": (CAUSAL, [4, 5, 6, 7, 24, 25, 26, 27],
+                                               [4, 5, 6, 7, 24, 25, 26, 27], cudnn.CAUSAL),
+    "causal, same positions not increasing": (CAUSAL, [0, 2, 1, 3], [0, 2, 1, 3], cudnn.PALLAS),
+    "window, a zigzag shard's own positions": (Mask(causal=True, window=3), [4, 5, 6, 7, 24, 25, 26, 27],
+                                               [4, 5, 6, 7, 24, 25, 26, 27], cudnn.PALLAS),
     "window, aligned": (Mask(causal=True, window=3), range(8), range(8), cudnn.CAUSAL),
     "window, keys in reach": (Mask(causal=True, window=24), range(16, 24), range(8), cudnn.NO_MASK),
     "window, keys partly out of reach": (Mask(causal=True, window=12), range(16, 24), range(8),
@@ -106,9 +112,9 @@ def test_default_case_is_static():
 def test_zigzag_ring_steps_are_all_cudnn(n):
     """Every chunk rectangle and pair a causal zigzag ring computes is a cuDNN case.
 
-    The ring's visible work (lca.attention.ring): step 0 the diagonal pairs and
-    (second query chunk, first key chunk); later steps one rectangle, both query
-    chunks x the first key chunk or the second query chunk x both key chunks.
+    The ring's visible work (lca.attention.ring): step 0 one call over the whole
+    shard; later steps one rectangle, both query chunks x the first key chunk or the
+    second query chunk x both key chunks.
     """
     seq, chunk = 8 * n, 4
     for dev in range(n):
@@ -117,7 +123,7 @@ def test_zigzag_ring_steps_are_all_cudnn(n):
             kv_pos = layouts.local_positions("zigzag", 2 * chunk, n, (dev - step) % n)
             qc, kc = np.split(q_pos, 2), np.split(kv_pos, 2)
             if step == 0:
-                calls = [(qc[0], kc[0]), (qc[1], kc[0]), (qc[1], kc[1])]
+                calls = [(q_pos, kv_pos)]
             elif kv_pos.min() < q_pos.min():
                 calls = [(q_pos, kc[0])]
             else:
