@@ -13,7 +13,9 @@ here in plain JAX from the token positions:
 
 Kernels iterate only over ``[first, last]`` (so blocks outside it are neither
 loaded nor computed) and skip blocks inside it whose ``vis`` is 0 (holes of
-zigzag/striped layouts). Segment ids are not used for skipping.
+zigzag/striped layouts). With segment ids, :func:`by_segments` makes the plan
+per batch row: blocks whose segment-id ranges do not meet are hidden too, so a
+packed row's query block visits its own documents' key blocks only.
 
 The plan also marks, per block, one run of the other side's blocks that it sees
 *whole* (``kv_full_lo/hi``, ``q_full_lo/hi``): every query of the pair sees every
@@ -21,8 +23,8 @@ key (``Mask.block_full``, exact for any positions in the blocks' ranges) and no
 key is padding, so a kernel may drop the per-element mask there and keep it only
 for the blocks around the run (the causal diagonal, the window's edges, the last
 partial key block). The run is the first one along the row; other full blocks
-(a second zigzag run) are merely masked needlessly. Segments are not considered:
-a kernel given segment ids masks every block.
+(a second zigzag run) are merely masked needlessly. Per batch row (:func:`by_segments`)
+the run also needs one document on both sides, the same one.
 
 Kernels that stream blocks through their own pipeline (the Mosaic GPU one)
 use :func:`block_lists` instead: per query block, the count and the indices of
@@ -34,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from lca.attention.mask import Mask
@@ -127,6 +130,35 @@ def plan(q_pos, kv_pos, tiling: Tiling, mask: Mask) -> BlockPlan:
     full = jnp.broadcast_to(mask.block_full(*bounds) & whole_keys, vis.shape)
     return BlockPlan(q_blk.reshape(-1), kv_blk.reshape(-1), vis.astype(jnp.int32), kv_first, kv_last,
                      q_first, q_last, *_first_run(full, kv_last, axis=1), *_first_run(full, q_last, axis=0))
+
+
+def by_segments(plan_: BlockPlan, q_seg, kv_seg, tiling: Tiling) -> BlockPlan:
+    """``plan_`` per batch row, narrowed by the (padded) segment ids ``[b, q_padded]``, ``[b, kv_padded]``.
+
+    A block pair whose segment-id ranges do not meet in a row shares no id there
+    (conservative, as ``lca.attention.mask.segment_block_visible``): it leaves
+    ``vis`` (now ``[b, nq, nk]``), and ``first``/``last`` (now ``[b, n]``) close in on
+    the rest, in packed rows (ids growing along the row) the block's own documents.
+    The run seen whole (``*_full_lo/hi``, ``[b, n]``) keeps, of the positions' run,
+    the blocks holding one document on both sides, the same one. Positions stay as they are.
+    """
+    b, nq, nk = q_seg.shape[0], tiling.num_q, tiling.num_kv
+    qs = q_seg.reshape(b, nq, tiling.block_q)
+    ks = kv_seg.reshape(b, nk, tiling.block_kv)
+    q_lo, q_hi, k_lo, k_hi = qs.min(2)[:, :, None], qs.max(2)[:, :, None], ks.min(2)[:, None], ks.max(2)[:, None]
+    vis = (plan_.vis != 0)[None] & (q_lo <= k_hi) & (k_lo <= q_hi)
+    one_doc = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+    i, j = jnp.arange(nq)[:, None], jnp.arange(nk)[None]
+    kv_run = (j >= plan_.kv_full_lo[:, None]) & (j <= plan_.kv_full_hi[:, None])
+    q_run = (i >= plan_.q_full_lo[None]) & (i <= plan_.q_full_hi[None])
+
+    def row(vis_r, one_doc_r):
+        kv_first, kv_last = _first_last(vis_r, axis=1)
+        q_first, q_last = _first_last(vis_r, axis=0)
+        return (vis_r.astype(jnp.int32), kv_first, kv_last, q_first, q_last,
+                *_first_run(kv_run & one_doc_r, kv_last, axis=1), *_first_run(q_run & one_doc_r, q_last, axis=0))
+
+    return BlockPlan(plan_.q_pos, plan_.kv_pos, *jax.vmap(row)(vis, one_doc))
 
 
 def pad_segments(q_seg, kv_seg, tiling: Tiling):

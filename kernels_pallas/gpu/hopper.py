@@ -28,9 +28,10 @@ Forward kernel (grid ``(n_pairs, h, b)``, three warpgroups per program, ``thread
   the interface.
 * **Masks only where needed.** :func:`pair_schedule` (plain JAX, from the
   block plan) lists the key blocks visible to either query block of a pair
-  (causal/window ranges and zigzag holes are never fetched) and codes each
-  (query block, key block) as ``HIDDEN`` (only the other consumer sees it: the
-  consumer keeps the barrier phases in step and computes nothing), ``EDGE``
+  (causal/window ranges, zigzag holes and, per batch row, other documents'
+  blocks are never fetched) and codes each (query block, key block) as
+  ``HIDDEN`` (only the other consumer sees it: the consumer keeps the barrier
+  phases in step and computes nothing), ``EDGE``
   (diagonal, window edge, key padding, a segment boundary: the per-element
   :func:`kernels_pallas.block_math.visible` mask) or ``INTERIOR`` (every pair
   visible by ``Mask.block_full``, no padding, one segment on both sides: no
@@ -190,7 +191,7 @@ class TransposedViews:
         return [(src.at[bi, head, :, span], t_smem.at[n, slot]) for n, src in enumerate(sources)]
 
     def t(self, plain, t_smem, n: int, slot):
-        """``plain [block, d]`` transposed, ``[d, block]``: a view on hardware, tile ``n`` of ``slot`` in interpret mode."""
+        """``plain [block, d]`` transposed, ``[d, block]``: a view on hardware, else tile ``n`` of ``slot``."""
         return t_smem.at[n, slot] if self.interpret else plgpu.transpose_ref(plain, (1, 0))
 
 
@@ -260,7 +261,8 @@ def log2_logits(scores, logit: LogitOptions):
 def tile_codes(plan: BlockPlan, tiling: Tiling, mask: Mask, q_seg, kv_seg):
     """``[bs, nq, nk]`` int32: what a (query block, key block) tile needs, ``bs = b`` when segmented, else 1.
 
-    ``HIDDEN`` (no pair visible: never fetched), ``EDGE`` (diagonal, window edge,
+    ``HIDDEN`` (no pair visible by positions, or no segment id in common: never
+    fetched), ``EDGE`` (diagonal, window edge,
     key padding, a segment boundary: the per-element
     :func:`kernels_pallas.block_math.visible` mask) or ``INTERIOR`` (every pair
     visible by ``Mask.block_full``, no padded key, one document on both sides: no
@@ -273,22 +275,23 @@ def tile_codes(plan: BlockPlan, tiling: Tiling, mask: Mask, q_seg, kv_seg):
                            kv_blk.min(1)[None], kv_blk.max(1)[None])
     full = full & ((jnp.arange(nk) + 1) * bk <= tiling.kv_len)[None]  # no padded key in the block
     full = jnp.broadcast_to(full, (1, nq, nk))
+    vis = (plan.vis != 0)[None]
     if q_seg is not None:
         qs, ks = q_seg.reshape(q_seg.shape[0], nq, bq), kv_seg.reshape(kv_seg.shape[0], nk, bk)
-        q_lo, q_hi, k_lo, k_hi = qs.min(2), qs.max(2), ks.min(2), ks.max(2)
-        one_doc = ((q_lo == q_hi)[:, :, None] & (k_lo == k_hi)[:, None, :]
-                   & (q_lo[:, :, None] == k_lo[:, None, :]))
-        full = full & one_doc
-    return jnp.where(plan.vis[None] != 0, jnp.where(full, INTERIOR, EDGE), HIDDEN).astype(jnp.int32)
+        q_lo, q_hi = qs.min(2)[:, :, None], qs.max(2)[:, :, None]
+        k_lo, k_hi = ks.min(2)[:, None], ks.max(2)[:, None]
+        vis = vis & (q_lo <= k_hi) & (k_lo <= q_hi)  # id ranges that do not meet share no id
+        full = full & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+    return jnp.where(vis, jnp.where(full, INTERIOR, EDGE), HIDDEN).astype(jnp.int32)
 
 
 def pair_rows(code, align: int = 32, reverse: bool = False):
     """The schedule of programs that own two rows of ``code [bs, n, m]`` (tile codes) each.
 
-    Returns ``(lists [n_pairs, width], codes [bs, 2 n_pairs, width])`` int32; an
-    odd last row pairs with an all-``HIDDEN`` one:
+    Returns ``(lists [bs, n_pairs, width], codes [bs, 2 n_pairs, width])`` int32 (per
+    batch row with segment ids); an odd last row pairs with an all-``HIDDEN`` one:
 
-    * ``lists[p] = [count, j_0, ..., j_{count-1}, 0...]``: the columns visible to
+    * ``lists[., p] = [count, j_0, ..., j_{count-1}, 0...]``: the columns visible to
       either row ``2p`` or ``2p + 1`` (the producer fetches each once), in
       ascending order, or descending with ``reverse``;
     * ``codes[., i, 1 + t]``: row ``i``'s code for the ``t``-th listed column
@@ -296,20 +299,19 @@ def pair_rows(code, align: int = 32, reverse: bool = False):
     * ``codes[., i, 0]``: how many listed columns from the first are ``INTERIOR``:
       a kernel runs those in a loop of their own, with no switch over the codes.
     """
-    n_pairs = -(-code.shape[1] // 2)
+    bs, n, m = code.shape
+    n_pairs = -(-n // 2)
     code = pad_axis(code, 1, 2 * n_pairs)  # zeros: HIDDEN
-    vis = (code != HIDDEN).any(axis=0)  # the plan's visibility: the same for every batch row
-    lists = block_lists(vis.reshape(n_pairs, 2, -1).any(axis=1), align)
-    count = lists[:, :1]
+    vis = (code != HIDDEN).reshape(bs * n_pairs, 2, m).any(axis=1)
+    lists = block_lists(vis, align).reshape(bs, n_pairs, -1)
+    count = lists[..., :1]
     if reverse:
-        t = jnp.arange(lists.shape[1] - 1)[None]
+        t = jnp.arange(lists.shape[2] - 1)
         lists = jnp.concatenate(
-            [count, jnp.take_along_axis(lists[:, 1:], jnp.where(t < count, count - 1 - t, t), axis=1)], axis=1)
-    listed = jnp.repeat(lists[:, 1:], 2, axis=0)  # [2 n_pairs, width - 1] column indices
-    listed = jnp.broadcast_to(listed[None], (code.shape[0],) + listed.shape)
+            [count, jnp.take_along_axis(lists[..., 1:], jnp.where(t < count, count - 1 - t, t), axis=2)], axis=2)
+    listed = jnp.repeat(lists[..., 1:], 2, axis=1)  # [bs, 2 n_pairs, width - 1] column indices
     codes = jnp.take_along_axis(code, listed, axis=2)
-    codes = jnp.where(jnp.arange(listed.shape[2])[None, None] < jnp.repeat(count, 2)[None, :, None],
-                      codes, HIDDEN)
+    codes = jnp.where(jnp.arange(listed.shape[2]) < jnp.repeat(count, 2, axis=1), codes, HIDDEN)
     lead = jnp.cumprod(codes == INTERIOR, axis=2).sum(axis=2, dtype=jnp.int32)
     return lists, jnp.concatenate([lead[..., None], codes], axis=2)
 
@@ -317,7 +319,7 @@ def pair_rows(code, align: int = 32, reverse: bool = False):
 def pair_schedule(plan: BlockPlan, tiling: Tiling, mask: Mask, q_seg, kv_seg, align: int = 32):
     """What a program of two query blocks streams (key blocks), and what each of its consumers does per block.
 
-    :func:`pair_rows` of :func:`tile_codes`: ``lists [n_pairs, width]`` of the key
+    :func:`pair_rows` of :func:`tile_codes`: ``lists [bs, n_pairs, width]`` of the key
     blocks visible to query block ``2p`` or ``2p + 1``, and ``codes [bs, 2 n_pairs,
     width]`` per query block (leading interior count, then a code per listed key block).
     Causal attention's interior blocks (below the diagonal) lead.
@@ -365,7 +367,7 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
     segmented = q_seg is not None
     dtype = q.dtype
     lists, codes = pair_schedule(plan, tiling, mask, q_seg, kv_seg)
-    n_pairs, width = lists.shape
+    n_pairs, width = lists.shape[1:]
     tq = 2 * n_pairs * bq  # an odd number of query blocks gets one all-padding block
     q = pad_axis(q, 1, tq)
     q_pos = pad_axis(plan.q_pos, 0, tq, mode="edge")
@@ -398,7 +400,7 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
         @pl.when(wg == 2)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
-            copies = [(lists_ref.at[pair, piece], list_smem.at[piece]) for piece in pieces]
+            copies = [(lists_ref.at[bs, pair, piece], list_smem.at[piece]) for piece in pieces]
             copies += [(codes_ref.at[bs, 2 * pair + w, piece], code_smem.at[w, piece])
                        for w in range(2) for piece in pieces]
             for n, (src, dst) in enumerate(copies):

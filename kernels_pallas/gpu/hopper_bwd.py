@@ -1,4 +1,4 @@
-"""The ``"mosaic_gpu"`` backward on Hopper: warp-specialised Mosaic GPU dQ and dK/dV kernels (FlashAttention-2 math, exp2).
+"""The ``"mosaic_gpu"`` backward on Hopper: warp-specialised Mosaic GPU dQ and dK/dV kernels (FA-2 math, exp2).
 
 Both kernels have the forward's shape (``kernels_pallas.gpu.hopper``): per program
 three warpgroups (``thread_name="wg"``). Warpgroup 2 is the producer: it
@@ -154,7 +154,7 @@ def _through_smem(interpret: bool, smem, *values):
 
 def _prologue(kernel: str, lists, tiling: Tiling, d: int, interpret: bool):
     """``(n_pairs, width, pieces, Layouts, TransposedViews)`` of a kernel, its SMEM checked."""
-    n_pairs, width = lists.shape
+    n_pairs, width = lists.shape[1:]
     _check_smem(kernel, tiling.block_q, tiling.block_kv, d, width)
     return n_pairs, width, _pieces(width), Layouts(interpret), TransposedViews(interpret)
 
@@ -171,7 +171,7 @@ def _check_smem(kernel: str, bq: int, bk: int, d: int, width: int):
 
 def _load_schedule(lists_ref, codes_ref, pair, bs, list_smem, code_smem, pieces, list_bar, start: bool):
     """The program's list row and its consumers' code rows into SMEM (the producer starts the copies, all wait)."""
-    copies = [(lists_ref.at[pair, piece], list_smem.at[piece]) for piece in pieces]
+    copies = [(lists_ref.at[bs, pair, piece], list_smem.at[piece]) for piece in pieces]
     copies += [(codes_ref.at[bs, 2 * pair + w, piece], code_smem.at[w, piece]) for w in range(2) for piece in pieces]
     if start:
         for n, (src, dst) in enumerate(copies):

@@ -26,7 +26,9 @@ As in JAX's Triton example kernel (``jax.experimental.pallas.ops.gpu.attention``
   program sees whole (``BlockPlan.kv_full_lo/hi``, ``q_full_lo/hi``): those skip
   the per-element mask, the blocks before and after it (window edge, causal
   diagonal, the partial last key block, zigzag holes) are masked exactly as
-  before. With segment ids every block is masked.
+  before. With segment ids the plan is per batch row (``tiles.by_segments``): blocks
+  of other documents are skipped like hidden ones, and the run seen whole holds
+  blocks of the program's one document only.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels_pallas import block_math
+from kernels_pallas import tiles
 from kernels_pallas.tiles import BlockPlan, KernelGrid
 from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
@@ -80,18 +83,16 @@ class _PlanRefs(NamedTuple):
     q_seg: object = None
     kv_seg: object = None
 
-    def sweep(self, own, vis_of, masked, unmasked, carry, *, holes: bool, split: bool):
+    def sweep(self, own, vis_of, masked, unmasked, carry, *, holes: bool):
         """``carry`` through every visible block of the other side for the program's block ``own``.
 
         ``masked(n, carry)`` / ``unmasked(n, carry)`` fold block ``n`` in with / without
-        the per-element mask. ``split``: the run the program sees whole goes through
-        ``unmasked`` (between a masked prefix and suffix); otherwise every block is
-        masked. ``holes``: masked blocks whose ``vis_of(n)`` is 0 are skipped.
+        the per-element mask: the run the program sees whole goes through ``unmasked``,
+        between a masked prefix and suffix. ``holes``: masked blocks whose ``vis_of(n)``
+        is 0 are skipped.
         """
         first, last = self.first[own], self.last[own]
         skip = vis_of if holes else None
-        if not split:
-            return _loop_blocks(first, last, masked, carry, skip)
         lo, hi = self.full_lo[own], self.full_hi[own]
         carry = _loop_blocks(first, lo - 1, masked, carry, skip)
         carry = _loop_blocks(lo, hi, unmasked, carry)
@@ -151,15 +152,21 @@ class _Grid(KernelGrid):
     def plan_inputs(self, plan: BlockPlan, q_seg, kv_seg):
         """``[(array, spec)]`` in :class:`_PlanRefs` order (segments only when given)."""
         (q_size, q_idx), (kv_size, kv_idx) = self._q_axis(), self._kv_axis()
-        nq, nk = self.tiling.num_q, self.tiling.num_kv
         own = ((plan.q_first, plan.q_last, plan.q_full_lo, plan.q_full_hi) if self.key_major
                else (plan.kv_first, plan.kv_last, plan.kv_full_lo, plan.kv_full_hi))
-        whole = lambda shape: pl.BlockSpec(shape, lambda *g: (0,) * len(shape))  # noqa: E731
+        per_row = plan.vis.ndim == 3  # tiles.by_segments: one plan per batch row
+
+        def whole(table):
+            """The table whole, or with a plan per batch row, the program's row of it."""
+            if per_row:
+                return pl.BlockSpec((None,) + table.shape[1:], lambda *g: (g[2],) + (0,) * (table.ndim - 1))
+            return pl.BlockSpec(table.shape, lambda *g: (0,) * table.ndim)
+
         inputs = [
             (plan.q_pos, pl.BlockSpec((q_size,), lambda *g: (q_idx(g),))),
             (plan.kv_pos, pl.BlockSpec((kv_size,), lambda *g: (kv_idx(g),))),
-            (plan.vis, whole((nq, nk))),
-            *[(table, whole(table.shape)) for table in own],
+            (plan.vis, whole(plan.vis)),
+            *[(table, whole(table)) for table in own],
         ]
         if q_seg is not None:
             inputs += [
@@ -198,6 +205,12 @@ def _query_columns(p: _PlanRefs):
     return p.q_pos[...][:, None], (None if p.q_seg is None else p.q_seg[...][:, None])
 
 
+def _row_plan(plan: BlockPlan, q_seg, kv_seg, tiling: Tiling) -> BlockPlan:
+    """With segment ids, a plan per batch row (:func:`kernels_pallas.tiles.by_segments`): a
+    packed row's blocks visit only their own documents' blocks, and skip the mask inside one."""
+    return plan if q_seg is None else tiles.by_segments(plan, q_seg, kv_seg, tiling)
+
+
 def _block_slice(block: int, n):
     """Rows of block ``n`` (``block`` long) of an array the program sees whole."""
     return pl.ds(pl.multiple_of(n * block, block), block)
@@ -228,8 +241,7 @@ def _key_sweep(tiling: Tiling, mask: Mask, p: _PlanRefs, fold, carry, *, segment
     def unmasked(j, carry):
         return fold(_block_slice(tiling.block_kv, j), None, carry)
 
-    return p.sweep(i, lambda j: p.vis[i, j], masked, unmasked, carry,
-                   holes=not mask.is_full, split=not segmented)
+    return p.sweep(i, lambda j: p.vis[i, j], masked, unmasked, carry, holes=not mask.is_full or segmented)
 
 
 def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Mask,
@@ -237,6 +249,7 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
     """``(out [b, Tq, h, d] out_dtype, lse [b, h, Tq] f32)`` on padded inputs."""
     b, tq, h, d = q.shape
     grid = _Grid.of(tiling, q, k, key_major=False)
+    plan = _row_plan(plan, q_seg, kv_seg, tiling)
 
     def kernel(q_ref, k_ref, v_ref, p: _PlanRefs, o_ref, lse_ref):
         q_tile = q_ref[...]
@@ -325,7 +338,7 @@ def _dkdv(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, *, tiling, mask, logit,
                 return fold(_block_slice(bq, i), None, carry)
 
             return p.sweep(j, lambda i: p.vis[i, j], masked, unmasked, carry,
-                           holes=not mask.is_full, split=q_seg is None)
+                           holes=not mask.is_full or q_seg is not None)
 
         zeros = jnp.zeros((bk, grid.head_dim), jnp.float32)
         dk_ref[...], dv_ref[...] = lax.fori_loop(0, grid.group, one_head, (zeros, zeros))
@@ -349,6 +362,7 @@ def backward(q, k, v, do, lse, delta, plan: BlockPlan, q_seg, kv_seg, *, tiling:
     are ``[b, h, Tq]``.
     """
     kw = dict(tiling=tiling, mask=mask, logit=logit, interpret=interpret, num_warps=num_warps)
+    plan = _row_plan(plan, q_seg, kv_seg, tiling)
     lse2 = lse * block_math.LOG2E  # the kernels' softmax is in base 2
     dq = _dq(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, **kw)
     dk, dv = _dkdv(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, **kw)

@@ -17,6 +17,8 @@ SMEM. Index maps clamp the streamed block index into ``[first, last]`` so the
 pipeline issues no DMA for blocks outside it (the block index does not change),
 and ``pl.when`` skips the compute of every block whose ``vis`` bit is 0. The
 grid itself is not shrunk, so skipped steps still cost a (tiny) loop iteration.
+With segment ids ``first``/``last`` are per batch row (``tiles.by_segments``): a
+packed row's blocks stream only their own documents' blocks.
 
 TPU correctness is tested on CPU through the TPU interpret mode only
 (``pltpu.InterpretParams``); no TPU run backs this module.
@@ -30,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import block_math
+from kernels_pallas import block_math, tiles
 from kernels_pallas.tiles import BlockPlan, KernelGrid
 from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
@@ -57,6 +59,12 @@ def _bhtd(x):
 
 def _btdh(x):
     return rearrange(x, "b h t d -> b t h d")
+
+
+def _row(table, bi):
+    """The row of a ``[rows, n]`` first/last table for batch row ``bi``: one row serves all
+    batch rows without segment ids, one per batch row with them (``tiles.by_segments``)."""
+    return bi if table.shape[0] > 1 else 0
 
 
 def _key_valid(tiling: Tiling, j):
@@ -89,20 +97,21 @@ class _Grid(KernelGrid):
         other = t % self.tiling.num_q if self.key_major else t
         vis = vis_ref[other, own] if self.key_major else vis_ref[own, other]
         pl.when(t == 0)(init)
-        run = (other >= first_ref[own]) & (other <= last_ref[own]) & (vis != 0)
+        row = _row(first_ref, pl.program_id(0))
+        run = (other >= first_ref[row, own]) & (other <= last_ref[row, own]) & (vis != 0)
         pl.when(run)(lambda: step(own if self.key_major else t))
         steps = self.group * self.tiling.num_q if self.key_major else self.tiling.num_kv
         pl.when(t == steps - 1)(finish)
 
     def q_index(self, bi, hi, a, c, vis=None, first=None, last=None):
         if self.key_major:
-            return _clamp(c % self.tiling.num_q, first[a], last[a])
+            return _clamp(c % self.tiling.num_q, first[_row(first, bi), a], last[_row(first, bi), a])
         return a
 
     def kv_index(self, bi, hi, a, c, vis=None, first=None, last=None):
         if self.key_major:
             return a
-        return _clamp(c, first[a], last[a])
+        return _clamp(c, first[_row(first, bi), a], last[_row(first, bi), a])
 
     def _q_head(self, g):
         return g[1] * self.group + g[3] // self.tiling.num_q if self.key_major else g[1]
@@ -155,6 +164,7 @@ def _call(kernel, grid: _Grid, shape, plan: BlockPlan, tensors, tokens, outputs,
         kernel(vis, first, last, *refs[:n_in], refs[n_in:n_in + n_tok], *refs[n_in + n_tok:])
 
     first, last = (plan.q_first, plan.q_last) if grid.key_major else (plan.kv_first, plan.kv_last)
+    first, last = first.reshape(-1, first.shape[-1]), last.reshape(-1, last.shape[-1])
     inputs = tensors + tokens
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
@@ -172,6 +182,15 @@ def _call(kernel, grid: _Grid, shape, plan: BlockPlan, tensors, tokens, outputs,
     )(plan.vis, first, last, *[array for array, _ in inputs])
 
 
+def _row_plan(plan: BlockPlan, q_seg, kv_seg, tiling: Tiling) -> BlockPlan:
+    """With segment ids, ``first``/``last`` per batch row (``tiles.by_segments``): a packed row's
+    blocks stream only their own documents' blocks. ``vis`` stays the positions' ``[nq, nk]``:
+    one per batch row would multiply the SMEM it is prefetched into by the batch."""
+    if q_seg is None:
+        return plan
+    return tiles.by_segments(plan, q_seg, kv_seg, tiling)._replace(vis=plan.vis)
+
+
 def _tile_visible(mask, tiling, j, tok_refs):
     """Visibility ``[bq, bk]`` of the current tile from the position/segment refs."""
     qpos_ref, kvpos_ref, *seg_refs = tok_refs
@@ -185,6 +204,7 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
     q, k, v = _bhtd(q), _bhtd(k), _bhtd(v)
     b, h, tq, d = q.shape
     grid = _Grid.of(tiling, q, k, key_major=False)
+    plan = _row_plan(plan, q_seg, kv_seg, tiling)
 
     def kernel(vis_ref, first_ref, last_ref, q_ref, k_ref, v_ref, tok_refs, o_ref, lse_ref,
                m_ref, l_ref, acc_ref):
@@ -297,8 +317,8 @@ def backward(q, k, v, do, lse, delta, plan: BlockPlan, q_seg, kv_seg, *, tiling:
 
     ``lse`` (0 on empty rows) and ``delta = rowsum(do * out) - dlse`` are ``[b, h, Tq]``.
     """
-    args = (_bhtd(q), _bhtd(k), _bhtd(v), _bhtd(do), lse[..., None], delta[..., None], plan,
-            q_seg, kv_seg)
+    args = (_bhtd(q), _bhtd(k), _bhtd(v), _bhtd(do), lse[..., None], delta[..., None],
+            _row_plan(plan, q_seg, kv_seg, tiling), q_seg, kv_seg)
     kw = dict(tiling=tiling, mask=mask, logit=logit, interpret=interpret)
     dq = _dq(*args, **kw)
     dk, dv = _dkdv(*args, **kw)

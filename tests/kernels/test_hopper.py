@@ -43,6 +43,8 @@ SLOW_CASES = {
     "full_cross_scale": ((2, 70, 200, 2, 2, 64), dict(scale=0.2)),
     "window_only_gqa": ((1, 192, 192, 4, 2, 64), dict(window=40)),
     "segments_d128": ((1, 100, 100, 2, 1, 128), dict(segments=True)),
+    # Block lists and codes per batch row: other documents' blocks are never fetched.
+    "causal_packed_rows": ((2, 256, 256, 2, 1, 64), dict(causal=True, segments="per_row")),
 }
 
 
@@ -163,12 +165,12 @@ def test_pair_schedule_codes_match_the_element_mask(segmented, kernel):
         dense = np.swapaxes(dense, 1, 2)
         owned, own_block, streamed = tiling.num_kv, bk, bq
     lists, codes = np.asarray(lists), np.asarray(codes)
-    assert codes.shape[1] == 2 * lists.shape[0] >= owned
+    assert codes.shape[1] == 2 * lists.shape[1] >= owned and lists.shape[0] == codes.shape[0]
     seen_kinds, leads = set(), []
     for bi in range(codes.shape[0]):
         for i in range(owned):  # an odd count's last program pairs with an all-hidden block
-            count = lists[i // 2, 0]
-            listed = lists[i // 2, 1:1 + count]
+            count = lists[bi, i // 2, 0]
+            listed = lists[bi, i // 2, 1:1 + count]
             order = listed if kernel == "forward_and_dq" else listed[::-1]
             assert (np.diff(order) > 0).all()
             assert (codes[bi, i, 1 + count:] == hopper.HIDDEN).all()
@@ -186,12 +188,16 @@ def test_pair_schedule_codes_match_the_element_mask(segmented, kernel):
                     assert tile.all()
                 elif code == hopper.HIDDEN:
                     assert not tile.any()
-            # every block a row sees is listed for its program
+            # every block the owned block sees is listed for its program
             hidden = np.setdiff1d(np.arange(dense.shape[2] // streamed), listed)
             for j in hidden:
-                assert not dense[:, i * own_block:(i + 1) * own_block, j * streamed:(j + 1) * streamed].any()
+                tile = dense[min(bi, dense.shape[0] - 1), i * own_block:(i + 1) * own_block,
+                             j * streamed:(j + 1) * streamed]
+                assert not tile.any()
     assert seen_kinds == {hopper.HIDDEN, hopper.EDGE, hopper.INTERIOR}
     assert max(leads) > 0  # some owned block starts with interior blocks
+    if segmented:  # the row of two documents never fetches blocks of the other document
+        assert lists[0, :, 0].sum() < lists[1, :, 0].sum()
 
 
 def _lowered_backward(shape, blocks=(64, 64), segmented=False, softcap=None):

@@ -15,7 +15,7 @@ from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask, default_positions
 from lca.attention.tiling import Tiling
 from tests.kernels.flash_case import run_flash_case as _run
-from tests.oracle import KERNEL_BF16, KERNEL_BF16_GRAD
+from tests.oracle import KERNEL_BF16, KERNEL_BF16_GRAD, three_documents
 
 # (b, q_len, kv_len, h, h_kv, d), options, blocks
 CASES = {
@@ -23,6 +23,9 @@ CASES = {
     "causal_gqa_odd_empty_rows": ((2, 53, 37, 4, 2, 16), dict(causal=True), (16, 16)),
     "mqa_segments": ((1, 45, 45, 4, 1, 16), dict(segments=True), (16, 32)),
     "window_softcap_causal": ((1, 40, 40, 2, 2, 8), dict(causal=True, window=9, softcap=3.0), (16, 16)),
+    # Four packed documents over 8 blocks, other ones per row: query blocks skip other documents'
+    # key blocks, and blocks of one document go unmasked (tiles.by_segments, per batch row).
+    "causal_packed_rows": ((2, 128, 128, 2, 1, 8), dict(causal=True, segments="per_row"), (16, 16)),
 }
 SLOW_CASES = {
     "full_gqa_scale": ((2, 33, 70, 6, 2, 32), dict(scale=0.3), (32, 16)),
@@ -129,6 +132,40 @@ def test_only_the_first_run_of_blocks_seen_whole_is_unmasked():
     plan = _plan(q_pos, kv_pos, tiling, Mask(causal=True))
     assert np.asarray(plan.vis).tolist() == [[1, 0, 1]]
     assert (int(plan.kv_full_lo[0]), int(plan.kv_full_hi[0])) == (0, 0)  # block 2 goes masked
+
+
+def test_segment_plan_visits_only_the_row_documents_blocks():
+    """Per batch row, by brute force: every block pair that shares a visible (query, key) pair is
+    visited, blocks of other documents are not, and the unmasked runs hold only blocks seen whole."""
+    n, blk = 128, 16
+    tiling = Tiling(n, n, blk, blk)
+    mask = Mask(causal=True)
+    plan = _plan(*default_positions(n, n), tiling, mask)
+    # Row 0: three packed documents; row 1: ids 0, 1, 0 (a document coming back: ranges only
+    # narrow conservatively); row 2: one document (nothing to narrow).
+    back = jnp.where((jnp.arange(n) >= 40) & (jnp.arange(n) < 90), 1, 0)
+    segs = jnp.stack([three_documents(1, n)[0], back, jnp.zeros(n, jnp.int32)]).astype(jnp.int32)
+    rows = tiles.BlockPlan(*map(np.asarray, tiles.by_segments(plan, segs, segs, tiling)))
+    q_pos, kv_pos = map(np.asarray, default_positions(n, n))
+    seg = np.asarray(segs)
+    dense = (q_pos[:, None] >= kv_pos[None, :])[None] & (seg[:, :, None] == seg[:, None, :])
+    tiles_ = dense.reshape(3, tiling.num_q, blk, tiling.num_kv, blk)
+    shares, whole = tiles_.any(axis=(2, 4)), tiles_.all(axis=(2, 4))
+    for b in range(3):
+        for own, n_own, first, last, lo, hi, vis in (
+            ("query", tiling.num_q, rows.kv_first, rows.kv_last, rows.kv_full_lo, rows.kv_full_hi, rows.vis[b]),
+            ("key", tiling.num_kv, rows.q_first, rows.q_last, rows.q_full_lo, rows.q_full_hi, rows.vis[b].T),
+        ):
+            for i in range(n_own):
+                seen = np.flatnonzero(shares[b, i] if own == "query" else shares[b, :, i])
+                assert ((seen >= first[b, i]) & (seen <= last[b, i])).all(), (b, own, i)
+                assert vis[i, seen].all(), (b, own, i)
+                run = np.arange(lo[b, i], hi[b, i] + 1)
+                assert (whole[b, i, run] if own == "query" else whole[b, run, i]).all(), (b, own, i)
+    positional = np.asarray(plan.vis).sum()
+    assert rows.vis[0].sum() < positional and rows.vis[2].sum() == positional
+    assert (rows.kv_full_hi[0] >= rows.kv_full_lo[0]).any()  # some blocks of one document go unmasked
+    assert rows.vis[1].sum() <= positional
 
 
 # --- base-2 softmax -------------------------------------------------------------------------

@@ -14,6 +14,8 @@ CASES = {
 SLOW_CASES = {
     "window_softcap_mqa": ((1, 200, 200, 4, 1, 16), dict(causal=True, window=60, softcap=5.0)),
     "full_cross": ((2, 130, 260, 2, 2, 32), dict()),
+    # Four 128-blocks, other documents in each row: first/last per batch row (tiles.by_segments).
+    "causal_packed_rows": ((2, 512, 512, 2, 1, 16), dict(causal=True, segments="per_row")),
 }
 
 
