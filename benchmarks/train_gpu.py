@@ -5,7 +5,8 @@ byte vocabulary (~104M parameters), bf16 compute, one 32,768-token sequence per 
 on one device, no checkpoints or evaluation. Each impl trains ``--steps`` steps through
 ``lca.train.train`` (the launcher's code path); the step time is the median of the
 logged steps after the first, and MFU is the training log's own (analytic model FLOPs,
-``lca.train.flops``, over the device's peak). An impl that fails (e.g. out of memory,
+``lca.train.flops``, attention counted per document of each packed batch, over the
+device's peak). An impl that fails (e.g. out of memory,
 or not in this checkout's catalogue) is recorded with its error.
 
 Writes ``benchmarks/results/train_gpu_<device>.md`` (``--results`` another folder).
@@ -95,7 +96,8 @@ def _markdown(rows, device: str, smoke: bool) -> str:
     size = "a tiny smoke model (256 tokens)" if smoke else "the 104M decoder at 32,768 tokens"
     return (f"# Training step of {size}, one device: {device}\n\n"
             f"Machine: {describe()}. Median of the logged steps after the first; MFU from analytic model "
-            "FLOPs (lca.train.flops) over the device's dense bf16 peak (lca.train.metrics.PEAK_FLOPS).\n\n"
+            "FLOPs (lca.train.flops; attention per document of each packed batch) over the device's dense bf16 "
+            "peak (lca.train.metrics.PEAK_FLOPS).\n\n"
             + _step_table(rows))
 
 

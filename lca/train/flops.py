@@ -14,7 +14,11 @@ step is computed (remat recomputation and a flash backward's extra matmul are no
   FLOPs per attended (query, key) pair forward, three times that for training.
   Causal attention over ``T`` tokens attends ``T^2 / 2`` pairs; a sliding window
   of ``W`` attends ``T W - W^2 / 2`` with ``W = min(W, T)`` (which is ``T^2/2`` at
-  ``W = T``). Packed segments are not subtracted: the count is the dense one.
+  ``W = T``). In packed rows a token attends its own document only (and lca's
+  kernels compute nothing across documents), so a batch with ``segment_ids``
+  counts each document piece (a run of one nonzero id) as a sequence of its own
+  length (:meth:`StepFlops.of`); padding (id 0) counts nothing. Without segment
+  ids, every row is one sequence of ``T`` tokens (:meth:`StepFlops.dense`).
 
 Mixer kinds that are not GQA attention (``global``/``local``) contribute their
 dense kernels through the parameter count and nothing for attention.
@@ -22,7 +26,10 @@ dense kernels through the parameter count and nothing for attention.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import numpy as np
 
 from lca.config import Config, ModelConfig
 from lca.models.gqa import GlobalAttentionConfig, LocalAttentionConfig
@@ -45,20 +52,72 @@ def attended_pairs(seq_len: int, window: int | None) -> float:
     return seq_len * w - w * w / 2
 
 
-def attention_flops(model: ModelConfig, seq_len: int, sequences: int) -> float:
-    """Training FLOPs (forward + backward) of the attention products of every layer."""
+def document_pairs(segment_ids, window: int | None) -> float:
+    """Causal pairs within the documents of packed rows ``segment_ids [rows, T]`` (host ints).
+
+    A document piece is a run of one nonzero id; padding (id 0) attends nothing.
+    """
+    ids = np.asarray(segment_ids)
+    starts = np.ones(ids.shape, bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    run_id = np.cumsum(starts.ravel()) - 1  # rows never share a run: a row starts a run
+    lengths = np.bincount(run_id, weights=(ids.ravel() != 0))  # padding runs count 0 tokens
+    lengths = lengths[lengths > 0]
+    w = lengths if window is None else np.minimum(window, lengths)
+    return float(np.sum(lengths * w - w * w / 2))
+
+
+def attention_flops(model: ModelConfig, pairs_of) -> float:
+    """Training FLOPs (forward + backward) of the attention products of every layer.
+
+    ``pairs_of(window)``: the attended (query, key) pairs of a layer with that
+    window (None: causal over whole documents), summed over the step's rows.
+    """
     head_dim = model.head_dim or model.d_model // model.num_heads
     per_pair = 3 * 2 * 2 * model.num_heads * head_dim
     total = 0.0
     for kind in layer_mixers(model):
         section = model.mixers[kind]
         if isinstance(section, (GlobalAttentionConfig, LocalAttentionConfig)):
-            total += per_pair * attended_pairs(seq_len, section.window) * sequences
+            total += per_pair * pairs_of(section.window)
     return total
 
 
-def train_step_flops(cfg: Config, params) -> float:
-    """Model FLOPs of one optimizer step of ``cfg`` (all devices together); ``params`` may be abstract."""
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+    """Model FLOPs of one optimizer step (all devices together): fixed matmuls, attention per batch."""
+
+    matmuls: float
+    model: ModelConfig
+    seq_len: int
+    global_batch: int
+
+    @property
+    def dense(self) -> float:
+        """Every row one sequence of ``seq_len`` tokens."""
+        return self.matmuls + attention_flops(
+            self.model, lambda w: attended_pairs(self.seq_len, w) * self.global_batch)
+
+    def of(self, segment_ids=None) -> float:
+        """This step's count from its rows' ``segment_ids [rows, seq_len]``; :attr:`dense` without them.
+
+        ``rows`` may be one process's share of the global batch: its count is scaled to
+        ``global_batch`` rows (exact with one process, an estimate with several).
+        """
+        if segment_ids is None:
+            return self.dense
+        ids = np.asarray(segment_ids)
+        scale = self.global_batch / ids.shape[0]
+        return self.matmuls + attention_flops(self.model, lambda w: document_pairs(ids, w) * scale)
+
+
+def step_flops(cfg: Config, params) -> StepFlops:
+    """The :class:`StepFlops` of ``cfg``; ``params`` may be abstract."""
     sequences, seq_len = cfg.train.global_batch, cfg.train.seq_len
-    dense = 6 * matmul_params(params, tied=cfg.model.tie_embeddings) * sequences * seq_len
-    return dense + attention_flops(cfg.model, seq_len, sequences)
+    matmuls = 6 * matmul_params(params, tied=cfg.model.tie_embeddings) * sequences * seq_len
+    return StepFlops(float(matmuls), cfg.model, seq_len, sequences)
+
+
+def train_step_flops(cfg: Config, params) -> float:
+    """Model FLOPs of one optimizer step of ``cfg`` with every row one sequence (:attr:`StepFlops.dense`)."""
+    return step_flops(cfg, params).dense

@@ -32,6 +32,7 @@ from lca.models.build import num_params
 from lca.train.checkpoint import (Checkpointer, checkpoint_steps, init_from_checkpoint, restore_params,
                                   set_aside_names)
 from lca.train.evaluate import check_eval, evaluate
+from lca.train.flops import StepFlops
 from lca.train.metrics import MetricsWriter, ProgressBar, format_line, plot_loss_curve, throughput
 from lca.train.profile import StepProfiler
 from lca.train.run_dir import check_resume, check_writable
@@ -83,21 +84,29 @@ def to_global_batch(local: dict, setup: Setup) -> dict:
 class _Interval:
     """Timing and throughput over the steps since the last log line."""
 
-    def __init__(self, setup: Setup, flops_per_step: float | None):
+    def __init__(self, setup: Setup, flops: StepFlops | None):
         self.tokens_per_step = setup.cfg.train.global_batch * setup.cfg.train.seq_len
-        self.flops_per_step = flops_per_step
+        self.step_flops = flops
         self.num_devices = setup.mesh.size
         self.device_kind = jax.devices()[0].device_kind
         self.reset()
 
     def reset(self):
-        self.t0, self.steps = time.perf_counter(), 0
+        self.t0, self.steps, self.flops = time.perf_counter(), 0, 0.0
+
+    def add(self, host_batch) -> None:
+        """One step more, its model FLOPs counted from this process's rows (their documents)."""
+        self.steps += 1
+        if self.step_flops is not None:
+            segments = host_batch.get("segment_ids") if isinstance(host_batch, dict) else None
+            self.flops += self.step_flops.of(segments)
 
     def stats(self) -> dict:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        step_time = elapsed / max(self.steps, 1)
+        steps = max(self.steps, 1)
+        step_time = elapsed / steps
         out = {"step_time_s": step_time, "tokens_per_s": self.tokens_per_step / step_time}
-        return out | throughput(self.flops_per_step, step_time, self.num_devices, self.device_kind)
+        return out | throughput(self.flops / steps, step_time, self.num_devices, self.device_kind)
 
 
 def train(cfg: Config, *, data_iterator=None) -> dict:
@@ -214,12 +223,13 @@ def _steps(setup: Setup, compiled, flops, state, start: int, data, ckpt, writer,
     profiler = StepProfiler(Path(cfg.run_dir) / "profile", cfg.train.profile_at, cfg.train.profile_steps)
     try:
         for step in range(start, total):
-            batch = to_global_batch(next(data), setup)
+            host_batch = next(data)
+            batch = to_global_batch(host_batch, setup)
             profiler.before(step + 1)
             state, metrics = compiled(state, batch)
             profiler.after(step + 1, state)
             pending.append((step + 1, metrics))
-            interval.steps += 1
+            interval.add(host_batch)
             done = step + 1
             if done == pause_at:
                 _pause_for_signal(done, stops)

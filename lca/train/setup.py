@@ -26,7 +26,7 @@ from lca.config import Config, ConfigError
 from lca.models.build import attention_name, make_model, sequence_multiple, split_params
 from lca.parallel import make_mesh
 from lca.parallel.sharding import logical_to_spec, tree_shardings
-from lca.train.flops import train_step_flops
+from lca.train.flops import step_flops
 from lca.train.optimizer import learning_rate, make_optimizer
 from lca.train.step import BATCH_KEYS, make_train_step
 
@@ -192,8 +192,9 @@ def compile_step(setup: Setup):
     compiled = jitted.lower(setup.abstract_state, abstract_batch(setup)).compile()
     log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
     _log_memory(compiled)
-    flops = train_step_flops(setup.cfg, setup.abstract_state["params"])
-    log.info("model FLOPs per step: %.4g (lca.train.flops: 6 x matmul parameters x tokens + attention)", flops)
+    flops = step_flops(setup.cfg, setup.abstract_state["params"])
+    log.info("model FLOPs per step: %.4g with every row one document (lca.train.flops: 6 x matmul parameters x "
+             "tokens + attention; logged throughput counts each batch's documents)", flops.dense)
     return compiled, flops
 
 

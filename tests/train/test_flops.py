@@ -2,10 +2,11 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from lca.config import load_config
-from lca.train.flops import attended_pairs, train_step_flops
+from lca.train.flops import attended_pairs, document_pairs, step_flops, train_step_flops
 from lca.train.metrics import peak_flops, throughput
 
 
@@ -46,6 +47,29 @@ def test_window_count_is_close_to_the_mask():
     assert abs(int(mask.sum()) - attended_pairs(t, w)) <= t / 2 + 1
 
 
+def test_document_pairs_count_each_document_piece_and_no_padding():
+    # Row 0: documents of 3 and 5 tokens; row 1: 6 tokens, then padding (id 0) of 2.
+    ids = np.array([[1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0, 0]])
+    assert document_pairs(ids, None) == 3 * 3 / 2 + 5 * 5 / 2 + 6 * 6 / 2
+    assert document_pairs(ids, 2) == attended_pairs(3, 2) + attended_pairs(5, 2) + attended_pairs(6, 2)
+    # One document per row is the dense count; the same id in two rows is two documents.
+    assert document_pairs(np.ones((2, 8), int), None) == 2 * attended_pairs(8, None)
+
+
+def test_step_flops_count_the_batch_documents(tmp_path):
+    """Packed rows count attention per document, scaled from this process's rows to the global batch."""
+    cfg = load_config("tiny", [f"run_dir={tmp_path}", "train.seq_len=64", "train.global_batch=4"])
+    flops = step_flops(cfg, _abstract_params(cfg))
+    assert flops.of(None) == flops.dense == train_step_flops(cfg, _abstract_params(cfg))
+    assert flops.of(np.ones((4, 64), int)) == flops.dense
+    assert flops.of(np.ones((2, 64), int)) == flops.dense  # two of four rows, scaled
+    heads, hd = 4, 8
+    halves = np.repeat([[1, 2]], 32, axis=1).repeat(4, axis=0)  # two documents of 32 per row
+    pairs = 4 * 2 * (attended_pairs(32, 16) + attended_pairs(32, None))  # local(16) and global layers
+    assert flops.of(halves) == flops.matmuls + 3 * 4 * heads * hd * pairs
+    assert flops.of(halves) < flops.dense
+
+
 @pytest.mark.parametrize("kind, peak", [
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
     ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("cpu", None),
@@ -59,3 +83,46 @@ def test_mfu_divides_by_devices_and_peak():
     assert out == pytest.approx({"tflops_per_device": 494.5, "mfu": 0.5})
     assert "mfu" not in throughput(1e12, 1.0, 1, jax.devices()[0].device_kind)
     assert throughput(None, 1.0, 1, "NVIDIA H200") == {}
+
+
+class _TwoDocumentsPerRow:
+    """The config's data with every row's ids replaced by two documents, of half a row each."""
+
+    def __init__(self, cfg):
+        from lca.train.loop import make_data_iterator
+
+        self.inner = make_data_iterator(cfg)
+
+    def __next__(self):
+        batch = dict(next(self.inner))
+        ids = np.ones_like(batch["segment_ids"])
+        ids[:, ids.shape[1] // 2:] = 2
+        batch["segment_ids"] = ids
+        return batch
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
+def test_logged_throughput_counts_each_batch_documents(tmp_path):
+    """metrics.jsonl's TFLOP/s are the model FLOPs of the rows trained, documents and all."""
+    from lca.train import train
+    from lca.train.metrics import read_metrics
+    from lca.train.setup import build_mesh, make_setup
+
+    cfg = load_config("tiny", [f"run_dir={tmp_path}", "train.steps=2", "train.log_every=1",
+                               "checkpoint.enabled=false", "eval.at_end=false"])
+    train(cfg, data_iterator=_TwoDocumentsPerRow(cfg))
+    setup = make_setup(cfg, build_mesh(cfg))
+    flops = step_flops(cfg, setup.abstract_state["params"])
+    halves = np.ones((cfg.train.global_batch, cfg.train.seq_len), int)
+    halves[:, cfg.train.seq_len // 2:] = 2
+    records = list(read_metrics(tmp_path).values())
+    assert len(records) == 2
+    for r in records:
+        logged = r["tflops_per_device"] * 1e12 * r["step_time_s"] * setup.mesh.size
+        assert logged == pytest.approx(flops.of(halves), rel=1e-6)
+    assert flops.of(halves) < flops.dense
