@@ -5,9 +5,9 @@ three warpgroups (``thread_name="wg"``). Warpgroup 2 is the producer: it
 TMA-copies the blocks its consumers need into ``STAGES`` SMEM slots, refilling a
 slot once both consumers have freed it. Warpgroups 0 and 1 are the consumers:
 each owns one block of its own, runs the ``wgmma`` and the elementwise math, and
-takes the registers the producer gives up (``set_max_registers``). Two consumers
-share every streamed block (half the HBM reads per owned row of one consumer per
-program) and keep two warpgroups of math on the SM.
+takes the registers the producer gives up (``set_max_registers``). The two
+consumers share every streamed block, so each is read from HBM once per two owned
+blocks, and two warpgroups of math are on the SM.
 
 * **dQ** (grid ``(n_pairs, h, b)``): consumer ``w`` owns query block ``2p + w``
   (Q, dO, lse, delta stay in SMEM); the producer streams the key blocks visible
