@@ -39,7 +39,7 @@ from typing import ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lca.attention.mask import Mask
+from lca.attention.mask import Mask, segment_ranges_meet, segment_ranges_one
 from lca.attention.tiling import Tiling, pad_axis
 
 
@@ -132,22 +132,32 @@ def plan(q_pos, kv_pos, tiling: Tiling, mask: Mask) -> BlockPlan:
                      q_first, q_last, *_first_run(full, kv_last, axis=1), *_first_run(full, q_last, axis=0))
 
 
+def segment_blocks(q_seg, kv_seg, tiling: Tiling):
+    """``(meet, one_doc)``, bool ``[b, nq, nk]`` per batch row, from the (padded) segment ids.
+
+    ``meet``: the blocks' id ranges overlap (else they share no id);
+    ``one_doc``: both blocks hold one and the same id (see :mod:`lca.attention.mask`).
+    """
+    b = q_seg.shape[0]
+    qs = q_seg.reshape(b, tiling.num_q, tiling.block_q)
+    ks = kv_seg.reshape(b, tiling.num_kv, tiling.block_kv)
+    ranges = (qs.min(2)[:, :, None], qs.max(2)[:, :, None], ks.min(2)[:, None], ks.max(2)[:, None])
+    return segment_ranges_meet(*ranges), segment_ranges_one(*ranges)
+
+
 def by_segments(plan_: BlockPlan, q_seg, kv_seg, tiling: Tiling) -> BlockPlan:
     """``plan_`` per batch row, narrowed by the (padded) segment ids ``[b, q_padded]``, ``[b, kv_padded]``.
 
     A block pair whose segment-id ranges do not meet in a row shares no id there
-    (conservative, as ``lca.attention.mask.segment_block_visible``): it leaves
+    (:func:`segment_blocks`; conservative): it leaves
     ``vis`` (now ``[b, nq, nk]``), and ``first``/``last`` (now ``[b, n]``) close in on
     the rest, in packed rows (ids growing along the row) the block's own documents.
     The run seen whole (``*_full_lo/hi``, ``[b, n]``) keeps, of the positions' run,
     the blocks holding one document on both sides, the same one. Positions stay as they are.
     """
-    b, nq, nk = q_seg.shape[0], tiling.num_q, tiling.num_kv
-    qs = q_seg.reshape(b, nq, tiling.block_q)
-    ks = kv_seg.reshape(b, nk, tiling.block_kv)
-    q_lo, q_hi, k_lo, k_hi = qs.min(2)[:, :, None], qs.max(2)[:, :, None], ks.min(2)[:, None], ks.max(2)[:, None]
-    vis = (plan_.vis != 0)[None] & (q_lo <= k_hi) & (k_lo <= q_hi)
-    one_doc = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+    nq, nk = tiling.num_q, tiling.num_kv
+    meet, one_doc = segment_blocks(q_seg, kv_seg, tiling)
+    vis = (plan_.vis != 0)[None] & meet
     i, j = jnp.arange(nq)[:, None], jnp.arange(nk)[None]
     kv_run = (j >= plan_.kv_full_lo[:, None]) & (j <= plan_.kv_full_hi[:, None])
     q_run = (i >= plan_.q_full_lo[None]) & (i <= plan_.q_full_hi[None])

@@ -106,14 +106,15 @@ from kernels_pallas import block_math
 from kernels_pallas.blocks import MOSAIC_GPU_STAGES as STAGES
 from kernels_pallas.blocks import GPU_LIMITS
 from kernels_pallas.blocks import TMA_MAX_ELEMS
-from kernels_pallas.tiles import BlockPlan, block_lists
+from kernels_pallas.tiles import BlockPlan, block_lists, segment_blocks
 from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
 from lca.attention.tiling import Tiling, pad_axis
 from lca.parallel.vma import varying_struct
 
-__all__ = ["STAGES", "Layouts", "TransposedViews", "accumulate", "forward", "kernel_options", "log2_logits", "matmul",
-           "pair_rows", "pair_schedule", "tile_codes", "tile_mask", "tile_transforms"]
+__all__ = ["STAGES", "Layouts", "TransposedViews", "accumulate", "copy_in", "forward", "kernel_options",
+           "load_schedule", "log2_logits", "matmul", "pair_rows", "pair_schedule", "schedule_pieces", "tile_codes",
+           "tile_mask", "tile_transforms"]
 
 _SWIZZLE = 128  # bytes
 
@@ -193,6 +194,35 @@ class TransposedViews:
     def t(self, plain, t_smem, n: int, slot):
         """``plain [block, d]`` transposed, ``[d, block]``: a view on hardware, else tile ``n`` of ``slot``."""
         return t_smem.at[n, slot] if self.interpret else plgpu.transpose_ref(plain, (1, 0))
+
+
+def schedule_pieces(width: int):
+    """A TMA copy moves at most ``TMA_MAX_ELEMS`` per dimension: schedule rows go in pieces
+    (128-byte aligned: 256 int32s is a multiple of 32)."""
+    return [pl.ds(start, min(TMA_MAX_ELEMS, width - start)) for start in range(0, width, TMA_MAX_ELEMS)]
+
+
+def copy_in(copies, barrier, first=0):
+    """TMA-copy ``[(gmem, smem)]`` in flight together (copy ``n`` on ``barrier.at[first + n]``), wait for all."""
+    for n, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, barrier.at[first + n])
+    for n in range(len(copies)):
+        plgpu.barrier_wait(barrier.at[first + n])
+
+
+def load_schedule(lists_ref, codes_ref, pair, bs, list_smem, code_smem, pieces, list_bar, start: bool):
+    """A program's list row and its consumers' code rows (:func:`pair_rows`) into SMEM: the count.
+
+    The producer (``start``) issues the copies; every warpgroup waits for all of them.
+    """
+    copies = [(lists_ref.at[bs, pair, piece], list_smem.at[piece]) for piece in pieces]
+    copies += [(codes_ref.at[bs, 2 * pair + w, piece], code_smem.at[w, piece]) for w in range(2) for piece in pieces]
+    if start:
+        for n, (src, dst) in enumerate(copies):
+            plgpu.copy_gmem_to_smem(src, dst, list_bar.at[n])
+    for n in range(len(copies)):
+        plgpu.barrier_wait(list_bar.at[n])
+    return list_smem[0]
 
 
 def matmul(a_smem, b_smem, shape, while_running=None):
@@ -277,11 +307,8 @@ def tile_codes(plan: BlockPlan, tiling: Tiling, mask: Mask, q_seg, kv_seg):
     full = jnp.broadcast_to(full, (1, nq, nk))
     vis = (plan.vis != 0)[None]
     if q_seg is not None:
-        qs, ks = q_seg.reshape(q_seg.shape[0], nq, bq), kv_seg.reshape(kv_seg.shape[0], nk, bk)
-        q_lo, q_hi = qs.min(2)[:, :, None], qs.max(2)[:, :, None]
-        k_lo, k_hi = ks.min(2)[:, None], ks.max(2)[:, None]
-        vis = vis & (q_lo <= k_hi) & (k_lo <= q_hi)  # id ranges that do not meet share no id
-        full = full & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+        meet, one_doc = segment_blocks(q_seg, kv_seg, tiling)
+        vis, full = vis & meet, full & one_doc
     return jnp.where(vis, jnp.where(full, INTERIOR, EDGE), HIDDEN).astype(jnp.int32)
 
 
@@ -375,9 +402,7 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
         q_seg = pad_axis(q_seg, 1, tq, mode="edge")
     lay = Layouts(interpret)
     row_layout = plgpu.Layout.WGMMA.reduce(1)  # one value per query row
-    # A TMA copy moves at most TMA_MAX_ELEMS per dimension: list rows go in pieces
-    # (128-byte aligned: 256 int32s is a multiple of 32).
-    pieces = [pl.ds(start, min(TMA_MAX_ELEMS, width - start)) for start in range(0, width, TMA_MAX_ELEMS)]
+    pieces = schedule_pieces(width)
     kv_copies = 4 if segmented else 3  # K, V, key positions, key segments (K^T in interpret mode: copy 4)
     views = TransposedViews(interpret)
     q_copies = 3 if segmented else 2  # Q, query positions, query segments
@@ -396,18 +421,12 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
         pair, hi, bi = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
         hk = lax.div(hi, jnp.int32(group))
         bs = bi if segmented else 0
+        schedule = (lists_ref, codes_ref, pair, bs, list_smem, code_smem, pieces, list_bar)
 
         @pl.when(wg == 2)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
-            copies = [(lists_ref.at[bs, pair, piece], list_smem.at[piece]) for piece in pieces]
-            copies += [(codes_ref.at[bs, 2 * pair + w, piece], code_smem.at[w, piece])
-                       for w in range(2) for piece in pieces]
-            for n, (src, dst) in enumerate(copies):
-                plgpu.copy_gmem_to_smem(src, dst, list_bar.at[n])
-            for n in range(len(copies)):
-                plgpu.barrier_wait(list_bar.at[n])
-            count = list_smem[0]
+            count = load_schedule(*schedule, start=True)
 
             def fetch(t, _):
                 slot = lax.rem(t, jnp.int32(STAGES))
@@ -451,13 +470,8 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
             mine = [(q_ref.at[bi, rows, hi], q_smem.at[wg]), (qpos_ref.at[rows], qtok_smem.at[wg, 0])]
             if segmented:
                 mine.append((qseg_ref.at[bi, rows], qtok_smem.at[wg, 1]))
-            for n, (src, dst) in enumerate(mine):
-                plgpu.copy_gmem_to_smem(src, dst, q_bars.at[wg * q_copies + n])
-            for n in range(len(mine)):
-                plgpu.barrier_wait(q_bars.at[wg * q_copies + n])
-            for n in range(3 * len(pieces)):  # the producer's list and code rows
-                plgpu.barrier_wait(list_bar.at[n])
-            count = list_smem[0]
+            copy_in(mine, q_bars, wg * q_copies)
+            count = load_schedule(*schedule, start=False)  # the rows the producer copies in
 
             def take_turn():
                 """Ping-pong: the consumers alternate here, so one's softmax overlaps the other's wgmma."""

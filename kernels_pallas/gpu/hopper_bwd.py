@@ -60,10 +60,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.blocks import _MOSAIC_GPU_SMEM, MOSAIC_GPU_BWD_MAX_HEAD_DIM, mosaic_gpu_backward_smem
 from kernels_pallas.blocks import MOSAIC_GPU_STAGES as STAGES
-from kernels_pallas.blocks import TMA_MAX_ELEMS
 from kernels_pallas.gpu import portable
-from kernels_pallas.gpu.hopper import (EDGE, HIDDEN, INTERIOR, Layouts, accumulate, kernel_options, log2_logits, matmul,
-                                       TransposedViews, pair_rows, tile_codes, tile_mask, tile_transforms)
+from kernels_pallas.gpu.hopper import (EDGE, HIDDEN, INTERIOR, Layouts, TransposedViews, accumulate, copy_in,
+                                       kernel_options, load_schedule, log2_logits, matmul, pair_rows, schedule_pieces,
+                                       tile_codes, tile_mask, tile_transforms)
 from kernels_pallas.tiles import BlockPlan
 from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
@@ -76,19 +76,6 @@ MAX_HEAD_DIM = MOSAIC_GPU_BWD_MAX_HEAD_DIM  # at head_dim 256 the kernels' SMEM 
 _LOG2E = math.log2(math.e)
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
-
-
-def _pieces(width):
-    """TMA copies move at most ``TMA_MAX_ELEMS`` per dimension: schedule rows go in pieces."""
-    return [pl.ds(s, min(TMA_MAX_ELEMS, width - s)) for s in range(0, width, TMA_MAX_ELEMS)]
-
-
-def _copy_in(copies, barrier, first=0):
-    """TMA-copy ``[(gmem, smem)]`` in flight together (copy ``n`` on ``barrier.at[first + n]``), wait for all."""
-    for n, (src, dst) in enumerate(copies):
-        plgpu.copy_gmem_to_smem(src, dst, barrier.at[first + n])
-    for n in range(len(copies)):
-        plgpu.barrier_wait(barrier.at[first + n])
 
 
 def _store(value, smem, dst):
@@ -156,7 +143,7 @@ def _prologue(kernel: str, lists, tiling: Tiling, d: int, interpret: bool):
     """``(n_pairs, width, pieces, Layouts, TransposedViews)`` of a kernel, its SMEM checked."""
     n_pairs, width = lists.shape[1:]
     _check_smem(kernel, tiling.block_q, tiling.block_kv, d, width)
-    return n_pairs, width, _pieces(width), Layouts(interpret), TransposedViews(interpret)
+    return n_pairs, width, schedule_pieces(width), Layouts(interpret), TransposedViews(interpret)
 
 
 def _check_smem(kernel: str, bq: int, bk: int, d: int, width: int):
@@ -169,35 +156,23 @@ def _check_smem(kernel: str, bq: int, bk: int, d: int, width: int):
         )
 
 
-def _load_schedule(lists_ref, codes_ref, pair, bs, list_smem, code_smem, pieces, list_bar, start: bool):
-    """The program's list row and its consumers' code rows into SMEM (the producer starts the copies, all wait)."""
-    copies = [(lists_ref.at[bs, pair, piece], list_smem.at[piece]) for piece in pieces]
-    copies += [(codes_ref.at[bs, 2 * pair + w, piece], code_smem.at[w, piece]) for w in range(2) for piece in pieces]
-    if start:
-        for n, (src, dst) in enumerate(copies):
-            plgpu.copy_gmem_to_smem(src, dst, list_bar.at[n])
-    for n in range(len(copies)):
-        plgpu.barrier_wait(list_bar.at[n])
-    return list_smem[0]
-
-
 def _roles(wg, schedule, produce, own, own_bars, consume):
     """The warp-specialised program: warpgroup 2 produces, warpgroups 0 and 1 consume.
 
-    ``schedule``: :func:`_load_schedule`'s refs; ``produce(count)`` streams the
+    ``schedule``: :func:`kernels_pallas.gpu.hopper.load_schedule`'s refs; ``produce(count)`` streams the
     listed blocks; a consumer copies in ``own`` (its block's ``[(gmem, smem)]``,
     on ``own_bars`` from ``wg * len(own)``) and runs ``consume(count)``.
     """
     @pl.when(wg == 2)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
-        produce(_load_schedule(*schedule, start=True))
+        produce(load_schedule(*schedule, start=True))
 
     @pl.when(wg < 2)
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
-        _copy_in(own, own_bars, wg * len(own))
-        consume(_load_schedule(*schedule, start=False))
+        copy_in(own, own_bars, wg * len(own))
+        consume(load_schedule(*schedule, start=False))
 
 
 def _consume(wg, count, code_smem, step, carry):

@@ -97,21 +97,31 @@ def segment_visible(q_seg, kv_seg):
     return q_seg[:, :, None] == kv_seg[:, None, :]
 
 
-def segment_block_visible(q_lo, q_hi, kv_lo, kv_hi):
-    """Could a query block see a key block through its segment ids?
+def segment_ranges_meet(q_lo, q_hi, kv_lo, kv_hi):
+    """Elementwise: do a query block's and a key block's segment-id ranges overlap?
 
-    ``q_lo, q_hi, kv_lo, kv_hi [b]``: per batch row, the least and greatest segment
-    id in the query block and in the key block. Disjoint ranges in every row mean
-    no equal pair, so this is conservative and never wrong. In packed rows (ids
+    ``q_lo, q_hi, kv_lo, kv_hi``: the least and greatest segment id in the query
+    block and in the key block (any broadcastable shapes). Disjoint ranges mean no
+    equal pair, so this is conservative and never wrong. In packed rows (ids
     growing along the sequence) blocks a few documents apart have disjoint ranges,
     which lets a loop skip them as it skips causally hidden ones.
     """
-    return jnp.any((q_lo <= kv_hi) & (kv_lo <= q_hi))
+    return (q_lo <= kv_hi) & (kv_lo <= q_hi)
+
+
+def segment_ranges_one(q_lo, q_hi, kv_lo, kv_hi):
+    """Elementwise: is every query of the block in the segment of every key (one id on both sides)?"""
+    return (q_lo == q_hi) & (kv_lo == kv_hi) & (q_lo == kv_lo)
+
+
+def segment_block_visible(q_lo, q_hi, kv_lo, kv_hi):
+    """Could a query block see a key block through its segment ids in any batch row (``[b]`` ranges)?"""
+    return jnp.any(segment_ranges_meet(q_lo, q_hi, kv_lo, kv_hi))
 
 
 def segment_block_full(q_lo, q_hi, kv_lo, kv_hi):
-    """Is every query of the block in the segment of every key (one id per row on both sides)?"""
-    return jnp.all((q_lo == q_hi) & (kv_lo == kv_hi) & (q_lo == kv_lo))
+    """Is every query of the block in the segment of every key, in every batch row (``[b]`` ranges)?"""
+    return jnp.all(segment_ranges_one(q_lo, q_hi, kv_lo, kv_hi))
 
 
 def default_positions(q_len: int, kv_len: int):
