@@ -46,25 +46,28 @@ def matmul_params(params, *, tied: bool) -> int:
     return total
 
 
-def attended_pairs(seq_len: int, window: int | None) -> float:
-    """Causal (query, key) pairs of one sequence of ``seq_len`` tokens, optionally windowed."""
-    w = seq_len if window is None else min(window, seq_len)
+def attended_pairs(seq_len, window: int | None):
+    """Causal (query, key) pairs of one sequence of ``seq_len`` tokens (or of each, an array), optionally windowed."""
+    w = seq_len if window is None else np.minimum(window, seq_len)
     return seq_len * w - w * w / 2
 
 
-def document_pairs(segment_ids, window: int | None) -> float:
-    """Causal pairs within the documents of packed rows ``segment_ids [rows, T]`` (host ints).
+def document_lengths(segment_ids) -> np.ndarray:
+    """The lengths of the document pieces of packed rows ``segment_ids [rows, T]`` (host ints).
 
-    A document piece is a run of one nonzero id; padding (id 0) attends nothing.
+    A document piece is a run of one nonzero id; padding (id 0) is none.
     """
     ids = np.asarray(segment_ids)
     starts = np.ones(ids.shape, bool)
     starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
     run_id = np.cumsum(starts.ravel()) - 1  # rows never share a run: a row starts a run
     lengths = np.bincount(run_id, weights=(ids.ravel() != 0))  # padding runs count 0 tokens
-    lengths = lengths[lengths > 0]
-    w = lengths if window is None else np.minimum(window, lengths)
-    return float(np.sum(lengths * w - w * w / 2))
+    return lengths[lengths > 0]
+
+
+def document_pairs(segment_ids, window: int | None) -> float:
+    """Causal pairs within the documents of packed rows ``segment_ids [rows, T]`` (host ints)."""
+    return float(np.sum(attended_pairs(document_lengths(segment_ids), window)))
 
 
 def attention_flops(model: ModelConfig, pairs_of) -> float:
@@ -106,9 +109,10 @@ class StepFlops:
         """
         if segment_ids is None:
             return self.dense
-        ids = np.asarray(segment_ids)
-        scale = self.global_batch / ids.shape[0]
-        return self.matmuls + attention_flops(self.model, lambda w: document_pairs(ids, w) * scale)
+        lengths = document_lengths(segment_ids)  # once per batch, whatever the number of layers
+        scale = self.global_batch / np.shape(segment_ids)[0]
+        return self.matmuls + attention_flops(
+            self.model, lambda w: float(np.sum(attended_pairs(lengths, w))) * scale)
 
 
 def step_flops(cfg: Config, params) -> StepFlops:

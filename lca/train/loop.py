@@ -98,8 +98,7 @@ class _Interval:
         """One step more, its model FLOPs counted from this process's rows (their documents)."""
         self.steps += 1
         if self.step_flops is not None:
-            segments = host_batch.get("segment_ids") if isinstance(host_batch, dict) else None
-            self.flops += self.step_flops.of(segments)
+            self.flops += self.step_flops.of(host_batch.get("segment_ids"))
 
     def stats(self) -> dict:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
