@@ -67,6 +67,8 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $LOGS/NAME.
 }
 
 if [[ $DRY == 1 ]]; then
+  # The Mosaic GPU interpret mode can hang on few cores under XLA's default CPU scheduler.
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_enable_concurrency_optimized_scheduler=false"
   stage gpu_tests "$TESTS_S" python3 -m pytest tests/kernels/test_gpu.py tests/kernels/test_hopper.py \
     tests/attention/test_cudnn.py -k "lowers or bf16 or cuda_lowering" -q -x -m "slow or not slow"
   (cd benchmarks && stage kernels "$KERNELS_S" python3 kernels.py --smoke --results "$RESULTS")

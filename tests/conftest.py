@@ -1,11 +1,21 @@
-"""Test setup: 8 fake CPU devices, configured before JAX initialises its backend."""
+"""Test setup: 8 fake CPU devices, configured before JAX initialises its backend.
+
+XLA's concurrency-optimised CPU scheduler is off: the Mosaic GPU interpret mode
+runs a kernel's warpgroups as threads whose XLA computations block in barrier
+callbacks, and with that scheduler a blocked computation holds intra-op pool
+workers that another warpgroup's computation needs. On a 2-core machine the
+Mosaic GPU kernels with 128-key blocks then hang (on 1 core, any blocks).
+"""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+    _flags += " --xla_force_host_platform_device_count=8"
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in _flags:
+    _flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+os.environ["XLA_FLAGS"] = _flags.strip()
 
 import jax  # noqa: E402
 

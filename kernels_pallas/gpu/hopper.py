@@ -66,6 +66,8 @@ Validation, and what is NOT validated:
   hints are identity there), asynchronous ``wgmma`` (it is synchronous),
   ``commit_smem`` fences, register reallocation, or timing, so it cannot show
   a race that only real concurrency of the tensor cores would expose, nor speed.
+  It needs XLA's concurrency-optimised CPU scheduler off on machines with few
+  cores, or it can hang (:func:`_warn_if_the_interpret_mode_may_hang`).
 * On CPU, lowering for CUDA (``lowering_platforms=("cuda",)``) runs the
   Pallas -> Mosaic GPU lowering (layouts, TMA shapes and alignment, the
   ``lax.switch`` over codes) without compiling to PTX.
@@ -94,6 +96,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -119,21 +123,39 @@ __all__ = ["STAGES", "Layouts", "TransposedViews", "accumulate", "copy_in", "for
 _SWIZZLE = 128  # bytes
 
 
-def _interpret_params(interpret: bool):
-    if not interpret:
-        return None
+_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+@functools.cache
+def _warn_if_the_interpret_mode_may_hang():
+    """Once per process: the interpret mode can deadlock under XLA's default CPU scheduler.
+
+    It runs the warpgroups as threads whose XLA computations block in barrier
+    callbacks; XLA's concurrency-optimised CPU scheduler lets a blocked computation
+    hold the intra-op pool workers another warpgroup's computation needs. Seen on
+    CPU with jax 0.10.2: 128-key blocks hang on 2 cores, any blocks on 1.
+    """
+    if _SCHEDULER_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        warnings.warn(
+            f"the mosaic_gpu interpret mode can hang on machines with few CPU cores; set "
+            f"XLA_FLAGS='{_SCHEDULER_FLAG}' before JAX starts (tests/conftest.py does).",
+            RuntimeWarning, stacklevel=3)
+
+
+def _interpret_params():
     # jax 0.10.2 has no public alias for the Mosaic GPU interpret params (the TPU
     # ones are ``pltpu.InterpretParams``); passing them to ``plgpu.kernel`` runs
     # the kernel on CPU with simulated SMEM, TMA, barriers and wgmma.
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
+    _warn_if_the_interpret_mode_may_hang()
     return InterpretGPUParams()
 
 
 def kernel_options(interpret: bool) -> dict:
     """``plgpu.kernel``'s interpret params, or on hardware ``approx_math`` (PTX ``ex2.approx``), as JAX's kernels."""
     if interpret:
-        return {"interpret": _interpret_params(True)}
+        return {"interpret": _interpret_params()}
     return {"compiler_params": plgpu.CompilerParams(approx_math=True)}
 
 

@@ -250,3 +250,37 @@ def test_backward_blocks_are_its_own_and_checked():
         plan(BlockSizes(64, 128, 32, 64))
     with pytest.raises(ValueError, match=r"block_q_bwd=128, block_kv_bwd=128 need an estimated \d+ bytes"):
         plan(BlockSizes(64, 128, 128, 128))
+
+
+
+def _default_blocks(shape, device_kind):
+    b, q_len, kv_len, h, h_kv, d = shape
+    cfg = api.resolve_config(d, q_len, kv_len, mask=inputs.make_mask(True, None),
+                             logit=inputs.logit_options(d, None, None), backend="mosaic_gpu",
+                             dtype=jnp.bfloat16, device_kind=device_kind)
+    return cfg.blocks
+
+
+# The blocks the backend picks on an H100 at head_dim 128 (an interpret-mode run of them
+# needs tests/conftest.py's XLA flag on a 2-core machine).
+DEFAULT_BLOCK_CASES = {
+    "causal_padded_keys": ((1, 128, 200, 1, 1, 128), dict(causal=True)),
+    "packed_rows_gqa": pytest.param((2, 256, 256, 2, 1, 128), dict(segments="per_row"), marks=pytest.mark.slow),
+}
+
+
+@pytest.mark.parametrize("shape, options", list(DEFAULT_BLOCK_CASES.values()), ids=list(DEFAULT_BLOCK_CASES))
+def test_mosaic_gpu_default_blocks(shape, options):
+    """Forward (64, 128) tiles, backward its own (64, 64): the hardware defaults, not only 64 x 64."""
+    for device_kind in (None, "NVIDIA H100 80GB HBM3"):  # this run's, and an H100's
+        assert _default_blocks(shape, device_kind) == BlockSizes(64, 128, 64, 64)
+    run_flash_case(shape, options, (None, None), backend="mosaic_gpu")
+
+
+def test_interpret_mode_warns_when_it_may_hang(monkeypatch):
+    """Without the scheduler flag (tests/conftest.py sets it) the user is told how to avoid a hang."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    hopper._warn_if_the_interpret_mode_may_hang.cache_clear()
+    with pytest.warns(RuntimeWarning, match="xla_cpu_enable_concurrency_optimized_scheduler=false"):
+        hopper.kernel_options(interpret=True)
+    hopper._warn_if_the_interpret_mode_may_hang.cache_clear()
