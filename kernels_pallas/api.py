@@ -196,8 +196,6 @@ def resolve_config(head_dim: int, q_len: int, kv_len: int, *, mask: Mask, logit:
         blocks_lib.check_dtype(dtype, backend, interpret)
     plan = blocks_lib.plan(blocks, q_len, kv_len, backend, interpret, head_dim, dtype=dtype,
                            device_kind=device_kind)
-    if backend == "mosaic_gpu":  # its backward is Mosaic GPU kernels with their own tiles
-        plan = blocks_lib.mosaic_gpu_backward_plan(plan, blocks, head_dim)
     return KernelConfig(mask, logit, plan.blocks, backend, interpret, plan.warps_fwd, plan.warps_bwd)
 
 

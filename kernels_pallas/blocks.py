@@ -218,10 +218,14 @@ def _sizes_that_fit(backend: str, backward: bool, head_dim: int, itemsize: int, 
 
 
 def check_fits(plan_: Plan, backend: str, head_dim: int, itemsize: int, limits: GpuLimits,
-               device_kind: str) -> None:
-    """A ``ValueError`` if a pass's tiles do not fit ``device_kind`` (estimate and what fits)."""
-    passes = [("forward", False, plan_.blocks.block_q, plan_.blocks.block_kv, plan_.warps_fwd),
-              ("backward", True, plan_.blocks.block_q_bwd, plan_.blocks.block_kv_bwd, plan_.warps_bwd)]
+               device_kind: str, backward: bool = True) -> None:
+    """A ``ValueError`` if a pass's tiles do not fit ``device_kind`` (estimate and what fits).
+
+    ``backward=False`` leaves the backward to its own check (the Mosaic GPU backward's).
+    """
+    passes = [("forward", False, plan_.blocks.block_q, plan_.blocks.block_kv, plan_.warps_fwd)]
+    if backward:
+        passes.append(("backward", True, plan_.blocks.block_q_bwd, plan_.blocks.block_kv_bwd, plan_.warps_bwd))
     for name, backward, bq, bk, warps in passes:
         need = estimate(backend, backward, bq, bk, head_dim, itemsize, warps)
         if need.fits(limits):
@@ -329,6 +333,9 @@ def plan(blocks: BlockSizes | None, q_len: int, kv_len: int, backend: str, inter
     """
     limits = gpu_limits(device_kind) if backend != "tpu" else None
     itemsize = 2 if dtype is None else np.dtype(dtype).itemsize
+    # The mosaic_gpu backward up to MOSAIC_GPU_BWD_MAX_HEAD_DIM is Mosaic GPU kernels with rules of
+    # their own (mosaic_gpu_backward_plan); the portable ones (and their rules) only above it.
+    hopper_bwd = backend == "mosaic_gpu" and head_dim is not None and head_dim <= MOSAIC_GPU_BWD_MAX_HEAD_DIM
     default = default_plan(backend, head_dim, limits, itemsize)
     forward = (blocks or BlockSizes()).or_defaults(BlockSizes(default.blocks.block_q, default.blocks.block_kv))
     # A known GPU's backward has its own tiles; otherwise it tiles like the forward.
@@ -336,6 +343,8 @@ def plan(blocks: BlockSizes | None, q_len: int, kv_len: int, backend: str, inter
     resolved = forward.or_defaults(BlockSizes(block_q_bwd=bwd.block_q, block_kv_bwd=bwd.block_kv))
 
     def check_and_clamp(name: str, block: int) -> int:
+        if hopper_bwd and name.endswith("_bwd"):
+            return block  # checked by mosaic_gpu_backward_plan
         kernel = _pass_backend(backend, name.endswith("_bwd"))
         _check_block(name, block, kernel, interpret)
         length = q_len if name.startswith("block_q") else kv_len
@@ -345,9 +354,11 @@ def plan(blocks: BlockSizes | None, q_len: int, kv_len: int, backend: str, inter
 
     result = dataclasses.replace(default, blocks=resolved.map(check_and_clamp))
     if backend == "mosaic_gpu" and head_dim is not None:
-        _check_smem(result.blocks, head_dim)  # the Mosaic GPU kernel is the forward only
+        _check_smem(result.blocks, head_dim)  # the Mosaic GPU forward, device known or not
+    if hopper_bwd:
+        result = mosaic_gpu_backward_plan(result, blocks, head_dim)
     if limits is not None and head_dim is not None:
-        check_fits(result, backend, head_dim, itemsize, limits, device_kind)
+        check_fits(result, backend, head_dim, itemsize, limits, device_kind, backward=not hopper_bwd)
     return result
 
 

@@ -57,10 +57,16 @@ def test_backward_has_its_own_tiles_and_warps_on_a_gpu():
     plan = _plan("mosaic_gpu")
     assert (plan.blocks.block_q, plan.blocks.block_kv) == (64, 128)
     assert (plan.blocks.block_q_bwd, plan.blocks.block_kv_bwd) != (64, 128)
-    assert plan.warps_bwd == 8
-    # The old backward, (64, 128) with 4 warps, is estimated to spill: a clear error if asked for.
-    with pytest.raises(ValueError, match="block_q_bwd=64, block_kv_bwd=128 do not fit the mosaic_gpu backward"):
+    assert (plan.blocks.block_q_bwd, plan.blocks.block_kv_bwd) == blocks_lib.MOSAIC_GPU_BWD_DEFAULT
+    # The backward's tiles are checked by its own kernels' SMEM, not by the portable kernels' model:
+    # (128, 64) at head_dim 64 fits the Mosaic GPU backward (the portable estimate said no).
+    assert _plan("mosaic_gpu", BlockSizes(None, None, 128, 64), d=64).blocks == BlockSizes(64, 128, 128, 64)
+    with pytest.raises(ValueError, match=r"block_q_bwd=64, block_kv_bwd=128 need an estimated \d+ bytes.*"
+                                         r"sizes that fit: \(64, 64\)"):
         _plan("mosaic_gpu", BlockSizes(64, 128, 64, 128))
+    # Above head_dim 128 the backward is the portable kernels, checked by their rules and warps.
+    plan = _plan("mosaic_gpu", BlockSizes(64, 64), d=256)
+    assert (plan.blocks.block_q_bwd, plan.blocks.block_kv_bwd, plan.warps_bwd) == (32, 32, 8)
 
 
 def test_without_a_known_gpu_the_generic_sizes_apply_unchecked():
