@@ -126,3 +126,23 @@ def test_logged_throughput_counts_each_batch_documents(tmp_path):
         logged = r["tflops_per_device"] * 1e12 * r["step_time_s"] * setup.mesh.size
         assert logged == pytest.approx(flops.of(halves), rel=1e-6)
     assert flops.of(halves) < flops.dense
+
+
+def test_logged_mfu_is_the_throughput_over_the_device_peak(tmp_path, monkeypatch, caplog):
+    """On a device of known peak (the CPU given one here) metrics.jsonl and the log line carry MFU."""
+    import logging
+
+    from lca.train import metrics, train
+    from lca.train.metrics import read_metrics
+
+    peak = 1e9  # FLOP/s: the tiny model's few GFLOP/s on CPU make a visible fraction
+    monkeypatch.setitem(metrics.PEAK_FLOPS, jax.devices()[0].device_kind, peak)
+    cfg = load_config("tiny", [f"run_dir={tmp_path}", "train.steps=2", "train.log_every=1",
+                               "checkpoint.enabled=false", "eval.at_end=false"])
+    with caplog.at_level(logging.INFO):
+        train(cfg)
+    records = list(read_metrics(tmp_path).values())
+    assert len(records) == 2
+    for r in records:
+        assert r["mfu"] == pytest.approx(r["tflops_per_device"] * 1e12 / peak, rel=1e-9)
+        assert f"MFU {100 * r['mfu']:.1f}%" in caplog.text
