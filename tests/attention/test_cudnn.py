@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lca.attention import attention, blockwise_backward, ring_attention
+from lca.attention import attention, blockwise_backward, ring_attention, ulysses_attention, usp_attention
 from lca.attention import cudnn
 from lca.attention.impl import IMPLS, LocalImpl, get_impl
 from lca.attention.logits import LogitOptions
@@ -302,6 +302,22 @@ def test_cuda_lowering_of_a_ring_with_cudnn_steps(n, as_if_cuda):
 
     hlo = _cuda_hlo(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
     assert FWD in hlo and BWD in hlo
+
+
+def test_cuda_lowering_of_ulysses_and_usp_with_cudnn_steps(as_if_cuda):
+    """Ulysses' one local call and USP's ring steps (2 x 2 devices) lower to cuDNN's calls too."""
+    q, k, v, _ = make_inputs(1, 64, 4, 2, 64)
+    q, k, v = q.astype(BF16), k.astype(BF16), v.astype(BF16)
+    ulysses_mesh = make_mesh(context=2, devices=jax.devices()[:2])
+    usp_mesh = make_mesh(context=2, tensor=2, devices=jax.devices()[:4])
+    calls = {
+        "ulysses": lambda q, k, v: ulysses_attention(q, k, v, mesh=ulysses_mesh, causal=True, impl="cudnn"),
+        "usp": lambda q, k, v: usp_attention(q, k, v, mesh=usp_mesh, ulysses_axis="tensor", ring_axis="context",
+                                             causal=True, impl="cudnn"),
+    }
+    for name, call in calls.items():
+        hlo = _cuda_hlo(jax.grad(lambda *a: call(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2)), q, k, v)
+        assert FWD in hlo and BWD in hlo, name
 
 
 # --- packed documents (cuDNN's ragged layout, sm_90) --------------------------------------------
