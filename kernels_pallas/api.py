@@ -188,14 +188,17 @@ def resolve_config(head_dim: int, q_len: int, kv_len: int, *, mask: Mask, logit:
         )
     if not isinstance(interpret, bool):
         raise ValueError(f"interpret must be a bool, got {interpret!r}.")
+    compute_capability = None
     if device_kind is None and jax.devices()[0].platform == "gpu":
-        device_kind = jax.devices()[0].device_kind
+        device = jax.devices()[0]
+        # A GPU missing from blocks.GPU_LIMITS is judged by its capability (CUDA only; ROCm has none).
+        device_kind, compute_capability = device.device_kind, getattr(device, "compute_capability", None)
     interpret = interpret or _on_cpu()  # kernels cannot be compiled for the CPU
     blocks_lib.check_head_dim(head_dim, backend, interpret)
     if dtype is not None:
         blocks_lib.check_dtype(dtype, backend, interpret)
     plan = blocks_lib.plan(blocks, q_len, kv_len, backend, interpret, head_dim, dtype=dtype,
-                           device_kind=device_kind)
+                           device_kind=device_kind, compute_capability=compute_capability)
     return KernelConfig(mask, logit, plan.blocks, backend, interpret, plan.warps_fwd, plan.warps_bwd)
 
 

@@ -26,8 +26,9 @@ generation, forward and backward separately, each with its number of warps; the
 sizes that are then used (given or default) are checked against an estimate of
 shared memory and registers for that device (:func:`estimate`), and sizes that
 do not fit are a ``ValueError`` naming the estimate and the largest sizes that
-fit, instead of a compile crash ("Shared memory size limit exceeded"). On CPU or
-an unknown device the generic defaults below apply and nothing is estimated.
+fit, instead of a compile crash ("Shared memory size limit exceeded"). A CUDA GPU
+not named in :data:`GPU_LIMITS` is judged by its compute capability. On CPU (or
+without either) the generic defaults below apply and nothing is estimated.
 """
 
 from __future__ import annotations
@@ -70,16 +71,27 @@ GPU_LIMITS = {
     "NVIDIA L4": GpuLimits("ada", 99 * 1024),
     "NVIDIA L40": GpuLimits("ada", 99 * 1024),
 }
+# Every other CUDA GPU by compute capability: the opt-in shared memory per thread block in KiB
+# (CUDA C++ programming guide, technical specifications per compute capability). A capability
+# not listed gets the smallest, so its sizes are checked conservatively rather than not at all.
+SMEM_KIB_BY_COMPUTE_CAPABILITY = {
+    "7.0": 96, "7.2": 96, "7.5": 64, "8.0": 163, "8.6": 99, "8.7": 163, "8.9": 99, "9.0": 227,
+    "10.0": 227, "10.3": 227, "12.0": 99, "12.1": 99,
+}
 # Registers a thread needs besides the tiles' values (addresses, indices, loop state).
 _REG_RESERVE = 32
 
 
-def gpu_limits(device_kind: str | None) -> GpuLimits | None:
-    """The limits of ``device_kind`` (e.g. ``"NVIDIA H100 80GB HBM3"``), None if unknown (CPU, TPU)."""
-    if not device_kind:
+def gpu_limits(device_kind: str | None, compute_capability: str | None = None) -> GpuLimits | None:
+    """The limits of ``device_kind`` (e.g. ``"NVIDIA H100 80GB HBM3"``), else of ``compute_capability``
+    (e.g. ``"8.9"``, jax's ``device.compute_capability`` on CUDA); None if neither is known (CPU, TPU)."""
+    matches = [kind for kind in GPU_LIMITS if device_kind and device_kind.startswith(kind)]
+    if matches:
+        return GPU_LIMITS[max(matches, key=len)]
+    if compute_capability is None:
         return None
-    matches = [kind for kind in GPU_LIMITS if device_kind.startswith(kind)]
-    return GPU_LIMITS[max(matches, key=len)] if matches else None
+    kib = SMEM_KIB_BY_COMPUTE_CAPABILITY.get(compute_capability, min(SMEM_KIB_BY_COMPUTE_CAPABILITY.values()))
+    return GpuLimits(f"sm_{compute_capability.replace('.', '')}", kib * 1024)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,14 +336,18 @@ def _check_smem(blocks: BlockSizes, head_dim: int) -> None:
 
 
 def plan(blocks: BlockSizes | None, q_len: int, kv_len: int, backend: str, interpret: bool,
-         head_dim: int | None = None, *, dtype=None, device_kind: str | None = None) -> Plan:
+         head_dim: int | None = None, *, dtype=None, device_kind: str | None = None,
+         compute_capability: str | None = None) -> Plan:
     """The tiles and warps of one call: the policy's defaults for what is None, checked and clamped.
 
-    ``device_kind`` (e.g. ``"NVIDIA H100 80GB HBM3"``) selects the GPU limits; with a
+    ``device_kind`` (e.g. ``"NVIDIA H100 80GB HBM3"``), or for a GPU not in
+    :data:`GPU_LIMITS` its ``compute_capability``, selects the GPU limits; with a
     known GPU the defaults are that generation's and every size is checked against
     the estimate of :func:`estimate` (``dtype`` sets the tiles' bytes, default 2).
     """
-    limits = gpu_limits(device_kind) if backend != "tpu" else None
+    limits = gpu_limits(device_kind, compute_capability) if backend != "tpu" else None
+    if not device_kind and compute_capability:
+        device_kind = f"a GPU of compute capability {compute_capability}"  # for the error messages
     itemsize = 2 if dtype is None else np.dtype(dtype).itemsize
     # The mosaic_gpu backward up to MOSAIC_GPU_BWD_MAX_HEAD_DIM is Mosaic GPU kernels with rules of
     # their own (mosaic_gpu_backward_plan); the portable ones (and their rules) only above it.

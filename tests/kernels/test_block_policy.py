@@ -122,3 +122,17 @@ def test_float32_defaults_shrink_to_fit(d, kind):
     assert plan.blocks.block_q * plan.blocks.block_kv <= bf16.blocks.block_q * bf16.blocks.block_kv
     if kind == "NVIDIA L4" and d == 128:
         assert plan.blocks.block_q * plan.blocks.block_kv < bf16.blocks.block_q * bf16.blocks.block_kv
+
+
+def test_a_gpu_not_in_the_table_is_judged_by_its_compute_capability():
+    """An RTX 4090 (sm_89, 99 KiB) is not named in GPU_LIMITS: its capability still stops a compile crash."""
+    rtx = dict(device_kind="NVIDIA GeForce RTX 4090", compute_capability="8.9")
+    assert blocks_lib.gpu_limits(**rtx).smem_bytes == 99 * 1024
+    with pytest.raises(ValueError, match=r"do not fit the gpu_portable forward on NVIDIA GeForce RTX 4090.*"
+                                         r"\(101376 available\)"):
+        blocks_lib.plan(BlockSizes(256, 256), 4096, 4096, "gpu_portable", False, 128, dtype=jnp.bfloat16, **rtx)
+    plan = blocks_lib.plan(None, 4096, 4096, "gpu_portable", False, 128, dtype=jnp.bfloat16, **rtx)
+    assert plan.warps_fwd == 8  # the known-GPU policy, not the generic sizes
+    # A capability newer than the table gets its smallest shared memory, not no check at all.
+    assert blocks_lib.gpu_limits("NVIDIA Future", "13.0").smem_bytes == 64 * 1024
+    assert blocks_lib.gpu_limits("NVIDIA GeForce RTX 4090") is None and blocks_lib.gpu_limits(None) is None
