@@ -214,6 +214,8 @@ def flash_attention(
     scale: float | None = None,
     block_q: int | None = None,
     block_kv: int | None = None,
+    block_q_bwd: int | None = None,
+    block_kv_bwd: int | None = None,
     return_lse: bool = False,
     backend: str = "auto",
     interpret: bool = False,
@@ -231,6 +233,8 @@ def flash_attention(
         chunk anywhere in a global sequence.
       block_q, block_kv: tile sizes (None: the backend default, see
         ``kernels_pallas.blocks``); any lengths work (padding is masked).
+      block_q_bwd, block_kv_bwd: the backward's tiles (None: the backend's
+        default for it, which on a known GPU is its own, not the forward's).
       return_lse: also return ``lse [batch, num_heads, q_len]`` float32
         (differentiable).
       backend: ``"auto"``, ``"gpu_portable"``, ``"mosaic_gpu"`` or ``"tpu"``.
@@ -246,7 +250,7 @@ def flash_attention(
         d, q_len, kv_len,
         mask=inputs.make_mask(causal, window),
         logit=inputs.logit_options(d, scale, softcap),
-        blocks=BlockSizes(block_q, block_kv), backend=backend, interpret=interpret,
+        blocks=BlockSizes(block_q, block_kv, block_q_bwd, block_kv_bwd), backend=backend, interpret=interpret,
         dtype=q.dtype,
     )
     q_seg, kv_seg = segs if segs is not None else (None, None)

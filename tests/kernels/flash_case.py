@@ -13,6 +13,8 @@ def run_flash_case(shape, options, blocks, backend, dtype=jnp.float32, bound=KER
                    grad_bound=KERNEL_F32_GRAD):
     """Compare ``flash_attention`` on ``shape = (b, q_len, kv_len, h, h_kv, d)`` with the oracle.
 
+    ``blocks``: ``(block_q, block_kv)``, or with the backward's own ``(block_q_bwd, block_kv_bwd)`` after.
+
     ``options`` may hold ``segments=True`` (the same three packed documents in
     every row) or ``segments="per_row"`` (even rows four documents of random lengths,
     odd rows one: a kernel that read another row's block plan would drop blocks an
@@ -29,8 +31,9 @@ def run_flash_case(shape, options, blocks, backend, dtype=jnp.float32, bound=KER
         else:
             segs = three_documents(b, n)
         options["segment_ids"] = segs[:, :q_len] if q_len == kv_len else (segs[:, :q_len], segs[:, :kv_len])
+    bwd = dict(zip(("block_q_bwd", "block_kv_bwd"), blocks[2:]))
     attn = functools.partial(
-        flash_attention, block_q=blocks[0], block_kv=blocks[1], backend=backend,
+        flash_attention, block_q=blocks[0], block_kv=blocks[1], **bwd, backend=backend,
         return_lse=True, **options,
     )
     assert_matches_oracle(attn, q, k, v, bound=bound, grad_bound=grad_bound, **options)

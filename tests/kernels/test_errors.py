@@ -67,3 +67,9 @@ def test_mosaic_gpu_limits():
     with pytest.raises(ValueError, match="needs bfloat16 or float16 inputs, got float32"):
         check_dtype(jnp.float32, "mosaic_gpu", interpret=False)
     check_dtype(jnp.float32, "mosaic_gpu", interpret=True)  # interpret mode accepts float32
+    # The backward's own tiles reach its checks from flash_attention.
+    with pytest.raises(ValueError, match="block_q_bwd=32 is not valid for the mosaic_gpu backward"):
+        flash_attention(d64, d64, d64, backend="mosaic_gpu", block_q_bwd=32)
+    with pytest.raises(ValueError, match=r"block_q_bwd=128, block_kv_bwd=128 need an estimated \d+ bytes"):
+        flash_attention(d256[..., :128], d256[..., :128], d256[..., :128], backend="mosaic_gpu",
+                        block_q_bwd=128, block_kv_bwd=128)

@@ -26,6 +26,8 @@ CASES = {
     # Four packed documents over 8 blocks, other ones per row: query blocks skip other documents'
     # key blocks, and blocks of one document go unmasked (tiles.by_segments, per batch row).
     "causal_packed_rows": ((2, 128, 128, 2, 1, 8), dict(causal=True, segments="per_row"), (16, 16)),
+    # The backward tiled unlike the forward (flash_attention's block_q_bwd, block_kv_bwd).
+    "own_backward_blocks": ((1, 45, 60, 4, 2, 16), dict(causal=True, segments=True), (16, 32, 32, 16)),
 }
 SLOW_CASES = {
     "full_gqa_scale": ((2, 33, 70, 6, 2, 32), dict(scale=0.3), (32, 16)),
