@@ -6,8 +6,8 @@
 #   (c) benchmarks/train_gpu.py: a training step of the 104M decoder at 32k tokens per attention impl;
 #   (d) the same with --profile for impl pallas: per-op time of its last two steps (lca.train.profile),
 #       traced with XLA's command buffers off (with them on, the whole step is one CUDA-graph op).
-# It writes benchmarks/results/kernels_<device>.md/.png and train_gpu_<device>{,_ops}.md, and copies them
-# with the four logs into $OUT when that is set (the device tool brings $OUT back: 8 files at most).
+# It writes benchmarks/results/kernels_<device>.md/.png and train_gpu_<device>{,_ops}.md, and writes them
+# with the four logs straight into $OUT when that is set (the device tool brings $OUT back: 8 files).
 #
 # The tests run with JAX_PLATFORMS=cuda (tests/conftest.py defaults to fake CPU devices), one process
 # (pytest-xdist's workers would each claim the GPU), no preallocation and XLA's autotuning off (it made
@@ -19,7 +19,7 @@
 #   benchmarks/gpu_check.sh                     # there: installs .whl/*.whl into /tmp/site, runs
 #   benchmarks/gpu_check.sh --dry-run           # on CPU: the same stages at tiny sizes
 #                                               # (interpret mode, sm_90 lowering), results to a temp folder
-# Each stage has its own time limit (seconds, overridable): TESTS_S, KERNELS_S, TRAIN_S.
+# Each stage has its own time limit (seconds, overridable): TESTS_S, KERNELS_S, TRAIN_S, PROFILE_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -39,10 +39,11 @@ DRY=0
 # timeout_s 595). The dry run's tests run interpreted on CPU: they get longer.
 if [[ $DRY == 1 ]]; then TESTS_S=${TESTS_S:-400}; else TESTS_S=${TESTS_S:-180}; fi
 KERNELS_S=${KERNELS_S:-170}; TRAIN_S=${TRAIN_S:-130}; PROFILE_S=${PROFILE_S:-80}
-# This run's results go to a fresh folder first, then (not in a dry run) to benchmarks/results.
-RESULTS=$(mktemp -d /tmp/gpu_check.XXXX)
-LOGS=${OUT:-$RESULTS}
-mkdir -p "$LOGS"
+# This run's results and logs go to $OUT (as they are written: a call cut off by its limit still brings
+# back what was measured) or a fresh folder, then (not in a dry run) the results to benchmarks/results.
+RESULTS=${OUT:-$(mktemp -d /tmp/gpu_check.XXXX)}
+mkdir -p "$RESULTS" && RESULTS=$(cd "$RESULTS" && pwd)  # absolute: the stages run from benchmarks/
+LOGS=$RESULTS
 export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT
 # Only where they are missing: the wheels are for the GPU image's Python 3.12, not for a dry run here.
 if ! python3 -c "import grain, omegaconf, tensorboardX" 2>/dev/null && [[ -d .whl ]] \
@@ -84,8 +85,9 @@ else
     -m "slow or not slow" -rfEs --tb=short $per_test
   (cd benchmarks && stage kernels "$KERNELS_S" python3 kernels.py --sizes issue --budget-s $((KERNELS_S - 25)) \
     --results "$RESULTS")
-  (cd benchmarks && stage train "$TRAIN_S" python3 train_gpu.py --steps 5 --impls pallas,cudnn \
-    --results "$RESULTS")
+  # Every kind that fits one device at 32k: the pure-JAX blockwise baseline last, where the budget cuts it.
+  (cd benchmarks && stage train "$TRAIN_S" python3 train_gpu.py --steps 5 --impls pallas,cudnn,blockwise \
+    --budget-s $((TRAIN_S - 10)) --results "$RESULTS")
   (cd benchmarks && stage profile "$PROFILE_S" python3 train_gpu.py --steps 4 --impls pallas --profile \
     --results "$RESULTS")
 fi
@@ -94,11 +96,8 @@ for name in kernels train profile; do
   grep -q "^wrote " "$LOGS/$name.log" 2>/dev/null || { echo "gpu_check: $name wrote no results"; status=1; }
 done
 if [[ $DRY == 0 ]]; then
-  cp "$RESULTS"/* "$ROOT/benchmarks/results/" 2>/dev/null
+  cp "$RESULTS"/*.md "$RESULTS"/*.png "$ROOT/benchmarks/results/" 2>/dev/null
 fi
-if [[ -n "${OUT:-}" ]]; then
-  cp "$RESULTS"/* "$OUT"/ 2>/dev/null
-fi
-echo "gpu_check: results in $RESULTS $( ((DRY)) || echo "and benchmarks/results" ), logs in $LOGS; status $status"
+echo "gpu_check: results and logs in $RESULTS$( ((DRY)) || echo ", results in benchmarks/results" ); status $status"
 ls "$RESULTS"
 exit $status

@@ -15,6 +15,7 @@ Writes ``benchmarks/results/train_gpu_<device>.md`` (``--results`` another folde
     python benchmarks/train_gpu.py
     python benchmarks/train_gpu.py --smoke --results /tmp/out
     python benchmarks/train_gpu.py --profile --impls pallas   # per-op time tables instead
+    python benchmarks/train_gpu.py --impls pallas,cudnn,blockwise --budget-s 120   # a short GPU lease
 
 ``--profile`` traces the last two steps of each impl and writes only
 ``train_gpu_<device>_ops.md``: time per op kind and the longest ops (``lca.train.profile``).
@@ -119,6 +120,9 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated (default {','.join(IMPLS)})")
     parser.add_argument("--results", type=pathlib.Path, default=None, help=f"output folder (default {RESULTS})")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="skip (and record) an impl that would start past this many seconds, judging by "
+                             "the longest impl so far; the slowest impl goes last")
     parser.add_argument("--profile", action="store_true",
                         help="trace the last two steps of each impl with command buffers off; writes only "
                              "the per-op time tables, train_gpu_<device>_ops.md")
@@ -134,9 +138,14 @@ def main():
     path = results / (f"train_gpu_{slug}_ops.md" if args.profile else f"train_gpu_{slug}.md")
     write = not args.smoke or args.results is not None
     rows = []
+    start = time.perf_counter()
     for impl in args.impls.split(","):
-        with tempfile.TemporaryDirectory(prefix=f"train_gpu_{impl}_") as run_dir:
-            rows.append(measure(impl, args.steps, args.smoke, pathlib.Path(run_dir), args.profile))
+        longest = max((r.get("wall_s", 0.0) for r in rows), default=0.0)
+        if args.budget_s is not None and time.perf_counter() - start + longest > args.budget_s:
+            rows.append({"impl": impl, "note": f"skipped: time budget ({args.budget_s:.0f} s)"})
+        else:
+            with tempfile.TemporaryDirectory(prefix=f"train_gpu_{impl}_") as run_dir:
+                rows.append(measure(impl, args.steps, args.smoke, pathlib.Path(run_dir), args.profile))
         print({k: v for k, v in rows[-1].items() if k != "ops"}, flush=True)
         if write:  # after every impl: a run stopped by its time limit keeps what it measured
             results.mkdir(parents=True, exist_ok=True)

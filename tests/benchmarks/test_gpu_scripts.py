@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 STAGES = {
     "kernels": ["kernels.py", "--smoke"],
     "train": ["train_gpu.py", "--smoke", "--steps", "3", "--impls", "pallas,blockwise"],
-    "profile": ["train_gpu.py", "--smoke", "--steps", "3", "--impls", "pallas", "--profile"],
+    # A budget that ends after the first impl: the second is recorded as skipped, not run.
+    "profile": ["train_gpu.py", "--smoke", "--steps", "3", "--impls", "pallas,blockwise", "--profile",
+                "--budget-s", "1"],
 }
 PAGES = {"kernels": ["kernels_cpu.md", "kernels_cpu.png"], "train": ["train_gpu_cpu.md"],
          "profile": ["train_gpu_cpu_ops.md"]}
@@ -35,3 +37,5 @@ def test_gpu_check_stage_runs_on_cpu(stage, tmp_path):
     assert "wrote " in proc.stdout
     for page in PAGES[stage]:
         assert (tmp_path / page).stat().st_size > 0
+    if stage == "profile":
+        assert "| blockwise |  |  |  |  | skipped: time budget (1 s) |" in (tmp_path / PAGES[stage][0]).read_text()
