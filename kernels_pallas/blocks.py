@@ -14,8 +14,8 @@ Backend rules (checked with a ``ValueError`` naming what would work):
   own blocks (:func:`mosaic_gpu_backward_plan`: powers of two in [64, 256] whose
   warp-specialised dQ and dK/dV kernels fit an SM's SMEM; default 64 x 64), above
   it ``gpu_portable``'s rules (the backward is then the portable kernels);
-  ``head_dim`` 64, 128 or 256, the forward's SMEM (Q, ``MOSAIC_GPU_STAGES`` K/V
-  tiles, P, out) within the H100's 227 KiB, and on GPU bfloat16/float16 inputs (wgmma). The same
+  ``head_dim`` 64, 128 or 256, the forward's SMEM (:func:`mosaic_gpu_forward_smem`)
+  within the H100's 227 KiB, and on GPU bfloat16/float16 inputs (wgmma). The same
   rules hold in interpret mode (it simulates the same TMA tiles), except that
   float32 is accepted there for tight checks.
 * ``tpu``: multiples of 128 (the lane width), ``head_dim`` up to 256 (VMEM).
@@ -194,7 +194,7 @@ def estimate(backend: str, backward: bool, block_q: int, block_kv: int, head_dim
     registers spread over the threads. The portable forward's shared memory is
     the Q and K tiles, which matches the 262144 bytes Triton asked for at
     512 x 512, head_dim 128, bf16 on an H100 (issue 15). The Mosaic GPU forward
-    allocates its SMEM explicitly (Q, ``MOSAIC_GPU_STAGES`` K/V stages, P, out).
+    allocates its SMEM explicitly (:func:`mosaic_gpu_forward_smem`).
     """
     bq, bk, d, n = block_q, block_kv, head_dim, itemsize
     threads = 32 * warps
@@ -204,11 +204,25 @@ def estimate(backend: str, backward: bool, block_q: int, block_kv: int, head_dim
 
     if backward:  # the portable dK/dV pass, the larger of the two (dQ holds one accumulator)
         return Estimate(n * d * (2 * bq + 2 * bk), regs(2 * bk * d + 2 * bq * bk, 2 * bk * d))
-    if backend == "mosaic_gpu":
-        # Two consumer warpgroups of block_q rows each: two Q (reused for out) and P tiles.
-        smem = n * (2 * bq * d + 2 * MOSAIC_GPU_STAGES * bk * d + 2 * bq * bk) + 4 * 2 * bq
-        return Estimate(smem, regs(bq * d + bq * bk))
+    if backend == "mosaic_gpu":  # two consumer warpgroups of block_q rows each
+        return Estimate(mosaic_gpu_forward_smem(bq, bk, d, n), regs(bq * d + bq * bk))
     return Estimate(n * d * (bq + bk), regs(bq * d + bq * bk, bq * d))
+
+
+def mosaic_gpu_forward_smem(block_q: int, block_kv: int, head_dim: int, itemsize: int, width: int = 0,
+                            out_itemsize: int = 0) -> int:
+    """Bytes of SMEM the Mosaic GPU forward (``kernels_pallas.gpu.hopper``) allocates on hardware.
+
+    Per consumer a Q tile (reused for an output of Q's dtype), its lse row and query
+    positions and segments; per stage K and V tiles and key positions and segments;
+    ``width`` schedule entries (a list and two code rows, int32: they grow with the key
+    length); an output of another dtype (``out_itemsize`` bytes, e.g. a ring step's
+    float32) takes one more tile, which the consumers share in turn. P goes from
+    registers into the wgmma; only the interpret mode stages it in SMEM.
+    """
+    bq, bk, d, stages = block_q, block_kv, head_dim, MOSAIC_GPU_STAGES
+    tiles = itemsize * (2 * bq * d + 2 * stages * bk * d) + out_itemsize * bq * d
+    return tiles + 4 * (2 * bq + 2 * 2 * bq + stages * 2 * bk + 3 * width)
 
 
 def _pass_backend(backend: str, backward: bool) -> str:

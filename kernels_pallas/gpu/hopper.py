@@ -84,12 +84,14 @@ Validation, and what is NOT validated:
 Alignment (checked in ``kernels_pallas.blocks``): ``block_q`` a multiple of 64
 (wgmma M per warpgroup), ``block_kv`` a multiple of 64, both at most 256
 (one TMA copy per Q/K/V tile and position row), ``head_dim`` a multiple of 64
-up to 256; on hardware the inputs must be bfloat16/float16. SMEM: two Q tiles
-(reused for a same-dtype output), ``STAGES`` K and V tiles, two P tiles and
-the schedule rows; a float32 output (ring steps) takes one more tile, shared
-by the consumers in turn (:func:`_check_smem`). Only the interpret mode allocates
-the P tiles now, but the checks still count them: a margin until the register
-path has run on an H100.
+up to 256; on hardware the inputs must be bfloat16/float16. SMEM
+(``kernels_pallas.blocks.mosaic_gpu_forward_smem``): two Q tiles (reused for a
+same-dtype output), ``STAGES`` K and V tiles and the schedule rows; a float32
+output (ring steps) takes one more tile, shared by the consumers in turn
+(:func:`_check_smem`). P goes from registers into the wgmma; only the interpret
+mode allocates P tiles (and K^T ones), which the checks do not count. So a ring
+step's float32 output fits the default (64, 128) tiles at head_dim 128 up to about
+2,700 schedule entries (340k keys).
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ from kernels_pallas import block_math
 from kernels_pallas.blocks import MOSAIC_GPU_STAGES as STAGES
 from kernels_pallas.blocks import GPU_LIMITS
 from kernels_pallas.blocks import TMA_MAX_ELEMS
+from kernels_pallas.blocks import mosaic_gpu_forward_smem
 from kernels_pallas.tiles import BlockPlan, block_lists, segment_blocks
 from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
@@ -385,10 +388,8 @@ def _check_smem(bq, bk, d, out_dtype, separate_out: bool, width):
     out_dtype=float32)`` on bfloat16, as ring steps ask for), which needs its own
     tile. Interpret-mode float32 tiles are counted as the bfloat16 they stand for.
     """
-    out_bytes = jnp.dtype(out_dtype).itemsize
-    need = 2 * (2 * bq * d + 2 * STAGES * bk * d + 2 * bq * bk) + 4 * (2 * bq + 3 * width + 4 * bk + 4 * bq)
-    if separate_out:
-        need += out_bytes * bq * d
+    out_bytes = jnp.dtype(out_dtype).itemsize if separate_out else 0
+    need = mosaic_gpu_forward_smem(bq, bk, d, 2, width, out_bytes)
     available = GPU_LIMITS["NVIDIA H100"].smem_bytes
     if need > available:
         fix = "use block_kv=64 (or a smaller block_q)" if bk > 64 else (
