@@ -31,8 +31,8 @@ from jax import lax
 from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask
 
-LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
+LOG2E = math.log2(math.e)  # exp(x) = exp2(x log2 e): the kernels' softmax runs in base 2
+LN2 = math.log(2.0)  # and a base-2 lse m returns to natural log as m ln 2
 
 # q @ k.T without materialising the transpose.
 _NT = (((1,), (1,)), ((), ()))
@@ -95,7 +95,7 @@ def finalize(m, l, acc, *, base2: bool = False):
     """
     has_key = l > 0
     l_safe = jnp.where(has_key, l, 1.0)
-    lse = (m * _LN2 if base2 else m) + jnp.log(l_safe)
+    lse = (m * LN2 if base2 else m) + jnp.log(l_safe)
     return acc / l_safe, jnp.where(has_key, lse, -jnp.inf)
 
 

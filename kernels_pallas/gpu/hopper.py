@@ -97,11 +97,9 @@ step's float32 output fits the default (64, 128) tiles at head_dim 128 up to abo
 from __future__ import annotations
 
 import functools
-import math
 import os
 import warnings
 
-import jax
 import jax.numpy as jnp
 from einops import rearrange
 from jax import lax
@@ -299,9 +297,6 @@ def tile_mask(lay: Layouts, mask: Mask, shape, q_tok, kv_tok, key_start, kv_len:
     return block_math.visible(mask, spread(q_tok.at[0], q_axis), spread(kv_tok.at[0], k_axis), key_ok, q_seg, kv_seg)
 
 
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
-
 # Codes of (query block, visible key block) pairs in the consumers' schedule rows.
 HIDDEN, EDGE, INTERIOR = 0, 1, 2
 
@@ -309,8 +304,8 @@ HIDDEN, EDGE, INTERIOR = 0, 1, 2
 def log2_logits(scores, logit: LogitOptions):
     """``logit.apply(scores) * log2(e)`` with the scale folded into one multiply (the exp2 domain)."""
     if logit.softcap is None:
-        return scores * (logit.scale * _LOG2E)
-    return jnp.tanh(scores * (logit.scale / logit.softcap)) * (logit.softcap * _LOG2E)
+        return scores * (logit.scale * block_math.LOG2E)
+    return jnp.tanh(scores * (logit.scale / logit.softcap)) * (logit.softcap * block_math.LOG2E)
 
 
 def tile_codes(plan: BlockPlan, tiling: Tiling, mask: Mask, q_seg, kv_seg):
@@ -576,7 +571,7 @@ def forward(q, k, v, plan: BlockPlan, q_seg, kv_seg, *, tiling: Tiling, mask: Ma
             l_safe = jnp.where(has_key, l, 1.0)
             out = (acc / lax.broadcast_in_dim(l_safe, (bq, d), [0])).astype(out_dtype)
             # m is in log2 units: lse = ln(2) m + ln(l), natural log at the interface.
-            lse_smem[wg] = jnp.where(has_key, m * _LN2 + jnp.log(l_safe), -jnp.inf)
+            lse_smem[wg] = jnp.where(has_key, m * block_math.LN2 + jnp.log(l_safe), -jnp.inf)
 
             def store(out_smem):
                 out_smem[...] = out

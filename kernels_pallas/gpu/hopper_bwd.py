@@ -51,13 +51,13 @@ see ``kernels_pallas.gpu.hopper`` for what the interpret mode does not simulate.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels_pallas import block_math
 from kernels_pallas.blocks import _MOSAIC_GPU_SMEM, MOSAIC_GPU_BWD_MAX_HEAD_DIM, mosaic_gpu_backward_smem
 from kernels_pallas.blocks import MOSAIC_GPU_STAGES as STAGES
 from kernels_pallas.gpu import portable
@@ -73,7 +73,6 @@ from lca.parallel.vma import varying_struct
 __all__ = ["MAX_HEAD_DIM", "backward"]
 
 MAX_HEAD_DIM = MOSAIC_GPU_BWD_MAX_HEAD_DIM  # at head_dim 256 the kernels' SMEM exceeds an SM's
-_LOG2E = math.log2(math.e)
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
 
@@ -90,7 +89,7 @@ def _dlogits(s2, p, dp, delta, logit: LogitOptions):
     """``ds`` (natural units, scale and softcap derivative included) from log2-domain logits."""
     ds = p * (dp - delta)
     if logit.softcap is not None:
-        tanh = s2 * (1.0 / (logit.softcap * _LOG2E))  # the capped logit over the cap
+        tanh = s2 * (1.0 / (logit.softcap * block_math.LOG2E))  # the capped logit over the cap
         ds = ds * (1.0 - tanh * tanh)
     return ds * logit.scale
 
@@ -203,7 +202,7 @@ def backward(q, k, v, do, lse, delta, plan: BlockPlan, q_seg, kv_seg, *, tiling:
                                  mask=mask, logit=logit, interpret=interpret, num_warps=num_warps)
     code = tile_codes(plan, tiling, mask, q_seg, kv_seg)
     kw = dict(tiling=tiling, mask=mask, logit=logit, interpret=interpret)
-    lse2 = lse * _LOG2E
+    lse2 = lse * block_math.LOG2E
     dq = _dq(q, k, v, do, lse2, delta, plan, q_seg, kv_seg, pair_rows(code), **kw)
     dk, dv = _dkdv(q, k, v, do, lse2, delta, plan, q_seg, kv_seg,
                    pair_rows(jnp.swapaxes(code, 1, 2), reverse=True), **kw)

@@ -3,7 +3,6 @@
 import re
 
 import numpy as np
-import pytest
 
 from lca.data.tokenizer import decode, encode
 from lca.eval import passkey as passkey_eval
