@@ -226,7 +226,9 @@ def mosaic_gpu_forward_smem(block_q: int, block_kv: int, head_dim: int, itemsize
 
 
 def _pass_backend(backend: str, backward: bool) -> str:
-    """The kernel family that runs a pass: the mosaic_gpu backward is the portable kernels."""
+    """The kernel family whose rules a pass follows: the mosaic_gpu backward above
+    ``MOSAIC_GPU_BWD_MAX_HEAD_DIM`` is the portable kernels (below it, :func:`plan`
+    applies :func:`mosaic_gpu_backward_plan` instead)."""
     return "gpu_portable" if backend == "mosaic_gpu" and backward else backend
 
 
