@@ -268,6 +268,11 @@ def _default_blocks(shape, device_kind):
 DEFAULT_BLOCK_CASES = {
     "causal_padded_keys": ((1, 128, 200, 1, 1, 128), dict(causal=True)),
     "packed_rows_gqa": pytest.param((2, 256, 256, 2, 1, 128), dict(segments="per_row"), marks=pytest.mark.slow),
+    "window_softcap_segments": pytest.param((1, 200, 200, 2, 1, 128),
+                                            dict(causal=True, window=90, segments=True, softcap=5.0),
+                                            marks=pytest.mark.slow),
+    # q_len > kv_len: the first rows see no key (out 0, lse -inf) in a 128-key tile.
+    "empty_rows": pytest.param((1, 200, 130, 2, 2, 128), dict(causal=True), marks=pytest.mark.slow),
 }
 
 
