@@ -115,6 +115,8 @@ def _lowered(fn, shape, segmented=False):
         ((1, 64, 300 * 64, 1, 1, 64), (64, 64), False, None, None, False),
         # 128k keys in 64-key blocks: 2049-entry schedule rows.
         ((1, 128, 128 * 1024, 2, 1, 64), (64, 64), True, None, None, False),
+        # 128k causal self-attention at head_dim 128 on the default tiles, packed documents.
+        ((1, 128 * 1024, 128 * 1024, 6, 2, 128), (64, 128), True, None, None, True),
     ],
 )
 def test_lowers_to_mosaic_gpu(shape, blocks, causal, window, softcap, segmented):
@@ -217,6 +219,7 @@ def _lowered_backward(shape, blocks=(64, 64), segmented=False, softcap=None):
         ((1, 200, 256, 2, 1, 64), True, 30.0),
         ((1, 300 * 64, 256, 2, 1, 64), False, None),  # 300 query blocks per key block's list
         ((1, 128, 128 * 1024, 2, 1, 128), False, None),  # 128k keys: 2049-entry schedule rows in dQ
+        ((1, 128 * 1024, 128 * 1024, 6, 2, 128), True, None),  # 128k packed self-attention, both kernels long
     ],
 )
 def test_backward_lowers_to_mosaic_gpu(shape, segmented, softcap):
