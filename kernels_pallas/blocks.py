@@ -45,7 +45,7 @@ _DEFAULTS = {"gpu_portable": (64, 64), "mosaic_gpu": (64, 128), "tpu": (512, 512
 _ALIGN = {"gpu_portable": 16, "mosaic_gpu": 64, "tpu": 128}
 _MAX_HEAD_DIM = 256
 MOSAIC_GPU_STAGES = 2  # key blocks in flight in the Mosaic GPU forward's TMA pipeline
-_MOSAIC_GPU_SMEM = 227 * 1024  # bytes of shared memory per block on sm_90
+MOSAIC_GPU_SMEM = 227 * 1024  # bytes of shared memory per block on sm_90
 # Mosaic GPU TMA copies move at most 256 elements along each dimension: the Q tile,
 # the K/V tiles and their position/segment rows are one copy each.
 TMA_MAX_ELEMS = 256
@@ -62,10 +62,10 @@ class GpuLimits:
 
 # Matched on jax's device_kind by longest prefix.
 GPU_LIMITS = {
-    "NVIDIA H100": GpuLimits("hopper", _MOSAIC_GPU_SMEM),
-    "NVIDIA H200": GpuLimits("hopper", _MOSAIC_GPU_SMEM),
-    "NVIDIA H800": GpuLimits("hopper", _MOSAIC_GPU_SMEM),
-    "NVIDIA GH200": GpuLimits("hopper", _MOSAIC_GPU_SMEM),
+    "NVIDIA H100": GpuLimits("hopper", MOSAIC_GPU_SMEM),
+    "NVIDIA H200": GpuLimits("hopper", MOSAIC_GPU_SMEM),
+    "NVIDIA H800": GpuLimits("hopper", MOSAIC_GPU_SMEM),
+    "NVIDIA GH200": GpuLimits("hopper", MOSAIC_GPU_SMEM),
     "NVIDIA A100": GpuLimits("ampere", 163 * 1024),
     "NVIDIA A800": GpuLimits("ampere", 163 * 1024),
     "NVIDIA L4": GpuLimits("ada", 99 * 1024),
@@ -343,10 +343,10 @@ def _check_smem(blocks: BlockSizes, head_dim: int) -> None:
     """The Mosaic GPU forward's explicit SMEM (16-bit tiles) within any Hopper's, device known or not."""
     bq, bk, d = blocks.block_q, blocks.block_kv, head_dim
     needed = estimate("mosaic_gpu", False, bq, bk, d, 2, 4).smem_bytes
-    if needed > _MOSAIC_GPU_SMEM:
+    if needed > MOSAIC_GPU_SMEM:
         raise ValueError(
             f"block_q={bq}, block_kv={bk} with head_dim={d} need {needed // 1024} KiB of shared "
-            f"memory in the mosaic_gpu forward (at most {_MOSAIC_GPU_SMEM // 1024} KiB): use "
+            f"memory in the mosaic_gpu forward (at most {MOSAIC_GPU_SMEM // 1024} KiB): use "
             f"smaller blocks (e.g. block_q=64, block_kv=64 for head_dim 256)."
         )
 
@@ -438,12 +438,12 @@ def mosaic_gpu_backward_plan(plan_: Plan, given: BlockSizes | None, head_dim: in
                 f"[64, {TMA_MAX_ELEMS}] (e.g. 64), or leave it unset."
             )
     need = mosaic_gpu_backward_smem(bq, bk, head_dim, 2)
-    if need > _MOSAIC_GPU_SMEM:
+    if need > MOSAIC_GPU_SMEM:
         fit = [(q, k) for q in (64, 128, 256) for k in (64, 128, 256)
-               if mosaic_gpu_backward_smem(q, k, head_dim, 2) <= _MOSAIC_GPU_SMEM]
+               if mosaic_gpu_backward_smem(q, k, head_dim, 2) <= MOSAIC_GPU_SMEM]
         raise ValueError(
             f"block_q_bwd={bq}, block_kv_bwd={bk} need an estimated {need} bytes of shared memory in the "
-            f"mosaic_gpu backward with head_dim={head_dim} ({_MOSAIC_GPU_SMEM} available); sizes that fit: "
+            f"mosaic_gpu backward with head_dim={head_dim} ({MOSAIC_GPU_SMEM} available); sizes that fit: "
             f"{', '.join(f'({q}, {k})' for q, k in fit) or 'none'}."
         )
     blocks = plan_.blocks

@@ -108,7 +108,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas import block_math
 from kernels_pallas.blocks import MOSAIC_GPU_STAGES as STAGES
-from kernels_pallas.blocks import GPU_LIMITS
+from kernels_pallas.blocks import MOSAIC_GPU_SMEM
 from kernels_pallas.blocks import TMA_MAX_ELEMS
 from kernels_pallas.blocks import mosaic_gpu_forward_smem
 from kernels_pallas.tiles import BlockPlan, block_lists, segment_blocks
@@ -385,7 +385,7 @@ def _check_smem(bq, bk, d, out_dtype, separate_out: bool, width):
     """
     out_bytes = jnp.dtype(out_dtype).itemsize if separate_out else 0
     need = mosaic_gpu_forward_smem(bq, bk, d, 2, width, out_bytes)
-    available = GPU_LIMITS["NVIDIA H100"].smem_bytes
+    available = MOSAIC_GPU_SMEM
     if need > available:
         fix = "use block_kv=64 (or a smaller block_q)" if bk > 64 else (
             "use a 16-bit output, head_dim <= 128, or backend='gpu_portable'")

@@ -58,7 +58,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas import block_math
-from kernels_pallas.blocks import _MOSAIC_GPU_SMEM, MOSAIC_GPU_BWD_MAX_HEAD_DIM, mosaic_gpu_backward_smem
+from kernels_pallas.blocks import MOSAIC_GPU_BWD_MAX_HEAD_DIM, MOSAIC_GPU_SMEM, mosaic_gpu_backward_smem
 from kernels_pallas.blocks import MOSAIC_GPU_STAGES as STAGES
 from kernels_pallas.gpu import portable
 from kernels_pallas.gpu.hopper import (EDGE, HIDDEN, INTERIOR, Layouts, TransposedViews, accumulate, copy_in,
@@ -147,11 +147,11 @@ def _prologue(kernel: str, lists, tiling: Tiling, d: int, interpret: bool):
 
 def _check_smem(kernel: str, bq: int, bk: int, d: int, width: int):
     need = mosaic_gpu_backward_smem(bq, bk, d, 2, width)
-    if need > _MOSAIC_GPU_SMEM:
+    if need > MOSAIC_GPU_SMEM:
         raise ValueError(
             f"the mosaic_gpu {kernel} kernel needs {need} bytes of shared memory with block_q_bwd={bq}, "
             f"block_kv_bwd={bk}, head_dim={d} and {width} schedule entries per program "
-            f"({_MOSAIC_GPU_SMEM} available): use block_q_bwd=block_kv_bwd=64, or backend='gpu_portable'."
+            f"({MOSAIC_GPU_SMEM} available): use block_q_bwd=block_kv_bwd=64, or backend='gpu_portable'."
         )
 
 
