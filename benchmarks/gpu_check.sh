@@ -43,7 +43,6 @@ KERNELS_S=${KERNELS_S:-170}; TRAIN_S=${TRAIN_S:-130}; PROFILE_S=${PROFILE_S:-80}
 # back what was measured) or a fresh folder, then (not in a dry run) the results to benchmarks/results.
 RESULTS=${OUT:-$(mktemp -d /tmp/gpu_check.XXXX)}
 mkdir -p "$RESULTS" && RESULTS=$(cd "$RESULTS" && pwd)  # absolute: the stages run from benchmarks/
-LOGS=$RESULTS
 export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT
 # Only where they are missing: the wheels are for the GPU image's Python 3.12, not for a dry run here.
 if ! python3 -c "import grain, omegaconf, tensorboardX" 2>/dev/null && [[ -d .whl ]] \
@@ -57,13 +56,13 @@ python3 -c "import grain, omegaconf" 2>/dev/null || {
 python3 -c "import jax; d = jax.devices()[0]; print('gpu_check on', d.device_kind, d.platform, 'jax', jax.__version__)"
 
 status=0
-stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $LOGS/NAME.log, remember failures
+stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $RESULTS/NAME.log, remember failures
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
   echo "== $name (limit ${limit}s): $*"
-  timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" > "$RESULTS/$name.log" 2>&1
   local rc=$?
-  echo "== $name: rc=$rc in $((SECONDS - t0))s"; tail -n 5 "$LOGS/$name.log"
+  echo "== $name: rc=$rc in $((SECONDS - t0))s"; tail -n 5 "$RESULTS/$name.log"
   [[ $rc == 0 ]] || status=1
 }
 
@@ -93,7 +92,7 @@ else
 fi
 # Subshell stages cannot set $status: read their logs' exit lines instead.
 for name in kernels train profile; do
-  grep -q "^wrote " "$LOGS/$name.log" 2>/dev/null || { echo "gpu_check: $name wrote no results"; status=1; }
+  grep -q "^wrote " "$RESULTS/$name.log" 2>/dev/null || { echo "gpu_check: $name wrote no results"; status=1; }
 done
 if [[ $DRY == 0 ]]; then
   cp "$RESULTS"/*.md "$RESULTS"/*.png "$ROOT/benchmarks/results/" 2>/dev/null
