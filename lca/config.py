@@ -70,6 +70,10 @@ class AttentionConfig:
     # device (blockwise: 512; pallas: kernels_pallas.blocks.plan, which also gives the backward its own).
     block_q: Optional[int] = None
     block_kv: Optional[int] = None
+    # The backward's tiles; None: the implementation's backward default (blockwise: the forward's
+    # sizes; pallas: the plan's backward tiles, which on an H100 differ from the forward's).
+    block_q_bwd: Optional[int] = None
+    block_kv_bwd: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -343,6 +343,8 @@ def blockwise_attention(
     scale: float | None = None,
     block_q: int | None = 512,
     block_kv: int | None = 512,
+    block_q_bwd: int | None = None,
+    block_kv_bwd: int | None = None,
     return_lse: bool = False,
     q_positions=None,
     kv_positions=None,
@@ -361,6 +363,7 @@ def blockwise_attention(
         as in ``reference_attention``.
       block_q, block_kv: block lengths, positive integers (None: 512; clamped to
         the sequence lengths; any lengths work, the remainder is padded and masked).
+      block_q_bwd, block_kv_bwd: the backward's block lengths (None: the forward's).
       return_lse: also return ``lse [batch, num_heads, q_len]`` float32
         (differentiable too).
 
@@ -373,7 +376,7 @@ def blockwise_attention(
     static = _Static(
         mask=inputs.make_mask(causal, window),
         logit=inputs.logit_options(d, scale, softcap),
-        blocks=BlockSizes(block_q, block_kv),
+        blocks=BlockSizes(block_q, block_kv, block_q_bwd, block_kv_bwd),
     )
     q_seg, kv_seg = segs if segs is not None else (None, None)
     out, lse = _attention(static, q, k, v, q_pos, kv_pos, q_seg, kv_seg)

@@ -457,7 +457,8 @@ _attention = attention_vjp(_static_forward, _static_backward)
 def cudnn_attention(
     q, k, v, *, causal: bool = False, segment_ids=None, window: int | None = None,
     softcap: float | None = None, scale: float | None = None, block_q: int | None = None,
-    block_kv: int | None = None, return_lse: bool = False, q_positions=None, kv_positions=None,
+    block_kv: int | None = None, block_q_bwd: int | None = None, block_kv_bwd: int | None = None,
+    return_lse: bool = False, q_positions=None, kv_positions=None,
 ):
     """Attention with ``reference_attention``'s semantics through cuDNN (Pallas where it cannot).
 
@@ -467,7 +468,8 @@ def cudnn_attention(
         for cuDNN (other dtypes run the Pallas kernels).
       causal, segment_ids, window, softcap, scale, q_positions, kv_positions: as in
         ``reference_attention``; which of them cuDNN expresses is in the module docstring.
-      block_q, block_kv: tile sizes of the Pallas fallback.
+      block_q, block_kv, block_q_bwd, block_kv_bwd: forward and backward tiles of the
+        Pallas fallback (None: its defaults).
       return_lse: also return ``lse [batch, num_heads, q_len]`` float32 (differentiable).
 
     Returns:
@@ -483,7 +485,7 @@ def cudnn_attention(
     defaults = q_positions is None and kv_positions is None
     q_pos, kv_pos = inputs.positions(q_positions, kv_positions, q_len, kv_len)
     st = _Static(mask, inputs.logit_options(d, scale, softcap),
-                 BlockSizes(*inputs.block_sizes(block_q, block_kv)),
+                 inputs.block_sizes(block_q, block_kv, block_q_bwd, block_kv_bwd),
                  default_case(mask, q_len, kv_len) if defaults else None)
     q_seg, kv_seg = segs if segs is not None else (None, None)
     with_lse = inputs.flag("return_lse", return_lse)

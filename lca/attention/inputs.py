@@ -14,6 +14,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from lca.attention.blocks import BlockSizes
 from lca.attention.logits import LogitOptions
 from lca.attention.mask import Mask, default_positions
 from lca.attention.static import positive_int, require_static
@@ -131,11 +132,16 @@ def make_mask(causal, window) -> Mask:
     return Mask(causal=bool(causal), window=window)
 
 
-def block_sizes(block_q, block_kv) -> tuple[int | None, int | None]:
-    """``(block_q, block_kv)`` as positive ints, or None for the implementation's default."""
+def block_sizes(block_q, block_kv, block_q_bwd=None, block_kv_bwd=None) -> BlockSizes:
+    """The user's tile sizes: positive int-likes, or None for the implementation's default.
+
+    ``block_q_bwd``/``block_kv_bwd`` tile the backward (None: the implementation's
+    backward default, which for blockwise is the forward's sizes).
+    """
     hint = " (None: the implementation's default)"
-    return (positive_int("block_q", block_q, allow_none=True, hint=hint),
-            positive_int("block_kv", block_kv, allow_none=True, hint=hint))
+    given = dict(block_q=block_q, block_kv=block_kv, block_q_bwd=block_q_bwd, block_kv_bwd=block_kv_bwd)
+    return BlockSizes(**{name: positive_int(name, value, allow_none=True, hint=hint)
+                         for name, value in given.items()})
 
 
 def flag(name: str, value) -> bool:

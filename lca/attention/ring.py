@@ -308,7 +308,8 @@ def ring_attention_shard(
     q, k, v, *, axis_name: str, layout: str = "zigzag", q_positions=None, kv_positions=None,
     segment_ids=None, causal: bool = False, window: int | None = None,
     softcap: float | None = None, scale: float | None = None, impl="blockwise",
-    block_q: int | None = None, block_kv: int | None = None, return_lse: bool = False,
+    block_q: int | None = None, block_kv: int | None = None,
+    block_q_bwd: int | None = None, block_kv_bwd: int | None = None, return_lse: bool = False,
 ):
     """Ring attention on local shards, inside your own ``jax.shard_map``.
 
@@ -326,7 +327,9 @@ def ring_attention_shard(
       impl: the per-step local implementation: a name in
         ``lca.attention.impl.IMPLS`` with a step (``"blockwise"``, ``"pallas"``)
         or a ``LocalImpl``.
-      block_q, block_kv: its block sizes (default: the implementation's).
+      block_q, block_kv: its forward tiles; block_q_bwd, block_kv_bwd: its
+        backward tiles (None: the implementation's defaults; see
+        ``lca.attention.BlockSizes``).
 
     Returns:
       local ``out [batch, q_len / n, num_heads, head_dim]`` in q's dtype (and
@@ -334,7 +337,8 @@ def ring_attention_shard(
     """
     spec, q_seg, kv_seg = sharded.validate_shard(
         q, k, v, segment_ids=segment_ids, causal=causal, window=window, softcap=softcap,
-        scale=scale, impl=impl, block_q=block_q, block_kv=block_kv, return_lse=return_lse)
+        scale=scale, impl=impl, blocks=inputs.block_sizes(block_q, block_kv, block_q_bwd, block_kv_bwd),
+        return_lse=return_lse)
     out, lse = ring_on_shards(spec, q, k, v, q_seg, kv_seg, axis_name=axis_name, layout=layout,
                               q_positions=q_positions, kv_positions=kv_positions)
     return (out, lse) if return_lse else out
@@ -344,7 +348,8 @@ def ring_attention(
     q, k, v, *, mesh, axis: str = "context", causal: bool = False, segment_ids=None,
     window: int | None = None, softcap: float | None = None, scale: float | None = None,
     layout: str = "zigzag", input_layout: str = "natural", impl="blockwise",
-    block_q: int | None = None, block_kv: int | None = None, return_lse: bool = False,
+    block_q: int | None = None, block_kv: int | None = None,
+    block_q_bwd: int | None = None, block_kv_bwd: int | None = None, return_lse: bool = False,
     batch_axes=None,
 ):
     """Exact attention with the sequence sharded over mesh axis ``axis``.
@@ -368,8 +373,9 @@ def ring_attention(
         moved to ``layout`` and back with collectives on the shards) or the same
         value as ``layout``: the data pipeline already reordered tokens with
         ``lca.parallel.to_layout`` and the output stays in that order.
-      impl, block_q, block_kv: per-step local attention (a name or a
-        ``LocalImpl`` with a step) and its block sizes (positive ints).
+      impl, block_q, block_kv, block_q_bwd, block_kv_bwd: per-step local
+        attention (a name or a ``LocalImpl`` with a step) and its forward and
+        backward tiles (positive ints; None: the implementation's defaults).
       return_lse: also return ``lse [batch, num_heads, q_len]`` float32.
       batch_axes: mesh axes sharding the batch; default: every other axis of
         size > 1 that divides it (``()`` to replicate the batch).
@@ -381,7 +387,8 @@ def ring_attention(
     spec, segs = sharded.validate_global(
         q, k, v, n=n, axis=axis, layout=layout, input_layout=input_layout,
         segment_ids=segment_ids, causal=causal, window=window, softcap=softcap, scale=scale,
-        impl=impl, block_q=block_q, block_kv=block_kv, return_lse=return_lse)
+        impl=impl, blocks=inputs.block_sizes(block_q, block_kv, block_q_bwd, block_kv_bwd),
+        return_lse=return_lse)
     return sharded.run_global(_ring_body, spec, q, k, v, segs, mesh=mesh, seq_axes=(axis,),
                               layout=layout, input_layout=input_layout,
                               axes=dict(axis_name=axis), batch_axes=batch_axes,

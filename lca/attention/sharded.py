@@ -51,15 +51,15 @@ class CallSpec:
     blocks: BlockSizes | None
 
     @classmethod
-    def build(cls, head_dim: int, *, causal, window, softcap, scale, impl, block_q,
-              block_kv) -> "CallSpec":
+    def build(cls, head_dim: int, *, causal, window, softcap, scale, impl,
+              blocks: BlockSizes) -> "CallSpec":
         """Validate the user's options once and resolve ``impl`` to a step implementation."""
         local = get_step(impl)
         return cls(
             mask=inputs.make_mask(causal, window),
             logit=inputs.logit_options(head_dim, scale, softcap),
             impl=local,
-            blocks=resolve_blocks(local, block_q, block_kv),
+            blocks=resolve_blocks(local, blocks),
         )
 
     def forward(self, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
@@ -73,14 +73,12 @@ class CallSpec:
                                   mask=self.mask, logit=self.logit, blocks=self.blocks)
 
 
-def resolve_blocks(impl: LocalImpl, block_q, block_kv) -> BlockSizes | None:
-    """User block sizes (positive int-likes), else the implementation's defaults (None: its own)."""
-    block_q, block_kv = inputs.block_sizes(block_q, block_kv)
-    if block_q is None and block_kv is None:
+def resolve_blocks(impl: LocalImpl, given: BlockSizes) -> BlockSizes | None:
+    """The user's sizes (:func:`inputs.block_sizes`), with the implementation's defaults for
+    the ones not given (None: the implementation's own choice, per step)."""
+    if given == BlockSizes():
         return impl.default_blocks
-    base = impl.default_blocks or BlockSizes()
-    return BlockSizes(base.block_q if block_q is None else block_q,
-                      base.block_kv if block_kv is None else block_kv)
+    return given.or_defaults(impl.default_blocks or BlockSizes())
 
 
 def bound_axis_size(axis_name, *, arg: str = "axis_name") -> int:
@@ -130,20 +128,20 @@ def check_vma(impl: LocalImpl, *arrays) -> None:
         )
 
 
-def validate_shard(q, k, v, *, segment_ids, causal, window, softcap, scale, impl, block_q,
-                   block_kv, return_lse):
+def validate_shard(q, k, v, *, segment_ids, causal, window, softcap, scale, impl, blocks,
+                   return_lse):
     """Trace-time checks of a shard-level call on local shards: ``(spec, q_seg, kv_seg)``."""
     b, q_len, kv_len, _, _, d = inputs.check_qkv(q, k, v)
     inputs.flag("return_lse", return_lse)
     spec = CallSpec.build(d, causal=causal, window=window, softcap=softcap, scale=scale,
-                          impl=impl, block_q=block_q, block_kv=block_kv)
+                          impl=impl, blocks=blocks)
     check_vma(spec.impl, q, k, v)
     segs = inputs.split_segment_ids(segment_ids, b, q_len, kv_len)
     return (spec, *(segs if segs is not None else (None, None)))
 
 
 def validate_global(q, k, v, *, n: int, axis, layout: str, input_layout: str, segment_ids,
-                    causal, window, softcap, scale, impl, block_q, block_kv, return_lse,
+                    causal, window, softcap, scale, impl, blocks, return_lse,
                     group: int = 1):
     """Trace-time checks shared by the global entry points, on the global shapes.
 
@@ -164,7 +162,7 @@ def validate_global(q, k, v, *, n: int, axis, layout: str, input_layout: str, se
     segs = inputs.split_segment_ids(segment_ids, b, q_len, kv_len)
     inputs.flag("return_lse", return_lse)
     spec = CallSpec.build(d, causal=causal, window=window, softcap=softcap, scale=scale,
-                          impl=impl, block_q=block_q, block_kv=block_kv)
+                          impl=impl, blocks=blocks)
     return spec, (segs if segs is not None else (None, None))
 
 

@@ -74,7 +74,8 @@ def ulysses_attention_shard(
     q, k, v, *, axis_name: str, layout: str = "contiguous", q_positions=None,
     kv_positions=None, segment_ids=None, causal: bool = False, window: int | None = None,
     softcap: float | None = None, scale: float | None = None, impl="blockwise",
-    block_q: int | None = None, block_kv: int | None = None, return_lse: bool = False,
+    block_q: int | None = None, block_kv: int | None = None,
+    block_q_bwd: int | None = None, block_kv_bwd: int | None = None, return_lse: bool = False,
 ):
     """Ulysses attention on local shards, inside your own ``jax.shard_map``.
 
@@ -94,7 +95,8 @@ def ulysses_attention_shard(
     """
     spec, q_seg, kv_seg = sharded.validate_shard(
         q, k, v, segment_ids=segment_ids, causal=causal, window=window, softcap=softcap,
-        scale=scale, impl=impl, block_q=block_q, block_kv=block_kv, return_lse=return_lse)
+        scale=scale, impl=impl, blocks=inputs.block_sizes(block_q, block_kv, block_q_bwd, block_kv_bwd),
+        return_lse=return_lse)
     out, lse = _ulysses_on_shards(spec, q, k, v, q_seg, kv_seg, axis_name=axis_name,
                                   layout=layout, q_positions=q_positions,
                                   kv_positions=kv_positions)
@@ -105,7 +107,8 @@ def ulysses_attention(
     q, k, v, *, mesh, axis: str = "context", causal: bool = False, segment_ids=None,
     window: int | None = None, softcap: float | None = None, scale: float | None = None,
     layout: str = "contiguous", input_layout: str = "natural", impl="blockwise",
-    block_q: int | None = None, block_kv: int | None = None, return_lse: bool = False,
+    block_q: int | None = None, block_kv: int | None = None,
+    block_q_bwd: int | None = None, block_kv_bwd: int | None = None, return_lse: bool = False,
     batch_axes=None,
 ):
     """Exact attention with the sequence sharded over ``axis`` via head all-to-all.
@@ -122,7 +125,8 @@ def ulysses_attention(
     spec, segs = sharded.validate_global(
         q, k, v, n=n, axis=axis, layout=layout, input_layout=input_layout,
         segment_ids=segment_ids, causal=causal, window=window, softcap=softcap, scale=scale,
-        impl=impl, block_q=block_q, block_kv=block_kv, return_lse=return_lse)
+        impl=impl, blocks=inputs.block_sizes(block_q, block_kv, block_q_bwd, block_kv_bwd),
+        return_lse=return_lse)
     return sharded.run_global(_ulysses_body, spec, q, k, v, segs, mesh=mesh, seq_axes=(axis,),
                               layout=layout, input_layout=input_layout,
                               axes=dict(axis_name=axis), batch_axes=batch_axes,

@@ -47,7 +47,8 @@ def usp_attention_shard(
     q, k, v, *, ulysses_axis: str, ring_axis: str, layout: str = "zigzag", q_positions=None,
     kv_positions=None, segment_ids=None, causal: bool = False, window: int | None = None,
     softcap: float | None = None, scale: float | None = None, impl="blockwise",
-    block_q: int | None = None, block_kv: int | None = None, return_lse: bool = False,
+    block_q: int | None = None, block_kv: int | None = None,
+    block_q_bwd: int | None = None, block_kv_bwd: int | None = None, return_lse: bool = False,
 ):
     """USP on local shards, inside your own ``jax.shard_map`` over both axes.
 
@@ -64,7 +65,8 @@ def usp_attention_shard(
     """
     spec, q_seg, kv_seg = sharded.validate_shard(
         q, k, v, segment_ids=segment_ids, causal=causal, window=window, softcap=softcap,
-        scale=scale, impl=impl, block_q=block_q, block_kv=block_kv, return_lse=return_lse)
+        scale=scale, impl=impl, blocks=inputs.block_sizes(block_q, block_kv, block_q_bwd, block_kv_bwd),
+        return_lse=return_lse)
     out, lse = _usp_body(spec, q, k, v, q_seg, kv_seg, ulysses_axis=ulysses_axis,
                          ring_axis=ring_axis, layout=layout, convert=False,
                          q_positions=q_positions, kv_positions=kv_positions)
@@ -76,7 +78,7 @@ def usp_attention(
     segment_ids=None, window: int | None = None, softcap: float | None = None,
     scale: float | None = None, layout: str = "zigzag", input_layout: str = "natural",
     impl="blockwise", block_q: int | None = None, block_kv: int | None = None,
-    return_lse: bool = False, batch_axes=None,
+    block_q_bwd: int | None = None, block_kv_bwd: int | None = None, return_lse: bool = False, batch_axes=None,
 ):
     """Exact attention with the sequence sharded over ``ring_axis x ulysses_axis``.
 
@@ -98,7 +100,8 @@ def usp_attention(
     spec, segs = sharded.validate_global(
         q, k, v, n=r, group=u, axis=ring_axis, layout=layout, input_layout=input_layout,
         segment_ids=segment_ids, causal=causal, window=window, softcap=softcap, scale=scale,
-        impl=impl, block_q=block_q, block_kv=block_kv, return_lse=return_lse)
+        impl=impl, blocks=inputs.block_sizes(block_q, block_kv, block_q_bwd, block_kv_bwd),
+        return_lse=return_lse)
     return sharded.run_global(_usp_body, spec, q, k, v, segs, mesh=mesh,
                               seq_axes=(ring_axis, ulysses_axis), layout=layout,
                               input_layout=input_layout,

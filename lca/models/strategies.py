@@ -30,7 +30,7 @@ from typing import Callable
 
 import jax
 
-from lca.attention import attention, ring_attention, ulysses_attention, usp_attention
+from lca.attention import BlockSizes, attention, ring_attention, ulysses_attention, usp_attention
 from lca.attention.impl import LocalImpl, get_impl
 from lca.config import ConfigError, ModelConfig, choice_error
 from lca.parallel import layout as layouts
@@ -91,25 +91,27 @@ class UspConfig:
 
 # --------------------------------------------------------------------------- builders
 #
-# build(section, *, mesh, impl, block_q, block_kv) -> attend
+# build(section, *, mesh, impl, blocks) -> attend
 # multiple(section, mesh) -> int
+#
+# ``blocks`` (a BlockSizes) holds model.attention's four tile sizes, None where unset.
 
 
-def _build_none(section: NoneConfig, *, mesh, impl: LocalImpl, block_q: int, block_kv: int) -> Callable:
+def _build_none(section: NoneConfig, *, mesh, impl: LocalImpl, blocks: BlockSizes) -> Callable:
     del section, mesh
-    # Block sizes go to the implementations that take them (blockwise, pallas), not to reference/xla.
+    # Block sizes go to the implementations that take them (blockwise, pallas, cudnn), not to reference/xla.
     takes_blocks = "block_q" in inspect.signature(impl.attention).parameters
-    blocks = dict(block_q=block_q, block_kv=block_kv) if takes_blocks else {}
-    return functools.partial(attention, impl=impl.name, **blocks)
+    given = {name: size for name, size in dataclasses.asdict(blocks).items() if size is not None}
+    return functools.partial(attention, impl=impl.name, **(given if takes_blocks else {}))
 
 
 def _none_multiple(section: NoneConfig, mesh) -> int:
     return 1
 
 
-def _build_ring(section: RingConfig, *, mesh, impl: LocalImpl, block_q: int, block_kv: int) -> Callable:
+def _build_ring(section: RingConfig, *, mesh, impl: LocalImpl, blocks: BlockSizes) -> Callable:
     return functools.partial(ring_attention, mesh=mesh, axis=section.axis, layout=section.layout,
-                             impl=impl.name, block_q=block_q, block_kv=block_kv)
+                             impl=impl.name, **dataclasses.asdict(blocks))
 
 
 def _ring_multiple(section: RingConfig, mesh) -> int:
@@ -117,19 +119,19 @@ def _ring_multiple(section: RingConfig, mesh) -> int:
     return layouts.natural_input_multiple(section.layout, mesh_axis_size(mesh, section.axis))
 
 
-def _build_ulysses(section: UlyssesConfig, *, mesh, impl: LocalImpl, block_q: int, block_kv: int) -> Callable:
+def _build_ulysses(section: UlyssesConfig, *, mesh, impl: LocalImpl, blocks: BlockSizes) -> Callable:
     return functools.partial(ulysses_attention, mesh=mesh, axis=section.axis, impl=impl.name,
-                             block_q=block_q, block_kv=block_kv)
+                             **dataclasses.asdict(blocks))
 
 
 def _ulysses_multiple(section: UlyssesConfig, mesh) -> int:
     return layouts.natural_input_multiple("contiguous", mesh_axis_size(mesh, section.axis))
 
 
-def _build_usp(section: UspConfig, *, mesh, impl: LocalImpl, block_q: int, block_kv: int) -> Callable:
+def _build_usp(section: UspConfig, *, mesh, impl: LocalImpl, blocks: BlockSizes) -> Callable:
     return functools.partial(usp_attention, mesh=mesh, ring_axis=section.ring_axis,
                              ulysses_axis=section.ulysses_axis, layout=section.layout, impl=impl.name,
-                             block_q=block_q, block_kv=block_kv)
+                             **dataclasses.asdict(blocks))
 
 
 def _usp_multiple(section: UspConfig, mesh) -> int:
@@ -145,7 +147,7 @@ def _usp_multiple(section: UspConfig, mesh) -> int:
 @dataclasses.dataclass(frozen=True)
 class Strategy:
     config: type  # its typed section, model.strategies.<name>
-    build: Callable  # (section, *, mesh, impl, block_q, block_kv) -> attend
+    build: Callable  # (section, *, mesh, impl, blocks) -> attend
     multiple: Callable  # (section, mesh) -> the sequence-length multiple it needs
     # Splits the sequence over a mesh and runs the implementation's step functions
     # (LocalImpl.forward/backward) on shards; otherwise it calls LocalImpl.attention.
@@ -190,8 +192,8 @@ def make_attend(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> Callable:
     if strategy.shards and mesh is None:
         raise ValueError(f"sequence strategy {name!r} splits the sequence over a mesh; pass mesh=.")
     att = model.attention
-    return strategy.build(model.strategies[name], mesh=mesh, impl=get_impl(att.impl),
-                          block_q=att.block_q, block_kv=att.block_kv)
+    blocks = BlockSizes(att.block_q, att.block_kv, att.block_q_bwd, att.block_kv_bwd)
+    return strategy.build(model.strategies[name], mesh=mesh, impl=get_impl(att.impl), blocks=blocks)
 
 
 def strategy_multiple(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> int:

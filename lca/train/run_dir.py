@@ -19,6 +19,7 @@ log = logging.getLogger("lca.train")
 COMPUTE_ONLY_MODEL_KEYS = frozenset({
     "model.dtype", "model.remat", "model.attention.impl", "model.attention.sequence",
     "model.attention.block_q", "model.attention.block_kv",
+    "model.attention.block_q_bwd", "model.attention.block_kv_bwd",
 })
 # Sections under `model.` whose every key is compute-only: how the sequence is split
 # over the mesh (layouts, axis names) never changes a parameter.

@@ -20,6 +20,8 @@ Q = jnp.zeros((1, 8, 2, 16))
     (dict(block_q=2.5), r"block_q must be a positive int .* got 2.5 of type float"),
     (dict(block_kv=True), r"block_kv must be a positive int, got the bool True"),
     (dict(block_q=np.int64(0)), r"block_q must be a positive int, got block_q=0"),
+    (dict(block_q_bwd=0), r"block_q_bwd must be a positive int, got block_q_bwd=0"),
+    (dict(block_kv_bwd=2.5), r"block_kv_bwd must be a positive int .* got 2.5 of type float"),
 ])
 def test_bad_block_sizes_name_the_argument(attention, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -65,6 +67,29 @@ def test_backward_blocks_of_their_own_give_the_same_gradients():
                              blocks=BlockSizes(8, 8, block_q_bwd=16, block_kv_bwd=4))
     for a, b in zip(same, own):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_blockwise_attention_tiles_its_backward_with_its_own_blocks(monkeypatch):
+    """block_q_bwd/block_kv_bwd reach the backward's tiling (odd sizes: padded tiles), and
+    every gradient still equals the oracle's."""
+    from lca.attention import blockwise
+    from tests.oracle import assert_matches_oracle
+
+    tilings = []
+    real = blockwise._tiling
+
+    def spy(q_len, kv_len, blocks, backward):
+        tiling = real(q_len, kv_len, blocks, backward)
+        tilings.append((backward, tiling.block_q, tiling.block_kv))
+        return tiling
+
+    monkeypatch.setattr(blockwise, "_tiling", spy)
+    q, k, v = random_qkv(2, 2, 24, 24, 4, 2, 8)
+    assert_matches_oracle(
+        lambda q, k, v: blockwise_attention(q, k, v, causal=True, window=9, block_q=8, block_kv=8,
+                                            block_q_bwd=5, block_kv_bwd=7, return_lse=True),
+        q, k, v, bound=2e-5, causal=True, window=9)
+    assert set(tilings) == {(False, 8, 8), (True, 5, 7)}
 
 
 def test_tiling_pads_to_whole_blocks():

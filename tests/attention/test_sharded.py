@@ -4,7 +4,16 @@ import jax
 import numpy as np
 import pytest
 
-from lca.attention import reference_attention, ring_attention, ulysses_attention, usp_attention
+from lca.attention import (
+    BlockSizes,
+    LocalImpl,
+    blockwise_backward,
+    blockwise_forward,
+    reference_attention,
+    ring_attention,
+    ulysses_attention,
+    usp_attention,
+)
 from lca.parallel import make_mesh
 from tests.oracle import SEQPAR, make_inputs, rel_err
 
@@ -62,6 +71,8 @@ def test_dense_impl_as_a_step_says_which_work(impl):
     (dict(block_kv=-8), r"block_kv must be a positive int or None, got block_kv=-8"),
     (dict(block_q=2.5), r"block_q must be a positive int or None"),
     (dict(block_q=True), r"block_q must be a positive int or None"),
+    (dict(block_q_bwd=0), r"block_q_bwd must be a positive int or None, got block_q_bwd=0"),
+    (dict(block_kv_bwd=1.5), r"block_kv_bwd must be a positive int or None"),
 ])
 def test_bad_block_sizes_are_refused_not_replaced(variant, blocks, match):
     q, k, v, _ = make_inputs(1, 16, 4, 2)
@@ -87,3 +98,38 @@ def test_traced_options_say_to_make_them_static():
             q, k, v, True)
     with pytest.raises(ValueError, match=r"block_q must be a static Python value"):
         jax.jit(lambda q, k, v, b: ring_attention(q, k, v, mesh=mesh, block_q=b))(q, k, v, 4)
+
+
+def _spying_step(seen: dict) -> LocalImpl:
+    """Blockwise steps that record the tiles each pass was given."""
+
+    def forward(*args, blocks, **kw):
+        seen.setdefault("forward", set()).add(blocks)
+        return blockwise_forward(*args, blocks=blocks, **kw)
+
+    def backward(*args, blocks, **kw):
+        seen.setdefault("backward", set()).add(blocks)
+        return blockwise_backward(*args, blocks=blocks, **kw)
+
+    return LocalImpl("spy", None, forward, backward, BlockSizes())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_backward_tiles_reach_every_step(variant):
+    """block_q_bwd/block_kv_bwd travel to the steps' backward, and the gradients stay exact."""
+    q, k, v, seg = make_inputs(1, 32, 4, 2, segments=True, seed=5)
+    seen = {}
+    kwargs = dict(causal=True, segment_ids=seg)
+    tiles = dict(block_q=4, block_kv=8, block_q_bwd=8, block_kv_bwd=2)
+    weights = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
+
+    def loss(attn):
+        return lambda q, k, v: (attn(q, k, v, **kwargs) * weights).sum()
+
+    sharded = lambda *a, **kw: VARIANTS[variant](  # noqa: E731
+        *a, mesh=MESHES["lca.make_mesh"](), impl=_spying_step(seen), **tiles, **kw)
+    got = jax.grad(loss(sharded), argnums=(0, 1, 2))(q, k, v)
+    assert seen == {"forward": {BlockSizes(4, 8, 8, 2)}, "backward": {BlockSizes(4, 8, 8, 2)}}
+    want = jax.grad(loss(reference_attention), argnums=(0, 1, 2))(q, k, v)
+    for name, g, w in zip("qkv", got, want):
+        assert rel_err(g, w) <= SEQPAR, (f"d{name}", rel_err(g, w))

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from lca.attention import reference_attention
+from lca.attention import BlockSizes, reference_attention
 from lca.attention.impl import get_impl
 from lca.config import load_config
 from lca.models import STRATEGIES, sequence_multiple
@@ -25,7 +25,7 @@ def qkv(b=2, length=48, h=4, h_kv=2, d=8, seed=1):
 @pytest.mark.parametrize("impl", [i for i in ("reference", "blockwise", "pallas") if i in CASES])
 def test_none_runs_each_local_impl_like_reference(impl):
     q, k, v = qkv()
-    attend = STRATEGIES["none"].build(NoneConfig(), mesh=None, impl=get_impl(impl), block_q=16, block_kv=16)
+    attend = STRATEGIES["none"].build(NoneConfig(), mesh=None, impl=get_impl(impl), blocks=BlockSizes(16, 16))
     got = jax.jit(lambda *a: attend(*a, **OPTS))(q, k, v)
     want = jax.jit(lambda *a: reference_attention(*a, **OPTS))(q, k, v)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
@@ -72,7 +72,7 @@ def test_ring_built_on_renamed_axes_matches_reference():
     mesh = jax.make_mesh((4, 2), ("dp", "sp"))
     q, k, v = qkv(length=32)
     attend = STRATEGIES["ring"].build(RingConfig(axis="sp"), mesh=mesh, impl=get_impl("blockwise"),
-                                      block_q=8, block_kv=8)
+                                      blocks=BlockSizes(8, 8))
     got = jax.jit(lambda *a: attend(*a, **OPTS))(q, k, v)
     want = reference_attention(q, k, v, **OPTS)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
@@ -90,3 +90,15 @@ def test_strategy_that_cannot_run_the_impl_fails_at_load():
 
     with pytest.raises(ConfigError, match="sequence='ring' cannot run model.attention.impl='xla'"):
         load_config("tiny", ["model.attention.sequence=ring", "model.attention.impl=xla"])
+
+
+@pytest.mark.parametrize("sequence,mesh_shape", [("none", None), ("ring", dict(context=2)),
+                                                 ("ulysses", dict(context=2))])
+def test_config_tiles_reach_the_attention_call(sequence, mesh_shape):
+    """model.attention's forward and backward tiles are the built call's arguments."""
+    mesh = None if mesh_shape is None else make_mesh(devices=jax.devices()[:2], **mesh_shape)
+    model = model_cfg(f"model.attention.sequence={sequence}", "model.attention.block_q=8",
+                      "model.attention.block_q_bwd=16", "model.attention.block_kv_bwd=4")
+    attend = strategies.make_attend(model, mesh)
+    want = dict(block_q=8, block_kv=16, block_q_bwd=16, block_kv_bwd=4)  # tiny.yaml: block_kv 16
+    assert {name: attend.keywords.get(name) for name in want} == want
