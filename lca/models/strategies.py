@@ -100,9 +100,9 @@ class UspConfig:
 def _build_none(section: NoneConfig, *, mesh, impl: LocalImpl, blocks: BlockSizes) -> Callable:
     del section, mesh
     # Block sizes go to the implementations that take them (blockwise, pallas, cudnn), not to reference/xla.
+    # Each of them reads None as its own default, as the sharded strategies' steps do.
     takes_blocks = "block_q" in inspect.signature(impl.attention).parameters
-    given = {name: size for name, size in dataclasses.asdict(blocks).items() if size is not None}
-    return functools.partial(attention, impl=impl.name, **(given if takes_blocks else {}))
+    return functools.partial(attention, impl=impl.name, **(dataclasses.asdict(blocks) if takes_blocks else {}))
 
 
 def _none_multiple(section: NoneConfig, mesh) -> int:
