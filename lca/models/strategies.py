@@ -32,7 +32,7 @@ import jax
 
 from lca.attention import BlockSizes, attention, ring_attention, ulysses_attention, usp_attention
 from lca.attention.impl import LocalImpl, get_impl
-from lca.config import ConfigError, ModelConfig, choice_error
+from lca.config import AttentionConfig, ConfigError, ModelConfig, choice_error
 from lca.parallel import layout as layouts
 from lca.parallel.sequence_sharding import mesh_axis_size
 
@@ -192,8 +192,12 @@ def make_attend(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> Callable:
     if strategy.shards and mesh is None:
         raise ValueError(f"sequence strategy {name!r} splits the sequence over a mesh; pass mesh=.")
     att = model.attention
-    blocks = BlockSizes(att.block_q, att.block_kv, att.block_q_bwd, att.block_kv_bwd)
-    return strategy.build(model.strategies[name], mesh=mesh, impl=get_impl(att.impl), blocks=blocks)
+    return strategy.build(model.strategies[name], mesh=mesh, impl=get_impl(att.impl), blocks=_tiles(att))
+
+
+def _tiles(att: AttentionConfig) -> BlockSizes:
+    """model.attention's forward and backward tile sizes (``ValueError`` naming a bad one)."""
+    return BlockSizes(att.block_q, att.block_kv, att.block_q_bwd, att.block_kv_bwd)
 
 
 def strategy_multiple(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> int:
@@ -225,6 +229,10 @@ def check(model: ModelConfig, mesh_axes: tuple[str, ...]) -> None:
         raise ConfigError(f"config key 'model.attention.impl': {err}") from None
     except ImportError as err:
         raise ConfigError(f"model.attention.impl={att.impl!r} is not available here ({err}).") from None
+    try:
+        _tiles(att)
+    except ValueError as err:  # at load: one line, not a traceback from inside the model's trace
+        raise ConfigError(f"config key 'model.attention': {err}") from None
     for name, section in model.strategies.items():
         if hasattr(section, "check"):
             section.check(f"model.strategies.{name}", mesh_axes)

@@ -102,3 +102,12 @@ def test_config_tiles_reach_the_attention_call(sequence, mesh_shape):
     attend = strategies.make_attend(model, mesh)
     want = dict(block_q=8, block_kv=16, block_q_bwd=16, block_kv_bwd=4)  # tiny.yaml: block_kv 16
     assert {name: attend.keywords.get(name) for name in want} == want
+
+
+@pytest.mark.parametrize("key", ["block_q", "block_kv", "block_q_bwd", "block_kv_bwd"])
+def test_a_bad_tile_size_fails_at_load_naming_the_key(key):
+    from lca.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"config key 'model.attention': {key} must be a positive int, "
+                                          rf"got {key}=0"):
+        load_config("tiny", [f"model.attention.{key}=0"])
