@@ -29,6 +29,7 @@ from lca.attention import landmark as landmark_lib
 
 _NT = (((1,), (1,)), ((), ()))  # q @ k.T
 _TN = (((0,), (0,)), ((), ()))  # p.T @ do: contract the query axis
+BLOCK_Q = 64  # queries per program when the caller leaves block_q unset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,17 +342,19 @@ _landmark_pallas = landmark_lib.landmark_vjp(_padded_forward, _padded_backward)
 
 
 def landmark_flash_attention(q, k, v, *, block_size: int, causal: bool = True, segment_ids=None,
-                             scale: float | None = None, q_positions=None, kv_positions=None, block_q: int = 64,
-                             interpret: bool | None = None):
+                             scale: float | None = None, q_positions=None, kv_positions=None,
+                             block_q: int | None = None, interpret: bool | None = None):
     """Landmark attention with a fused Pallas forward; arguments as :func:`lca.attention.landmark_attention`.
 
-    ``block_q``: queries per program (padded; a power of two on GPU). ``interpret``: default True off GPU.
+    ``block_q``: queries per program (padded; a power of two on GPU; None: ``BLOCK_Q`` = 64); each program
+    steps over the keys one landmark block at a time. ``interpret``: default True off GPU.
     Returns ``out [batch, q_len, num_heads, head_dim]`` in q's dtype.
     """
     r = landmark_lib.resolve_inputs(q, k, v, block_size=block_size, causal=causal, segment_ids=segment_ids,
                                     scale=scale, q_positions=q_positions, kv_positions=kv_positions)
+    block_q = BLOCK_Q if block_q is None else block_q
     if isinstance(block_q, bool) or not isinstance(block_q, int) or block_q < 1:
-        raise ValueError(f"block_q must be a positive int, got {block_q!r}.")
+        raise ValueError(f"block_q must be a positive int or None (the default, {BLOCK_Q}), got {block_q!r}.")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     q_len, kv_len = q.shape[1], k.shape[1]

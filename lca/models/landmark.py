@@ -24,7 +24,10 @@ can be attended so (packed rows keep the grouped softmax), and teacher-forced ev
 uses it too.
 
 The layer computes with its own attention functions, not ``model.attention`` (no sequence strategy: on a
-mesh XLA places it), and has no window or softcap.
+mesh XLA places it), and has no window or softcap. Of ``model.attention``'s tiles it reads ``block_kv``
+(``impl: blockwise``: keys per scan step, a multiple of ``block_size``; null: one landmark block) and
+``block_q`` (``impl: pallas``: queries per program, forward and backward; null: 64). Its backward tiles as
+its forward does, so ``block_q_bwd``/``block_kv_bwd`` are an error when every layer is a landmark layer.
 """
 
 from __future__ import annotations
@@ -102,6 +105,12 @@ class LandmarkConfig:
             raise ConfigError(f"config key '{key}.block_size'={self.block_size} must divide the attention block "
                               f"model.attention.block_kv={block_kv} (each holds whole landmark blocks); use e.g. "
                               f"block_kv={self.block_size * max(1, block_kv // self.block_size)}.")
+        bwd = {name: getattr(model.attention, name) for name in ("block_q_bwd", "block_kv_bwd")}
+        if set(model.pattern) == {"landmark"} and any(v is not None for v in bwd.values()):
+            given = ", ".join(f"'model.attention.{name}'={v}" for name, v in bwd.items() if v is not None)
+            raise ConfigError(f"config key {given} changes nothing: every layer of model.pattern is 'landmark', "
+                              f"whose backward tiles as its forward (model.attention.block_q, block_kv); "
+                              f"leave it null.")
         check_vocab_holds_landmark(model, f"that '{key}' reads")
 
     def check_run(self, key: str, cfg) -> None:

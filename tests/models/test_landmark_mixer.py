@@ -48,11 +48,18 @@ def test_config_builds_landmark_layers():
     (["model.mixers.landmark.impl=xla"], r"'model.mixers.landmark.impl' has unknown value 'xla'"),
     (["model.mixers.landmark.top_kk=2"], r"did you mean 'model.mixers.landmark.top_k'"),
     (["model.mixers.landmark.train_retrieval=1.5"], r"'model.mixers.landmark.train_retrieval' must be a share"),
+    (["model.pattern=[landmark]", "model.attention.block_kv_bwd=32"],
+     r"config key 'model.attention.block_kv_bwd'=32 changes nothing: every layer of model.pattern is 'landmark'"),
 ])
 def test_config_errors_at_load(overrides, match):
     with pytest.raises(ConfigError, match=match) as info:
         tiny(*overrides)
     assert "\n" not in str(info.value)
+
+
+def test_backward_tiles_are_accepted_where_another_layer_reads_them():
+    cfg = tiny("model.attention.block_q_bwd=8", "model.attention.block_kv_bwd=16")  # pattern [landmark, global]
+    assert (cfg.model.attention.block_q_bwd, cfg.model.attention.block_kv_bwd) == (8, 16)
 
 
 def test_landmark_rows_need_a_vocabulary_holding_the_landmark_even_without_landmark_layers():
@@ -168,6 +175,16 @@ def test_pallas_impl_equals_blockwise():
     blockwise = forward(make_model(tiny("model.num_layers=1"), seed=5), tokens)
     pallas = forward(make_model(tiny("model.num_layers=1", "model.mixers.landmark.impl=pallas"), seed=5), tokens)
     np.testing.assert_allclose(pallas, blockwise, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "pallas"])
+def test_unset_tiles_take_each_impls_default(impl):
+    # null is model.attention's documented default; the pallas kernel once rejected it as block_q=None.
+    tokens = insert_landmarks({"inputs": np.random.default_rng(2).integers(0, 256, (2, 28))}, L)["inputs"]  # 32
+    want = forward(make_model(tiny("model.num_layers=1"), seed=5), tokens)
+    got = forward(make_model(tiny("model.num_layers=1", f"model.mixers.landmark.impl={impl}",
+                                  "model.attention.block_q=null", "model.attention.block_kv=null"), seed=5), tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_rows_trained_through_retrieval_are_attended_as_decoding_attends_them():
