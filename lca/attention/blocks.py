@@ -10,6 +10,7 @@ then applies its own rules (alignment, clamping to the sequence lengths).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 from lca.attention.static import positive_int
 
@@ -35,6 +36,18 @@ class BlockSizes:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, positive_int(name, value))
+
+    @classmethod
+    def of(cls, source) -> "BlockSizes":
+        """The four sizes read off ``source`` by name (e.g. a config's ``model.attention``)."""
+        return cls(*(getattr(source, name) for name in _FIELDS))
+
+    def as_options(self, impl) -> dict:
+        """Keyword arguments for ``impl``'s single-device function (a :class:`lca.attention.impl.LocalImpl`):
+        the four sizes where it takes tiles (blockwise, pallas, cudnn; each reads None as its own
+        default), nothing where it does not (reference, xla)."""
+        takes_tiles = "block_q" in inspect.signature(impl.attention).parameters
+        return dataclasses.asdict(self) if takes_tiles else {}
 
     def or_defaults(self, default: "BlockSizes") -> "BlockSizes":
         """These sizes with every None taken from ``default``."""

@@ -24,7 +24,8 @@ from flax import nnx
 
 from typing import TYPE_CHECKING
 
-from lca.attention import attention, merge_attention
+from lca.attention import BlockSizes, attention, merge_attention
+from lca.attention.impl import get_impl
 from lca.config import ConfigError, ModelConfig
 from lca.memory import neural_memory as nm
 from lca.memory.context_parallel import ContextSplit, fresh_memory
@@ -60,6 +61,7 @@ class MagConfig:
     window: int = 64
     impl: str = "blockwise"
     rope_theta: float = 10000.0
+    blocks: BlockSizes = BlockSizes()  # the attention's tiles, where ``impl`` takes them; None: its default
 
     def __post_init__(self):
         check_rope_heads("MagConfig", self.memory.d_model, self.num_heads)
@@ -72,8 +74,9 @@ class TitansMagConfig(TitansLmmConfig):
     """``model.mixers.titans_mag``: the memory's fields, and the attention branch's window.
 
     The attention branch has ``model.num_heads`` heads of width ``d_model / num_heads``,
-    RoPE with ``model.rope_theta``, computed by ``model.attention.impl``; the persistent
-    tokens are shared by both branches.
+    RoPE with ``model.rope_theta``, computed by ``model.attention.impl`` with
+    ``model.attention``'s tiles (no sequence strategy: on a mesh XLA places it); the
+    persistent tokens are shared by both branches.
     """
 
     window: int = 64  # sliding-window size of the attention branch
@@ -86,7 +89,8 @@ class TitansMagConfig(TitansLmmConfig):
 
     def mag(self, model: ModelConfig) -> MagConfig:
         return MagConfig(memory=self.memory(model.d_model), num_heads=model.num_heads, window=self.window,
-                         impl=model.attention.impl, rope_theta=model.rope_theta)
+                         impl=model.attention.impl, rope_theta=model.rope_theta,
+                         blocks=BlockSizes.of(model.attention))
 
 
 def init_params(key: jax.Array, config: MagConfig) -> dict:
@@ -126,13 +130,14 @@ def attention_branch(params, x, positions, segment_ids, config: MagConfig):
     q, k, v = _heads(x @ params["w_qkv"], h)
     q, k = apply_rope(q, positions, config.rope_theta), apply_rope(k, positions, config.rope_theta)
     persistent = params["memory"].get("persistent")
-    local = dict(impl=config.impl, causal=True, window=config.window, segment_ids=segment_ids)
+    tiles = config.blocks.as_options(get_impl(config.impl))
+    local = dict(impl=config.impl, causal=True, window=config.window, segment_ids=segment_ids, **tiles)
     if persistent is None:
         out = attention(q, k, v, **local)
     else:
         _, pk, pv = _heads(jnp.broadcast_to(persistent, (x.shape[0],) + persistent.shape) @ params["w_qkv"], h)
         out, lse = attention(q, k, v, return_lse=True, **local)
-        prefix, prefix_lse = attention(q, pk, pv, impl=config.impl, return_lse=True)
+        prefix, prefix_lse = attention(q, pk, pv, impl=config.impl, return_lse=True, **tiles)
         out = merge_attention(out, lse, prefix, prefix_lse)[0].astype(x.dtype)
     return rearrange(out, "b l h d -> b l (h d)") @ params["w_out"]
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 from typing import Callable
 
@@ -32,7 +31,7 @@ import jax
 
 from lca.attention import BlockSizes, attention, ring_attention, ulysses_attention, usp_attention
 from lca.attention.impl import LocalImpl, get_impl
-from lca.config import AttentionConfig, ConfigError, ModelConfig, choice_error
+from lca.config import ConfigError, ModelConfig, choice_error
 from lca.parallel import layout as layouts
 from lca.parallel.sequence_sharding import mesh_axis_size
 
@@ -99,10 +98,7 @@ class UspConfig:
 
 def _build_none(section: NoneConfig, *, mesh, impl: LocalImpl, blocks: BlockSizes) -> Callable:
     del section, mesh
-    # Block sizes go to the implementations that take them (blockwise, pallas, cudnn), not to reference/xla.
-    # Each of them reads None as its own default, as the sharded strategies' steps do.
-    takes_blocks = "block_q" in inspect.signature(impl.attention).parameters
-    return functools.partial(attention, impl=impl.name, **(dataclasses.asdict(blocks) if takes_blocks else {}))
+    return functools.partial(attention, impl=impl.name, **blocks.as_options(impl))
 
 
 def _none_multiple(section: NoneConfig, mesh) -> int:
@@ -192,12 +188,7 @@ def make_attend(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> Callable:
     if strategy.shards and mesh is None:
         raise ValueError(f"sequence strategy {name!r} splits the sequence over a mesh; pass mesh=.")
     att = model.attention
-    return strategy.build(model.strategies[name], mesh=mesh, impl=get_impl(att.impl), blocks=_tiles(att))
-
-
-def _tiles(att: AttentionConfig) -> BlockSizes:
-    """model.attention's forward and backward tile sizes (``ValueError`` naming a bad one)."""
-    return BlockSizes(att.block_q, att.block_kv, att.block_q_bwd, att.block_kv_bwd)
+    return strategy.build(model.strategies[name], mesh=mesh, impl=get_impl(att.impl), blocks=BlockSizes.of(att))
 
 
 def strategy_multiple(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> int:
@@ -230,7 +221,7 @@ def check(model: ModelConfig, mesh_axes: tuple[str, ...]) -> None:
     except ImportError as err:
         raise ConfigError(f"model.attention.impl={att.impl!r} is not available here ({err}).") from None
     try:
-        _tiles(att)
+        BlockSizes.of(att)  # model.attention's tiles (ValueError naming a bad one)
     except ValueError as err:  # at load: one line, not a traceback from inside the model's trace
         raise ConfigError(f"config key 'model.attention': {err}") from None
     for name, section in model.strategies.items():

@@ -7,6 +7,7 @@ import pytest
 
 from kernels_pallas import flash_attention
 from lca.attention import BlockSizes, blockwise_attention, reference_attention
+from lca.attention.impl import get_impl
 from lca.attention.tiling import Tiling, pad_axis
 from tests.oracle import random_qkv
 
@@ -98,3 +99,20 @@ def test_tiling_pads_to_whole_blocks():
     pos = tiling.kv_position_blocks(jnp.arange(7) + 3)
     np.testing.assert_array_equal(pos, [[3, 4, 5, 6], [7, 8, 9, 9]])  # edge padded
     assert pad_axis(jnp.ones((2, 5)), 1, 8).shape == (2, 8)
+
+
+def test_tile_options_go_only_to_impls_that_take_tiles():
+    """``as_options``: all four sizes (None: the impl's default) for blockwise/pallas/cudnn, none for reference/xla."""
+    assert BlockSizes(4, 4).as_options(get_impl("reference")) == {}
+    assert BlockSizes(4, 4).as_options(get_impl("xla")) == {}
+    for impl in ("blockwise", "pallas", "cudnn"):
+        assert BlockSizes(4).as_options(get_impl(impl)) == dict(block_q=4, block_kv=None, block_q_bwd=None,
+                                                                block_kv_bwd=None)
+
+
+def test_sizes_are_read_off_a_config_by_name():
+    from lca.config import AttentionConfig
+
+    assert BlockSizes.of(AttentionConfig(block_q=8, block_kv_bwd=2)) == BlockSizes(8, None, None, 2)
+    with pytest.raises(ValueError, match="block_q_bwd must be a positive int, got block_q_bwd=0"):
+        BlockSizes.of(AttentionConfig(block_q_bwd=0))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lca.config import ModelConfig
+from lca.attention import BlockSizes
+from lca.config import AttentionConfig, ModelConfig
 from lca.memory import mag
 from lca.memory import neural_memory as nm
 from lca.models.mixers import MixerEnv
@@ -56,6 +57,28 @@ def test_mag_mixer_gradients_reach_every_parameter():
     _, x, positions = _setup(length=9)
     # attention + memory projections/gates/conv/persistent + memory MLP
     assert_gradients_reach_every_parameter(mixer, x, positions, 4 + 6 + 2)
+
+
+def test_the_attention_tiles_reach_both_attention_calls(monkeypatch):
+    """model.attention's tiles tile the window and the prefix attention; the result and gradients stand."""
+    model = dataclasses.replace(ENV.model, attention=AttentionConfig(block_q=4, block_kv=3, block_q_bwd=5,
+                                                                     block_kv_bwd=2))
+    tiled = SECTION.mag(model)
+    assert tiled.blocks == BlockSizes(4, 3, 5, 2)
+    seen, real = [], mag.attention
+
+    def spy(*args, **options):
+        seen.append({name: options.get(name) for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd")})
+        return real(*args, **options)
+
+    monkeypatch.setattr(mag, "attention", spy)
+    params, x, positions = _setup()
+    loss = lambda config: lambda p: jnp.sum(jnp.sin(mag.mag_layer(p, x, positions, config=config)))  # noqa: E731
+    got, got_grads = jax.value_and_grad(loss(tiled))(params)
+    assert seen == [dict(block_q=4, block_kv=3, block_q_bwd=5, block_kv_bwd=2)] * 2  # window, then prefix
+    want, want_grads = jax.value_and_grad(loss(CONFIG))(params)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6), got_grads, want_grads)
 
 
 @pytest.mark.parametrize("field, value", [("num_heads", 3), ("window", 0)])
