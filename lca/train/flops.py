@@ -7,9 +7,13 @@ step is computed (remat recomputation and a flash backward's extra matmul are no
 "model" FLOPs):
 
 * matmuls: ``6 x matmul parameters x tokens`` (forward 2, backward 4 per
-  multiply-add), where the matmul parameters are every dense kernel plus the
-  embedding table when it is tied (it is then also the output projection; an untied
-  table is a lookup, not a matmul);
+  multiply-add), where the matmul parameters are every parameter with two or more
+  axes (dense kernels, Titans' projections, depthwise convolution taps and memory
+  MLP weights), except an untied embedding table (a lookup, not a matmul; tied, it is
+  also the output projection and counts) and persistent memory tokens (extra inputs,
+  not weights a token is multiplied by). Norm scales, biases and gains have one axis.
+  A Titans memory's MLP weights count as one dense layer's, a lower bound: its
+  test-time update also takes their gradient at every chunk;
 * attention, per attention layer: ``QK^T`` and ``PV`` take ``2 x 2 x heads x head_dim``
   FLOPs per attended (query, key) pair forward, three times that for training.
   Causal attention over ``T`` tokens attends ``T^2 / 2`` pairs; a sliding window
@@ -21,7 +25,8 @@ step is computed (remat recomputation and a flash backward's extra matmul are no
   ids, every row is one sequence of ``T`` tokens (:meth:`StepFlops.dense`).
 
 Mixer kinds that are not GQA attention (``global``/``local``) contribute their
-dense kernels through the parameter count and nothing for attention.
+weights through the parameter count and nothing for attention: landmark layers'
+grouped softmax and Titans' sliding-window and segment attention are not counted.
 """
 
 from __future__ import annotations
@@ -37,11 +42,13 @@ from lca.models.mixers import layer_mixers
 
 
 def matmul_params(params, *, tied: bool) -> int:
-    """Weights that take part in matrix products: every ``kernel`` leaf, plus the tied embedding table."""
+    """Weights that take part in matrix products: every leaf of two or more axes but an untied embedding
+    table and persistent memory tokens (see the module docstring)."""
+    not_weights = {"persistent"} | (set() if tied else {"embedding"})
     total = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = getattr(path[-1], "key", getattr(path[-1], "name", None))
-        if name == "kernel" or (tied and name == "embedding"):
+        if len(leaf.shape) >= 2 and name not in not_weights:
             total += int(leaf.size)
     return total
 

@@ -34,6 +34,21 @@ def test_untied_table_is_a_lookup_and_the_output_projection_counts(tmp_path):
     assert train_step_flops(cfg, _abstract_params(cfg)) == train_step_flops(tied, _abstract_params(tied))
 
 
+def test_titans_weights_count_and_persistent_tokens_do_not(tmp_path):
+    # One titans_mag layer on tiny (d 32, mlp 64, vocab 384, tied): its memory of 2 heads of 16 features,
+    # a depth-2 MLP of expansion 2 per head, conv 4, 3 persistent tokens; MAG's attention projections.
+    cfg = load_config("tiny", [f"run_dir={tmp_path}", "train.seq_len=64", "train.global_batch=4",
+                               "model.pattern=[titans_mag]", "model.num_layers=1",
+                               "model.mixers.titans_mag.memory_heads=2", "model.mixers.titans_mag.persistent=3",
+                               "model.mixers.titans_mag.window=16"])
+    d, mlp, vocab, t, b = 32, 64, 384, 64, 4
+    memory = d * 3 * d + d * d + d * 3 * 2 + 4 * 3 * d + 2 * (16 * 32 + 32 * 16)  # qkv, out, gates, conv, MLPs
+    mag = d * 3 * d + d * d  # the attention branch's qkv and out
+    weights = memory + mag + 3 * d * mlp + d * vocab
+    # The sliding-window attention is not counted (module docstring): matmuls only.
+    assert train_step_flops(cfg, _abstract_params(cfg)) == 6 * weights * b * t
+
+
 @pytest.mark.parametrize("t, window, pairs", [(8, None, 32), (8, 8, 32), (8, 100, 32), (8, 2, 14), (8, 1, 7.5)])
 def test_attended_pairs(t, window, pairs):
     assert attended_pairs(t, window) == pairs
