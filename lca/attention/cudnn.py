@@ -502,4 +502,4 @@ def cudnn_attention(
 # cuDNN's primitives and the interpreted Pallas fallback carry no varying-axes
 # information, so ring/Ulysses/USP run their shard_map unchecked for this impl.
 CUDNN = LocalImpl("cudnn", cudnn_attention, forward, backward, default_blocks=None,
-                  check_vma=False)
+                  check_vma=False, require=lambda: require_cuda())  # late-bound: tests may stand in for it

@@ -50,6 +50,9 @@ class LocalImpl:
     default_blocks: BlockSizes | None = None
     # Whether its steps type-check under ``jax.shard_map(check_vma=True)``.
     check_vma: bool = True
+    # Raises a ValueError (saying what to use instead) where it cannot run on these devices; None: runs anywhere.
+    # A launcher calls it once the devices are known, so a run fails before it writes anything.
+    require: Callable[[], None] | None = None
 
     @property
     def is_step(self) -> bool:

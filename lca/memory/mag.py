@@ -85,6 +85,10 @@ class TitansMagConfig(TitansLmmConfig):
         super().check(key, model)
         if self.window < 1:
             raise ConfigError(f"config key '{key}.window' must be an int >= 1, got {self.window!r}.")
+        if self.persistent and model.attention.impl == "xla":  # the prefix is merged in by its lse
+            raise ConfigError(f"config key '{key}.persistent'={self.persistent} needs the attention's log-sum-exp, "
+                              f"which model.attention.impl='xla' does not give; use impl=blockwise (or pallas, "
+                              f"reference) or {key}.persistent=0.")
         check_rope_section(key, model)
 
     def mag(self, model: ModelConfig) -> MagConfig:

@@ -22,6 +22,7 @@ import jax.extend.core as jax_core
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lca.attention.impl import get_impl
 from lca.config import Config, ConfigError
 from lca.models.build import attention_name, make_model, sequence_multiple, split_params
 from lca.parallel import make_mesh
@@ -44,8 +45,20 @@ def build_mesh(cfg: Config) -> jax.sharding.Mesh:
         raise ConfigError(f"mesh does not fit the {jax.device_count()} devices: {err}") from None
 
 
+def check_runs_here(cfg: Config) -> None:
+    """``model.attention.impl`` can run on these devices (cudnn needs a CUDA GPU), else a ConfigError."""
+    impl = get_impl(cfg.model.attention.impl)
+    if impl.require is None:
+        return
+    try:
+        impl.require()
+    except ValueError as err:
+        raise ConfigError(f"config key 'model.attention.impl': {err}") from None
+
+
 def check_fits(cfg: Config, mesh: jax.sharding.Mesh) -> None:
-    """Shapes the mesh cannot divide, as ConfigErrors naming the keys to change."""
+    """Shapes the mesh cannot divide, and an impl these devices cannot run, as ConfigErrors naming the keys."""
+    check_runs_here(cfg)
     multiple = sequence_multiple(cfg, mesh)
     seq_len = cfg.train.seq_len
     if seq_len % multiple:
@@ -69,6 +82,7 @@ def check_fits(cfg: Config, mesh: jax.sharding.Mesh) -> None:
 
 
 def check_eval_fits(cfg: Config, mesh: jax.sharding.Mesh) -> None:
+    check_runs_here(cfg)
     chunks = sequence_multiple(cfg, mesh)
     lengths = [cfg.eval.seq_len or cfg.train.seq_len, *cfg.eval.context_lengths]
     bad = [n for n in lengths if n % chunks]

@@ -90,3 +90,19 @@ def test_lca_eval_without_checkpoints_is_one_line(tmp_path, capfd):
     err = capfd.readouterr().err
     assert err.startswith("lca-eval: error: ") and "has no checkpoint to evaluate" in err and err.count("\n") == 1, err
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
+
+
+def test_an_impl_these_devices_cannot_run_is_one_line_before_anything_is_written(tmp_path, capsys):
+    """impl=cudnn on CPU: refused with the impls that would run, before a run_dir is written."""
+    run_dir = tmp_path / "run"
+    assert train_cli.main(["tiny", f"run_dir={run_dir}", "model.attention.impl=cudnn"]) == 2
+    assert "'model.attention.impl': impl='cudnn' runs cuDNN's fused attention and needs a CUDA GPU" in (
+        one_line_error(capsys))
+    assert not run_dir.exists()
+    # lca-eval runs the same check once its mesh is built (after it finds a checkpoint).
+    from lca.config import ConfigError
+    from lca.train.setup import build_mesh, check_eval_fits
+
+    cfg = load_config("tiny", [f"run_dir={run_dir}", "model.attention.impl=cudnn"])
+    with pytest.raises(ConfigError, match=r"needs a CUDA GPU.*'blockwise', 'pallas'"):
+        check_eval_fits(cfg, build_mesh(cfg))

@@ -61,6 +61,16 @@ def test_bad_sections_are_one_line_config_errors(kind, override, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("kind", ["titans_mag", "titans_mal"])
+def test_persistent_tokens_with_an_impl_without_lse_are_a_config_error(kind):
+    # The window attention merges the persistent prefix in by log-sum-exp, which impl=xla cannot give.
+    overrides = [f"model.pattern=[{kind}]", f"model.mixers.{kind}.persistent=2", "model.attention.impl=xla"]
+    with pytest.raises(ConfigError, match=rf"'model.mixers.{kind}.persistent'=2 needs the attention's log-sum-exp"):
+        load_config("tiny", overrides)
+    load_config("tiny", [*overrides[:2], "model.attention.impl=blockwise"])
+    load_config("tiny", [overrides[0], overrides[2]])  # no persistent tokens: nothing to merge
+
+
 @pytest.mark.parametrize("kind", ["titans_mag", "titans_mal", "titans_mac"])
 def test_attention_heads_of_odd_width_are_a_config_error(kind):
     with pytest.raises(ConfigError, match=rf"'model.mixers.{kind}' with model: head_dim = .* = 9 must be even"):
