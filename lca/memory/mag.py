@@ -16,6 +16,7 @@ vector-valued weights, then a non-linearity"; we read it as above.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from lca.config import ConfigError, ModelConfig
 from lca.memory import neural_memory as nm
 from lca.memory.context_parallel import ContextSplit, fresh_memory
 from lca.memory.mixer import ContextPlacement, TitansLmmConfig, as_arrays, as_variables
+from lca.models.kv_cache import KVCache, attend_cached, empty_kv_cache
 from lca.models.rope import apply_rope
 
 if TYPE_CHECKING:
@@ -128,22 +130,57 @@ def _heads(z, h):
     return (rearrange(t, "b l (h d) -> b l h d", h=h) for t in jnp.split(z, 3, axis=-1))
 
 
+def _projected(params, x, positions, config: MagConfig):
+    """``q, k, v [b, l, h, d]`` of ``x [b, l, d_model]``, rotary applied to q and k at ``positions``."""
+    q, k, v = _heads(x @ params["w_qkv"], config.num_heads)
+    return apply_rope(q, positions, config.rope_theta), apply_rope(k, positions, config.rope_theta), v
+
+
+def _output(params, q, out, lse, config: MagConfig, dtype):
+    """The window's ``out [b, l, h, d]`` (and its ``lse``) with the persistent prefix merged in, projected."""
+    persistent = params["memory"].get("persistent")
+    if persistent is not None:
+        _, pk, pv = _heads(jnp.broadcast_to(persistent, (q.shape[0],) + persistent.shape) @ params["w_qkv"],
+                           config.num_heads)
+        tiles = config.blocks.as_options(get_impl(config.impl))
+        prefix, prefix_lse = attention(q, pk, pv, impl=config.impl, return_lse=True, **tiles)
+        out = merge_attention(out, lse, prefix, prefix_lse)[0]
+    return rearrange(out.astype(dtype), "b l h d -> b l (h d)") @ params["w_out"]
+
+
 def attention_branch(params, x, positions, segment_ids, config: MagConfig):
     """Sliding-window causal attention over ``x [b, l, d_model]`` with the persistent prefix visible to all."""
-    h = config.num_heads
-    q, k, v = _heads(x @ params["w_qkv"], h)
-    q, k = apply_rope(q, positions, config.rope_theta), apply_rope(k, positions, config.rope_theta)
-    persistent = params["memory"].get("persistent")
+    q, k, v = _projected(params, x, positions, config)
+    has_prefix = params["memory"].get("persistent") is not None
     tiles = config.blocks.as_options(get_impl(config.impl))
-    local = dict(impl=config.impl, causal=True, window=config.window, segment_ids=segment_ids, **tiles)
-    if persistent is None:
-        out = attention(q, k, v, **local)
-    else:
-        _, pk, pv = _heads(jnp.broadcast_to(persistent, (x.shape[0],) + persistent.shape) @ params["w_qkv"], h)
-        out, lse = attention(q, k, v, return_lse=True, **local)
-        prefix, prefix_lse = attention(q, pk, pv, impl=config.impl, return_lse=True, **tiles)
-        out = merge_attention(out, lse, prefix, prefix_lse)[0].astype(x.dtype)
-    return rearrange(out, "b l h d -> b l (h d)") @ params["w_out"]
+    result = attention(q, k, v, impl=config.impl, causal=True, window=config.window, segment_ids=segment_ids,
+                       return_lse=has_prefix, **tiles)
+    out, lse = result if has_prefix else (result, None)
+    return _output(params, q, out, lse, config, x.dtype)
+
+
+def attention_branch_cached(params, x, positions, cache: KVCache, config: MagConfig):
+    """:func:`attention_branch` of the next ``t`` tokens ``x [b, t, d_model]`` over ``cache`` and themselves.
+
+    Returns ``(out [b, t, d_model], cache)``; the cache holds the keys and values of every earlier token
+    (:mod:`lca.models.kv_cache`), and one document per row is assumed, as in decoding.
+    """
+    q, k, v = _projected(params, x, positions, config)
+    (out, lse), cache = attend_cached(q, k, v, cache, window=config.window, return_lse=True)
+    return _output(params, q, out, lse, config, x.dtype), cache
+
+
+def start_attention_cache(config: MagConfig, batch: int, max_len: int) -> KVCache:
+    """An empty float32 cache for :func:`attention_branch_cached`: room for ``max_len`` tokens."""
+    head_dim = config.memory.d_model // config.num_heads
+    return empty_kv_cache(batch, max_len, config.num_heads, head_dim, jnp.float32)
+
+
+class TitansCache(NamedTuple):
+    """A MAG or MAL layer's inference state: its memory's, and its attention's keys and values."""
+
+    memory: nm.MemoryState
+    attention: KVCache
 
 
 def mag_layer(
@@ -156,6 +193,18 @@ def mag_layer(
     """
     a = attention_branch(params, x, positions, segment_ids, config)
     m = fresh_memory(params["memory"], x, config=config.memory, split=split)
+    return _gate(params, a, m)
+
+
+def mag_extend(params: dict, x: jax.Array, positions: jax.Array, cache: TitansCache, *, config: MagConfig):
+    """:func:`mag_layer` of the next ``t`` tokens ``x [b, t, d_model]`` after those in ``cache``:
+    ``(out [b, t, d_model], cache)``; streaming a sequence so equals one call over all of it."""
+    a, attention_cache = attention_branch_cached(params, x, positions, cache.attention, config)
+    m, memory = nm.memory_layer(params["memory"], cache.memory, x, config=config.memory)
+    return _gate(params, a, m), TitansCache(memory, attention_cache)
+
+
+def _gate(params, a, m):
     return _rms(a) * params["gain_attn"] * jax.nn.sigmoid(_rms(m) * params["gain_memory"])
 
 
@@ -164,12 +213,13 @@ class MagMixer(nnx.Module):
 
     The attention branch honours ``segment_ids``; the memory branch carries across a row
     (packing is not supported by the memory yet). MAL subclasses it with its own
-    ``init_params`` and ``layer``.
+    ``init_params``, ``layer`` and ``layer_extend``.
     """
 
     init_params = staticmethod(init_params)
     param_axes = staticmethod(param_axes)
     layer = staticmethod(mag_layer)
+    layer_extend = staticmethod(mag_extend)
 
     def __init__(self, cfg: TitansMagConfig, env: MixerEnv, *, rngs: nnx.Rngs):
         self.config = cfg.mag(env.model)
@@ -180,3 +230,16 @@ class MagMixer(nnx.Module):
         y = self.layer(as_arrays(self.parameters), x.astype(jnp.float32), positions, segment_ids,
                        config=self.config, split=self.place(x))
         return y.astype(x.dtype)
+
+    def start_cache(self, batch: int, max_len: int, dtype) -> TitansCache:
+        """The memory after its persistent tokens and an empty attention cache of ``max_len`` tokens
+        (inference, :mod:`lca.models.generate`); the layer computes in float32 whatever ``dtype``."""
+        del dtype
+        memory = nm.fresh_state(as_arrays(self.parameters)["memory"], self.config.memory, batch)
+        return TitansCache(memory, start_attention_cache(self.config, batch, max_len))
+
+    def extend(self, x, positions, cache: TitansCache):
+        """The next ``t`` tokens ``x [b, t, d_model]`` at ``positions [b, t]`` -> ``(out [b, t, d_model], cache)``."""
+        y, cache = self.layer_extend(as_arrays(self.parameters), x.astype(jnp.float32), positions, cache,
+                                     config=self.config)
+        return y.astype(x.dtype), cache

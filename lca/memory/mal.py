@@ -19,8 +19,10 @@ import dataclasses
 
 import jax
 
+from lca.memory import neural_memory as nm
 from lca.memory.context_parallel import ContextSplit, fresh_memory
-from lca.memory.mag import MagConfig, MagMixer, TitansMagConfig, attention_branch
+from lca.memory.mag import (MagConfig, MagMixer, TitansCache, TitansMagConfig, attention_branch,
+                            attention_branch_cached)
 from lca.memory.mag import init_params as mag_init_params
 from lca.memory.mag import param_axes as mag_param_axes
 
@@ -54,9 +56,18 @@ def mal_layer(
     return attention_branch(params, y, positions, segment_ids, config)
 
 
+def mal_extend(params: dict, x: jax.Array, positions: jax.Array, cache: TitansCache, *, config: MagConfig):
+    """:func:`mal_layer` of the next ``t`` tokens ``x [b, t, d_model]`` after those in ``cache``:
+    ``(out [b, t, d_model], cache)``; streaming a sequence so equals one call over all of it."""
+    y, memory = nm.memory_layer(params["memory"], cache.memory, x, config=config.memory)
+    out, attention_cache = attention_branch_cached(params, y, positions, cache.attention, config)
+    return out, TitansCache(memory, attention_cache)
+
+
 class MalMixer(MagMixer):
     """MAL with the mixer call signature ``mixer(x, positions, segment_ids)`` (MAG's, with MAL's layer)."""
 
     init_params = staticmethod(init_params)
     param_axes = staticmethod(param_axes)
     layer = staticmethod(mal_layer)
+    layer_extend = staticmethod(mal_extend)

@@ -24,7 +24,8 @@ from flax import nnx
 
 from lca.config import ConfigError, ModelConfig, choice_error
 from lca.memory.context_parallel import ContextSplit, fresh_memory
-from lca.memory.neural_memory import ACTIVATIONS, INIT_FORGET, MAX_GRAD_NORM, MemoryConfig, init_params, param_axes
+from lca.memory.neural_memory import (ACTIVATIONS, INIT_FORGET, MAX_GRAD_NORM, MemoryConfig, MemoryState, fresh_state,
+                                       init_params, memory_layer, param_axes)
 from lca.parallel.sharding import logical_to_spec
 
 if TYPE_CHECKING:
@@ -139,3 +140,16 @@ class MemoryMixer(nnx.Module):
         params = as_arrays(self.parameters)
         y = fresh_memory(params, x.astype(jnp.float32), config=self.config, split=self.place(x))
         return y.astype(x.dtype)
+
+    def start_cache(self, batch: int, max_len: int, dtype) -> MemoryState:
+        """The memory's state after its persistent tokens (inference, :mod:`lca.models.generate`): a fixed
+        size whatever ``max_len``, float32 whatever ``dtype``."""
+        del max_len, dtype
+        return fresh_state(as_arrays(self.parameters), self.config, batch)
+
+    def extend(self, x, positions, cache: MemoryState):
+        """Stream the next ``t`` tokens ``x [b, t, d_model]`` -> ``(out [b, t, d_model], state)``: the chunk
+        grid counts from the first token, so streaming equals one call over the whole sequence."""
+        del positions
+        y, state = memory_layer(as_arrays(self.parameters), cache, x.astype(jnp.float32), config=self.config)
+        return y.astype(x.dtype), state

@@ -30,11 +30,12 @@ def empty_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, d
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
-def attend_cached(q, k, v, cache: KVCache, *, window=None, softcap=None, scale=None):
+def attend_cached(q, k, v, cache: KVCache, *, window=None, softcap=None, scale=None, return_lse=False):
     """Causal attention of the next ``t`` tokens over the cache and themselves; ``(out, cache)``.
 
     ``q [b, t, h, d]``, ``k, v [b, t, h_kv, d]`` (rotary applied at their positions); the cache must have
-    room for them (``length + t <= max_len``; not checked when ``length`` is traced).
+    room for them (``length + t <= max_len``; not checked when ``length`` is traced). ``return_lse``:
+    ``out`` is ``(out, lse [b, h, t])``, as :func:`lca.attention.reference_attention` returns it.
     """
     max_len = cache.keys.shape[1]
     if q.shape[1] > max_len:
@@ -44,5 +45,6 @@ def attend_cached(q, k, v, cache: KVCache, *, window=None, softcap=None, scale=N
     values = jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), start)
     q_positions = cache.length + jnp.arange(q.shape[1], dtype=jnp.int32)
     out = reference_attention(q, keys, values, causal=True, window=window, softcap=softcap, scale=scale,
-                              q_positions=q_positions, kv_positions=jnp.arange(max_len, dtype=jnp.int32))
+                              q_positions=q_positions, kv_positions=jnp.arange(max_len, dtype=jnp.int32),
+                              return_lse=return_lse)
     return out, KVCache(keys, values, cache.length + q.shape[1])
