@@ -136,14 +136,16 @@ def _projected(params, x, positions, config: MagConfig):
     return apply_rope(q, positions, config.rope_theta), apply_rope(k, positions, config.rope_theta), v
 
 
-def _output(params, q, out, lse, config: MagConfig, dtype):
-    """The window's ``out [b, l, h, d]`` (and its ``lse``) with the persistent prefix merged in, projected."""
+def _output(params, q, out, lse, config: MagConfig, dtype, options: dict):
+    """The window's ``out [b, l, h, d]`` (and its ``lse``) with the persistent prefix merged in, projected.
+
+    ``options``: how the prefix is attended (``impl`` and its tiles), as the window was.
+    """
     persistent = params["memory"].get("persistent")
     if persistent is not None:
         _, pk, pv = _heads(jnp.broadcast_to(persistent, (q.shape[0],) + persistent.shape) @ params["w_qkv"],
                            config.num_heads)
-        tiles = config.blocks.as_options(get_impl(config.impl))
-        prefix, prefix_lse = attention(q, pk, pv, impl=config.impl, return_lse=True, **tiles)
+        prefix, prefix_lse = attention(q, pk, pv, return_lse=True, **options)
         out = merge_attention(out, lse, prefix, prefix_lse)[0]
     return rearrange(out.astype(dtype), "b l h d -> b l (h d)") @ params["w_out"]
 
@@ -152,11 +154,11 @@ def attention_branch(params, x, positions, segment_ids, config: MagConfig):
     """Sliding-window causal attention over ``x [b, l, d_model]`` with the persistent prefix visible to all."""
     q, k, v = _projected(params, x, positions, config)
     has_prefix = params["memory"].get("persistent") is not None
-    tiles = config.blocks.as_options(get_impl(config.impl))
-    result = attention(q, k, v, impl=config.impl, causal=True, window=config.window, segment_ids=segment_ids,
-                       return_lse=has_prefix, **tiles)
+    options = dict(impl=config.impl, **config.blocks.as_options(get_impl(config.impl)))
+    result = attention(q, k, v, causal=True, window=config.window, segment_ids=segment_ids,
+                       return_lse=has_prefix, **options)
     out, lse = result if has_prefix else (result, None)
-    return _output(params, q, out, lse, config, x.dtype)
+    return _output(params, q, out, lse, config, x.dtype, options)
 
 
 def attention_branch_cached(params, x, positions, cache: KVCache, config: MagConfig):
@@ -167,7 +169,8 @@ def attention_branch_cached(params, x, positions, cache: KVCache, config: MagCon
     """
     q, k, v = _projected(params, x, positions, config)
     (out, lse), cache = attend_cached(q, k, v, cache, window=config.window, return_lse=True)
-    return _output(params, q, out, lse, config, x.dtype), cache
+    # Dense, as attend_cached: a decoding step's few queries gain nothing from a kernel's tiles.
+    return _output(params, q, out, lse, config, x.dtype, dict(impl="reference")), cache
 
 
 def start_attention_cache(config: MagConfig, batch: int, max_len: int) -> KVCache:
