@@ -26,13 +26,18 @@ the segments of its shard and hands the memory state on, pipelined over micro-ba
 That needs each device's shard to be whole segments (``l / devices`` a multiple of
 ``segment``); otherwise XLA runs the global scan on the gathered sequence (exact, not
 sharded), with a warning.
+
+Inference (:func:`mac_extend`, :mod:`lca.models.generate`) keeps a :class:`MacCache` of fixed size whatever
+the context length: the memory at the start of the open segment and that segment's inputs so far. Each call
+reruns the open segment from there, because every token of a segment retrieves from ``M_{t-1}`` and the
+memory learns from the whole segment's ``S_t + y_t``: a decoded token costs one segment's work, ``O(segment)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -141,21 +146,74 @@ def segment_attention(params: dict, s, h, positions, config: MacConfig) -> jax.A
     return rearrange(out, "b c h d -> b c (h d)") @ params["w_out"]
 
 
-def mac_segments(params: dict, state: nm.MemoryState, x, positions, *, config: MacConfig):
-    """MAC over whole segments from ``state``: ``x [b, n * segment, d_model]`` -> ``(y alike, end state)``."""
+def mac_segments(params: dict, state: nm.MemoryState, x, positions, *, config: MacConfig, complete=None):
+    """MAC over whole segments from ``state``: ``x [b, n * segment, d_model]`` -> ``(y alike, end state)``.
+
+    ``complete``: how many leading segments are whole (an int32 scalar; None: all ``n``). The state then
+    stops after them, so zero padding in the segments past them never reaches the memory.
+    """
     c = config.segment
     xs = rearrange(x, "b (n c) d -> n b c d", c=c)
     ps = rearrange(positions, "b (n c) -> n b c", c=c)
 
     def step(state, inputs):
-        s, pos = inputs
+        s, pos, index = inputs
         y = segment_attention(params, s, retrieve_context(params, state, s, config), pos, config)
         # the memory learns from the segment's residual stream after attention (see the module docstring)
-        m, state = nm.memory_layer(params["memory"], state, s + y, config=config.memory)
-        return state, y * jax.nn.sigmoid(m)
+        m, new = nm.memory_layer(params["memory"], state, s + y, config=config.memory)
+        if complete is not None:
+            new = jax.tree.map(lambda a, b: jnp.where(index < complete, a, b), new, state)
+        return new, y * jax.nn.sigmoid(m)
 
-    state, out = jax.lax.scan(step, state, (xs, ps))
+    state, out = jax.lax.scan(step, state, (xs, ps, jnp.arange(xs.shape[0])))
     return rearrange(out, "n b c d -> b (n c) d"), state
+
+
+class MacCache(NamedTuple):
+    """A MAC layer's inference state, whatever the context length (batch ``b``, ``segment`` tokens ``c``).
+
+    memory: the memory at the start of the open segment, ``M_{t-1}``.
+    inputs: the open segment's inputs so far ``[b, c, d_model]`` float32, zeros after ``count``.
+    positions: their positions ``[b, c]`` int32, zeros after ``count``.
+    count: tokens in the open segment (int32 scalar, ``0 <= count < c``).
+    """
+
+    memory: nm.MemoryState
+    inputs: jax.Array
+    positions: jax.Array
+    count: jax.Array
+
+
+def start_mac_cache(params: dict, config: MacConfig, batch: int) -> MacCache:
+    """The cache before the first token: the memory after its persistent tokens, an empty segment."""
+    c, d = config.segment, config.memory.d_model
+    return MacCache(nm.fresh_state(params["memory"], config.memory, batch), jnp.zeros((batch, c, d), jnp.float32),
+                    jnp.zeros((batch, c), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def mac_extend(params: dict, x: jax.Array, positions: jax.Array, cache: MacCache, *, config: MacConfig):
+    """:func:`mac_layer` of the next ``t`` tokens ``x [b, t, d_model]`` at ``positions [b, t]`` after those in
+    ``cache``: ``(out [b, t, d_model], cache)``; streaming a sequence so equals one call over all of it.
+
+    The open segment's earlier tokens are rerun with ``x`` from the memory at its start (see the module
+    docstring); one document per row, as in decoding.
+    """
+    b, t, d = x.shape
+    rows, _, width = cache.inputs.shape
+    if (b, d) != (rows, width) or positions.shape != (b, t):
+        raise ValueError(f"mac_extend: x must be [batch={rows}, t, d_model={width}] with positions [batch, t] "
+                         f"(the cache's batch and width); got x {x.shape} and positions {positions.shape}.")
+    c, count = config.segment, cache.count
+    run = c * -(-(c - 1 + t) // c)  # whole segments enough for count + t tokens, count < c
+    # one more zero segment to slice the next open segment from when count + t ends on a boundary
+    room = lambda z: jnp.pad(z, [(0, 0), (0, run)] + [(0, 0)] * (z.ndim - 2))  # noqa: E731
+    xs = jax.lax.dynamic_update_slice_in_dim(room(cache.inputs), x.astype(jnp.float32), count, axis=1)
+    ps = jax.lax.dynamic_update_slice_in_dim(room(cache.positions), positions.astype(jnp.int32), count, axis=1)
+    complete = (count + t) // c
+    y, memory = mac_segments(params, cache.memory, xs[:, :run], ps[:, :run], config=config, complete=complete)
+    nxt = lambda z: jax.lax.dynamic_slice_in_dim(z, complete * c, c, axis=1)  # noqa: E731
+    out = jax.lax.dynamic_slice_in_dim(y, count, t, axis=1)
+    return out, MacCache(memory, nxt(xs), nxt(ps), ((count + t) % c).astype(jnp.int32))
 
 
 def mac_layer(
@@ -199,3 +257,14 @@ class MacMixer(nnx.Module):
         y = mac_layer(as_arrays(self.parameters), x.astype(jnp.float32), positions, segment_ids, config=self.config,
                       split=self.place(x))
         return y.astype(x.dtype)
+
+    def start_cache(self, batch: int, max_len: int, dtype) -> MacCache:
+        """An empty :class:`MacCache` (inference, :mod:`lca.models.generate`): a fixed size whatever ``max_len``,
+        float32 whatever ``dtype``."""
+        del max_len, dtype
+        return start_mac_cache(as_arrays(self.parameters), self.config, batch)
+
+    def extend(self, x, positions, cache: MacCache):
+        """The next ``t`` tokens ``x [b, t, d_model]`` at ``positions [b, t]`` -> ``(out [b, t, d_model], cache)``."""
+        y, cache = mac_extend(as_arrays(self.parameters), x, positions, cache, config=self.config)
+        return y.astype(x.dtype), cache

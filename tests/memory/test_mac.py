@@ -102,3 +102,27 @@ def test_shards_of_partial_segments_run_the_global_scan():
         jaxpr = str(jax.make_jaxpr(run)(params, x))
     assert "ppermute" not in jaxpr
     np.testing.assert_allclose(run(params, x), mac.mac_layer(params, x, positions, config=CONFIG), rtol=1e-5)
+
+
+@pytest.mark.parametrize("pieces", [(1,) * 11, (5, 3, 3), (4, 4, 3), (11,)])
+def test_extend_in_pieces_equals_one_call(pieces):
+    """The cache reruns the open segment from its start's memory: pieces that end inside a segment, on its
+    boundary, or span several (segment 4, memory chunk 3) give the whole sequence's outputs."""
+    params, x, positions = _setup()
+    want = mac.mac_layer(params, x, positions, config=CONFIG)
+    cache, outs, start = mac.start_mac_cache(params, CONFIG, 2), [], 0
+    for size in pieces:
+        y, cache = mac.mac_extend(params, x[:, start:start + size], positions[:, start:start + size], cache,
+                                  config=CONFIG)
+        outs.append(y)
+        start += size
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), want, rtol=1e-5, atol=1e-5)
+    assert int(cache.count) == 11 % CONFIG.segment
+    np.testing.assert_array_equal(cache.inputs[:, 11 % CONFIG.segment:], 0)
+
+
+def test_extend_with_a_mismatched_batch_is_a_value_error():
+    params, x, positions = _setup()
+    cache = mac.start_mac_cache(params, CONFIG, 3)
+    with pytest.raises(ValueError, match=r"x must be \[batch=3, t, d_model=16\].*got x \(2, 11, 16\)"):
+        mac.mac_extend(params, x, positions, cache, config=CONFIG)

@@ -128,19 +128,21 @@ def test_titans_mixer_trains_on_the_tiny_mesh(kind, tmp_path):
     assert sorted(records) == [1, 2] and all(math.isfinite(r["loss"]) for r in records.values())
 
 
-@pytest.mark.parametrize("kind", ["titans_lmm", "titans_mag", "titans_mal"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_streaming_through_the_caches_equals_one_forward(kind):
-    """``extend`` in pieces that cut chunks and cross the window (and a persistent prefix) gives the forward's
-    logits; ``generate`` then decodes from those caches with one compiled step per piece length."""
+    """``extend`` in pieces that cut chunks, cross the window or MAC's segments (and a persistent prefix) gives
+    the forward's logits; ``generate`` then decodes from those caches with one compiled step per piece length."""
     from lca.models.generate import generate
 
     cfg = load_config("tiny", _overrides(kind, f"model.mixers.{kind}.persistent=2",
-                                         *([f"model.mixers.{kind}.window=5"] if kind != "titans_lmm" else [])))
+                                         *([f"model.mixers.{kind}.window=5"] if kind in ("titans_mag", "titans_mal") else [])))
     model = make_model(cfg, seed=3)
     tokens, positions, segment_ids = _inputs(b=2, length=19, seed=4)
     want = model(tokens, positions, segment_ids)
     caches, pieces, start = model.start_caches(2, 19), [], 0
-    for size in (6, 1, 1, 11):  # chunk 4: the pieces end mid-chunk; window 5: the last one reaches past it
+    # chunk 4: the pieces end mid-chunk; window 5: the last one reaches past it; MAC's segment 8: 6+1+1 ends
+    # on a segment's boundary, the last piece runs past the next one and ends inside a third
+    for size in (6, 1, 1, 11):
         logits, caches = model.extend(tokens[:, start:start + size], positions[:, start:start + size], caches)
         pieces.append(logits)
         start += size
