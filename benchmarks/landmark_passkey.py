@@ -50,11 +50,11 @@ def train(config: str, run_dir: Path, overrides: list[str]) -> tuple[list[str], 
 
 
 def load_trained(run_dir: Path):
-    """``(config, model)``: the newest checkpoint of ``run_dir`` restored into an ``nnx`` model."""
+    """``(config, step, model)``: the newest checkpoint's parameters of ``run_dir`` in an ``nnx`` model."""
     from flax import nnx
 
     from lca.config import ConfigError, load_run_config
-    from lca.train.checkpoint import Checkpointer
+    from lca.train.evaluate import latest_params
     from lca.train.setup import build_mesh, make_setup
 
     try:
@@ -62,15 +62,11 @@ def load_trained(run_dir: Path):
     except ConfigError as err:  # e.g. --skip-train with a --runs folder that holds no run
         raise SystemExit(f"{err} (--runs {run_dir.parent}: train it first, without --skip-train)") from None
     setup = make_setup(cfg, build_mesh(cfg))
-    ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
-                        read_only=True)
     try:
-        step, state = ckpt.restore_latest(setup.abstract_state)
-    finally:
-        ckpt.close()
-    if state is None:
-        raise SystemExit(f"{run_dir} has no checkpoint; train it first (drop --skip-train).")
-    return cfg, step, nnx.merge(setup.graphdef, state["params"])
+        step, params = latest_params(setup)
+    except ConfigError as err:
+        raise SystemExit(f"{err} (drop --skip-train)") from None
+    return cfg, step, nnx.merge(setup.graphdef, params)
 
 
 def evaluate(run_dir: Path, lengths: list[int], samples: int, top_k: int | None, depths=None,

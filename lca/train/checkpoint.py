@@ -142,20 +142,23 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def restore_latest(self, abstract_state, data_iterator=None):
+    def restore_latest(self, abstract_state, data_iterator=None, *, partial: bool = False):
         """``(step, state)`` of the newest checkpoint that restores, or ``(None, None)``.
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with the target
         shardings. The data iterator, if given, is set to the saved position.
+        ``partial``: ``abstract_state`` names some of the saved top-level keys (e.g. only
+        ``params``, for evaluation) and only those are read: no memory for the rest.
         Raises :class:`CheckpointMismatch` if the newest readable checkpoint holds
         a state of other shapes. Unusable checkpoints are listed in ``set_aside``.
         """
         for step in reversed(self.steps()):
             error, mismatch = None, []
             try:
-                mismatch = state_mismatch(self.directory / str(step) / "state", abstract_state)
+                mismatch = state_mismatch(self.directory / str(step) / "state", abstract_state, partial=partial)
                 if not mismatch:
-                    state, data_state = self._restore(step, abstract_state, data_iterator is not None)
+                    state, data_state = self._restore(step, abstract_state, data_iterator is not None,
+                                                      partial=partial)
             except Exception as err:  # noqa: BLE001 - any read failure means this checkpoint is unusable
                 error = err
             if not _on_every_process(error is None):
@@ -172,8 +175,8 @@ class Checkpointer:
             return step, state
         return None, None
 
-    def _restore(self, step: int, abstract_state, with_data: bool):
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+    def _restore(self, step: int, abstract_state, with_data: bool, *, partial: bool = False):
+        items = {"state": _partial_restore(abstract_state) if partial else ocp.args.StandardRestore(abstract_state)}
         data_dir = self.directory / str(step) / "data"
         mine = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         if with_data and mine.is_file():
@@ -232,19 +235,19 @@ def set_aside_names(directory: str | Path) -> list[str]:
     return sorted(names, key=lambda name: (-int(name.split(".", 1)[0]), name))
 
 
-def state_mismatch(state_dir: Path, abstract_state, *, part: str | None = None) -> list[str]:
+def state_mismatch(state_dir: Path, abstract_state, *, partial: bool = False) -> list[str]:
     """``["params.x: saved (32,) float32, wanted (64,) float32", ...]`` from the checkpoint's metadata.
 
-    ``part``: compare only the saved subtree under this top-level key (``abstract_state``
-    then holds just that key). Reading the metadata raises if it is unreadable (that is corruption).
+    ``partial``: compare only the saved subtrees under ``abstract_state``'s top-level keys (a
+    partial restore). Reading the metadata raises if it is unreadable (that is corruption).
     """
     handler = ocp.StandardCheckpointHandler()
     try:
         saved = _leaf_types(handler.metadata(epath.Path(state_dir)))
     finally:
         handler.close()
-    if part is not None:
-        saved = {key: value for key, value in saved.items() if key.split(".", 1)[0] == part}
+    if partial:
+        saved = {key: value for key, value in saved.items() if key.split(".", 1)[0] in abstract_state}
     wanted = _leaf_types(abstract_state)
     out = []
     for key in sorted(set(saved) | set(wanted)):
@@ -287,7 +290,7 @@ def restore_params(state_dir: Path, abstract_params):
                            f"name an earlier step of {step_dir.parent} (RUN/checkpoints/STEP).")
 
     try:
-        mismatch = state_mismatch(state_dir, target, part="params")
+        mismatch = state_mismatch(state_dir, target, partial=True)
     except Exception as err:  # noqa: BLE001 - any read failure: this checkpoint cannot start the run
         raise unreadable(err) from None
     if mismatch:
@@ -298,13 +301,18 @@ def restore_params(state_dir: Path, abstract_params):
         )
     checkpointer = ocp.PyTreeCheckpointer()
     try:
-        restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+        restored = checkpointer.restore(state_dir, args=_partial_restore(target))
     except Exception as err:  # noqa: BLE001 - e.g. a truncated array file
         raise unreadable(err) from None
     finally:
         checkpointer.close()
     return restored["params"]
+
+
+def _partial_restore(abstract_state) -> ocp.args.PyTreeRestore:
+    """Restore arguments that read only ``abstract_state``'s subtrees of a saved state (with its shardings)."""
+    return ocp.args.PyTreeRestore(item=abstract_state, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
 
 
 def _leaf_types(tree) -> dict[str, tuple]:

@@ -123,13 +123,25 @@ def evaluate_run(run_dir: str | Path, overrides=()) -> dict:
     mesh = build_mesh(cfg)
     check_eval(cfg, mesh)
     setup = make_setup(cfg, mesh)
+    step, params = latest_params(setup)
+    log.info("evaluating checkpoint %d of %s", step, run_dir)
+    return evaluate(cfg, params, setup, step=step)
+
+
+def latest_params(setup) -> tuple[int, dict]:
+    """``(step, params)`` of the newest readable checkpoint of ``setup.cfg.run_dir``, on ``setup``'s mesh.
+
+    Reads the parameters only (the optimizer's moments would double or triple the memory) and never
+    moves a checkpoint; ConfigError when none is readable.
+    """
+    cfg = setup.cfg
+    ckpt_dir = Path(cfg.run_dir) / "checkpoints"
     ckpt = Checkpointer(ckpt_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep, read_only=True)
     try:
-        step, state = ckpt.restore_latest(setup.abstract_state)
+        step, state = ckpt.restore_latest({"params": setup.abstract_state["params"]}, partial=True)
     finally:
         ckpt.close()
     if state is None:
-        raise ConfigError(f"{ckpt_dir} has no readable checkpoint to evaluate "
-                          f"({len(ckpt.set_aside)} unreadable: {ckpt.set_aside[0][1]}).")
-    log.info("evaluating checkpoint %d of %s", step, run_dir)
-    return evaluate(cfg, state["params"], setup, step=step)
+        unreadable = f" ({len(ckpt.set_aside)} unreadable: {ckpt.set_aside[0][1]})" if ckpt.set_aside else ""
+        raise ConfigError(f"{ckpt_dir} has no readable checkpoint to evaluate{unreadable}; train first (lca-train).")
+    return step, state["params"]

@@ -23,9 +23,9 @@ def test_eval_only_reads_checkpoints_and_keeps_each_steps_results(finished_run, 
     reference, _ = finished_run
     run_dir = tmp_path / "evaluated"
     shutil.copytree(reference, run_dir, ignore=shutil.ignore_patterns("eval"))
-    victim = max((p for p in (run_dir / "checkpoints" / "8" / "state").rglob("*") if p.is_file()),
-                 key=lambda p: p.stat().st_size)
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    # every array data file: eval reads the parameters only, so damage to the optimizer's alone would not count
+    for victim in (run_dir / "checkpoints" / "8" / "state").glob("ocdbt.process_*/d/*"):
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
     events = set((run_dir / "tensorboard").iterdir())
 
@@ -35,6 +35,24 @@ def test_eval_only_reads_checkpoints_and_keeps_each_steps_results(finished_run, 
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == before
     assert [p.name for p in (run_dir / "eval").iterdir()] == ["step_6"]
     assert set((run_dir / "tensorboard").iterdir()) > events  # eval/* scalars next to the training curves
+
+
+def test_eval_restores_the_parameters_only(finished_run, monkeypatch, capsys):
+    """The optimizer's moments (twice the parameters under Adam) are never read into memory by lca-eval."""
+    from lca.train.checkpoint import Checkpointer
+
+    restored, restore = [], Checkpointer._restore
+
+    def spy(self, *args, **kwargs):
+        state, data = restore(self, *args, **kwargs)
+        restored.append(sorted(state))
+        return state, data
+
+    monkeypatch.setattr(Checkpointer, "_restore", spy)
+    run_dir, _ = finished_run
+    overrides = ["eval.num_batches=1", "eval.batch=2", "eval.context_lengths=[256]", "eval.depths=[0.5]"]
+    assert eval_cli.main([str(run_dir), *overrides]) == 0
+    assert restored == [["params"]]
 
 
 def test_eval_batches_are_split_over_processes():
