@@ -412,6 +412,21 @@ def _check_train_values(cfg: Config) -> None:
         raise ConfigError(f"config key 'eval.context_lengths' must hold lengths >= 2, got {list(e.context_lengths)}.")
     if any(not 0.0 <= d <= 1.0 for d in e.depths):
         raise ConfigError(f"config key 'eval.depths' must hold depths in [0, 1], got {list(e.depths)}.")
+    _check_retrieval_grid(e)
+
+
+def _check_retrieval_grid(e: EvalConfig) -> None:
+    """The final evaluation's task and lengths, checked now rather than after training."""
+    from lca.data.tasks import TASKS
+
+    if e.retrieval_task not in TASKS:
+        raise choice_error("eval.retrieval_task", e.retrieval_task, sorted(TASKS))
+    for length in e.context_lengths:
+        try:  # a task's minimum length is the same for every seed and depth
+            TASKS[e.retrieval_task](length, 0.5, 0)
+        except ValueError as err:
+            raise ConfigError(f"config key 'eval.context_lengths' holds {length}, too short for "
+                              f"eval.retrieval_task={e.retrieval_task!r} ({str(err).rstrip('.')}).") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

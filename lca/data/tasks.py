@@ -82,18 +82,31 @@ def passkey(context_len: int, depth: float, seed=0) -> TaskExample:
                      b"\nWhat is the pass key? The pass key is ", key)
 
 
+def _door_needle(name: bytes, key: bytes) -> bytes:
+    return b"The pass key of the %s door is %s. Remember it. " % (name, key)
+
+
+def _door_question(name: bytes) -> bytes:
+    return b"\nWhat is the pass key of the %s door? The pass key of the %s door is " % (name, name)
+
+
 def multi_needle(context_len: int, depth: float, seed=0, *, num_needles: int = 4) -> TaskExample:
     """`num_needles` keys for named doors; the question asks for the door whose key sits at `depth`."""
-    _check("multi_needle", context_len, depth, 0)
     if not 1 <= num_needles <= len(DOOR_NAMES):
         raise ValueError(f"multi_needle: num_needles={num_needles} must be in [1, {len(DOOR_NAMES)}].")
+    # The doors drawn decide the prompt's length: check the longest draw, so that a length either fits every
+    # seed or none (a length checked on one seed must not fail on another, mid-training).
+    longest = sorted(DOOR_NAMES, key=len)[-num_needles:]
+    key = b"0" * 5
+    minimum = (len(TASK_DESCRIPTION) + sum(len(_door_needle(n.encode(), key)) for n in longest)
+               + len(_door_question(longest[-1].encode())) + len(key))
+    _check("multi_needle", context_len, depth, minimum)
     rng = _rng(seed)
     names = [DOOR_NAMES[i].encode() for i in rng.choice(len(DOOR_NAMES), num_needles, replace=False)]
     keys = [b"%d" % k for k in rng.choice(np.arange(10_000, 100_000), num_needles, replace=False)]
     depths = [depth] + [float(d) for d in rng.uniform(0.0, 1.0, num_needles - 1)]
-    needles = [(d, b"The pass key of the %s door is %s. Remember it. " % (n, k)) for d, n, k in zip(depths, names, keys)]
-    question = b"\nWhat is the pass key of the %s door? The pass key of the %s door is " % (names[0], names[0])
-    return _haystack("multi_needle", context_len, TASK_DESCRIPTION, needles, question, keys[0])
+    needles = [(d, _door_needle(n, k)) for d, n, k in zip(depths, names, keys)]
+    return _haystack("multi_needle", context_len, TASK_DESCRIPTION, needles, _door_question(names[0]), keys[0])
 
 
 _RECALL_PREFIX = b"Below is a list of key:value pairs. Remember them.\n"

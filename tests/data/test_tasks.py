@@ -70,3 +70,20 @@ def test_bad_arguments(task):
         TASKS[task](16, 0.5, 0)
     with pytest.raises(ValueError, match="depth"):
         TASKS[task](4096, 1.5, 0)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_a_length_fits_every_seed_or_none(task):
+    """The pipeline and the eval config check a task's length on one seed: no other seed may then fail
+    (multi_needle's doors have names of 3 to 6 letters; its minimum is that of the longest draw)."""
+    shortest = next(n for n in range(2, 4096) if _fits(task, n, 0))
+    for n in (shortest - 1, shortest, shortest + 1):
+        assert len({_fits(task, n, seed) for seed in range(200)}) == 1, (task, n)
+
+
+def _fits(task, n, seed):
+    try:
+        TASKS[task](n, 0.5, seed)
+        return True
+    except ValueError:
+        return False

@@ -75,6 +75,10 @@ def test_a_text_dir_without_enough_files(files, overrides, message, tmp_path, ca
         ("train.warmup_steps=-1", "'train.warmup_steps' must be >= 0"),
         ("train.grad_accum=0", "'train.grad_accum' must be >= 1"),
         ("eval.depths=[0.5,2]", "'eval.depths' must hold depths in [0, 1]"),
+        ("eval.context_lengths=[128,512]", "'eval.context_lengths' holds 128, too short for "
+                                           "eval.retrieval_task='passkey' (passkey: context_len=128 is too short "
+                                           "for the prompt; use >= 243 tokens)"),
+        ("eval.retrieval_task=pasky", "'eval.retrieval_task' has unknown value 'pasky'; did you mean 'passkey'?"),
     ],
 )
 def test_impossible_values_are_refused_at_load_time(override, message, tmp_path, capsys):
