@@ -1,5 +1,7 @@
 """``lca-eval RUN_DIR [key=value ...]``: evaluate the newest checkpoint of a run.
 
+On a pod or cluster, launch it as the run's lca-train was: on every process of the job
+(``runtime.*`` as for lca-train; the run's saved config holds none of a launch's).
 Reads the checkpoints only (an unreadable one is skipped, never moved). Writes bits
 per byte and the needle-retrieval grid (table + heatmap) of checkpoint N to
 ``RUN_DIR/eval/step_N/``, and the headline numbers to TensorBoard. Overrides change
@@ -24,10 +26,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         from lca.config import load_run_config
-        from lca.train.runtime import set_cpu_devices
+        from lca.train.runtime import initialize_distributed, set_cpu_devices
 
-        set_cpu_devices(load_run_config(run_dir, overrides).runtime.cpu_devices)
+        runtime = load_run_config(run_dir, overrides).runtime
+        set_cpu_devices(runtime.cpu_devices)
         setup_logging()
+        initialize_distributed(runtime)  # a pod or cluster job, as lca-train's: the run's mesh spans its processes
         from lca.train.evaluate import evaluate_run
 
         result = evaluate_run(run_dir, overrides)

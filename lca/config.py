@@ -188,10 +188,15 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     cpu_devices: int = 0  # > 0: run on this many fake CPU devices (set before JAX starts)
+    # How this process joins its job (LAUNCH_FIELDS: each process of a job has its own, so a run's saved
+    # config.yaml holds their defaults, and a reloaded run takes them from its own launch).
     distributed: str = "auto"  # auto | on | off: call jax.distributed.initialize()
     coordinator_address: Optional[str] = None
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
+
+
+LAUNCH_FIELDS = ("distributed", "coordinator_address", "num_processes", "process_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,16 +462,27 @@ def to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, run_dir: str | Path) -> Path:
-    """Write the resolved config to ``run_dir/config.yaml`` (what ``lca-eval`` reloads)."""
+    """Write the resolved config to ``run_dir/config.yaml`` (what ``lca-eval`` reloads).
+
+    The runtime's :data:`LAUNCH_FIELDS` are written at their defaults: process 0's id and this job's
+    coordinator would be wrong for any later launch of the run.
+    """
     path = Path(run_dir) / RESOLVED_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_yaml(cfg))
+    path.write_text(to_yaml(dataclasses.replace(cfg, runtime=RuntimeConfig(cpu_devices=cfg.runtime.cpu_devices))))
     return path
 
 
 def load_run_config(run_dir: str | Path, overrides=()) -> Config:
-    """The config a run was trained with, plus overrides."""
+    """The config a run was trained with, plus overrides.
+
+    The runtime's :data:`LAUNCH_FIELDS` start from their defaults whatever the file holds (run dirs saved
+    before they were left out of it), so only ``overrides`` and the job's environment set them.
+    """
     path = Path(run_dir) / RESOLVED_NAME
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no {RESOLVED_NAME}; is it a run directory made by lca-train?")
-    return load_config(path, overrides)
+    defaults = RuntimeConfig()
+    launch = [f"runtime.{name}={'null' if getattr(defaults, name) is None else getattr(defaults, name)}"
+              for name in LAUNCH_FIELDS]
+    return load_config(path, [*launch, *overrides])

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from lca.config import ConfigError, load_config, load_run_config, save_config
+from lca.config import ConfigError, load_config, load_run_config, save_config, to_yaml
 
 
 def test_demo_inherits_base_and_overrides_apply():
@@ -95,3 +95,15 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path)
     assert load_run_config(tmp_path) == cfg
     assert load_run_config(tmp_path, ["train.steps=3"]).train.steps == 3
+
+
+def test_a_saved_run_config_holds_no_launch_of_a_job(tmp_path):
+    """How process 0 joined its job (its id, the coordinator) would be wrong for any later launch of the run."""
+    job = ["runtime.distributed=on", "runtime.coordinator_address=10.0.0.1:1234", "runtime.num_processes=2",
+           "runtime.process_id=0"]
+    save_config(load_config("tiny", job), tmp_path)
+    assert load_run_config(tmp_path).runtime == load_config("tiny").runtime  # cpu_devices is kept
+    assert load_run_config(tmp_path, ["runtime.process_id=1"]).runtime.process_id == 1
+    # run dirs saved before: the file's launch fields are not read
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config("tiny", job)))
+    assert load_run_config(tmp_path).runtime == load_config("tiny").runtime

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from lca.config import RESOLVED_NAME, Config, ConfigError, to_yaml
+from lca.config import LAUNCH_FIELDS, RESOLVED_NAME, Config, ConfigError, to_yaml
 
 log = logging.getLogger("lca.train")
 
@@ -88,7 +88,8 @@ def check_resume(cfg: Config, run_dir: str | Path) -> None:
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read the run's saved config {path} ({type(err).__name__}); "
                           "restore it or give a new run_dir.") from None
-    for key in (FORCE_KEY, "run_dir", "name"):  # where the run lives, not what it holds
+    # where the run lives and how this launch joins its job, not what the run holds
+    for key in (FORCE_KEY, "run_dir", "name", *(f"runtime.{name}" for name in LAUNCH_FIELDS)):
         changes.pop(key, None)
 
     def show(key):

@@ -60,7 +60,8 @@ def start_launcher_processes(*args, processes: int = 2, devices: int = 4, env: d
     return _launcher_processes(args, processes, devices, env, logged=False)
 
 
-def _launcher_processes(args, processes: int, devices: int, env: dict | None, *, logged: bool):
+def _launcher_processes(args, processes: int, devices: int, env: dict | None, *, logged: bool,
+                        module: str = "launch.train"):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -68,20 +69,23 @@ def _launcher_processes(args, processes: int, devices: int, env: dict | None, *,
     env.pop("XLA_FLAGS", None)
     distributed = ["runtime.distributed=on", f"runtime.coordinator_address=127.0.0.1:{port}",
                    f"runtime.num_processes={processes}", f"runtime.cpu_devices={devices}"]
-    commands = [[sys.executable, "-m", "launch.train", *args, *distributed, f"runtime.process_id={i}"]
+    commands = [[sys.executable, "-m", module, *args, *distributed, f"runtime.process_id={i}"]
                 for i in range(processes)]
     if logged:
-        return [start_logged(cmd, cwd=REPO, env=env) for cmd in commands]
+        # stdout too: lca-eval prints its result there
+        return [start_logged(cmd, cwd=REPO, env=env, merge_stdout=True) for cmd in commands]
     return [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for cmd in commands]
 
 
-def run_launcher_processes(*args, processes: int = 2, devices: int = 4, timeout: int = 300):
-    """``python -m launch.train ARGS`` as one multi-controller job of ``processes`` x ``devices`` CPU devices.
+def run_launcher_processes(*args, processes: int = 2, devices: int = 4, timeout: int = 300,
+                           module: str = "launch.train"):
+    """``python -m launch.train ARGS`` (or ``module``, e.g. ``launch.eval``) as one multi-controller job of
+    ``processes`` x ``devices`` CPU devices.
 
-    Returns the processes' ``(returncode, stderr)``; kills any left when one fails or time runs out.
+    Returns the processes' ``(returncode, log)``; kills any left when one fails or time runs out.
     """
-    procs = _launcher_processes(args, processes, devices, None, logged=True)
+    procs = _launcher_processes(args, processes, devices, None, logged=True, module=module)
     logs = wait_all(procs, timeout)
     return [(p.returncode, log) for p, log in zip(procs, logs)]
 

@@ -49,6 +49,17 @@ def test_two_processes_resume_a_one_process_run_past_a_corrupt_checkpoint(finish
     assert two["tokens"] == one["tokens"]
     np.testing.assert_allclose(two["bits_per_byte"], one["bits_per_byte"], rtol=1e-5)
 
+    # lca-eval launched as the job was: the run's mesh spans both processes, each prints the same result.
+    # The saved config.yaml holds no launch fields (process 0's id would be every process's).
+    assert "process_id: null" in (run_dir / "config.yaml").read_text()
+    results = run_launcher_processes(str(run_dir), "eval.context_lengths=[256]", "eval.depths=[0.5]",
+                                     module="launch.eval")
+    for rank, (code, log) in enumerate(results):
+        assert code == 0, (rank, log[-3000:])
+        printed = json.loads([line for line in log.splitlines() if line.startswith("{")][-1])
+        assert printed["step"] == 8 and printed["tokens"] == one["tokens"], (rank, printed)
+        np.testing.assert_allclose(printed["bits_per_byte"], one["bits_per_byte"], rtol=1e-5)
+
 
 @pytest.mark.slow
 def test_sigterm_stops_every_process_after_the_same_step_with_a_checkpoint(tmp_path):
