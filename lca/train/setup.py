@@ -42,7 +42,10 @@ def build_mesh(cfg: Config) -> jax.sharding.Mesh:
     try:
         return make_mesh(**dataclasses.asdict(cfg.mesh), axis_types="auto")
     except ValueError as err:
-        raise ConfigError(f"mesh does not fit the {jax.device_count()} devices: {err}") from None
+        made = cfg.runtime.cpu_devices * jax.process_count()
+        source = (f" (runtime.cpu_devices={cfg.runtime.cpu_devices} per process sets that count: raise it, "
+                  f"or resize the mesh)" if made and made == jax.device_count() else "")
+        raise ConfigError(f"mesh does not fit the {jax.device_count()} devices{source}: {err}") from None
 
 
 def check_runs_here(cfg: Config) -> None:

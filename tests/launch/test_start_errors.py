@@ -1,5 +1,7 @@
 """A run that cannot start says why in one line, exits 2 and leaves nothing behind."""
 
+from pathlib import Path
+
 import pytest
 
 from launch import eval as eval_cli
@@ -110,3 +112,20 @@ def test_an_impl_these_devices_cannot_run_is_one_line_before_anything_is_written
     cfg = load_config("tiny", [f"run_dir={run_dir}", "model.attention.impl=cudnn"])
     with pytest.raises(ConfigError, match=r"needs a CUDA GPU.*'blockwise', 'pallas'"):
         check_eval_fits(cfg, build_mesh(cfg))
+
+
+def test_lca_eval_on_fewer_fake_devices_than_the_run_names_runtime_cpu_devices(tmp_path):
+    """A run trained as 2 processes x 4 devices, evaluated by one process: its saved cpu_devices=4 is the cause.
+    A fresh process: the fake device count is fixed once JAX starts."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    save_config(load_config("tiny", [f"run_dir={run_dir}", "runtime.cpu_devices=4"]), run_dir)
+    (run_dir / "checkpoints" / "2").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run([sys.executable, "-m", "launch.eval", str(run_dir)], capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "runtime.cpu_devices=4 per process sets that count" in done.stderr, done.stderr
