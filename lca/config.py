@@ -199,6 +199,12 @@ class RuntimeConfig:
 LAUNCH_FIELDS = ("distributed", "coordinator_address", "num_processes", "process_id")
 
 
+def _launch_defaults() -> dict:
+    """``{field: default}`` of the runtime's :data:`LAUNCH_FIELDS`: what a saved or reloaded run holds."""
+    defaults = RuntimeConfig()
+    return {name: getattr(defaults, name) for name in LAUNCH_FIELDS}
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     name: str = "run"
@@ -469,7 +475,7 @@ def save_config(cfg: Config, run_dir: str | Path) -> Path:
     """
     path = Path(run_dir) / RESOLVED_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_yaml(dataclasses.replace(cfg, runtime=RuntimeConfig(cpu_devices=cfg.runtime.cpu_devices))))
+    path.write_text(to_yaml(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, **_launch_defaults()))))
     return path
 
 
@@ -482,7 +488,5 @@ def load_run_config(run_dir: str | Path, overrides=()) -> Config:
     path = Path(run_dir) / RESOLVED_NAME
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no {RESOLVED_NAME}; is it a run directory made by lca-train?")
-    defaults = RuntimeConfig()
-    launch = [f"runtime.{name}={'null' if getattr(defaults, name) is None else getattr(defaults, name)}"
-              for name in LAUNCH_FIELDS]
+    launch = [f"runtime.{name}={'null' if value is None else value}" for name, value in _launch_defaults().items()]
     return load_config(path, [*launch, *overrides])
