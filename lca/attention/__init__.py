@@ -25,6 +25,7 @@ from lca.attention.landmark import (
     landmark_decoded_attention,
     landmark_reference_attention,
     landmark_retrieval_attention,
+    landmark_step,
     landmark_weights,
 )
 from lca.attention.mask import Mask
@@ -53,6 +54,7 @@ __all__ = [
     "landmark_decoded_attention",
     "landmark_reference_attention",
     "landmark_retrieval_attention",
+    "landmark_step",
     "landmark_weights",
     "merge_attention",
     "merge_lse",

@@ -53,6 +53,9 @@ class LocalImpl:
     # Raises a ValueError (saying what to use instead) where it cannot run on these devices; None: runs anywhere.
     # A launcher calls it once the devices are known, so a run fails before it writes anything.
     require: Callable[[], None] | None = None
+    # Its step needs the keys of each call in whole aligned runs of this many consecutive positions (landmark
+    # blocks): the ring refuses layouts and chunk lengths that would cut one (see lca.attention.landmark_step).
+    key_runs: int = 1
 
     @property
     def is_step(self) -> bool:

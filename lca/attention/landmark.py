@@ -44,7 +44,7 @@ Positions of retrieved blocks, the paper's "stingy" scheme as in the reference (
 Public functions: :func:`landmark_reference_attention` (dense oracle) and :func:`landmark_weights` (its
 weight matrix); :func:`landmark_attention` (blockwise, O(n) memory, custom VJP) built from
 :func:`landmark_forward` / :func:`landmark_backward` through :func:`landmark_vjp`, which the Pallas kernels in
-``kernels_pallas.landmark`` reuse; :func:`landmark_retrieval_attention` with :class:`BlockCache`,
+``kernels_pallas.landmark`` reuse; :func:`landmark_step`, the same pair as a sharded attention's local step; :func:`landmark_retrieval_attention` with :class:`BlockCache`,
 :func:`empty_block_cache` and :func:`append_blocks` for inference; :func:`landmark_decoded_attention`, a
 whole row attended block by block through the retrieval path (what decoding meets), for training.
 
@@ -62,9 +62,11 @@ Deviations from the reference, and why:
   GQA, "head" means query head; each reads its kv head's cached block.
 * ``top_k`` larger than a capped cache's capacity is an error; a cache still holding fewer than ``top_k``
   blocks retrieves all of them (the reference's ``min(top_k, n)``).
-* Only causal attention: the grouped softmax is defined over earlier blocks. No window or softcap. There
-  is no log-sum-exp output: group 0's normaliser is not a softmax over keys, so ring merging needs the
-  pseudo-key state (left for a ring step).
+* Only causal attention: the grouped softmax is defined over earlier blocks. No window or softcap.
+  Group 0 is a softmax over *pseudo-keys* (the own block's ordinary keys, and each earlier landmark
+  standing for its block's softmax average), so its log-sum-exp ``lse0`` merges a key shard's partial
+  result into the others' like any attention's lse, as long as every block lies whole in one shard:
+  :func:`landmark_step` is landmark attention as the local step of ring, Ulysses and USP attention.
 * Rotary embeddings are applied inside the retrieval path (through the ``rope`` callable) because retrieved
   keys are re-positioned per query; training-time functions take already-rotated ``q`` and ``k`` like
   every other lca attention.
@@ -81,7 +83,10 @@ import numpy as np
 from einops import rearrange
 
 from lca.attention import inputs
-from lca.attention.mask import segment_visible
+from lca.attention.blocks import BlockSizes
+from lca.attention.impl import LocalImpl
+from lca.attention.logits import LogitOptions
+from lca.attention.mask import Mask, segment_visible
 from lca.attention.static import positive_int
 from lca.attention.vjp import attention_vjp
 
@@ -308,8 +313,9 @@ def _chunk_terms(qg, k_blk, v_blk, q_pos, kv_pos, kv_valid, q_seg, kv_seg, block
 
 def _empty_state(qg):
     """Group 0's running ``(max, sum, acc)`` before any key, for queries ``qg [b, hk, g, q, d]``."""
-    return (jnp.full(qg.shape[:-1], -jnp.inf, jnp.float32), jnp.zeros(qg.shape[:-1], jnp.float32),
-            jnp.zeros(qg.shape, jnp.float32))
+    # *_like: inside a shard_map the state varies over the mesh axes the queries vary over, as scan needs
+    return (jnp.full_like(qg[..., 0], -jnp.inf, jnp.float32), jnp.zeros_like(qg[..., 0], jnp.float32),
+            jnp.zeros_like(qg, jnp.float32))
 
 
 def _online_update(carry, terms: _ChunkTerms, v_blk):
@@ -456,19 +462,25 @@ def _chunk_grads(st: _Static, qg, do, delta, lse_safe, q_pos, q_seg, dq, chunk):
     return dq, (dk, dv)
 
 
-def _backward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout):
-    """Recompute each (query tile, key chunk)'s terms from ``lse0`` and return ``(dq, dk, dv)`` float32."""
+def _backward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse=None):
+    """Recompute each (query tile, key chunk)'s terms from ``lse0`` and return ``(dq, dk, dv)`` float32.
+
+    ``dlse [b, h, q_len]``: a cotangent of ``lse0`` (None: zero). ``lse0`` depends on the group-0 logits
+    only, with derivative their weight ``P0``, so it enters as ``delta - dlse`` exactly where ``delta`` does.
+    """
     b, kv_len, h_kv, d = k.shape
     q_len = q.shape[1]
     qg = rearrange(q, "b q (hk g) d -> b hk g q d", hk=h_kv).astype(jnp.float32)
     do = rearrange(dout.astype(jnp.float32), "b q (hk g) d -> b hk g q d", hk=h_kv)
     o = rearrange(out.astype(jnp.float32), "b q (hk g) d -> b hk g q d", hk=h_kv)
     delta = jnp.sum(do * o, axis=-1)  # [b, hk, g, q]
+    if dlse is not None:
+        delta = delta - rearrange(dlse.astype(jnp.float32), "b (hk g) q -> b hk g q", hk=h_kv)
     lse_safe = _finite(rearrange(lse, "b (hk g) q -> b hk g q", hk=h_kv))
     chunks, first = _kv_chunks(st, k, v, kv_pos, kv_seg)
     tiles = _q_tiles(min(st.q_block, q_len), q_len, (qg, 3), (do, 3), (delta, 3), (lse_safe, 3), (q_pos, 0, _NO_KEY),
                      None if q_seg is None else (q_seg, 1))
-    kv_zeros = jnp.zeros(chunks[0].shape, jnp.float32)  # [c, b, n, L, hk, d]
+    kv_zeros = jnp.zeros_like(chunks[0], jnp.float32)  # [c, b, n, L, hk, d], varying as the keys
 
     def tile_step(acc, tile):
         qg_t, do_t, delta_t, lse_t, pos_t, seg_t = tile
@@ -577,6 +589,80 @@ def landmark_attention(
     kv_len = k.shape[1]
     st = _static(r.block_size, min(kv_block, -(-kv_len // r.block_size) * r.block_size), r.scale, q_block)
     return _landmark(st, q, k, v, r.q_positions, r.kv_positions, r.q_segment_ids, r.kv_segment_ids)
+
+
+# ------------------------------------------------------------------------------------------------ sharded step
+
+
+def _check_step_options(mask: Mask, logit: LogitOptions, blocks: BlockSizes | None, block_size: int) -> None:
+    """The options of a ring/Ulysses/USP call that a landmark step cannot take, named."""
+    if not mask.causal or mask.window is not None or logit.softcap is not None:
+        raise ValueError(
+            f"landmark_step(block_size={block_size}) needs causal=True, window=None and softcap=None (the grouped "
+            f"softmax is defined over earlier blocks), got causal={mask.causal}, window={mask.window}, "
+            f"softcap={logit.softcap}."
+        )
+    for name in ("block_kv", "block_kv_bwd"):
+        size = None if blocks is None else getattr(blocks, name)
+        if size is not None and size % block_size:
+            raise ValueError(f"{name}={size} must be a multiple of block_size={block_size} for landmark_step: each "
+                             f"key chunk holds whole landmark blocks; use e.g. {name}={block_size}.")
+
+
+def _step_static(block_size: int, tiles: BlockSizes | None, scale: float, kv_len: int) -> _Static:
+    """Tiles ``(block_q, block_kv)`` of one step call (None: one landmark block of keys, Q_BLOCK queries), the
+    key chunk cut to the call's keys as :func:`landmark_attention` does."""
+    q_block, kv_block = (None, None) if tiles is None else (tiles.block_q, tiles.block_kv)
+    kv_block = min(_check_kv_block(kv_block, block_size), -(-kv_len // block_size) * block_size)
+    return _static(block_size, kv_block, scale, q_block)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepForward:
+    block_size: int
+
+    def __call__(self, q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, mask, logit, blocks):
+        _check_step_options(mask, logit, blocks, self.block_size)
+        st = _step_static(self.block_size, blocks, logit.scale, k.shape[1])
+        return _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepBackward:
+    block_size: int
+
+    def __call__(self, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse, *, mask, logit, blocks):
+        _check_step_options(mask, logit, blocks, self.block_size)
+        st = _step_static(self.block_size, None if blocks is None else blocks.backward, logit.scale, k.shape[1])
+        return _backward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse)
+
+
+def landmark_step(block_size: int) -> LocalImpl:
+    """Landmark attention as the local step of a sharded attention: pass it as ``impl=`` to
+    :func:`lca.attention.ring_attention`, ``ulysses_attention``, ``usp_attention`` or their ``*_shard`` forms.
+
+    >>> out = ring_attention(q, k, v, mesh=mesh, causal=True, impl=landmark_step(64))
+
+    The result is :func:`landmark_attention` over the whole sequence (global positions decide the landmark
+    roles, as there). Each key shard's ``(out, lse0)`` merges into the others' by log-sum-exp, and the
+    backward gives each shard's exact share from the global output and ``lse0`` (the lse's cotangent too),
+    provided every landmark block lies whole in one shard: the ring checks that its layout keeps aligned runs
+    of ``block_size`` positions together (``zigzag`` or ``contiguous``, not ``striped``) and that each of its
+    chunks holds whole blocks (a sequence length that is a multiple of ``2 n block_size`` for zigzag over
+    ``n`` devices, ``n block_size`` for contiguous). Ulysses attends the whole sequence on each device.
+
+    The call must be ``causal=True`` with no ``window`` or ``softcap`` (a ValueError names them otherwise).
+    Its ``block_q``/``block_kv`` tile the step (``block_kv`` a multiple of ``block_size``; None: ``Q_BLOCK``
+    queries, one landmark block of keys), ``block_q_bwd``/``block_kv_bwd`` the backward (None: as the forward).
+    The same ``block_size`` gives the same object, so jitted callers do not retrace.
+    """
+    return _landmark_step(_check_block_size(block_size))
+
+
+@functools.cache
+def _landmark_step(block_size: int) -> LocalImpl:
+    return LocalImpl(f"landmark_step({block_size})", None, _StepForward(block_size), _StepBackward(block_size),
+                     key_runs=block_size)
 
 
 @dataclasses.dataclass(frozen=True)

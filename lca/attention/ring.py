@@ -286,6 +286,7 @@ def ring_on_shards(spec: CallSpec, q, k, v, q_seg, kv_seg, *, axis_name: str, la
                 f"got {name} shard length {length}; use a global length that is a multiple of "
                 f"{2 * n} or layout='contiguous'."
             )
+    _check_key_runs(spec.impl, layout, kv_len, chunks, n)
     if q_positions is None or kv_positions is None:
         index = lax.axis_index(axis_name)
         # Bottom-right alignment of the global lengths, as in a single-device call.
@@ -296,6 +297,21 @@ def ring_on_shards(spec: CallSpec, q, k, v, q_seg, kv_seg, *, axis_name: str, la
             kv_positions = layouts.local_positions(layout, kv_len, n, index, xp=jnp)
     q_pos, kv_pos = inputs.positions(q_positions, kv_positions, q_len, kv_len)
     return ring_core(RingStatic(spec, axis_name, chunks), q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+
+
+def _check_key_runs(impl, layout: str, kv_len: int, chunks: int, n: int) -> None:
+    """A step that needs aligned runs of ``impl.key_runs`` positions (landmark blocks) gets them whole."""
+    runs = impl.key_runs
+    if runs == 1:
+        return
+    if n > 1 and layout == "striped":
+        raise ValueError(f"impl={impl.name!r} needs its keys in whole runs of {runs} consecutive positions, which "
+                         f"layout='striped' deals out one token per device; use layout='zigzag' or 'contiguous'.")
+    if (kv_len // chunks) % runs:
+        multiple = runs * chunks * n
+        raise ValueError(f"impl={impl.name!r} needs each ring chunk to hold whole runs of {runs} positions, got "
+                         f"chunks of {kv_len // chunks} keys ({chunks} per device, {n} devices, layout={layout!r}); "
+                         f"use a sequence length that is a multiple of {multiple}.")
 
 
 def _ring_body(spec: CallSpec, q, k, v, q_seg, kv_seg, *, axis_name, layout, convert):
@@ -374,8 +390,10 @@ def ring_attention(
         value as ``layout``: the data pipeline already reordered tokens with
         ``lca.parallel.to_layout`` and the output stays in that order.
       impl, block_q, block_kv, block_q_bwd, block_kv_bwd: per-step local
-        attention (a name or a ``LocalImpl`` with a step) and its forward and
-        backward tiles (positive ints; None: the implementation's defaults).
+        attention (a name or a ``LocalImpl`` with a step, e.g.
+        ``lca.attention.landmark_step(64)`` for landmark attention) and its
+        forward and backward tiles (positive ints; None: the implementation's
+        defaults).
       return_lse: also return ``lse [batch, num_heads, q_len]`` float32.
       batch_axes: mesh axes sharding the batch; default: every other axis of
         size > 1 that divides it (``()`` to replicate the batch).

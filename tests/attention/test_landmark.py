@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lca.attention import reference_attention
+from lca.attention import reference_attention, ring_attention, ulysses_attention, usp_attention
 from lca.attention.landmark import (
     BlockCache,
     append_blocks,
@@ -15,10 +15,13 @@ from lca.attention.landmark import (
     landmark_attention,
     landmark_decoded_attention,
     landmark_reference_attention,
+    landmark_forward,
     landmark_retrieval_attention,
+    landmark_step,
     landmark_weights,
 )
 from lca.models.rope import apply_rope
+from lca.parallel import make_mesh
 from tests.attention.landmark_checks import assert_close as _close
 from tests.attention.landmark_checks import packed as _packed
 from tests.attention.landmark_checks import qkv as _qkv
@@ -456,3 +459,103 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="selection"):
         landmark_decoded_attention(q, k, v, block_size=4, top_k=1, selection="max")
     assert isinstance(append_blocks(cache, k, v), BlockCache)
+
+
+# ------------------------------------------------------------------------------------------------ sharded step
+
+
+def _mesh(**axes):
+    return make_mesh(**axes, devices=jax.devices()[:int(np.prod(list(axes.values())))])
+
+
+def _ring(n, layout, **options):
+    return lambda q, k, v, **o: ring_attention(q, k, v, mesh=_mesh(context=n), layout=layout, **o, **options)
+
+
+def _ulysses(n):
+    return lambda q, k, v, **o: ulysses_attention(q, k, v, mesh=_mesh(context=n), **o)
+
+
+def _usp(ring, group):
+    return lambda q, k, v, **o: usp_attention(q, k, v, mesh=_mesh(context=ring, tensor=group), ring_axis="context",
+                                              ulysses_axis="tensor", **o)
+
+
+# (name, sharded call, length, heads, kv heads, block_size, packed)
+STEP_CASES = [
+    ("ring1", _ring(1, "zigzag"), 24, 2, 2, 4, True),  # the only step is the whole sequence
+    ("ring4-zigzag-gqa-packed", _ring(4, "zigzag"), 64, 4, 2, 4, True),
+    ("ring2-contiguous-mqa-tiles", _ring(2, "contiguous", block_q=8, block_kv=16, block_q_bwd=4, block_kv_bwd=8),
+     32, 4, 1, 8, False),
+    ("ring8-zigzag", _ring(8, "zigzag"), 48, 2, 1, 3, True),
+    ("ulysses2-partial-last-block", _ulysses(2), 30, 4, 2, 8, True),  # 30 tokens: a last block of 6
+    ("usp2x2-gqa-packed", _usp(2, 2), 64, 4, 2, 4, True),
+]
+
+
+@pytest.mark.parametrize("name,call,length,h,hk,L,packed", STEP_CASES, ids=[c[0] for c in STEP_CASES])
+def test_the_sharded_step_matches_the_oracle_forward_and_gradients(name, call, length, h, hk, L, packed):
+    q, k, v = _qkv(length, 2, length, length, h, hk)
+    seg = _packed(length, 2, length, mean_doc=11) if packed else None
+    want, want_grads = _value_and_grads(landmark_reference_attention, q, k, v, block_size=L, segment_ids=seg)
+    got, got_grads = _value_and_grads(call, q, k, v, causal=True, segment_ids=seg, impl=landmark_step(L))
+    _close(got, want, 1e-5)
+    for got_g, want_g in zip(got_grads, want_grads):
+        _close(got_g, want_g, 1e-5)
+
+
+def test_the_sharded_step_returns_group_0s_lse_with_its_gradient():
+    # lse0 through the ring (its cotangent enters the backward) against plain autodiff of the blockwise forward
+    q, k, v = _qkv(5, 1, 32, 32, 2, 1)
+    L, seg = 4, _packed(5, 1, 32, mean_doc=9)
+    pos = jnp.arange(32, dtype=jnp.int32)
+
+    def dense(q, k, v):
+        return landmark_forward(q, k, v, pos, pos, seg, seg, block_size=L, scale=8**-0.5)
+
+    def ring(q, k, v):
+        return ring_attention(q, k, v, mesh=_mesh(context=4), causal=True, segment_ids=seg, impl=landmark_step(L),
+                              return_lse=True)
+
+    def loss(fn):
+        out, lse = fn(q, k, v)
+        return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.cos(jnp.where(jnp.isfinite(lse), lse, 0.0)))
+
+    _close(ring(q, k, v)[1], dense(q, k, v)[1], 1e-5)
+    for got, want in zip(jax.grad(lambda *a: loss(lambda *_: ring(*a)), (0, 1, 2))(q, k, v),
+                         jax.grad(lambda *a: loss(lambda *_: dense(*a)), (0, 1, 2))(q, k, v)):
+        _close(got, want, 1e-5)
+
+
+def test_the_sharded_step_in_bfloat16_is_close_to_the_float32_oracle():
+    q, k, v = _qkv(3, 2, 64, 64, 4, 2)
+    seg = _packed(3, 2, 64)
+    want = landmark_reference_attention(q, k, v, block_size=8, segment_ids=seg)
+    low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    got = jax.jit(_ring(4, "zigzag"), static_argnames=("impl", "causal"))(
+        *low, causal=True, segment_ids=seg, impl=landmark_step(8))
+    assert got.dtype == jnp.bfloat16
+    _close(got, want, 3e-2)
+
+
+def test_the_sharded_step_refuses_what_would_cut_a_block_or_change_the_softmax():
+    q, k, v = _qkv(0, 1, 48, 48, 2, 2)
+    step = landmark_step(4)
+    assert landmark_step(4) is step  # one object per block size: jitted callers do not retrace
+    with pytest.raises(ValueError, match="block_size must be an int >= 2"):
+        landmark_step(1)
+    with pytest.raises(ValueError, match=r"needs causal=True, window=None and softcap=None .* got causal=False"):
+        _ring(2, "zigzag")(q, k, v, impl=step)
+    with pytest.raises(ValueError, match="window=5"):
+        _ring(2, "zigzag")(q, k, v, causal=True, window=5, impl=step)
+    with pytest.raises(ValueError, match="softcap=2.0"):
+        _ulysses(2)(q, k, v, causal=True, softcap=2.0, impl=step)
+    with pytest.raises(ValueError, match="layout='striped' deals out one token per device"):
+        _ring(2, "striped")(q, k, v, causal=True, impl=step)
+    with pytest.raises(ValueError, match=r"got chunks of 6 keys \(2 per device, 4 devices, layout='zigzag'\); use a "
+                                         r"sequence length that is a multiple of 32"):
+        _ring(4, "zigzag")(q, k, v, causal=True, impl=step)
+    with pytest.raises(ValueError, match="block_kv=6 must be a multiple of block_size=4"):
+        _ring(2, "zigzag", block_kv=6)(q, k, v, causal=True, impl=step)
+    with pytest.raises(ValueError, match="block_kv_bwd=2 must be a multiple of block_size=4"):
+        _ring(2, "zigzag", block_kv_bwd=2)(q, k, v, causal=True, impl=step)
