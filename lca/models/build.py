@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 
 from lca.config import Config
-from lca.models import strategies
+from lca.models import mixers, strategies
 from lca.models.decoder import Decoder, padded_vocab
 from lca.parallel.sharding import Sharder, tree_shardings
 
@@ -30,13 +30,14 @@ def vocab_size(cfg: Config) -> int:
 def sequence_multiple(cfg: Config, mesh: jax.sharding.Mesh | None) -> int:
     """Sequence lengths must be a multiple of this on ``mesh``.
 
-    The resolved sequence strategy's own multiple, and the number of devices the
-    ``sequence`` logical axis is sharded over (``cfg.rules``).
+    The resolved sequence strategy's own multiple, the number of devices the
+    ``sequence`` logical axis is sharded over (``cfg.rules``), and what the mixers
+    need of their own (landmark blocks whole in every ring chunk).
     """
     if mesh is None:
         return 1
     sharded = math.prod(mesh.shape[axis] for axis in cfg.rules.get("sequence", []) if axis in mesh.shape)
-    return math.lcm(strategies.strategy_multiple(cfg.model, mesh), sharded)
+    return math.lcm(strategies.strategy_multiple(cfg.model, mesh), sharded, mixers.sequence_multiple(cfg.model, mesh))
 
 
 def attention_name(cfg: Config, mesh: jax.sharding.Mesh | None) -> str:

@@ -23,11 +23,18 @@ which trains the landmark scores that pick the blocks. Only rows holding one doc
 can be attended so (packed rows keep the grouped softmax), and teacher-forced evaluation through ``__call__``
 uses it too.
 
-The layer computes with its own attention functions, not ``model.attention`` (no sequence strategy: on a
-mesh XLA places it), and has no window or softcap. Of ``model.attention``'s tiles it reads ``block_kv``
-(``impl: blockwise``: keys per scan step, a multiple of ``block_size``; null: one landmark block) and
-``block_q`` (``impl: pallas``: queries per program, forward and backward; null: 64). Its backward tiles as
-its forward does, so ``block_q_bwd``/``block_kv_bwd`` are an error when every layer is a landmark layer.
+The layer computes with its own attention functions, not ``model.attention``'s implementation, and has no
+window or softcap. Of ``model.attention``'s tiles it reads ``block_kv`` (``impl: blockwise``: keys per scan
+step, a multiple of ``block_size``; null: one landmark block) and ``block_q`` (``impl: pallas``: queries per
+program, forward and backward; null: 64). Its backward tiles as its forward does, so
+``block_q_bwd``/``block_kv_bwd`` are an error when every layer is a landmark layer.
+
+It does follow ``model.attention.sequence``: where the resolved strategy splits the sequence over the mesh
+(ring, Ulysses, USP), the layer runs that strategy with :func:`lca.attention.landmark_step` as the local step
+(blockwise; ``impl: pallas`` is refused there), which needs every landmark block whole in one ring chunk:
+sequence lengths a multiple of the ring's chunks times ``block_size``, and not the ``striped`` layout
+(:meth:`LandmarkConfig.sequence_multiple`). Rows trained through retrieval (``train_retrieval``) are attended
+unsplit, placed by XLA.
 """
 
 from __future__ import annotations
@@ -40,9 +47,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lca.attention.blocks import BlockSizes
 from lca.attention.landmark import (SELECTIONS, BlockCache, append_blocks, empty_block_cache, landmark_attention,
-                                    landmark_decoded_attention, landmark_retrieval_attention)
+                                    landmark_decoded_attention, landmark_retrieval_attention, landmark_step)
 from lca.config import ConfigError, ModelConfig, choice_error
+from lca.models import strategies
 from lca.models.layers import dense
 from lca.models.rope import apply_rope
 
@@ -113,6 +122,20 @@ class LandmarkConfig:
                               f"leave it null.")
         check_vocab_holds_landmark(model, f"that '{key}' reads")
 
+    def sequence_multiple(self, key: str, model: ModelConfig, mesh) -> int:
+        """Lengths must be whole landmark blocks in every run of positions the sequence strategy cuts the keys
+        into on ``mesh`` (its ring chunks); a ConfigError where it deals tokens out one by one, or runs the Pallas
+        kernel split."""
+        runs = strategies.key_runs(model, mesh)
+        name = strategies.resolve(model, mesh)
+        if runs is None:
+            raise ConfigError(f"config key 'model.strategies.{name}.layout'='striped' deals tokens out one per device, "
+                              f"cutting every landmark block of {key}; use layout zigzag or contiguous.")
+        if self.impl == "pallas" and strategies.split_axis(model, mesh) is not None:
+            raise ConfigError(f"config key '{key}.impl'='pallas' runs unsplit, but model.attention.sequence resolves "
+                              f"to {name!r} on mesh {dict(mesh.shape)}; use {key}.impl=blockwise (its sharded step).")
+        return runs * self.block_size
+
     def check_run(self, key: str, cfg) -> None:
         """Checks against the rest of the run: the data insert this block size's landmarks; rows hold whole blocks."""
         if cfg.data.landmark_every != self.block_size:
@@ -163,6 +186,12 @@ class LandmarkAttention(nnx.Module):
         self.head_dim = model.head_dim or model.d_model // model.num_heads
         self.rope_theta, self.shard = model.rope_theta, env.shard
         self.block_q, self.block_kv = model.attention.block_q, model.attention.block_kv
+        # On a mesh whose sequence strategy splits the sequence: that strategy, with the landmark step.
+        self.split = None
+        if strategies.split_axis(model, env.mesh) is not None:
+            cfg.sequence_multiple("model.mixers.landmark", model, env.mesh)  # refuses what cannot run split
+            self.split = strategies.make_attend(model, env.mesh, impl=landmark_step(cfg.block_size),
+                                                blocks=BlockSizes(block_kv=self.block_kv))
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q = dense(rngs, model.d_model, q_dim, ("embed", "heads"), model)
         self.k = dense(rngs, model.d_model, kv_dim, ("embed", "kv_heads"), model)
@@ -188,7 +217,9 @@ class LandmarkAttention(nnx.Module):
         k_rot = self.shard(apply_rope(k, positions, self.rope_theta), ("batch", "sequence", "act_kv_heads", None))
         v = self.shard(v, ("batch", "sequence", "act_kv_heads", None))
         L = self.cfg.block_size
-        if self.cfg.impl == "pallas":
+        if self.split is not None:
+            out = self.split(q_rot, k_rot, v, causal=True, segment_ids=segment_ids)
+        elif self.cfg.impl == "pallas":
             from kernels_pallas.landmark import landmark_flash_attention  # only when asked for
 
             out = landmark_flash_attention(q_rot, k_rot, v, block_size=L, segment_ids=segment_ids, block_q=self.block_q)

@@ -14,7 +14,9 @@ from its typed config section ``section = model.mixers.<kind>`` (an instance of
 To add a mixer kind: write its module and its config dataclass (a frozen dataclass;
 an optional ``check(self, key, model)`` raises ``lca.config.ConfigError`` for bad
 values; an optional ``check_run(self, key, cfg)`` checks it against the whole run config,
-e.g. the data), and add one entry to :data:`MIXERS`. The config then accepts
+e.g. the data; an optional ``sequence_multiple(self, key, model, mesh)`` returns the length
+multiple its layers need on a mesh, or raises a ConfigError where they cannot run there),
+and add one entry to :data:`MIXERS`. The config then accepts
 ``model.mixers.<kind>.*`` (typed, unknown keys rejected at load) and
 ``model.pattern`` may name it.
 
@@ -27,6 +29,7 @@ which processes the ``t`` tokens that follow those already in the cache.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -100,3 +103,13 @@ def check(model: ModelConfig, run=None) -> None:
             section.check(f"model.mixers.{kind}", model)
         if run is not None and hasattr(section, "check_run"):
             section.check_run(f"model.mixers.{kind}", run)
+
+
+def sequence_multiple(model: ModelConfig, mesh: jax.sharding.Mesh) -> int:
+    """The length multiple the layers of ``model.pattern`` need of their own on ``mesh`` (1: none)."""
+    multiple = 1
+    for kind in dict.fromkeys(model.pattern):
+        section = model.mixers[kind]
+        if hasattr(section, "sequence_multiple"):
+            multiple = math.lcm(multiple, section.sequence_multiple(f"model.mixers.{kind}", model, mesh))
+    return multiple

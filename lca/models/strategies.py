@@ -92,6 +92,9 @@ class UspConfig:
 #
 # build(section, *, mesh, impl, blocks) -> attend
 # multiple(section, mesh) -> int
+# runs(section, mesh) -> int | None: how many runs of consecutive positions the strategy cuts the keys
+#   into for its local steps (ring chunks; 1: each step sees the whole sequence); None where it deals
+#   tokens out one by one (striped). Steps with LocalImpl.key_runs > 1 (landmark blocks) need them.
 #
 # ``blocks`` (a BlockSizes) holds model.attention's four tile sizes, None where unset.
 
@@ -105,9 +108,13 @@ def _none_multiple(section: NoneConfig, mesh) -> int:
     return 1
 
 
+def _none_runs(section: NoneConfig, mesh) -> int:
+    return 1
+
+
 def _build_ring(section: RingConfig, *, mesh, impl: LocalImpl, blocks: BlockSizes) -> Callable:
     return functools.partial(ring_attention, mesh=mesh, axis=section.axis, layout=section.layout,
-                             impl=impl.name, **dataclasses.asdict(blocks))
+                             impl=impl, **dataclasses.asdict(blocks))
 
 
 def _ring_multiple(section: RingConfig, mesh) -> int:
@@ -115,8 +122,19 @@ def _ring_multiple(section: RingConfig, mesh) -> int:
     return layouts.natural_input_multiple(section.layout, mesh_axis_size(mesh, section.axis))
 
 
+def _layout_runs(layout: str, n: int) -> int | None:
+    """Runs of consecutive positions a ring of ``n`` devices in ``layout`` cuts the keys into."""
+    if n == 1:
+        return 1
+    return None if layout == "striped" else layouts.num_chunks(layout) * n
+
+
+def _ring_runs(section: RingConfig, mesh) -> int | None:
+    return _layout_runs(section.layout, mesh_axis_size(mesh, section.axis))
+
+
 def _build_ulysses(section: UlyssesConfig, *, mesh, impl: LocalImpl, blocks: BlockSizes) -> Callable:
-    return functools.partial(ulysses_attention, mesh=mesh, axis=section.axis, impl=impl.name,
+    return functools.partial(ulysses_attention, mesh=mesh, axis=section.axis, impl=impl,
                              **dataclasses.asdict(blocks))
 
 
@@ -124,9 +142,13 @@ def _ulysses_multiple(section: UlyssesConfig, mesh) -> int:
     return layouts.natural_input_multiple("contiguous", mesh_axis_size(mesh, section.axis))
 
 
+def _ulysses_runs(section: UlyssesConfig, mesh) -> int:
+    return 1  # after the all-to-all each device attends the whole sequence
+
+
 def _build_usp(section: UspConfig, *, mesh, impl: LocalImpl, blocks: BlockSizes) -> Callable:
     return functools.partial(usp_attention, mesh=mesh, ring_axis=section.ring_axis,
-                             ulysses_axis=section.ulysses_axis, layout=section.layout, impl=impl.name,
+                             ulysses_axis=section.ulysses_axis, layout=section.layout, impl=impl,
                              **dataclasses.asdict(blocks))
 
 
@@ -137,6 +159,10 @@ def _usp_multiple(section: UspConfig, mesh) -> int:
     return math.lcm(layouts.natural_input_multiple(section.layout, ring), ring * group)
 
 
+def _usp_runs(section: UspConfig, mesh) -> int | None:
+    return _layout_runs(section.layout, mesh_axis_size(mesh, section.ring_axis, arg="ring_axis"))
+
+
 # --------------------------------------------------------------------------- the catalogue
 
 
@@ -145,6 +171,7 @@ class Strategy:
     config: type  # its typed section, model.strategies.<name>
     build: Callable  # (section, *, mesh, impl, blocks) -> attend
     multiple: Callable  # (section, mesh) -> the sequence-length multiple it needs
+    runs: Callable  # (section, mesh) -> runs of consecutive positions its steps see (see above)
     # Splits the sequence over a mesh and runs the implementation's step functions
     # (LocalImpl.forward/backward) on shards; otherwise it calls LocalImpl.attention.
     shards: bool = True
@@ -154,10 +181,10 @@ class Strategy:
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "none": Strategy(NoneConfig, _build_none, _none_multiple, shards=False),
-    "ring": Strategy(RingConfig, _build_ring, _ring_multiple, axis=lambda s: s.axis),
-    "ulysses": Strategy(UlyssesConfig, _build_ulysses, _ulysses_multiple, axis=lambda s: s.axis),
-    "usp": Strategy(UspConfig, _build_usp, _usp_multiple, axis=lambda s: s.ring_axis),
+    "none": Strategy(NoneConfig, _build_none, _none_multiple, _none_runs, shards=False),
+    "ring": Strategy(RingConfig, _build_ring, _ring_multiple, _ring_runs, axis=lambda s: s.axis),
+    "ulysses": Strategy(UlyssesConfig, _build_ulysses, _ulysses_multiple, _ulysses_runs, axis=lambda s: s.axis),
+    "usp": Strategy(UspConfig, _build_usp, _usp_multiple, _usp_runs, axis=lambda s: s.ring_axis),
 }
 AUTO = "auto"
 
@@ -181,14 +208,21 @@ def resolve(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> str:
     return "ring" if split and runs(STRATEGIES["ring"], get_impl(model.attention.impl)) else "none"
 
 
-def make_attend(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> Callable:
-    """The attention callable of ``model.attention`` (local impl x sequence strategy) on ``mesh``."""
+def make_attend(model: ModelConfig, mesh: jax.sharding.Mesh | None, *, impl: LocalImpl | None = None,
+                blocks: BlockSizes | None = None) -> Callable:
+    """The attention callable of ``model.attention`` (local impl x sequence strategy) on ``mesh``.
+
+    ``impl``, ``blocks``: another local implementation and its tiles under the same strategy (a mixer with its
+    own attention, e.g. landmark layers' step; None: ``model.attention``'s).
+    """
     name = resolve(model, mesh)
     strategy = STRATEGIES[name]
     if strategy.shards and mesh is None:
         raise ValueError(f"sequence strategy {name!r} splits the sequence over a mesh; pass mesh=.")
     att = model.attention
-    return strategy.build(model.strategies[name], mesh=mesh, impl=get_impl(att.impl), blocks=BlockSizes.of(att))
+    impl = get_impl(att.impl) if impl is None else impl
+    return strategy.build(model.strategies[name], mesh=mesh, impl=impl,
+                          blocks=BlockSizes.of(att) if blocks is None else blocks)
 
 
 def strategy_multiple(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> int:
@@ -197,6 +231,15 @@ def strategy_multiple(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> int
         return 1
     name = resolve(model, mesh)
     return STRATEGIES[name].multiple(model.strategies[name], mesh)
+
+
+def key_runs(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> int | None:
+    """How many runs of consecutive positions the resolved strategy cuts the keys into on ``mesh`` for its local
+    steps (1: each sees the whole sequence; None: tokens dealt out one by one, ``striped``)."""
+    if mesh is None:
+        return 1
+    name = resolve(model, mesh)
+    return STRATEGIES[name].runs(model.strategies[name], mesh)
 
 
 def split_axis(model: ModelConfig, mesh: jax.sharding.Mesh | None) -> str | None:

@@ -11,9 +11,11 @@ from flax import nnx
 import lca.models.generate as generate_module
 from lca.config import ConfigError, load_config
 from lca.data.landmark import insert_landmarks
-from lca.models import make_model
+from lca.models import make_model, sequence_multiple
 from lca.models.generate import generate
 from lca.models.landmark import LandmarkAttention
+from lca.parallel import make_mesh
+from lca.train.step import make_logits_fn
 
 L = 8
 LANDMARK = ["model.pattern=[landmark,global]", f"model.mixers.landmark.block_size={L}", f"data.landmark_every={L}"]
@@ -221,3 +223,54 @@ def test_only_the_share_of_one_document_rows_is_trained_through_retrieval():
     got, want = (m(tokens, positions, jnp.asarray(segments)) for m in (mixed, grouped))
     np.testing.assert_allclose(got[1:], want[1:], rtol=1e-5, atol=1e-5)
     assert not np.allclose(got[0, :36], want[0, :36], atol=1e-3)
+
+
+# (sequence strategy, mesh axes): every strategy that splits the sequence, over 4 devices
+SPLITS = [("ring", dict(data=2, context=4)), ("ring-contiguous", dict(context=4)), ("ulysses", dict(context=2)),
+          ("usp", dict(context=2, tensor=2))]
+
+
+@pytest.mark.parametrize("sequence,axes", SPLITS, ids=[s for s, _ in SPLITS])
+def test_a_split_sequence_gives_the_unsplit_logits_and_gradients(sequence, axes):
+    name, _, layout = sequence.partition("-")
+    split = [f"model.attention.sequence={name}"] + ([f"model.strategies.ring.layout={layout}"] if layout else [])
+    rng = np.random.default_rng(4)
+    tokens = insert_landmarks({"inputs": rng.integers(0, 256, (2, 56))}, L)["inputs"]  # 64: 8 blocks
+    cut = 20  # two packed documents per row; roles come from the row index, rotary from the positions
+    data = {"inputs": jnp.asarray(tokens),
+            "positions": jnp.asarray(np.r_[np.arange(cut), np.arange(64 - cut)][None].repeat(2, 0), jnp.int32),
+            "segment_ids": jnp.asarray(np.r_[np.ones(cut), 2 * np.ones(64 - cut)][None].repeat(2, 0), jnp.int32)}
+    probe = jnp.sin(jnp.arange(2 * 64 * 384, dtype=jnp.float32)).reshape(2, 64, 384)
+
+    def logits_and_grads(cfg, mesh):
+        model = make_model(cfg, mesh, seed=7)
+        graphdef, params = nnx.split(model, nnx.Param)
+        logits_fn = make_logits_fn(graphdef)
+        loss = lambda p: jnp.sum(logits_fn(p, data) * probe)  # noqa: E731
+        return model, jax.jit(lambda p: (logits_fn(p, data), jax.grad(loss)(p)))(nnx.to_pure_dict(params))
+
+    overrides = ("model.vocab_size=384", "model.attention.impl=blockwise")
+    _, (want, want_grads) = logits_and_grads(tiny(*overrides), None)
+    mesh = make_mesh(**axes, devices=jax.devices()[:math.prod(axes.values())], axis_types="auto")
+    model, (got, got_grads) = logits_and_grads(tiny(*overrides, *split), mesh)
+    assert model.block_0.attn.split is not None  # the landmark layer ran the strategy, not the unsplit path
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-3, atol=2e-4)
+
+
+def test_a_split_sequence_needs_whole_blocks_per_ring_chunk_and_no_striped_layout():
+    mesh = make_mesh(context=4, devices=jax.devices()[:4])
+    assert sequence_multiple(tiny("model.attention.sequence=ring"), mesh) == 2 * 4 * L  # zigzag: 2 chunks a device
+    assert sequence_multiple(tiny("model.attention.sequence=ulysses"), mesh) == L  # whole sequence per device
+    with pytest.raises(ConfigError, match=r"'model.strategies.ring.layout'='striped' deals tokens out one per device"):
+        sequence_multiple(tiny("model.attention.sequence=ring", "model.strategies.ring.layout=striped"), mesh)
+    with pytest.raises(ConfigError, match=r"'model.mixers.landmark.impl'='pallas' runs unsplit, but "
+                                          r"model.attention.sequence resolves to 'ring'"):
+        make_model(tiny("model.mixers.landmark.impl=pallas", "model.attention.sequence=auto"), mesh)
+    # the run refuses such a length before it writes anything
+    from lca.train.setup import check_fits
+
+    with pytest.raises(ConfigError, match=r"train.seq_len=32 is not divisible by 64"):
+        check_fits(tiny("model.attention.sequence=ring", "train.seq_len=32", "train.global_batch=8",
+                        "mesh.context=4", "mesh.data=2"), make_mesh(data=2, context=4))
