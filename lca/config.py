@@ -428,13 +428,13 @@ def _check_train_values(cfg: Config) -> None:
 
 def _check_retrieval_grid(e: EvalConfig) -> None:
     """The final evaluation's task and lengths, checked now rather than after training."""
-    from lca.data.tasks import TASKS
+    from lca.data.tasks import TASKS, check_length
 
     if e.retrieval_task not in TASKS:
         raise choice_error("eval.retrieval_task", e.retrieval_task, sorted(TASKS))
     for length in e.context_lengths:
-        try:  # a task's minimum length is the same for every seed and depth
-            TASKS[e.retrieval_task](length, 0.5, 0)
+        try:
+            check_length(e.retrieval_task, length)
         except ValueError as err:
             raise ConfigError(f"config key 'eval.context_lengths' holds {length}, too short for "
                               f"eval.retrieval_task={e.retrieval_task!r} ({str(err).rstrip('.')}).") from None

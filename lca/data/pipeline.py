@@ -49,7 +49,7 @@ import numpy as np
 
 from lca.data.landmark import InsertLandmarks, JumpPositions
 from lca.data.sources import SPLITS, StdlibSource, TextDirSource
-from lca.data.tasks import TASKS
+from lca.data.tasks import TASKS, check_length
 from lca.data.tokenizer import EOS_ID, PAD_ID
 
 FILE_SOURCES = ("stdlib", "text_dir")
@@ -224,7 +224,7 @@ def _check_task_fits(name: str, task: str, cfg: DataConfig, *, row_len: int) -> 
         raise ValueError(f"data.task_len_jitter={jitter} must be < {(row_len + 1) // 2} for rows of {row_len} "
                          f"tokens: two shortened examples would share a row.")
     try:
-        TASKS[task](row_len + 1 - jitter - start, 0.5, 0)
+        check_length(task, row_len + 1 - jitter - start)
     except ValueError as err:
         knobs = " + ".join(f"data.{name}={value}" for name, value in
                            (("task_len_jitter", jitter), ("task_start_jitter", start)) if value)

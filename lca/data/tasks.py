@@ -159,6 +159,15 @@ def copy(context_len: int, depth: float, seed=0) -> TaskExample:
 TASKS = {"passkey": passkey, "multi_needle": multi_needle, "assoc_recall": assoc_recall, "copy": copy}
 
 
+def check_length(name: str, context_len: int) -> None:
+    """The ValueError of task ``name`` if ``context_len`` tokens cannot hold its prompt; nothing if they can.
+
+    A task's minimum length is the same for every seed and depth (``multi_needle`` checks its longest draw),
+    so one probe settles it for a whole run.
+    """
+    get_task(name)(context_len, 0.5, 0)
+
+
 def get_task(name: str):
     """The task function called `name` (one of TASKS)."""
     if name not in TASKS:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lca.data.tasks import TASK_DESCRIPTION, TASKS, assoc_recall, copy, multi_needle, passkey
+from lca.data.tasks import TASK_DESCRIPTION, TASKS, assoc_recall, check_length, copy, multi_needle, passkey
 from lca.data.tokenizer import decode, encode
 
 
@@ -79,6 +79,9 @@ def test_a_length_fits_every_seed_or_none(task):
     shortest = next(n for n in range(2, 4096) if _fits(task, n, 0))
     for n in (shortest - 1, shortest, shortest + 1):
         assert len({_fits(task, n, seed) for seed in range(200)}) == 1, (task, n)
+    check_length(task, shortest)  # the probe both checks use says the same
+    with pytest.raises(ValueError, match=f"{task}: context_len={shortest - 1} is too short"):
+        check_length(task, shortest - 1)
 
 
 def _fits(task, n, seed):
