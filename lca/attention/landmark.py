@@ -654,15 +654,17 @@ def landmark_step(block_size: int) -> LocalImpl:
     The call must be ``causal=True`` with no ``window`` or ``softcap`` (a ValueError names them otherwise).
     Its ``block_q``/``block_kv`` tile the step (``block_kv`` a multiple of ``block_size``; None: ``Q_BLOCK``
     queries, one landmark block of keys), ``block_q_bwd``/``block_kv_bwd`` the backward (None: as the forward).
-    The same ``block_size`` gives the same object, so jitted callers do not retrace.
+    The same ``block_size`` gives the same object, so jitted callers do not retrace. On one device,
+    ``lca.attention.attention(q, k, v, impl=landmark_step(L), ...)`` is :func:`landmark_attention`.
     """
     return _landmark_step(_check_block_size(block_size))
 
 
 @functools.cache
 def _landmark_step(block_size: int) -> LocalImpl:
-    return LocalImpl(f"landmark_step({block_size})", None, _StepForward(block_size), _StepBackward(block_size),
-                     key_runs=block_size)
+    # Its single-device function is landmark_attention itself (lca.attention.attention(..., impl=) reaches it).
+    return LocalImpl(f"landmark_step({block_size})", functools.partial(landmark_attention, block_size=block_size),
+                     _StepForward(block_size), _StepBackward(block_size), key_runs=block_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lca.attention import reference_attention, ring_attention, ulysses_attention, usp_attention
+from lca.attention import attention, reference_attention, ring_attention, ulysses_attention, usp_attention
 from lca.attention.landmark import (
     BlockCache,
     append_blocks,
@@ -542,6 +542,7 @@ def test_the_sharded_step_refuses_what_would_cut_a_block_or_change_the_softmax()
     q, k, v = _qkv(0, 1, 48, 48, 2, 2)
     step = landmark_step(4)
     assert landmark_step(4) is step  # one object per block size: jitted callers do not retrace
+    np.testing.assert_array_equal(attention(q, k, v, causal=True, impl=step), landmark_attention(q, k, v, block_size=4))
     with pytest.raises(ValueError, match="block_size must be an int >= 2"):
         landmark_step(1)
     with pytest.raises(ValueError, match=r"needs causal=True, window=None and softcap=None .* got causal=False"):
