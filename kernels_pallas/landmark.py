@@ -320,11 +320,14 @@ def _dkdv_kernel(st: _Static, q, k, v, do, lse, delta, q_pos, kv_pos, q_seg, kv_
     )(*args)
 
 
-def _padded_backward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout):
-    """``(dq, dk, dv)`` f32 from the final ``out`` and ``lse0 [b, h, q_len]``."""
+def _padded_backward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse=None):
+    """``(dq, dk, dv)`` f32 from the final ``out`` and ``lse0 [b, h, q_len]`` (and its cotangent ``dlse``, which
+    enters where ``delta`` does: see :func:`lca.attention.landmark._backward`)."""
     q_len, kv_len = q.shape[1], k.shape[1]
     tq, tk = _padded_lengths(st, q_len, kv_len)
     delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32), out.astype(jnp.float32))
+    if dlse is not None:
+        delta = delta - dlse.astype(jnp.float32)
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
     qp, dop, kp, vp = _pad(q, 1, tq), _pad(dout.astype(q.dtype), 1, tq), _pad(k, 1, tk), _pad(v, 1, tk)
     lse_p, delta_p = _pad(lse, 2, tq), _pad(delta, 2, tq)
@@ -352,15 +355,32 @@ def landmark_flash_attention(q, k, v, *, block_size: int, causal: bool = True, s
     """
     r = landmark_lib.resolve_inputs(q, k, v, block_size=block_size, causal=causal, segment_ids=segment_ids,
                                     scale=scale, q_positions=q_positions, kv_positions=kv_positions)
+    st = _static(r.block_size, block_q, r.scale, q.shape[1], k.shape[1], r.q_segment_ids is not None, interpret)
+    return _landmark_pallas(st, q, k, v, r.q_positions, r.kv_positions, r.q_segment_ids, r.kv_segment_ids)
+
+
+def _static(block_size: int, block_q, scale: float, q_len: int, kv_len: int, segmented: bool, interpret=None):
     block_q = BLOCK_Q if block_q is None else block_q
     if isinstance(block_q, bool) or not isinstance(block_q, int) or block_q < 1:
         raise ValueError(f"block_q must be a positive int or None (the default, {BLOCK_Q}), got {block_q!r}.")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    q_len, kv_len = q.shape[1], k.shape[1]
-    st = _Static(block_size=r.block_size, block_q=min(block_q, -(-q_len // 8) * 8), scale=r.scale, kv_len=kv_len,
-                 segmented=r.q_segment_ids is not None, interpret=bool(interpret))
-    return _landmark_pallas(st, q, k, v, r.q_positions, r.kv_positions, r.q_segment_ids, r.kv_segment_ids)
+    return _Static(block_size=block_size, block_q=min(block_q, -(-q_len // 8) * 8), scale=scale, kv_len=kv_len,
+                   segmented=segmented, interpret=bool(interpret))
 
 
-__all__ = ["landmark_flash_attention"]
+def step_forward(block_size: int, block_q, scale: float, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    """The kernels as a sharded attention's step forward on resolved inputs: ``(out f32, lse0 [b, h, q_len])``
+    (:func:`lca.attention.landmark_step` with ``kernel="pallas"``; ``block_q``: queries per program)."""
+    st = _static(block_size, block_q, scale, q.shape[1], k.shape[1], q_seg is not None)
+    return _padded_forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+
+
+def step_backward(block_size: int, block_q, scale: float, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout,
+                  dlse):
+    """The step backward: ``(dq, dk, dv)`` f32 from the global ``out``, ``lse0`` and their cotangents."""
+    st = _static(block_size, block_q, scale, q.shape[1], k.shape[1], q_seg is not None)
+    return _padded_backward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse)
+
+
+__all__ = ["landmark_flash_attention", "step_backward", "step_forward"]

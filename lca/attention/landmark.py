@@ -594,7 +594,11 @@ def landmark_attention(
 # ------------------------------------------------------------------------------------------------ sharded step
 
 
-def _check_step_options(mask: Mask, logit: LogitOptions, blocks: BlockSizes | None, block_size: int) -> None:
+KERNELS = ("blockwise", "pallas")  # what computes a landmark step: this module's scan, or kernels_pallas.landmark
+
+
+def _check_step_options(mask: Mask, logit: LogitOptions, blocks: BlockSizes | None, block_size: int,
+                        kernel: str) -> None:
     """The options of a ring/Ulysses/USP call that a landmark step cannot take, named."""
     if not mask.causal or mask.window is not None or logit.softcap is not None:
         raise ValueError(
@@ -604,7 +608,12 @@ def _check_step_options(mask: Mask, logit: LogitOptions, blocks: BlockSizes | No
         )
     for name in ("block_kv", "block_kv_bwd"):
         size = None if blocks is None else getattr(blocks, name)
-        if size is not None and size % block_size:
+        if size is None:
+            continue
+        if kernel == "pallas" and size != block_size:
+            raise ValueError(f"{name}={size}: landmark_step(kernel='pallas') tiles the keys one landmark block at a "
+                             f"time; leave {name} None (or {block_size}).")
+        if size % block_size:
             raise ValueError(f"{name}={size} must be a multiple of block_size={block_size} for landmark_step: each "
                              f"key chunk holds whole landmark blocks; use e.g. {name}={block_size}.")
 
@@ -617,12 +626,23 @@ def _step_static(block_size: int, tiles: BlockSizes | None, scale: float, kv_len
     return _static(block_size, kv_block, scale, q_block)
 
 
+def _kernels():
+    from kernels_pallas import landmark  # only when a Pallas step is asked for
+
+    return landmark
+
+
 @dataclasses.dataclass(frozen=True)
 class _StepForward:
     block_size: int
+    kernel: str
 
     def __call__(self, q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, mask, logit, blocks):
-        _check_step_options(mask, logit, blocks, self.block_size)
+        _check_step_options(mask, logit, blocks, self.block_size, self.kernel)
+        if self.kernel == "pallas":
+            block_q = None if blocks is None else blocks.block_q
+            return _kernels().step_forward(self.block_size, block_q, logit.scale, q, k, v, q_pos, kv_pos, q_seg,
+                                           kv_seg)
         st = _step_static(self.block_size, blocks, logit.scale, k.shape[1])
         return _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
 
@@ -630,14 +650,19 @@ class _StepForward:
 @dataclasses.dataclass(frozen=True)
 class _StepBackward:
     block_size: int
+    kernel: str
 
     def __call__(self, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse, *, mask, logit, blocks):
-        _check_step_options(mask, logit, blocks, self.block_size)
-        st = _step_static(self.block_size, None if blocks is None else blocks.backward, logit.scale, k.shape[1])
+        _check_step_options(mask, logit, blocks, self.block_size, self.kernel)
+        tiles = None if blocks is None else blocks.backward
+        if self.kernel == "pallas":
+            return _kernels().step_backward(self.block_size, None if tiles is None else tiles.block_q, logit.scale,
+                                            q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse)
+        st = _step_static(self.block_size, tiles, logit.scale, k.shape[1])
         return _backward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout, dlse)
 
 
-def landmark_step(block_size: int) -> LocalImpl:
+def landmark_step(block_size: int, *, kernel: str = "blockwise") -> LocalImpl:
     """Landmark attention as the local step of a sharded attention: pass it as ``impl=`` to
     :func:`lca.attention.ring_attention`, ``ulysses_attention``, ``usp_attention`` or their ``*_shard`` forms.
 
@@ -652,19 +677,27 @@ def landmark_step(block_size: int) -> LocalImpl:
     ``n`` devices, ``n block_size`` for contiguous). Ulysses attends the whole sequence on each device.
 
     The call must be ``causal=True`` with no ``window`` or ``softcap`` (a ValueError names them otherwise).
-    Its ``block_q``/``block_kv`` tile the step (``block_kv`` a multiple of ``block_size``; None: ``Q_BLOCK``
-    queries, one landmark block of keys), ``block_q_bwd``/``block_kv_bwd`` the backward (None: as the forward).
+    ``kernel``: ``"blockwise"`` (this module's scan) or ``"pallas"`` (the fused kernels of
+    ``kernels_pallas.landmark``; interpreted off GPU, so inside your own ``shard_map`` it needs
+    ``check_vma=False``). The call's ``block_q``/``block_kv`` tile the step (``block_kv`` a multiple of
+    ``block_size``, and only ``block_size`` for pallas, whose key tile is one block; None: ``Q_BLOCK`` queries
+    for blockwise, 64 for pallas, one landmark block of keys), ``block_q_bwd``/``block_kv_bwd`` the backward
+    (None: as the forward).
     The same ``block_size`` gives the same object, so jitted callers do not retrace. On one device,
     ``lca.attention.attention(q, k, v, impl=landmark_step(L), ...)`` is :func:`landmark_attention`.
     """
-    return _landmark_step(_check_block_size(block_size))
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not a landmark step kernel; use one of {list(KERNELS)}.")
+    return _landmark_step(_check_block_size(block_size), kernel)
 
 
 @functools.cache
-def _landmark_step(block_size: int) -> LocalImpl:
-    # Its single-device function is landmark_attention itself (lca.attention.attention(..., impl=) reaches it).
-    return LocalImpl(f"landmark_step({block_size})", functools.partial(landmark_attention, block_size=block_size),
-                     _StepForward(block_size), _StepBackward(block_size), key_runs=block_size)
+def _landmark_step(block_size: int, kernel: str) -> LocalImpl:
+    # Its single-device function is landmark attention itself (lca.attention.attention(..., impl=) reaches it).
+    single = _kernels().landmark_flash_attention if kernel == "pallas" else landmark_attention
+    name = f"landmark_step({block_size})" if kernel == "blockwise" else f"landmark_step({block_size}, kernel='pallas')"
+    return LocalImpl(name, functools.partial(single, block_size=block_size), _StepForward(block_size, kernel),
+                     _StepBackward(block_size, kernel), check_vma=kernel != "pallas", key_runs=block_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ program, forward and backward; null: 64). Its backward tiles as its forward does
 
 It does follow ``model.attention.sequence``: where the resolved strategy splits the sequence over the mesh
 (ring, Ulysses, USP), the layer runs that strategy with :func:`lca.attention.landmark_step` as the local step
-(blockwise; ``impl: pallas`` is refused there), which needs every landmark block whole in one ring chunk:
+(``impl`` its kernel, with the same tiles), which needs every landmark block whole in one ring chunk:
 sequence lengths a multiple of the ring's chunks times ``block_size``, and not the ``striped`` layout
 (:meth:`LandmarkConfig.sequence_multiple`). Rows trained through retrieval (``train_retrieval``) are attended
 unsplit, placed by XLA.
@@ -124,16 +124,12 @@ class LandmarkConfig:
 
     def sequence_multiple(self, key: str, model: ModelConfig, mesh) -> int:
         """Lengths must be whole landmark blocks in every run of positions the sequence strategy cuts the keys
-        into on ``mesh`` (its ring chunks); a ConfigError where it deals tokens out one by one, or runs the Pallas
-        kernel split."""
+        into on ``mesh`` (its ring chunks); a ConfigError where it deals tokens out one by one."""
         runs = strategies.key_runs(model, mesh)
         name = strategies.resolve(model, mesh)
         if runs is None:
             raise ConfigError(f"config key 'model.strategies.{name}.layout'='striped' deals tokens out one per device, "
                               f"cutting every landmark block of {key}; use layout zigzag or contiguous.")
-        if self.impl == "pallas" and strategies.split_axis(model, mesh) is not None:
-            raise ConfigError(f"config key '{key}.impl'='pallas' runs unsplit, but model.attention.sequence resolves "
-                              f"to {name!r} on mesh {dict(mesh.shape)}; use {key}.impl=blockwise (its sharded step).")
         return runs * self.block_size
 
     def check_run(self, key: str, cfg) -> None:
@@ -190,8 +186,9 @@ class LandmarkAttention(nnx.Module):
         self.split = None
         if strategies.split_axis(model, env.mesh) is not None:
             cfg.sequence_multiple("model.mixers.landmark", model, env.mesh)  # refuses what cannot run split
-            self.split = strategies.make_attend(model, env.mesh, impl=landmark_step(cfg.block_size),
-                                                blocks=BlockSizes(block_kv=self.block_kv))
+            tiles = BlockSizes(block_q=self.block_q) if cfg.impl == "pallas" else BlockSizes(block_kv=self.block_kv)
+            self.split = strategies.make_attend(model, env.mesh, impl=landmark_step(cfg.block_size, kernel=cfg.impl),
+                                                blocks=tiles)
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q = dense(rngs, model.d_model, q_dim, ("embed", "heads"), model)
         self.k = dense(rngs, model.d_model, kv_dim, ("embed", "kv_heads"), model)
