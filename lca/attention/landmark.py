@@ -44,7 +44,8 @@ Positions of retrieved blocks, the paper's "stingy" scheme as in the reference (
 Public functions: :func:`landmark_reference_attention` (dense oracle) and :func:`landmark_weights` (its
 weight matrix); :func:`landmark_attention` (blockwise, O(n) memory, custom VJP) built from
 :func:`landmark_forward` / :func:`landmark_backward` through :func:`landmark_vjp`, which the Pallas kernels in
-``kernels_pallas.landmark`` reuse; :func:`landmark_step`, the same pair as a sharded attention's local step; :func:`landmark_retrieval_attention` with :class:`BlockCache`,
+``kernels_pallas.landmark`` reuse; :func:`landmark_step`, the same pair (or the kernels') as a sharded
+attention's local step; :func:`landmark_retrieval_attention` with :class:`BlockCache`,
 :func:`empty_block_cache` and :func:`append_blocks` for inference; :func:`landmark_decoded_attention`, a
 whole row attended block by block through the retrieval path (what decoding meets), for training.
 
@@ -683,7 +684,7 @@ def landmark_step(block_size: int, *, kernel: str = "blockwise") -> LocalImpl:
     ``block_size``, and only ``block_size`` for pallas, whose key tile is one block; None: ``Q_BLOCK`` queries
     for blockwise, 64 for pallas, one landmark block of keys), ``block_q_bwd``/``block_kv_bwd`` the backward
     (None: as the forward).
-    The same ``block_size`` gives the same object, so jitted callers do not retrace. On one device,
+    The same arguments give the same object, so jitted callers do not retrace. On one device,
     ``lca.attention.attention(q, k, v, impl=landmark_step(L), ...)`` is :func:`landmark_attention`.
     """
     if kernel not in KERNELS:
