@@ -72,6 +72,29 @@ def test_bf16_real_sizes(backend, name):
         assert err < 3e-2, f"d{name_}: relative max error {err}"
 
 
+def test_landmark_kernels_as_a_ring_step_at_real_sizes():
+    """The Pallas landmark kernels compiled for the GPU (never run on one before this test), through the ring's
+    step on one device (``landmark_step(64, kernel="pallas")``), bf16, against the blockwise landmark attention."""
+    from lca.attention import landmark_attention, landmark_step, ring_attention
+    from lca.parallel import make_mesh
+
+    q, k, v = random_qkv(0, 2, 2048, 2048, 8, 2, 128, jnp.bfloat16)
+    seg = three_documents(2, 2048)
+    mesh = make_mesh(context=1, devices=jax.devices()[:1])
+    step = lambda q, k, v: ring_attention(q, k, v, mesh=mesh, causal=True, segment_ids=seg,  # noqa: E731
+                                          impl=landmark_step(64, kernel="pallas"), block_q=64)
+    ref = lambda q, k, v: landmark_attention(*(x.astype(jnp.float32) for x in (q, k, v)),  # noqa: E731
+                                             block_size=64, segment_ids=seg)
+    out, pull = jax.vjp(step, q, k, v)
+    ref_out, ref_pull = jax.vjp(ref, q, k, v)
+    np.testing.assert_allclose(np.float32(out), np.float32(ref_out), atol=2e-2, rtol=2e-2)
+    dout = jax.random.normal(jax.random.PRNGKey(1), out.shape, jnp.bfloat16)
+    for name_, g, rg in zip("qkv", pull(dout), ref_pull(dout.astype(jnp.float32))):
+        g, rg = np.float32(g), np.float32(rg)
+        err = np.abs(g - rg).max() / max(np.abs(rg).max(), 1e-6)
+        assert err < 3e-2, f"d{name_}: relative max error {err}"
+
+
 # (block_kv, head_dim): a float32 output (a ring step's) takes one more SMEM tile. On the H100 on
 # 2026-11-27 the kernel refused it with 128-key blocks at head_dim 128, counting P tiles that only the
 # interpret mode allocates; it no longer counts them, so the default (64, 128) tiles run here too.
