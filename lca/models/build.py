@@ -41,8 +41,14 @@ def sequence_multiple(cfg: Config, mesh: jax.sharding.Mesh | None) -> int:
 
 
 def attention_name(cfg: Config, mesh: jax.sharding.Mesh | None) -> str:
-    """``"<impl> x <strategy>"`` as resolved on ``mesh``, for logs and messages."""
-    return f"{cfg.model.attention.impl} x {strategies.resolve(cfg.model, mesh)}"
+    """``"<impl> x <strategy>"`` as resolved on ``mesh``, for logs and messages; landmark layers, which compute
+    with their own kernel, add theirs (``"...; landmark layers: blockwise x ring"``)."""
+    strategy = strategies.resolve(cfg.model, mesh)
+    name = f"{cfg.model.attention.impl} x {strategy}"
+    if "landmark" in cfg.model.pattern:
+        split = strategies.split_axis(cfg.model, mesh) is not None
+        name += f"; landmark layers: {cfg.model.mixers['landmark'].impl} x {strategy if split else 'none'}"
+    return name
 
 
 def _decoder(cfg: Config, mesh, seed: int) -> Decoder:

@@ -12,6 +12,7 @@ import lca.models.generate as generate_module
 from lca.config import ConfigError, load_config
 from lca.data.landmark import insert_landmarks
 from lca.models import make_model, sequence_multiple
+from lca.models.build import attention_name
 from lca.models.generate import generate
 from lca.models.landmark import LandmarkAttention
 from lca.parallel import make_mesh
@@ -267,6 +268,9 @@ def test_a_split_sequence_needs_whole_blocks_per_ring_chunk_and_no_striped_layou
     mesh = make_mesh(context=4, devices=jax.devices()[:4])
     assert sequence_multiple(tiny("model.attention.sequence=ring"), mesh) == 2 * 4 * L  # zigzag: 2 chunks a device
     assert sequence_multiple(tiny("model.attention.sequence=ulysses"), mesh) == L  # whole sequence per device
+    assert attention_name(tiny("model.attention.sequence=ring"), mesh) == (
+        "blockwise x ring; landmark layers: blockwise x ring")
+    assert attention_name(tiny(), None).endswith("; landmark layers: blockwise x none")
     with pytest.raises(ConfigError, match=r"'model.strategies.ring.layout'='striped' deals tokens out one per device"):
         sequence_multiple(tiny("model.attention.sequence=ring", "model.strategies.ring.layout=striped"), mesh)
     # the run refuses such a length before it writes anything
