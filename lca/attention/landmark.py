@@ -114,14 +114,15 @@ def _check_causal(causal):
         )
 
 
-def _check_kv_block(kv_block, block_size: int) -> int:
+def _check_kv_block(kv_block, block_size: int, name: str = "kv_block") -> int:
+    """Keys per chunk (None: one landmark block); ``name`` is the caller's argument (a step's ``block_kv``)."""
     if kv_block is None:
         return block_size
-    kv_block = positive_int("kv_block", kv_block)
+    kv_block = positive_int(name, kv_block)
     if kv_block % block_size:
         raise ValueError(
-            f"kv_block={kv_block} must be a multiple of block_size={block_size}: each attention block holds "
-            f"whole landmark blocks; use e.g. kv_block={block_size * max(1, kv_block // block_size)}."
+            f"{name}={kv_block} must be a multiple of block_size={block_size}: each attention block holds "
+            f"whole landmark blocks; use e.g. {name}={block_size * max(1, kv_block // block_size)}."
         )
     return kv_block
 
@@ -614,9 +615,7 @@ def _check_step_options(mask: Mask, logit: LogitOptions, blocks: BlockSizes | No
         if kernel == "pallas" and size != block_size:
             raise ValueError(f"{name}={size}: landmark_step(kernel='pallas') tiles the keys one landmark block at a "
                              f"time; leave {name} None (or {block_size}).")
-        if size % block_size:
-            raise ValueError(f"{name}={size} must be a multiple of block_size={block_size} for landmark_step: each "
-                             f"key chunk holds whole landmark blocks; use e.g. {name}={block_size}.")
+        _check_kv_block(size, block_size, name)
 
 
 def _step_static(block_size: int, tiles: BlockSizes | None, scale: float, kv_len: int) -> _Static:

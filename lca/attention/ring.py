@@ -286,7 +286,7 @@ def ring_on_shards(spec: CallSpec, q, k, v, q_seg, kv_seg, *, axis_name: str, la
                 f"got {name} shard length {length}; use a global length that is a multiple of "
                 f"{2 * n} or layout='contiguous'."
             )
-    _check_key_runs(spec.impl, layout, kv_len, chunks, n)
+    _check_key_runs(spec.impl, layout, kv_len, n)
     if q_positions is None or kv_positions is None:
         index = lax.axis_index(axis_name)
         # Bottom-right alignment of the global lengths, as in a single-device call.
@@ -299,19 +299,20 @@ def ring_on_shards(spec: CallSpec, q, k, v, q_seg, kv_seg, *, axis_name: str, la
     return ring_core(RingStatic(spec, axis_name, chunks), q, k, v, q_pos, kv_pos, q_seg, kv_seg)
 
 
-def _check_key_runs(impl, layout: str, kv_len: int, chunks: int, n: int) -> None:
+def _check_key_runs(impl, layout: str, kv_len: int, n: int) -> None:
     """A step that needs aligned runs of ``impl.key_runs`` positions (landmark blocks) gets them whole."""
     runs = impl.key_runs
     if runs == 1:
         return
-    if n > 1 and layout == "striped":
+    pieces = layouts.position_runs(layout, n)  # the global sequence's runs of consecutive positions
+    if pieces is None:
         raise ValueError(f"impl={impl.name!r} needs its keys in whole runs of {runs} consecutive positions, which "
                          f"layout='striped' deals out one token per device; use layout='zigzag' or 'contiguous'.")
-    if (kv_len // chunks) % runs:
-        multiple = runs * chunks * n
+    chunk = kv_len * n // pieces
+    if chunk % runs:
         raise ValueError(f"impl={impl.name!r} needs each ring chunk to hold whole runs of {runs} positions, got "
-                         f"chunks of {kv_len // chunks} keys ({chunks} per device, {n} devices, layout={layout!r}); "
-                         f"use a sequence length that is a multiple of {multiple}.")
+                         f"chunks of {chunk} keys ({pieces // n} per device, {n} devices, layout={layout!r}); "
+                         f"use a sequence length that is a multiple of {runs * pieces}.")
 
 
 def _ring_body(spec: CallSpec, q, k, v, q_seg, kv_seg, *, axis_name, layout, convert):

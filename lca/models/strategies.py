@@ -122,15 +122,8 @@ def _ring_multiple(section: RingConfig, mesh) -> int:
     return layouts.natural_input_multiple(section.layout, mesh_axis_size(mesh, section.axis))
 
 
-def _layout_runs(layout: str, n: int) -> int | None:
-    """Runs of consecutive positions a ring of ``n`` devices in ``layout`` cuts the keys into."""
-    if n == 1:
-        return 1
-    return None if layout == "striped" else layouts.num_chunks(layout) * n
-
-
 def _ring_runs(section: RingConfig, mesh) -> int | None:
-    return _layout_runs(section.layout, mesh_axis_size(mesh, section.axis))
+    return layouts.position_runs(section.layout, mesh_axis_size(mesh, section.axis))
 
 
 def _build_ulysses(section: UlyssesConfig, *, mesh, impl: LocalImpl, blocks: BlockSizes) -> Callable:
@@ -160,7 +153,7 @@ def _usp_multiple(section: UspConfig, mesh) -> int:
 
 
 def _usp_runs(section: UspConfig, mesh) -> int | None:
-    return _layout_runs(section.layout, mesh_axis_size(mesh, section.ring_axis, arg="ring_axis"))
+    return layouts.position_runs(section.layout, mesh_axis_size(mesh, section.ring_axis, arg="ring_axis"))
 
 
 # --------------------------------------------------------------------------- the catalogue

@@ -46,6 +46,15 @@ def num_chunks(layout: str) -> int:
     return 2 if layout == "zigzag" else 1
 
 
+def position_runs(layout: str, n: int) -> int | None:
+    """How many equal chunks of consecutive positions ``layout`` over ``n`` devices cuts a sequence into (``n``
+    times :func:`num_chunks`); None where it deals tokens out one by one (``striped`` over more than one device)."""
+    check_layout(layout)
+    if n == 1:
+        return 1
+    return None if layout == "striped" else num_chunks(layout) * n
+
+
 def check_length(layout: str, seq_len: int, n: int, *, name: str = "sequence length",
                  axis: str | None = None) -> int:
     """Validate ``seq_len`` for ``layout`` over ``n`` devices; return the local length."""

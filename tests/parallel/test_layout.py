@@ -16,6 +16,7 @@ from lca.parallel import (
     to_layout,
     zigzag_permutation,
 )
+from lca.parallel.layout import position_runs
 
 
 def test_zigzag_device_i_holds_chunks_i_and_2n_minus_1_minus_i():
@@ -33,6 +34,16 @@ def test_to_from_layout_round_trip_and_local_positions(layout):
     np.testing.assert_array_equal(from_layout(y, layout, 3), x)
     np.testing.assert_array_equal(
         y[0], np.concatenate([local_positions(layout, 8, 3, i) for i in range(3)]))
+
+
+@pytest.mark.parametrize("layout,n,runs", [("zigzag", 4, 8), ("contiguous", 4, 4), ("striped", 4, None),
+                                            ("zigzag", 1, 1), ("striped", 1, 1)])
+def test_position_runs_counts_the_runs_of_consecutive_positions(layout, n, runs):
+    assert position_runs(layout, n) == runs
+    if runs is not None:  # the permutation is that many equal chunks of consecutive positions
+        assert all(np.all(np.diff(chunk) == 1) for chunk in np.split(permutation(layout, 64, n), runs))
+    else:  # striped: no two neighbours on a device are consecutive
+        assert not np.any(np.diff(np.split(permutation(layout, 64, n), n)[0]) == 1)
 
 
 def test_bad_lengths_and_layouts():
