@@ -49,6 +49,7 @@ from lca.memory import neural_memory as nm
 from lca.memory.context_parallel import ContextSplit, context_parallel
 from lca.memory.mag import check_rope_heads, check_rope_section
 from lca.memory.mixer import ContextPlacement, TitansLmmConfig, as_arrays, as_variables
+from lca.models.attends import Attends
 from lca.models.rope import apply_rope
 
 if TYPE_CHECKING:
@@ -84,6 +85,9 @@ class TitansMacConfig(TitansLmmConfig):
         if self.segment < 1:
             raise ConfigError(f"config key '{key}.segment' must be an int >= 1, got {self.segment!r}.")
         check_rope_section(key, model)
+
+    def attends(self, model: ModelConfig) -> Attends:
+        return Attends(width=model.d_model, prefix=self.persistent, segment=self.segment)
 
     def mac(self, model: ModelConfig) -> MacConfig:
         return MacConfig(memory=self.memory(model.d_model), num_heads=model.num_heads, segment=self.segment,

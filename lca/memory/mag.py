@@ -31,6 +31,7 @@ from lca.config import ConfigError, ModelConfig
 from lca.memory import neural_memory as nm
 from lca.memory.context_parallel import ContextSplit, fresh_memory
 from lca.memory.mixer import ContextPlacement, TitansLmmConfig, as_arrays, as_variables
+from lca.models.attends import Attends
 from lca.models.kv_cache import KVCache, attend_cached, empty_kv_cache
 from lca.models.rope import apply_rope
 
@@ -92,6 +93,10 @@ class TitansMagConfig(TitansLmmConfig):
                               f"which model.attention.impl='xla' does not give; use impl=blockwise (or pallas, "
                               f"reference) or {key}.persistent=0.")
         check_rope_section(key, model)
+
+    def attends(self, model: ModelConfig) -> Attends:
+        """The attention branch (MAL: the attention after the memory): a window, the persistent tokens besides."""
+        return Attends(width=model.d_model, window=self.window, prefix=self.persistent)
 
     def mag(self, model: ModelConfig) -> MagConfig:
         return MagConfig(memory=self.memory(model.d_model), num_heads=model.num_heads, window=self.window,

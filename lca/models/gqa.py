@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional, Union
 from flax import nnx
 
 from lca.config import ConfigError, ModelConfig
+from lca.models.attends import Attends
 from lca.models.kv_cache import KVCache, attend_cached, empty_kv_cache
 from lca.models.layers import dense
 from lca.models.rope import apply_rope
@@ -29,6 +30,9 @@ class GlobalAttentionConfig:
     softcap: Optional[float] = None  # tanh logit cap (Gemma 2); None: none
     window = None  # not a field: a global layer has no window
 
+    def attends(self, model: ModelConfig) -> Attends:
+        return Attends(width=model.num_heads * (model.head_dim or model.d_model // model.num_heads))
+
 
 @dataclasses.dataclass(frozen=True)
 class LocalAttentionConfig:
@@ -43,6 +47,9 @@ class LocalAttentionConfig:
                 f"config key '{key}.window' must be a positive int when model.pattern has "
                 f"'local' layers, got {self.window!r}."
             )
+
+    def attends(self, model: ModelConfig) -> Attends:
+        return Attends(width=model.num_heads * (model.head_dim or model.d_model // model.num_heads), window=self.window)
 
 
 class Attention(nnx.Module):

@@ -51,6 +51,7 @@ from lca.attention.blocks import BlockSizes
 from lca.attention.landmark import (SELECTIONS, BlockCache, append_blocks, empty_block_cache, landmark_attention,
                                     landmark_decoded_attention, landmark_retrieval_attention, landmark_step)
 from lca.config import ConfigError, ModelConfig, choice_error
+from lca.models.attends import Attends
 from lca.models import strategies
 from lca.models.layers import dense
 from lca.models.rope import apply_rope
@@ -121,6 +122,11 @@ class LandmarkConfig:
                               f"whose backward tiles as its forward (model.attention.block_q, block_kv); "
                               f"leave it null.")
         check_vocab_holds_landmark(model, f"that '{key}' reads")
+
+    def attends(self, model: ModelConfig) -> Attends:
+        """The grouped softmax takes the products of causal attention over the whole document. The rows
+        ``train_retrieval`` also attends as decoding does (top_k blocks each) are not counted."""
+        return Attends(width=model.num_heads * (model.head_dim or model.d_model // model.num_heads))
 
     def sequence_multiple(self, key: str, model: ModelConfig, mesh) -> int:
         """Lengths must be whole landmark blocks in every run of positions the sequence strategy cuts the keys

@@ -15,7 +15,9 @@ To add a mixer kind: write its module and its config dataclass (a frozen datacla
 an optional ``check(self, key, model)`` raises ``lca.config.ConfigError`` for bad
 values; an optional ``check_run(self, key, cfg)`` checks it against the whole run config,
 e.g. the data; an optional ``sequence_multiple(self, key, model, mesh)`` returns the length
-multiple its layers need on a mesh, or raises a ConfigError where they cannot run there),
+multiple its layers need on a mesh, or raises a ConfigError where they cannot run there;
+an optional ``attends(self, model)`` returns what its attention spans,
+:class:`lca.models.attends.Attends`, for the analytic FLOP count of :mod:`lca.train.flops`),
 and add one entry to :data:`MIXERS`. The config then accepts
 ``model.mixers.<kind>.*`` (typed, unknown keys rejected at load) and
 ``model.pattern`` may name it.

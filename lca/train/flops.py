@@ -14,19 +14,25 @@ step is computed (remat recomputation and a flash backward's extra matmul are no
   not weights a token is multiplied by). Norm scales, biases and gains have one axis.
   A Titans memory's MLP weights count as one dense layer's, a lower bound: its
   test-time update also takes their gradient at every chunk;
-* attention, per attention layer: ``QK^T`` and ``PV`` take ``2 x 2 x heads x head_dim``
+* attention, per layer whose mixer section says what it attends (``attends(model)``,
+  :class:`lca.models.attends.Attends`): ``QK^T`` and ``PV`` take ``2 x 2 x heads x head_dim``
   FLOPs per attended (query, key) pair forward, three times that for training.
   Causal attention over ``T`` tokens attends ``T^2 / 2`` pairs; a sliding window
   of ``W`` attends ``T W - W^2 / 2`` with ``W = min(W, T)`` (which is ``T^2/2`` at
-  ``W = T``). In packed rows a token attends its own document only (and lca's
-  kernels compute nothing across documents), so a batch with ``segment_ids``
-  counts each document piece (a run of one nonzero id) as a sequence of its own
-  length (:meth:`StepFlops.of`); padding (id 0) counts nothing. Without segment
-  ids, every row is one sequence of ``T`` tokens (:meth:`StepFlops.dense`).
+  ``W = T``); a prefix of ``P`` keys every query sees (Titans' persistent tokens)
+  adds ``T P``; Titans MAC's segments of ``S`` tokens attend ``S^2 / 2`` pairs
+  twice each (the memory's retrieval and the segment itself). In packed rows a
+  token attends its own document only (and lca's kernels compute nothing across
+  documents), so a batch with ``segment_ids`` counts each document piece (a run
+  of one nonzero id) as a sequence of its own length (:meth:`StepFlops.of`);
+  padding (id 0) counts nothing. MAC cuts rows, not documents, so it counts whole
+  rows. Without segment ids, every row is one sequence of ``T`` tokens
+  (:meth:`StepFlops.dense`).
 
-Mixer kinds that are not GQA attention (``global``/``local``) contribute their
-weights through the parameter count and nothing for attention: landmark layers'
-grouped softmax and Titans' sliding-window and segment attention are not counted.
+Global, local and landmark layers (the grouped softmax takes causal attention's
+products) and Titans MAG/MAL/MAC count their attention this way; ``titans_lmm``
+has none. Not counted: a landmark layer's ``train_retrieval`` rows, attended a
+second time as decoding does.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import jax
 import numpy as np
 
 from lca.config import Config, ModelConfig
-from lca.models.gqa import GlobalAttentionConfig, LocalAttentionConfig
+from lca.models.attends import Attends
 from lca.models.mixers import layer_mixers
 
 
@@ -77,19 +83,25 @@ def document_pairs(segment_ids, window: int | None) -> float:
     return float(np.sum(attended_pairs(document_lengths(segment_ids), window)))
 
 
-def attention_flops(model: ModelConfig, pairs_of) -> float:
-    """Training FLOPs (forward + backward) of the attention products of every layer.
+def layer_pairs(attends: Attends, lengths, rows: int, row_length: int) -> float:
+    """Attended (query, key) pairs of one layer over document pieces of ``lengths`` (host ints) that fill
+    ``rows`` rows of ``row_length`` tokens (a MAC layer counts the rows: it attends across documents)."""
+    if attends.segment is not None:
+        whole, rest = divmod(row_length, attends.segment)
+        per_row = whole * attends.segment ** 2 + rest ** 2 + attends.prefix * row_length
+        return float(rows * per_row)
+    lengths = np.asarray(lengths)
+    return float(np.sum(attended_pairs(lengths, attends.window)) + attends.prefix * np.sum(lengths))
 
-    ``pairs_of(window)``: the attended (query, key) pairs of a layer with that
-    window (None: causal over whole documents), summed over the step's rows.
-    """
-    head_dim = model.head_dim or model.d_model // model.num_heads
-    per_pair = 3 * 2 * 2 * model.num_heads * head_dim
+
+def attention_flops(model: ModelConfig, lengths, rows: int, row_length: int) -> float:
+    """Training FLOPs (forward + backward) of the attention products of every layer (see :func:`layer_pairs`)."""
     total = 0.0
     for kind in layer_mixers(model):
         section = model.mixers[kind]
-        if isinstance(section, (GlobalAttentionConfig, LocalAttentionConfig)):
-            total += per_pair * pairs_of(section.window)
+        if hasattr(section, "attends"):
+            attends = section.attends(model)
+            total += 3 * 2 * 2 * attends.width * layer_pairs(attends, lengths, rows, row_length)
     return total
 
 
@@ -105,8 +117,8 @@ class StepFlops:
     @property
     def dense(self) -> float:
         """Every row one sequence of ``seq_len`` tokens."""
-        return self.matmuls + attention_flops(
-            self.model, lambda w: attended_pairs(self.seq_len, w) * self.global_batch)
+        lengths = np.full(self.global_batch, self.seq_len)
+        return self.matmuls + attention_flops(self.model, lengths, self.global_batch, self.seq_len)
 
     def of(self, segment_ids=None) -> float:
         """This step's count from its rows' ``segment_ids [rows, seq_len]``; :attr:`dense` without them.
@@ -117,9 +129,9 @@ class StepFlops:
         if segment_ids is None:
             return self.dense
         lengths = document_lengths(segment_ids)  # once per batch, whatever the number of layers
-        scale = self.global_batch / np.shape(segment_ids)[0]
-        return self.matmuls + attention_flops(
-            self.model, lambda w: float(np.sum(attended_pairs(lengths, w))) * scale)
+        rows = np.shape(segment_ids)[0]
+        scale = self.global_batch / rows
+        return self.matmuls + attention_flops(self.model, lengths, rows, self.seq_len) * scale
 
 
 def step_flops(cfg: Config, params) -> StepFlops:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lca.config import load_config
-from lca.train.flops import attended_pairs, document_pairs, step_flops, train_step_flops
+from lca.train.flops import attended_pairs, attention_flops, document_pairs, step_flops, train_step_flops
 from lca.train.metrics import peak_flops, throughput
 
 
@@ -45,8 +45,55 @@ def test_titans_weights_count_and_persistent_tokens_do_not(tmp_path):
     memory = d * 3 * d + d * d + d * 3 * 2 + 4 * 3 * d + 2 * (16 * 32 + 32 * 16)  # qkv, out, gates, conv, MLPs
     mag = d * 3 * d + d * d  # the attention branch's qkv and out
     weights = memory + mag + 3 * d * mlp + d * vocab
-    # The sliding-window attention is not counted (module docstring): matmuls only.
-    assert train_step_flops(cfg, _abstract_params(cfg)) == 6 * weights * b * t
+    # The attention branch: 2 heads of 16 over a window of 16, and the 3 persistent tokens every query sees.
+    attention = 3 * 4 * 32 * (t * 16 - 16 * 16 / 2 + t * 3) * b
+    assert train_step_flops(cfg, _abstract_params(cfg)) == 6 * weights * b * t + attention
+
+
+def _model(name, *overrides):
+    return load_config(name, ["run_dir=/tmp/unused", *overrides]).model
+
+
+def test_landmark_layers_count_causal_attention():
+    """The grouped softmax takes the products of causal attention: a landmark layer counts as a global one."""
+    landmark = _model("landmark")
+    plain = _model("landmark", "model.pattern=[global]")
+    lengths = np.array([64, 48, 16])
+    assert attention_flops(landmark, lengths, 2, 64) == attention_flops(plain, lengths, 2, 64) > 0
+    width = landmark.num_heads * (landmark.head_dim or landmark.d_model // landmark.num_heads)
+    assert attention_flops(landmark, lengths, 2, 64) == (
+        landmark.num_layers * 3 * 4 * width * float(np.sum(lengths ** 2 / 2)))
+
+
+def test_titans_mal_counts_its_window_and_lmm_no_attention():
+    mal = _model("tiny", "model.pattern=[titans_mal]", "model.mixers.titans_mal.window=8",
+                 "model.mixers.titans_mal.persistent=2")
+    lengths = np.array([32, 20])
+    assert attention_flops(mal, lengths, 2, 32) == mal.num_layers * 3 * 4 * mal.d_model * (
+        attended_pairs(32, 8) + attended_pairs(20, 8) + 2 * 52)
+    assert attention_flops(_model("tiny", "model.pattern=[titans_lmm]"), lengths, 2, 32) == 0
+
+
+def test_titans_mac_counts_segments_of_whole_rows():
+    """Each segment attends itself and the memory's retrieval causally, and the persistent tokens; MAC cuts rows,
+    so the documents a row is packed from do not change its count."""
+    mac = _model("tiny", "model.pattern=[titans_mac]", "model.num_layers=1", "model.mixers.titans_mac.segment=16",
+                 "model.mixers.titans_mac.persistent=3")
+    d, rows, t = mac.d_model, 2, 40  # segments of 16, 16 and a last one of 8
+    per_row = 2 * (16 * 16 / 2) * 2 + 2 * (8 * 8 / 2) + 3 * t
+    for lengths in ([40, 40], [10, 30, 40]):
+        assert attention_flops(mac, np.array(lengths), rows, t) == 3 * 4 * d * per_row * rows
+
+
+def test_mac_count_is_close_to_its_mask():
+    """The formula against the pairs MAC's attention sees (it counts each diagonal as half a pair)."""
+    s, p = 16, 3
+    i, j = jnp.arange(s)[:, None], jnp.arange(s)[None, :]
+    seen = 2 * int((j <= i).sum()) + p * s  # retrieval and segment, causal; the persistent tokens
+    mac = _model("tiny", "model.pattern=[titans_mac]", "model.num_layers=1", f"model.mixers.titans_mac.segment={s}",
+                 f"model.mixers.titans_mac.persistent={p}")
+    counted = attention_flops(mac, np.array([s]), 1, s) / (3 * 4 * mac.d_model)
+    assert abs(seen - counted) <= s
 
 
 @pytest.mark.parametrize("t, window, pairs", [(8, None, 32), (8, 8, 32), (8, 100, 32), (8, 2, 14), (8, 1, 7.5)])
