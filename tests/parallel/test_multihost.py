@@ -10,6 +10,7 @@ the dense oracle (float32, relative error <= 2e-4).
 import os
 import socket
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -32,7 +33,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_workers(out_dir):
+def _run_workers_once(out_dir):
+    """Both workers on a fresh port: ``[(process id, return code, log tail)]`` of those that failed."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [os.path.dirname(os.path.dirname(HERE)), os.environ.get("PYTHONPATH", "")])}
@@ -43,8 +45,17 @@ def _run_workers(out_dir):
         for i in range(2)
     ]
     logs = wait_all(procs, TIMEOUT_S)  # one budget for both workers; none is left behind
-    failed = [(i, p.returncode, log[-3000:]) for i, (p, log) in enumerate(zip(procs, logs))
-              if p.returncode != 0]
+    return [(i, p.returncode, log[-3000:]) for i, (p, log) in enumerate(zip(procs, logs)) if p.returncode != 0]
+
+
+def _run_workers(out_dir):
+    failed = _run_workers_once(out_dir)
+    # Once in many CI runs on 2 loaded cores, a gloo worker was killed by SIGABRT inside XLA right after
+    # connecting, and the rerun passed. A worker killed by a signal (not a failed assertion or exception,
+    # which exit 1) is run again once, with a warning that keeps the first log; a second failure fails.
+    if failed and all(code < 0 for _, code, _ in failed):
+        warnings.warn(f"multihost workers killed by a signal, running them again: {failed}")
+        failed = _run_workers_once(out_dir)
     assert not failed, failed
 
 
