@@ -28,9 +28,10 @@ That needs each device's shard to be whole segments (``l / devices`` a multiple 
 sharded), with a warning.
 
 Inference (:func:`mac_extend`, :mod:`lca.models.generate`) keeps a :class:`MacCache` of fixed size whatever
-the context length: the memory at the start of the open segment and that segment's inputs so far. Each call
-reruns the open segment from there, because every token of a segment retrieves from ``M_{t-1}`` and the
-memory learns from the whole segment's ``S_t + y_t``: a decoded token costs one segment's work, ``O(segment)``.
+the context length: the memory at the start of the open segment ``M_{t-1}`` (every token of a segment retrieves
+from it), the memory as it has learned from the segment's ``S_t + y_t`` so far (``M_t`` once the segment is
+whole), and the segment's inputs, keys and values so far. A decoded token retrieves once, attends over its
+segment's cached keys and takes one memory step; a prompt of several tokens reruns the open segment.
 """
 
 from __future__ import annotations
@@ -130,24 +131,46 @@ def retrieve_context(params: dict, state: nm.MemoryState, s: jax.Array, config: 
     return rearrange(h, "b c h d -> b c (h d)") @ params["memory"]["w_out"]
 
 
-def segment_attention(params: dict, s, h, positions, config: MacConfig) -> jax.Array:
-    """Attention of ``s [b, c, d_model]`` over [P || h || s] under :func:`mac_mask` -> ``[b, c, d_model]``."""
-    heads = lambda z: rearrange(z, "b l (h d) -> b l h d", h=config.num_heads)  # noqa: E731
-    q, k, v = (heads(t) for t in jnp.split(s @ params["w_qkv"], 3, axis=-1))
-    _, hk, hv = (heads(t) for t in jnp.split(h @ params["w_qkv"], 3, axis=-1))
-    q, k, hk = (apply_rope(t, positions, config.rope_theta) for t in (q, k, hk))
-    keys, values = [hk, k], [hv, v]
+def _heads(z: jax.Array, config: MacConfig) -> jax.Array:
+    return rearrange(z, "b l (h d) -> b l h d", h=config.num_heads)
+
+
+def _persistent_kv(params: dict, batch: int, config: MacConfig):
+    """The persistent tokens' keys and values ``[batch, P, heads, head_dim]`` each, or None without them."""
     persistent = params["memory"].get("persistent")
-    if persistent is not None:
-        p = jnp.broadcast_to(persistent, (s.shape[0],) + persistent.shape)
-        _, pk, pv = (heads(t) for t in jnp.split(p @ params["w_qkv"], 3, axis=-1))
-        keys, values = [pk, *keys], [pv, *values]
-    keys, values = jnp.concatenate(keys, axis=1), jnp.concatenate(values, axis=1)
+    if persistent is None:
+        return None
+    p = jnp.broadcast_to(persistent, (batch,) + persistent.shape)
+    _, pk, pv = (_heads(t, config) for t in jnp.split(p @ params["w_qkv"], 3, axis=-1))
+    return pk, pv
+
+
+def _segment_qkv(params: dict, s, h, positions, config: MacConfig):
+    """Queries ``[b, c, heads, head_dim]`` of ``s [b, c, d_model]``, and the keys and values of [h || s]
+    ``[b, 2c, heads, head_dim]``; rotary at ``positions [b, c]`` on the queries and both halves of the keys."""
+    q, k, v = (_heads(t, config) for t in jnp.split(s @ params["w_qkv"], 3, axis=-1))
+    _, hk, hv = (_heads(t, config) for t in jnp.split(h @ params["w_qkv"], 3, axis=-1))
+    q, k, hk = (apply_rope(t, positions, config.rope_theta) for t in (q, k, hk))
+    return q, jnp.concatenate([hk, k], axis=1), jnp.concatenate([hv, v], axis=1)
+
+
+def _attend(params: dict, q, keys, values, visible, config: MacConfig) -> jax.Array:
+    """``q [b, n, heads, hd]`` over the persistent tokens (seen by all) and ``keys, values [b, 2c, heads, hd]``
+    where ``visible [n, 2c]`` -> ``[b, n, d_model]``."""
+    prefix = _persistent_kv(params, q.shape[0], config)
+    if prefix is not None:
+        keys, values = (jnp.concatenate([p, t], axis=1) for p, t in zip(prefix, (keys, values)))
+        visible = jnp.concatenate([jnp.ones((visible.shape[0], prefix[0].shape[1]), bool), visible], axis=1)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys) / jnp.sqrt(q.shape[-1])
-    mask = mac_mask(0 if persistent is None else persistent.shape[0], s.shape[1])
-    probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, values)
     return rearrange(out, "b c h d -> b c (h d)") @ params["w_out"]
+
+
+def segment_attention(params: dict, s, h, positions, config: MacConfig) -> jax.Array:
+    """Attention of ``s [b, c, d_model]`` over [P || h || s] under :func:`mac_mask` -> ``[b, c, d_model]``."""
+    q, keys, values = _segment_qkv(params, s, h, positions, config)
+    return _attend(params, q, keys, values, mac_mask(0, s.shape[1]), config)
 
 
 def mac_segments(params: dict, state: nm.MemoryState, x, positions, *, config: MacConfig, complete=None):
@@ -180,44 +203,99 @@ class MacCache(NamedTuple):
     inputs: the open segment's inputs so far ``[b, c, d_model]`` float32, zeros after ``count``.
     positions: their positions ``[b, c]`` int32, zeros after ``count``.
     count: tokens in the open segment (int32 scalar, ``0 <= count < c``).
+    streamed: the memory after learning from the open segment's ``S_t + y_t`` so far (``M_t`` once whole).
+    keys, values: the open segment's keys and values of [h || S] ``[b, 2c, heads, head_dim]`` float32 (rotary
+      applied), zeros after ``count`` in each half.
     """
 
     memory: nm.MemoryState
     inputs: jax.Array
     positions: jax.Array
     count: jax.Array
+    streamed: nm.MemoryState
+    keys: jax.Array
+    values: jax.Array
 
 
 def start_mac_cache(params: dict, config: MacConfig, batch: int) -> MacCache:
     """The cache before the first token: the memory after its persistent tokens, an empty segment."""
     c, d = config.segment, config.memory.d_model
-    return MacCache(nm.fresh_state(params["memory"], config.memory, batch), jnp.zeros((batch, c, d), jnp.float32),
-                    jnp.zeros((batch, c), jnp.int32), jnp.zeros((), jnp.int32))
+    memory = nm.fresh_state(params["memory"], config.memory, batch)
+    kv = jnp.zeros((batch, 2 * c, config.num_heads, d // config.num_heads), jnp.float32)
+    return MacCache(memory, jnp.zeros((batch, c, d), jnp.float32), jnp.zeros((batch, c), jnp.int32),
+                    jnp.zeros((), jnp.int32), memory, kv, kv)
 
 
 def mac_extend(params: dict, x: jax.Array, positions: jax.Array, cache: MacCache, *, config: MacConfig):
     """:func:`mac_layer` of the next ``t`` tokens ``x [b, t, d_model]`` at ``positions [b, t]`` after those in
     ``cache``: ``(out [b, t, d_model], cache)``; streaming a sequence so equals one call over all of it.
 
-    The open segment's earlier tokens are rerun with ``x`` from the memory at its start (see the module
-    docstring); one document per row, as in decoding.
+    One token (decoding) attends over the cached keys of its segment and the memory learns from it alone:
+    ``O(segment)`` attention and one memory step, not the segment's rerun. Several (a prompt) rerun the open
+    segment from the memory at its start with them, then rebuild the cache's keys and streamed memory of the
+    new open segment. One document per row, as in decoding.
     """
     b, t, d = x.shape
     rows, _, width = cache.inputs.shape
     if (b, d) != (rows, width) or positions.shape != (b, t):
         raise ValueError(f"mac_extend: x must be [batch={rows}, t, d_model={width}] with positions [batch, t] "
                          f"(the cache's batch and width); got x {x.shape} and positions {positions.shape}.")
-    c, count = config.segment, cache.count
+    x, positions = x.astype(jnp.float32), positions.astype(jnp.int32)
+    extend = _extend_token if t == 1 else _extend_rerun
+    return extend(params, x, positions, cache, config)
+
+
+def _extend_rerun(params: dict, x, positions, cache: MacCache, config: MacConfig):
+    """:func:`mac_extend` of ``t >= 1`` tokens by rerunning the open segment from the memory at its start."""
+    c, count, t = config.segment, cache.count, x.shape[1]
     run = c * -(-(c - 1 + t) // c)  # whole segments enough for count + t tokens, count < c
     # one more zero segment to slice the next open segment from when count + t ends on a boundary
     room = lambda z: jnp.pad(z, [(0, 0), (0, run)] + [(0, 0)] * (z.ndim - 2))  # noqa: E731
-    xs = jax.lax.dynamic_update_slice_in_dim(room(cache.inputs), x.astype(jnp.float32), count, axis=1)
-    ps = jax.lax.dynamic_update_slice_in_dim(room(cache.positions), positions.astype(jnp.int32), count, axis=1)
+    xs = jax.lax.dynamic_update_slice_in_dim(room(cache.inputs), x, count, axis=1)
+    ps = jax.lax.dynamic_update_slice_in_dim(room(cache.positions), positions, count, axis=1)
     complete = (count + t) // c
     y, memory = mac_segments(params, cache.memory, xs[:, :run], ps[:, :run], config=config, complete=complete)
     nxt = lambda z: jax.lax.dynamic_slice_in_dim(z, complete * c, c, axis=1)  # noqa: E731
     out = jax.lax.dynamic_slice_in_dim(y, count, t, axis=1)
-    return out, MacCache(memory, nxt(xs), nxt(ps), ((count + t) % c).astype(jnp.int32))
+    inputs, ps, count = nxt(xs), nxt(ps), ((count + t) % c).astype(jnp.int32)
+    return out, MacCache(memory, inputs, ps, count, *_open_segment(params, memory, inputs, ps, count, config))
+
+
+def _extend_token(params: dict, x, positions, cache: MacCache, config: MacConfig):
+    """:func:`mac_extend` of one token ``x [b, 1, d_model]``: its segment's cached keys, one memory step."""
+    c, i = config.segment, cache.count
+    q, kv, vv = _segment_qkv(params, x, retrieve_context(params, cache.memory, x, config), positions, config)
+    put = lambda cached, new: cached.at[:, i].set(new[:, 0]).at[:, c + i].set(new[:, 1])  # noqa: E731
+    keys, values = put(cache.keys, kv), put(cache.values, vv)
+    seen = jnp.arange(c) <= i
+    y = _attend(params, q, keys, values, jnp.concatenate([seen, seen])[None], config)
+    m, streamed = nm.memory_layer(params["memory"], cache.streamed, x + y, config=config.memory)
+    whole = i + 1 == c  # the segment is complete: its streamed memory is the next segment's M_{t-1}
+    memory = jax.tree.map(lambda new, old: jnp.where(whole, new, old), streamed, cache.memory)
+    clear = lambda z: jnp.where(whole, jnp.zeros_like(z), z)  # noqa: E731
+    inputs = clear(cache.inputs.at[:, i].set(x[:, 0]))
+    ps = clear(cache.positions.at[:, i].set(positions[:, 0]))
+    count = ((i + 1) % c).astype(jnp.int32)
+    return y * jax.nn.sigmoid(m), MacCache(memory, inputs, ps, count, streamed, clear(keys), clear(values))
+
+
+def _open_segment(params: dict, memory: nm.MemoryState, inputs, positions, count, config: MacConfig):
+    """The open segment's streamed memory and keys and values (:class:`MacCache`) from the memory at its start
+    and its first ``count`` tokens ``inputs [b, c, d_model]`` (zeros after them)."""
+    c = config.segment
+    q, keys, values = _segment_qkv(params, inputs, retrieve_context(params, memory, inputs, config), positions,
+                                   config)
+    y = _attend(params, q, keys, values, mac_mask(0, c), config)
+    real = jnp.tile(jnp.arange(c) < count, 2)[None, :, None, None]
+    keys, values = jnp.where(real, keys, 0.0), jnp.where(real, values, 0.0)
+
+    def learn(state, j):  # one token at a time: the memory must not learn from the zeros after count
+        token = jax.lax.dynamic_slice_in_dim(inputs + y, j, 1, axis=1)
+        _, new = nm.memory_layer(params["memory"], state, token, config=config.memory)
+        return jax.tree.map(lambda a, b: jnp.where(j < count, a, b), new, state), None
+
+    streamed, _ = jax.lax.scan(learn, memory, jnp.arange(c))
+    return streamed, keys, values
 
 
 def mac_layer(

@@ -6,9 +6,10 @@ Every layer's mixer keeps its own cache (``start_cache`` / ``extend``, :mod:`lca
 attention layers (``global``, ``local``) a key/value cache (:mod:`lca.models.kv_cache`), landmark layers a
 block cache from which each query retrieves its top-k blocks (:mod:`lca.models.landmark`), Titans layers
 (``titans_lmm``, ``titans_mag``, ``titans_mal``) their memory's state, which streams exactly, and MAG's and
-MAL's a key/value cache for their window; ``titans_mac`` the memory at its open segment's start and that
-segment's inputs (:class:`lca.memory.mac.MacCache`). So any causal lca model can generate; the prompt is one document per row, every row the
-same length, at positions ``0, 1, ...``.
+MAL's a key/value cache for their window; ``titans_mac`` the memory at its open segment's start and as it
+has learned from that segment so far, and the segment's inputs, keys and values (:class:`lca.memory.mac.MacCache`).
+So any causal lca model can generate; the prompt is one document per row, every row the same length, at
+positions ``0, 1, ...``.
 
 A model trained on rows with landmark tokens (``data.landmark_every = L``) sees them here too: a landmark
 is fed after every ``L - 1`` tokens, as in training (:mod:`lca.data.landmark`), and never generated; the

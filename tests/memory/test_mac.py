@@ -104,10 +104,12 @@ def test_shards_of_partial_segments_run_the_global_scan():
     np.testing.assert_allclose(run(params, x), mac.mac_layer(params, x, positions, config=CONFIG), rtol=1e-5)
 
 
-@pytest.mark.parametrize("pieces", [(1,) * 11, (5, 3, 3), (4, 4, 3), (11,)])
+@pytest.mark.parametrize("pieces", [(1,) * 11, (5, 3, 3), (4, 4, 3), (11,), (2, 1, 1, 1, 1, 5), (3, 1, 7),
+                                    (1, 1, 6, 1, 1, 1)])
 def test_extend_in_pieces_equals_one_call(pieces):
-    """The cache reruns the open segment from its start's memory: pieces that end inside a segment, on its
-    boundary, or span several (segment 4, memory chunk 3) give the whole sequence's outputs."""
+    """Single tokens use the segment's cached keys and streamed memory, longer pieces rerun the open segment
+    and rebuild them: pieces that end inside a segment, on its boundary, or span several (segment 4, memory
+    chunk 3), in any mix, give the whole sequence's outputs."""
     params, x, positions = _setup()
     want = mac.mac_layer(params, x, positions, config=CONFIG)
     cache, outs, start = mac.start_mac_cache(params, CONFIG, 2), [], 0
