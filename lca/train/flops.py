@@ -78,11 +78,6 @@ def document_lengths(segment_ids) -> np.ndarray:
     return lengths[lengths > 0]
 
 
-def document_pairs(segment_ids, window: int | None) -> float:
-    """Causal pairs within the documents of packed rows ``segment_ids [rows, T]`` (host ints)."""
-    return float(np.sum(attended_pairs(document_lengths(segment_ids), window)))
-
-
 def layer_pairs(attends: Attends, lengths, rows: int, row_length: int) -> float:
     """Attended (query, key) pairs of one layer over document pieces of ``lengths`` (host ints) that fill
     ``rows`` rows of ``row_length`` tokens (a MAC layer counts the rows: it attends across documents)."""

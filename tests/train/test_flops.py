@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from lca.config import load_config
-from lca.train.flops import attended_pairs, attention_flops, document_pairs, step_flops, train_step_flops
+from lca.models.attends import Attends
+from lca.train.flops import (attended_pairs, attention_flops, document_lengths, layer_pairs, step_flops,
+                              train_step_flops)
 from lca.train.metrics import peak_flops, throughput
 
 
@@ -109,13 +111,15 @@ def test_window_count_is_close_to_the_mask():
     assert abs(int(mask.sum()) - attended_pairs(t, w)) <= t / 2 + 1
 
 
-def test_document_pairs_count_each_document_piece_and_no_padding():
+def test_document_lengths_count_each_document_piece_and_no_padding():
     # Row 0: documents of 3 and 5 tokens; row 1: 6 tokens, then padding (id 0) of 2.
     ids = np.array([[1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0, 0]])
-    assert document_pairs(ids, None) == 3 * 3 / 2 + 5 * 5 / 2 + 6 * 6 / 2
-    assert document_pairs(ids, 2) == attended_pairs(3, 2) + attended_pairs(5, 2) + attended_pairs(6, 2)
+    assert sorted(document_lengths(ids)) == [3, 5, 6]
+    causal, local = Attends(width=1), Attends(width=1, window=2)
+    assert layer_pairs(causal, document_lengths(ids), 2, 8) == 3 * 3 / 2 + 5 * 5 / 2 + 6 * 6 / 2
+    assert layer_pairs(local, document_lengths(ids), 2, 8) == sum(attended_pairs(n, 2) for n in (3, 5, 6))
     # One document per row is the dense count; the same id in two rows is two documents.
-    assert document_pairs(np.ones((2, 8), int), None) == 2 * attended_pairs(8, None)
+    assert layer_pairs(causal, document_lengths(np.ones((2, 8), int)), 2, 8) == 2 * attended_pairs(8, None)
 
 
 def test_step_flops_count_the_batch_documents(tmp_path):
