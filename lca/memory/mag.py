@@ -179,9 +179,10 @@ def attention_branch_cached(params, x, positions, cache: KVCache, config: MagCon
 
 
 def start_attention_cache(config: MagConfig, batch: int, max_len: int) -> KVCache:
-    """An empty float32 cache for :func:`attention_branch_cached`: room for ``max_len`` tokens."""
+    """An empty float32 cache for :func:`attention_branch_cached`: a ring of the window's ``window`` slots (room
+    for ``max_len`` tokens when that is fewer), so the cache stays the window's size however long the context."""
     head_dim = config.memory.d_model // config.num_heads
-    return empty_kv_cache(batch, max_len, config.num_heads, head_dim, jnp.float32)
+    return empty_kv_cache(batch, max_len, config.num_heads, head_dim, jnp.float32, window=config.window)
 
 
 class TitansCache(NamedTuple):

@@ -3,10 +3,10 @@
     tokens = generate(model, prompt [b, p], max_new_tokens=8, landmark_every=cfg.data.landmark_every)
 
 Every layer's mixer keeps its own cache (``start_cache`` / ``extend``, :mod:`lca.models.mixers`): GQA
-attention layers (``global``, ``local``) a key/value cache (:mod:`lca.models.kv_cache`), landmark layers a
-block cache from which each query retrieves its top-k blocks (:mod:`lca.models.landmark`), Titans layers
-(``titans_lmm``, ``titans_mag``, ``titans_mal``) their memory's state, which streams exactly, and MAG's and
-MAL's a key/value cache for their window; ``titans_mac`` the memory at its open segment's start and as it
+attention layers a key/value cache (:mod:`lca.models.kv_cache`; a ``local`` layer's is a ring of its window),
+landmark layers a block cache from which each query retrieves its top-k blocks (:mod:`lca.models.landmark`),
+Titans layers (``titans_lmm``, ``titans_mag``, ``titans_mal``) their memory's state, which streams exactly,
+and MAG's and MAL's a ring of key/value slots for their window; ``titans_mac`` the memory at its open segment's start and as it
 has learned from that segment so far, and the segment's inputs, keys and values (:class:`lca.memory.mac.MacCache`).
 So any causal lca model can generate; the prompt is one document per row, every row the same length, at
 positions ``0, 1, ...``.

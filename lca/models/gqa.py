@@ -92,8 +92,9 @@ class Attention(nnx.Module):
         return self._output(out)
 
     def start_cache(self, batch: int, max_len: int, dtype) -> KVCache:
-        """An empty KV cache with room for ``max_len`` tokens (inference, :mod:`lca.models.generate`)."""
-        return empty_kv_cache(batch, max_len, self.num_kv_heads, self.head_dim, dtype)
+        """An empty KV cache with room for ``max_len`` tokens, or for a local layer a ring of its window
+        (inference, :mod:`lca.models.generate`)."""
+        return empty_kv_cache(batch, max_len, self.num_kv_heads, self.head_dim, dtype, window=self.window)
 
     def extend(self, x, positions, cache: KVCache):
         """The next ``t`` tokens ``x [b, t, d_model]`` at ``positions [b, t]`` -> ``(out [b, t, d_model], cache)``."""

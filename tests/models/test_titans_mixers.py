@@ -14,6 +14,7 @@ from lca.memory.mixer import MemoryMixer
 from lca.models import make_model
 from lca.parallel import make_mesh
 from lca.train.metrics import read_metrics
+from tests.models.streaming import assert_streams_and_generates
 
 KINDS = ["titans_lmm", "titans_mag", "titans_mal", "titans_mac"]
 # small and quick to compile: 2 linear memories, chunk 4, no persistent tokens (each doubles
@@ -132,25 +133,11 @@ def test_titans_mixer_trains_on_the_tiny_mesh(kind, tmp_path):
 def test_streaming_through_the_caches_equals_one_forward(kind):
     """``extend`` in pieces that cut chunks, cross the window or MAC's segments (and a persistent prefix) gives
     the forward's logits; ``generate`` then decodes from those caches with one compiled step per piece length."""
-    from lca.models.generate import generate
-
     cfg = load_config("tiny", _overrides(kind, f"model.mixers.{kind}.persistent=2",
                                          *([f"model.mixers.{kind}.window=5"] if kind in ("titans_mag", "titans_mal") else [])))
     model = make_model(cfg, seed=3)
     tokens, positions, segment_ids = _inputs(b=2, length=19, seed=4)
-    want = model(tokens, positions, segment_ids)
-    caches, pieces, start = model.start_caches(2, 19), [], 0
     # chunk 4: the pieces end mid-chunk; window 5: the last one reaches past it; MAC's segment 8: 6+1+1 ends
     # on a segment's boundary, the last piece runs past the next one and ends inside a third
-    for size in (6, 1, 1, 11):
-        logits, caches = model.extend(tokens[:, start:start + size], positions[:, start:start + size], caches)
-        pieces.append(logits)
-        start += size
-    np.testing.assert_allclose(jnp.concatenate(pieces, 1), want, rtol=2e-4, atol=2e-4)
-    seq = np.asarray(tokens[:, :9])
-    out = generate(model, seq, 4)
-    for _ in range(4):  # greedy decoding by whole forwards over the growing sequence
-        pos = jnp.broadcast_to(jnp.arange(seq.shape[1]), seq.shape)
-        nxt = np.asarray(jnp.argmax(model(jnp.asarray(seq), pos, jnp.ones_like(pos))[:, -1], -1))
-        seq = np.concatenate([seq, nxt[:, None]], 1)
-    np.testing.assert_array_equal(out, seq[:, 9:])
+    assert_streams_and_generates(model, tokens, positions, model(tokens, positions, segment_ids), (6, 1, 1, 11),
+                                 prompt=9)
