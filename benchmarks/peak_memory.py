@@ -71,13 +71,15 @@ def env() -> dict:
     return {**os.environ, **SUBPROCESS_ENV}
 
 
-def run_fresh(script: str, point: str, timeout: float, label: dict) -> dict:
+def run_fresh(script: str, point: str, timeout: float, label: dict, *, timing_only: bool = False) -> dict:
     """Run ``script --point POINT`` in a fresh process (with :func:`env`); parse the JSON of its last line.
 
     ``lca`` is importable there (the repository root joins ``PYTHONPATH``). A timeout or a failure
     comes back as ``{**label, "error": ...}``, so a sweep goes on past a point that does not fit.
+    ``timing_only``: without :data:`SUBPROCESS_ENV`'s malloc settings, which make VmHWM exact but map and
+    unmap every large buffer, slowing calls that allocate (a point that measures no memory needs neither).
     """
-    environment = env()
+    environment = dict(os.environ) if timing_only else env()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [root, environment.get("PYTHONPATH")]))
     cmd = [sys.executable, os.path.abspath(script), "--point", point]

@@ -143,7 +143,8 @@ def main() -> None:
     points = []
     for batch in BATCHES:
         for segment in SEGMENTS:
-            points.append(run_fresh(__file__, f"{segment},{batch}", 900, {"segment": segment, "batch": batch}))
+            points.append(run_fresh(__file__, f"{segment},{batch}", 900, {"segment": segment, "batch": batch},
+                                    timing_only=True))
             print(json.dumps(points[-1]), flush=True)
     write_report(points, describe(), args.out)
 

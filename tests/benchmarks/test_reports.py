@@ -23,6 +23,7 @@ PAGES = [
     ("titans_eval.py", "titans_seq256/titans"),  # the earlier recipe's page
     ("titans_update.py", "titans_update"),
     ("titans_decode.py", "titans_decode"),
+    ("window_decode.py", "window_decode"),
 ]
 
 
