@@ -1,6 +1,7 @@
-"""Greedy generation through each layer's inference cache: chunked prefill, then one token at a time.
+"""Generation through each layer's inference cache: chunked prefill, then one token at a time.
 
     tokens = generate(model, prompt [b, p], max_new_tokens=8, landmark_every=cfg.data.landmark_every)
+    tokens = generate(model, prompt, 8, temperature=0.8, top_k=40, key=jax.random.key(0))  # sampled
 
 Every layer's mixer keeps its own cache (``start_cache`` / ``extend``, :mod:`lca.models.mixers`): GQA
 attention layers a key/value cache (:mod:`lca.models.kv_cache`; a ``local`` layer's is a ring of its window),
@@ -50,9 +51,36 @@ def _is_landmark(index: int, landmark_every: int | None) -> bool:
     return landmark_every is not None and index % landmark_every == landmark_every - 1
 
 
+def pick_tokens(logits, *, temperature: float = 0.0, top_k: int | None = None, key=None) -> jax.Array:
+    """The next token of each row from ``logits [b, vocab]`` -> int32 ``[b]``.
+
+    ``temperature`` 0: the argmax (greedy). Otherwise a sample from ``softmax(logits / temperature)``
+    restricted to the ``top_k`` largest logits (None: all), drawn with the PRNG ``key``.
+    """
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _check_sampling(temperature: float, top_k: int | None, key) -> None:
+    if not temperature >= 0.0:  # also refuses NaN
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}.")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None (every token), got {top_k!r}.")
+    if temperature > 0.0 and key is None:
+        raise ValueError(f"temperature={temperature} samples: pass key=jax.random.key(seed) (or temperature=0 "
+                         f"for greedy decoding).")
+
+
 def generate(model, prompt, max_new_tokens: int, *, landmark_every: int | None = None,
-             prefill_chunk: int | None = None, jit: bool = True) -> np.ndarray:
-    """Greedy continuation of ``prompt`` int ``[b, p]``: ``max_new_tokens`` tokens, int32 ``[b, max_new_tokens]``.
+             prefill_chunk: int | None = None, jit: bool = True, temperature: float = 0.0,
+             top_k: int | None = None, key=None) -> np.ndarray:
+    """Continuation of ``prompt`` int ``[b, p]``: ``max_new_tokens`` tokens, int32 ``[b, max_new_tokens]``; greedy
+    by default, sampled with a ``temperature``.
 
     Args:
       model: a :class:`lca.models.decoder.Decoder` whose mixers all have an inference cache.
@@ -62,12 +90,17 @@ def generate(model, prompt, max_new_tokens: int, *, landmark_every: int | None =
       prefill_chunk: tokens per prefill call (landmarks included); None: the whole prompt at once.
       jit: compile each step, once per distinct chunk length (the caches have fixed shapes); ``jit=False``
         runs eagerly.
+      temperature, top_k: 0 (the default) decodes greedily; above 0 each token is sampled from the
+        ``top_k`` most likely (None: all) at that temperature (:func:`pick_tokens`).
+      key: a ``jax.random`` key, needed to sample; token ``i`` uses ``fold_in(key, i)``, so a key gives one
+        continuation.
     """
     prompt = np.asarray(prompt, np.int32)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be int [batch, len >= 1], got shape {prompt.shape}.")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    _check_sampling(temperature, top_k, key)
     L = landmark_every
     frame = insert_landmarks({"inputs": prompt}, L)["inputs"] if L else prompt
     batch, length = frame.shape
@@ -92,7 +125,8 @@ def generate(model, prompt, max_new_tokens: int, *, landmark_every: int | None =
     out = np.zeros((batch, max_new_tokens), np.int32)
     position = length
     for i in range(max_new_tokens):
-        out[:, i] = np.asarray(jnp.argmax(next_logits, axis=-1))
+        draw = None if key is None else jax.random.fold_in(key, i)
+        out[:, i] = np.asarray(pick_tokens(next_logits, temperature=temperature, top_k=top_k, key=draw))
         if i == max_new_tokens - 1:
             break
         logits, caches = run(out[:, i:i + 1], position, caches)
@@ -103,4 +137,4 @@ def generate(model, prompt, max_new_tokens: int, *, landmark_every: int | None =
     return out
 
 
-__all__ = ["generate"]
+__all__ = ["generate", "pick_tokens"]
