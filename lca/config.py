@@ -101,6 +101,11 @@ class ModelConfig:
     mixers: Any = None
     strategies: Any = None
 
+    @property
+    def resolved_head_dim(self) -> int:
+        """The attention layers' head width: ``head_dim``, or ``d_model // num_heads`` when that is None."""
+        return self.head_dim or self.d_model // self.num_heads
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:

@@ -31,7 +31,7 @@ class GlobalAttentionConfig:
     window = None  # not a field: a global layer has no window
 
     def attends(self, model: ModelConfig) -> Attends:
-        return Attends(width=model.num_heads * (model.head_dim or model.d_model // model.num_heads))
+        return Attends(width=model.num_heads * model.resolved_head_dim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ class LocalAttentionConfig:
             )
 
     def attends(self, model: ModelConfig) -> Attends:
-        return Attends(width=model.num_heads * (model.head_dim or model.d_model // model.num_heads), window=self.window)
+        return Attends(width=model.num_heads * model.resolved_head_dim, window=self.window)
 
 
 class Attention(nnx.Module):
@@ -58,7 +58,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: Union[GlobalAttentionConfig, LocalAttentionConfig], env: MixerEnv, *, rngs):
         model = env.model
         self.num_heads, self.num_kv_heads = model.num_heads, model.num_kv_heads
-        self.head_dim = model.head_dim or model.d_model // model.num_heads
+        self.head_dim = model.resolved_head_dim
         self.rope_theta, self.softcap, self.window = model.rope_theta, cfg.softcap, cfg.window
         self.attend, self.shard = env.attend, env.shard
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim

@@ -126,7 +126,7 @@ class LandmarkConfig:
     def attends(self, model: ModelConfig) -> Attends:
         """The grouped softmax takes the products of causal attention over the whole document. The rows
         ``train_retrieval`` also attends as decoding does (top_k blocks each) are not counted."""
-        return Attends(width=model.num_heads * (model.head_dim or model.d_model // model.num_heads))
+        return Attends(width=model.num_heads * model.resolved_head_dim)
 
     def sequence_multiple(self, key: str, model: ModelConfig, mesh) -> int:
         """Lengths must be whole landmark blocks in every run of positions the sequence strategy cuts the keys
@@ -185,7 +185,7 @@ class LandmarkAttention(nnx.Module):
         model = env.model
         self.cfg = cfg
         self.num_heads, self.num_kv_heads = model.num_heads, model.num_kv_heads
-        self.head_dim = model.head_dim or model.d_model // model.num_heads
+        self.head_dim = model.resolved_head_dim
         self.rope_theta, self.shard = model.rope_theta, env.shard
         self.block_q, self.block_kv = model.attention.block_q, model.attention.block_kv
         # On a mesh whose sequence strategy splits the sequence: that strategy, with the landmark step.

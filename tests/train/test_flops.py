@@ -62,7 +62,7 @@ def test_landmark_layers_count_causal_attention():
     plain = _model("landmark", "model.pattern=[global]")
     lengths = np.array([64, 48, 16])
     assert attention_flops(landmark, lengths, 2, 64) == attention_flops(plain, lengths, 2, 64) > 0
-    width = landmark.num_heads * (landmark.head_dim or landmark.d_model // landmark.num_heads)
+    width = landmark.num_heads * landmark.resolved_head_dim
     assert attention_flops(landmark, lengths, 2, 64) == (
         landmark.num_layers * 3 * 4 * width * float(np.sum(lengths ** 2 / 2)))
 
