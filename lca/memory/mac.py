@@ -154,13 +154,18 @@ def _segment_qkv(params: dict, s, h, positions, config: MacConfig):
     return q, jnp.concatenate([hk, k], axis=1), jnp.concatenate([hv, v], axis=1)
 
 
+def _segment_mask(params: dict, segment: int) -> jax.Array:
+    """:func:`mac_mask` for the persistent tokens ``params`` holds (none, or ``P``)."""
+    persistent = params["memory"].get("persistent")
+    return mac_mask(0 if persistent is None else persistent.shape[0], segment)
+
+
 def _attend(params: dict, q, keys, values, visible, config: MacConfig) -> jax.Array:
-    """``q [b, n, heads, hd]`` over the persistent tokens (seen by all) and ``keys, values [b, 2c, heads, hd]``
-    where ``visible [n, 2c]`` -> ``[b, n, d_model]``."""
+    """``q [b, n, heads, hd]`` over [P || ``keys, values [b, 2c, heads, hd]``] where ``visible [n, P + 2c]``
+    (rows of :func:`_segment_mask`) -> ``[b, n, d_model]``."""
     prefix = _persistent_kv(params, q.shape[0], config)
     if prefix is not None:
         keys, values = (jnp.concatenate([p, t], axis=1) for p, t in zip(prefix, (keys, values)))
-        visible = jnp.concatenate([jnp.ones((visible.shape[0], prefix[0].shape[1]), bool), visible], axis=1)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys) / jnp.sqrt(q.shape[-1])
     probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, values)
@@ -170,7 +175,7 @@ def _attend(params: dict, q, keys, values, visible, config: MacConfig) -> jax.Ar
 def segment_attention(params: dict, s, h, positions, config: MacConfig) -> jax.Array:
     """Attention of ``s [b, c, d_model]`` over [P || h || s] under :func:`mac_mask` -> ``[b, c, d_model]``."""
     q, keys, values = _segment_qkv(params, s, h, positions, config)
-    return _attend(params, q, keys, values, mac_mask(0, s.shape[1]), config)
+    return _attend(params, q, keys, values, _segment_mask(params, s.shape[1]), config)
 
 
 def mac_segments(params: dict, state: nm.MemoryState, x, positions, *, config: MacConfig, complete=None):
@@ -267,8 +272,7 @@ def _extend_token(params: dict, x, positions, cache: MacCache, config: MacConfig
     q, kv, vv = _segment_qkv(params, x, retrieve_context(params, cache.memory, x, config), positions, config)
     put = lambda cached, new: cached.at[:, i].set(new[:, 0]).at[:, c + i].set(new[:, 1])  # noqa: E731
     keys, values = put(cache.keys, kv), put(cache.values, vv)
-    seen = jnp.arange(c) <= i
-    y = _attend(params, q, keys, values, jnp.concatenate([seen, seen])[None], config)
+    y = _attend(params, q, keys, values, jax.lax.dynamic_slice_in_dim(_segment_mask(params, c), i, 1), config)
     m, streamed = nm.memory_layer(params["memory"], cache.streamed, x + y, config=config.memory)
     whole = i + 1 == c  # the segment is complete: its streamed memory is the next segment's M_{t-1}
     memory = jax.tree.map(lambda new, old: jnp.where(whole, new, old), streamed, cache.memory)
@@ -285,7 +289,7 @@ def _open_segment(params: dict, memory: nm.MemoryState, inputs, positions, count
     c = config.segment
     q, keys, values = _segment_qkv(params, inputs, retrieve_context(params, memory, inputs, config), positions,
                                    config)
-    y = _attend(params, q, keys, values, mac_mask(0, c), config)
+    y = _attend(params, q, keys, values, _segment_mask(params, c), config)
     real = jnp.tile(jnp.arange(c) < count, 2)[None, :, None, None]
     keys, values = jnp.where(real, keys, 0.0), jnp.where(real, values, 0.0)
 
