@@ -3,7 +3,8 @@
 - :mod:`lca.memory.mlp`: the memory model M (an MLP) and its closed-form per-token gradients.
 - :mod:`lca.memory.update`: the chunk-parallel update (momentum + forgetting, associative scan).
 - :mod:`lca.memory.sequential`: the token-by-token oracle of the same update.
-- :mod:`lca.memory.neural_memory`: the functional layer ``memory_layer(params, state, x)``.
+- :mod:`lca.memory.neural_memory`: the functional layer ``memory_layer(params, state, x, restarts=...)``
+  (``restarts``: packed documents, :func:`document_starts` of the segment ids).
 - :mod:`lca.memory.mixer`: the LMM token mixer (``nnx.Module``, mixer kind ``titans_lmm``).
 - :mod:`lca.memory.mag`: MAG, sliding-window attention gated by the memory (functional + mixer ``titans_mag``).
 - :mod:`lca.memory.mal`: MAL, the memory then sliding-window attention (functional + mixer ``titans_mal``).
@@ -17,6 +18,7 @@ import lca.models  # noqa: F401  (isort: skip)
 from lca.memory.neural_memory import (
     MemoryConfig,
     MemoryState,
+    document_starts,
     fresh_state,
     init_params,
     init_state,
@@ -29,6 +31,7 @@ __all__ = [
     "MemoryConfig",
     "MemoryState",
     "MemoryTokens",
+    "document_starts",
     "fresh_state",
     "init_params",
     "init_state",

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lca.memory.neural_memory import MemoryConfig, fresh_state, memory_layer
+from lca.memory.neural_memory import MemoryConfig, document_starts, fresh_state, memory_layer
 from lca.parallel.vma import mark_varying, union_varying_axes
 
 
@@ -138,16 +138,22 @@ def context_parallel_memory(
     axis_name: str = "context",
     micro_batches: int = 1,
     batch_axes: tuple[str, ...] = (),
+    restarts: jax.Array | None = None,
 ) -> jax.Array:
     """The memory layer (from a fresh state) on ``x [b, l, d_model]`` split over ``mesh[axis_name]``.
 
-    Equals ``memory_layer(params, fresh_state(...), x)[0]``; ``l`` must divide evenly.
-    ``batch_axes`` and ``micro_batches`` as in :func:`context_parallel`.
+    Equals ``memory_layer(params, fresh_state(...), x, restarts=restarts)[0]``; ``l`` must divide evenly.
+    ``batch_axes`` and ``micro_batches`` as in :func:`context_parallel`; ``restarts [b, l]`` (packed
+    documents) travel with ``x``, and the open chunk's flags with the state.
     """
+    if restarts is None:
+        run, xs = functools.partial(memory_layer, config=config), x
+    else:
+        run = lambda p, state, xr: memory_layer(p, state, xr[0], config=config, restarts=xr[1])  # noqa: E731
+        xs = (x, restarts)
     return context_parallel(
-        functools.partial(memory_layer, config=config),
-        lambda p, rows: fresh_state(p, config, rows),
-        params, x, mesh=mesh, axis_name=axis_name, micro_batches=micro_batches, batch_axes=batch_axes,
+        run, lambda p, rows: fresh_state(p, config, rows),
+        params, xs, mesh=mesh, axis_name=axis_name, micro_batches=micro_batches, batch_axes=batch_axes,
     )
 
 
@@ -161,12 +167,15 @@ class ContextSplit:
     micro_batches: int = 1
 
 
-def fresh_memory(params: dict, x: jax.Array, *, config: MemoryConfig, split: ContextSplit | None = None):
+def fresh_memory(params: dict, x: jax.Array, *, config: MemoryConfig, split: ContextSplit | None = None,
+                 segment_ids: jax.Array | None = None):
     """The memory's output on a whole sequence ``x [b, l, d_model]`` from :func:`fresh_state`.
 
-    One device (``split=None``), or exactly the same result pipelined over ``split``.
+    One device (``split=None``), or exactly the same result pipelined over ``split``. ``segment_ids [b, l]``:
+    packed documents; the memory restarts at each (:func:`lca.memory.neural_memory.document_starts`).
     """
+    restarts = None if segment_ids is None else document_starts(segment_ids)
     if split is None:
-        return memory_layer(params, fresh_state(params, config, x.shape[0]), x, config=config)[0]
+        return memory_layer(params, fresh_state(params, config, x.shape[0]), x, config=config, restarts=restarts)[0]
     return context_parallel_memory(params, x, config=config, mesh=split.mesh, axis_name=split.axis,
-                                   micro_batches=split.micro_batches, batch_axes=split.batch_axes)
+                                   micro_batches=split.micro_batches, batch_axes=split.batch_axes, restarts=restarts)

@@ -122,12 +122,23 @@ def mac_mask(num_persistent: int, segment: int) -> jax.Array:
     return jnp.concatenate([jnp.ones((segment, num_persistent), bool), causal, causal], axis=1)
 
 
-def retrieve_context(params: dict, state: nm.MemoryState, s: jax.Array, config: MacConfig) -> jax.Array:
-    """``h = M*(q)`` for the segment ``s [b, c, d_model]``, no update -> ``[b, c, d_model]``."""
+def retrieve_context(params: dict, state: nm.MemoryState, s: jax.Array, config: MacConfig, restart=None) -> jax.Array:
+    """``h = M*(q)`` for the segment ``s [b, c, d_model]``, no update -> ``[b, c, d_model]``.
+
+    ``restart``: ``(restarts [b, c], start)`` for packed documents, ``start`` the restart state
+    (:func:`lca.memory.neural_memory.restart_state`'s first item): the tokens from a restart on read its
+    weights, as their document's first segment does.
+    """
     mem = config.memory
     q = rearrange(jax.nn.silu(s @ params["w_retrieve"]), "b c (h d) -> b c h d", h=mem.num_heads)
     q = nm.l2_normalize(q)  # q = 0 on the zero padding of a last partial segment
-    h = nm.retrieve(state, q, config=mem)
+    if restart is None:
+        h = nm.retrieve(state, q, config=mem)
+    else:
+        restarts, start = restart
+        restarted = jnp.cumsum(restarts.astype(jnp.int32), axis=1) > 0
+        h = nm.retrieve(state, q, config=mem, start=start)  # the open chunk may hold a restart
+        h = jnp.where(restarted[..., None, None], nm.read(start[0], q, config=mem), h)
     return rearrange(h, "b c h d -> b c (h d)") @ params["memory"]["w_out"]
 
 
@@ -154,50 +165,68 @@ def _segment_qkv(params: dict, s, h, positions, config: MacConfig):
     return q, jnp.concatenate([hk, k], axis=1), jnp.concatenate([hv, v], axis=1)
 
 
-def _segment_mask(params: dict, segment: int) -> jax.Array:
-    """:func:`mac_mask` for the persistent tokens ``params`` holds (none, or ``P``)."""
+def _segment_mask(params: dict, segment: int, restarts=None) -> jax.Array:
+    """:func:`mac_mask` for the persistent tokens ``params`` holds (none, or ``P``); with ``restarts [b, c]``
+    (packed documents), ``[b, c, P + 2c]``: a query sees h and S of its own document only."""
     persistent = params["memory"].get("persistent")
-    return mac_mask(0 if persistent is None else persistent.shape[0], segment)
+    prefix = 0 if persistent is None else persistent.shape[0]
+    mask = mac_mask(prefix, segment)
+    if restarts is None:
+        return mask
+    document = jnp.cumsum(restarts.astype(jnp.int32), axis=1)
+    same = document[:, :, None] == document[:, None, :]
+    return mask & jnp.concatenate([jnp.ones(same.shape[:2] + (prefix,), bool), same, same], axis=2)
 
 
 def _attend(params: dict, q, keys, values, visible, config: MacConfig) -> jax.Array:
-    """``q [b, n, heads, hd]`` over [P || ``keys, values [b, 2c, heads, hd]``] where ``visible [n, P + 2c]``
-    (rows of :func:`_segment_mask`) -> ``[b, n, d_model]``."""
+    """``q [b, n, heads, hd]`` over [P || ``keys, values [b, 2c, heads, hd]``] where ``visible [n, P + 2c]`` or
+    ``[b, n, P + 2c]`` (rows of :func:`_segment_mask`) -> ``[b, n, d_model]``."""
     prefix = _persistent_kv(params, q.shape[0], config)
     if prefix is not None:
         keys, values = (jnp.concatenate([p, t], axis=1) for p, t in zip(prefix, (keys, values)))
+    if visible.ndim == 3:
+        visible = visible[:, None]  # over heads
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys) / jnp.sqrt(q.shape[-1])
     probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, values)
     return rearrange(out, "b c h d -> b c (h d)") @ params["w_out"]
 
 
-def segment_attention(params: dict, s, h, positions, config: MacConfig) -> jax.Array:
-    """Attention of ``s [b, c, d_model]`` over [P || h || s] under :func:`mac_mask` -> ``[b, c, d_model]``."""
+def segment_attention(params: dict, s, h, positions, config: MacConfig, restarts=None) -> jax.Array:
+    """Attention of ``s [b, c, d_model]`` over [P || h || s] under :func:`mac_mask` (and, with ``restarts [b, c]``,
+    within each document) -> ``[b, c, d_model]``."""
     q, keys, values = _segment_qkv(params, s, h, positions, config)
-    return _attend(params, q, keys, values, _segment_mask(params, s.shape[1]), config)
+    return _attend(params, q, keys, values, _segment_mask(params, s.shape[1], restarts), config)
 
 
-def mac_segments(params: dict, state: nm.MemoryState, x, positions, *, config: MacConfig, complete=None):
+def mac_segments(params: dict, state: nm.MemoryState, x, positions, *, config: MacConfig, complete=None,
+                 restarts=None):
     """MAC over whole segments from ``state``: ``x [b, n * segment, d_model]`` -> ``(y alike, end state)``.
 
     ``complete``: how many leading segments are whole (an int32 scalar; None: all ``n``). The state then
     stops after them, so zero padding in the segments past them never reaches the memory.
+    ``restarts [b, n * segment]`` (bool; packed documents): a document starts at each flagged token, and
+    from there its tokens retrieve from, attend within and write to its own memory only (see ``mac_layer``).
     """
     c = config.segment
     xs = rearrange(x, "b (n c) d -> n b c d", c=c)
     ps = rearrange(positions, "b (n c) -> n b c", c=c)
+    packed = restarts is not None
+    rs = rearrange(restarts if packed else jnp.zeros(positions.shape, bool), "b (n c) -> n b c", c=c)
+    start = nm.restart_state(params["memory"], config.memory)[0] if packed else None
 
     def step(state, inputs):
-        s, pos, index = inputs
-        y = segment_attention(params, s, retrieve_context(params, state, s, config), pos, config)
+        s, pos, r, index = inputs
+        r = r if packed else None
+        h = retrieve_context(params, state, s, config, None if r is None else (r, start))
+        y = segment_attention(params, s, h, pos, config, r)
         # the memory learns from the segment's residual stream after attention (see the module docstring)
-        m, new = nm.memory_layer(params["memory"], state, s + y, config=config.memory)
+        m, new = nm.memory_layer(params["memory"], state, s + y, config=config.memory, restarts=r)
         if complete is not None:
             new = jax.tree.map(lambda a, b: jnp.where(index < complete, a, b), new, state)
         return new, y * jax.nn.sigmoid(m)
 
-    state, out = jax.lax.scan(step, state, (xs, ps, jnp.arange(xs.shape[0])))
+    state, out = jax.lax.scan(step, state, (xs, ps, rs, jnp.arange(xs.shape[0])))
     return rearrange(out, "n b c d -> b (n c) d"), state
 
 
@@ -308,18 +337,26 @@ def mac_layer(
 ):
     """One MAC layer on a whole sequence ``x [b, l, d_model]`` -> ``[b, l, d_model]``.
 
-    ``segment_ids`` is accepted for the mixer signature; one document per row (as the memory).
+    ``segment_ids [b, l]`` (packed rows): each document retrieves from, attends within and trains its own
+    memory, which restarts at the document's first token (:mod:`lca.memory.neural_memory`). A document
+    equals its own run when it starts on a segment boundary and ``segment`` and ``num_persistent`` are
+    multiples of the memory's ``chunk_size``.
     ``split``: pipeline the segments over a mesh axis (the same result; see the module docstring).
     """
-    del segment_ids
     b, length, _ = x.shape
     c = config.segment
+    restarts = None if segment_ids is None else nm.document_starts(segment_ids)
     fresh = lambda p, rows: nm.fresh_state(p["memory"], config.memory, rows)  # noqa: E731
     if split is not None:
         devices = split.mesh.shape[split.axis]
         if length % (devices * c) == 0:
-            run = lambda p, state, xp: mac_segments(p, state, *xp, config=config)  # noqa: E731
-            return context_parallel(run, fresh, params, (x, positions), mesh=split.mesh, axis_name=split.axis,
+            if restarts is None:
+                run = lambda p, state, xp: mac_segments(p, state, *xp, config=config)  # noqa: E731
+                xs = (x, positions)
+            else:
+                run = lambda p, state, xp: mac_segments(p, state, *xp[:2], config=config, restarts=xp[2])  # noqa: E731
+                xs = (x, positions, restarts)
+            return context_parallel(run, fresh, params, xs, mesh=split.mesh, axis_name=split.axis,
                                     micro_batches=split.micro_batches, batch_axes=split.batch_axes)
         # Exact, but every device runs the whole scan: say so once per trace rather than slow down unseen.
         warnings.warn(f"titans_mac: a sequence of {length} tokens over {devices} devices of mesh axis "
@@ -328,7 +365,8 @@ def mac_layer(
                       f"of {devices * c}.", stacklevel=2)
     pad = -length % c  # zeros after the end: causal, so they change nothing before it
     x, positions = jnp.pad(x, ((0, 0), (0, pad), (0, 0))), jnp.pad(positions, ((0, 0), (0, pad)))
-    return mac_segments(params, fresh(params, b), x, positions, config=config)[0][:, :length]
+    restarts = None if restarts is None else jnp.pad(restarts, ((0, 0), (0, pad)))
+    return mac_segments(params, fresh(params, b), x, positions, config=config, restarts=restarts)[0][:, :length]
 
 
 class MacMixer(nnx.Module):

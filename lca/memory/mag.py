@@ -201,7 +201,7 @@ def mag_layer(
     ``split``: run the memory branch pipelined over a mesh axis (the same result).
     """
     a = attention_branch(params, x, positions, segment_ids, config)
-    m = fresh_memory(params["memory"], x, config=config.memory, split=split)
+    m = fresh_memory(params["memory"], x, config=config.memory, split=split, segment_ids=segment_ids)
     return _gate(params, a, m)
 
 
@@ -220,8 +220,8 @@ def _gate(params, a, m):
 class MagMixer(nnx.Module):
     """MAG with the mixer call signature ``mixer(x, positions, segment_ids)``.
 
-    The attention branch honours ``segment_ids``; the memory branch carries across a row
-    (packing is not supported by the memory yet). MAL subclasses it with its own
+    Both branches honour ``segment_ids``: the attention's mask, and the memory restarts at each
+    document start. MAL subclasses it with its own
     ``init_params``, ``layer`` and ``layer_extend``.
     """
 

@@ -52,7 +52,7 @@ def mal_layer(
 
     ``split``: run the memory pipelined over a mesh axis (the same result).
     """
-    y = fresh_memory(params["memory"], x, config=config.memory, split=split)
+    y = fresh_memory(params["memory"], x, config=config.memory, split=split, segment_ids=segment_ids)
     return attention_branch(params, y, positions, segment_ids, config)
 
 

@@ -5,8 +5,8 @@ A mixer is called as ``mixer(x [b, l, d_model], positions [b, l], segment_ids [b
 Each call is one whole sequence: it starts from :func:`fresh_state` (the learned initial
 memory after the persistent tokens), so the memory's test-time learning never leaks
 between training steps. Positions are not used: the recurrence orders the tokens.
-``segment_ids`` must be one document per row (packing is not supported yet); it is
-accepted for the mixer signature.
+``segment_ids`` (packed rows): the memory restarts at every document start, so it never
+carries one document into the next (:mod:`lca.memory.neural_memory`).
 
 When the model's sequence strategy splits the sequence over a mesh axis
 (``MixerEnv.sequence_axis``), the memory runs pipelined over that axis
@@ -136,9 +136,10 @@ class MemoryMixer(nnx.Module):
         self.parameters = as_variables(init_params(rngs.params(), self.config), param_axes(self.config))
 
     def __call__(self, x: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None):
-        del positions, segment_ids  # see module docstring
+        del positions  # see module docstring
         params = as_arrays(self.parameters)
-        y = fresh_memory(params, x.astype(jnp.float32), config=self.config, split=self.place(x))
+        y = fresh_memory(params, x.astype(jnp.float32), config=self.config, split=self.place(x),
+                         segment_ids=segment_ids)
         return y.astype(x.dtype)
 
     def start_cache(self, batch: int, max_len: int, dtype) -> MemoryState:

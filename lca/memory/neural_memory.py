@@ -21,13 +21,22 @@ Departures from the paper, and why: no biases in the memory MLP (the paper does
 not specify them); ``theta`` is scaled by ``max_lr`` (as in lucidrains) because a
 raw sigmoid step of up to 1 diverges for a deep memory; the output has no extra
 normalisation or gate (those belong to the MAG/MAL/MAC wrappers).
-Packed sequences (several documents in one row) are not supported: the memory
-would carry across documents.
+
+Packed rows (several documents in one row): ``memory_layer(..., restarts=...)`` with
+``restarts [b, l]`` (:func:`document_starts` of the segment ids) restarts the memory at
+each flagged token. The memory there is the one a sequence starts with
+(:func:`restart_state`: the learned weights after the persistent tokens, their conv tail
+included), and the causal conv does not reach back over the restart, so no document sees
+another's tokens. The chunk grid stays the row's: a document equals its own run exactly
+when it starts on a chunk boundary and ``num_persistent`` is a multiple of ``chunk_size``;
+otherwise the gradients of its first (partial) chunk are taken at the restart weights, as a
+chunk start's are (:mod:`lca.memory.update`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -139,7 +148,8 @@ class MemoryState(NamedTuple):
     """What a memory layer carries between calls (batch ``b``, heads ``h``, chunk ``c``).
 
     weights, momentum: per layer ``[b, h, d_out, d_in]``, at the start of the open chunk.
-    pending: the open chunk's tokens, ``MemoryTokens`` with leaves ``[b, h, c, ...]``.
+    pending: the open chunk's tokens, ``MemoryTokens`` with leaves ``[b, h, c, ...]`` (their restart
+        flags included, so that a restart inside the open chunk holds in the next call).
     count: how many of ``pending`` are real (int32 scalar, ``0 <= count < c``).
     conv_tail: the last ``conv_kernel - 1`` pre-conv projections ``[b, conv_kernel - 1, 3 * inner]``.
     """
@@ -211,7 +221,7 @@ def init_state(params: dict, config: MemoryConfig, batch: int) -> MemoryState:
     return MemoryState(
         weights=weights,
         momentum=jax.tree.map(jnp.zeros_like, weights),
-        pending=MemoryTokens(zeros, zeros, zeros, gate, gate, gate),
+        pending=MemoryTokens(zeros, zeros, zeros, gate, gate, gate, jnp.zeros((batch, h, c), bool)),
         count=jnp.zeros((), jnp.int32),
         conv_tail=jnp.zeros((batch, max(config.conv_kernel - 1, 0), 3 * config.inner), jnp.float32),
     )
@@ -236,13 +246,49 @@ def _check_input(x: jax.Array, config: MemoryConfig, state: MemoryState | None =
         )
 
 
-def _causal_conv(taps: jax.Array, tail: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Depthwise causal conv of ``z [b, l, ch]`` continuing ``tail [b, kernel-1, ch]``."""
+def _causal_conv(taps, tail, z, restarts=None, restart_tail=None):
+    """Depthwise causal conv of ``z [b, l, ch]`` continuing ``tail [b, kernel-1, ch]``.
+
+    Returns the conv and the tail the next call continues. With ``restarts [b, l]`` (bool), a
+    flagged token's document begins there: its taps that would reach further back read
+    ``restart_tail [kernel-1, ch]`` instead (the tail a fresh sequence has), and so does the
+    returned tail.
+    """
     kernel = taps.shape[0]
     full = jnp.concatenate([tail, z], axis=1)
     length = z.shape[1]
-    out = sum(taps[i] * full[:, i : i + length] for i in range(kernel))
-    return out, full[:, full.shape[1] - (kernel - 1) :]
+    if restarts is None or kernel == 1:
+        out = sum(taps[i] * full[:, i : i + length] for i in range(kernel))
+        return out, full[:, full.shape[1] - (kernel - 1) :]
+    # tokens from each position (the last one is the next call's first token) back to its document's
+    # start; `kernel` (every tap in reach) for the document this call continues
+    index = jnp.arange(length + 1)
+    flags = jnp.pad(restarts, ((0, 0), (0, 1)))
+    latest = jax.lax.cummax(jnp.where(flags, index, -1), axis=1)
+    since = jnp.where(latest >= 0, index - latest, kernel)
+
+    def tap(back, lo, hi):
+        """What the tap ``back`` tokens behind positions ``lo..hi-1`` sees, ``[b, hi - lo, ch]``."""
+        own = full[:, lo + kernel - 1 - back : hi + kernel - 1 - back]
+        if back == 0:
+            return own
+        seen = since[:, lo:hi, None]
+        # reaching over the document's start: the fresh tail's entry as far before its end
+        fresh = sum(jnp.where(seen == back - kernel + 1 + m, restart_tail[m], 0.0) for m in range(kernel - 1))
+        return jnp.where(seen >= back, own, fresh)
+
+    out = sum(taps[kernel - 1 - back] * tap(back, 0, length) for back in range(kernel))
+    new_tail = jnp.concatenate([tap(back, length, length + 1) for back in range(kernel - 1, 0, -1)], axis=1)
+    return out, new_tail
+
+
+def document_starts(segment_ids: jax.Array) -> jax.Array:
+    """``restarts [b, l]`` (bool) for :func:`memory_layer` from packed ``segment_ids [b, l]``: True where a
+    token's segment differs from the one before it (never at the first token: the call's start is the
+    sequence's, or continues it)."""
+    if segment_ids.ndim != 2:
+        raise ValueError(f"segment_ids must be [batch, length], got shape {segment_ids.shape}")
+    return jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -254,25 +300,31 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
 
 
-def project(params: dict, config: MemoryConfig, tail: jax.Array, x: jax.Array):
-    """Tokens ``MemoryTokens`` with leaves ``[b, h, l, ...]`` from ``x [b, l, d_model]``, and the new conv tail."""
+def project(params: dict, config: MemoryConfig, tail: jax.Array, x: jax.Array, restarts=None, restart_tail=None):
+    """Tokens ``MemoryTokens`` with leaves ``[b, h, l, ...]`` from ``x [b, l, d_model]``, and the new conv tail.
+
+    ``restarts [b, l]`` and ``restart_tail`` as in :func:`_causal_conv`; the tokens carry the flags.
+    """
     z = x @ params["w_qkv"]
     if config.conv_kernel:
-        z, tail = _causal_conv(params["conv"], tail, z)
+        z, tail = _causal_conv(params["conv"], tail, z, restarts, restart_tail)
     z = jax.nn.silu(z)
     q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=config.num_heads) for t in jnp.split(z, 3, axis=-1))
     q, k = l2_normalize(q), l2_normalize(k)
     gates = jax.nn.sigmoid(x @ params["w_gates"] + params["b_gates"])
     lr, momentum, forget = (rearrange(g, "b l h -> b h l") for g in jnp.split(gates, 3, axis=-1))
-    return MemoryTokens(q, k, v, config.max_lr * lr, momentum, forget), tail
+    flags = jnp.zeros(x.shape[:2], bool) if restarts is None else restarts
+    flags = jnp.broadcast_to(flags[:, None], lr.shape)
+    return MemoryTokens(q, k, v, config.max_lr * lr, momentum, forget, flags), tail
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _stream_one(weights, momentum, pending, count, new, *, config: MemoryConfig, memorize):
-    """One (batch row, head): prepend the open chunk to ``new`` and run the update."""
+def _stream_one(weights, momentum, pending, count, new, start, busy, *, config: MemoryConfig, memorize):
+    """One (batch row, head): prepend the open chunk to ``new`` and run the update (``start``: the
+    restart state, or None; ``busy``: :func:`_busy_chunks`)."""
     c = config.chunk_size
     length = new.q.shape[0]
     padded = _round_up(length + c - 1, c)
@@ -285,50 +337,102 @@ def _stream_one(weights, momentum, pending, count, new, *, config: MemoryConfig,
     end = count + length
     open_chunk = end // c
     y, (w, s) = memorize(weights, momentum, tokens, chunk_size=c, act=config.act, stop=open_chunk,
-                         max_grad_norm=config.max_grad_norm)
+                         max_grad_norm=config.max_grad_norm, start=start, busy=busy)
     valid = jnp.arange(c) < end - open_chunk * c
     new_pending = jax.tree.map(
         lambda x: jnp.where(
             valid.reshape((c,) + (1,) * (x.ndim - 1)),
             jax.lax.dynamic_slice_in_dim(x, open_chunk * c, c, axis=0),
-            0.0,
+            jnp.zeros((), x.dtype),
         ),
         tokens,
     )
     return jax.lax.dynamic_slice_in_dim(y, count, length, axis=0), w, s, new_pending
 
 
+def _busy_chunks(state: MemoryState, restarts: jax.Array, config: MemoryConfig) -> jax.Array:
+    """``[chunks]`` bool: which chunks of :func:`_stream_one`'s buffer (the open chunk, then ``restarts [b, l]``'s
+    tokens) hold a restart in any row. One flag for the whole batch, so that the chunks without any skip the
+    restart terms as a branch, not a select (about twice the memory update's work)."""
+    c = config.chunk_size
+    length = restarts.shape[1]
+    buffer = jnp.zeros((restarts.shape[0], _round_up(length + c - 1, c)), bool)
+    buffer = buffer.at[:, :c].set(jnp.any(state.pending.restart, axis=1))
+    buffer = jax.lax.dynamic_update_slice_in_dim(buffer, restarts, state.count, axis=1)
+    return jnp.any(buffer.reshape(buffer.shape[0], -1, c), axis=(0, 2))
+
+
 def memory_layer(
-    params: dict, state: MemoryState, x: jax.Array, *, config: MemoryConfig, memorize=memorize_chunked
+    params: dict, state: MemoryState, x: jax.Array, *, config: MemoryConfig, memorize=memorize_chunked,
+    restarts: jax.Array | None = None,
 ) -> tuple[jax.Array, MemoryState]:
     """Stream ``x [b, l, d_model]`` through the memory: ``(y [b, l, d_model], new state)``.
 
     ``memorize`` is the update rule (the chunk-parallel one, or the sequential oracle in tests).
+    ``restarts [b, l]`` (bool, e.g. :func:`document_starts`): the memory restarts at these tokens
+    from :func:`restart_state` (packed documents; see the module docstring). Streaming a packed
+    row in pieces needs ``restarts`` in every call: without it the open chunk's flags are ignored.
     """
     _check_input(x, config, state)
-    tokens, tail = project(params, config, state.conv_tail, x)
-    run = jax.vmap(jax.vmap(lambda w, s, p, n: _stream_one(w, s, p, state.count, n, config=config, memorize=memorize)))
+    start, restart_tail = None, None
+    if restarts is not None:
+        if restarts.shape != x.shape[:2]:
+            raise ValueError(f"restarts must be [batch, length] = {x.shape[:2]} like x, got shape {restarts.shape}")
+        start, restart_tail = restart_state(params, config)
+        restarts = restarts.astype(bool)
+    tokens, tail = project(params, config, state.conv_tail, x, restarts, restart_tail)
+    busy = None if restarts is None else _busy_chunks(state, restarts, config)
+    one = functools.partial(_stream_one, config=config, memorize=memorize)
+    per_head = jax.vmap(lambda w, s, p, n, r: one(w, s, p, state.count, n, r, busy), in_axes=(0, 0, 0, 0, 0))
+    run = jax.vmap(lambda w, s, p, n: per_head(w, s, p, n, start))
     y, weights, momentum, pending = run(state.weights, state.momentum, state.pending, tokens)
     y = rearrange(y, "b h l d -> b l (h d)") @ params["w_out"]
     count = (state.count + x.shape[1]) % config.chunk_size
     return y, MemoryState(weights, momentum, pending, count.astype(jnp.int32), tail)
 
 
-def current_weights(state: MemoryState, config: MemoryConfig) -> mlp.Weights:
-    """The memory after every token streamed so far (open chunk included), ``[b, h, ...]`` per layer."""
+def _flushed(state: MemoryState, config: MemoryConfig, start=None):
+    """``(weights, momentum)`` after every token streamed so far (open chunk included), ``[b, h, ...]`` per layer;
+    ``start``: the restart state (:func:`restart_state`) the open chunk's flagged tokens return to."""
 
-    def one(w, s, pending):
-        return chunk_step(w, s, pending, config.act, row=state.count - 1, max_grad_norm=config.max_grad_norm)[1][0]
+    def one(w, s, pending, r):
+        return chunk_step(w, s, pending, config.act, row=state.count - 1, max_grad_norm=config.max_grad_norm,
+                          start=r)[1]
 
-    return jax.vmap(jax.vmap(one))(state.weights, state.momentum, state.pending)
+    per_head = jax.vmap(one)
+    return jax.vmap(lambda w, s, p: per_head(w, s, p, start))(state.weights, state.momentum, state.pending)
 
 
-def retrieve(state: MemoryState, q: jax.Array, *, config: MemoryConfig) -> jax.Array:
-    """``M*(q)``: read the current memory with queries ``q [b, l, h, dim]``, no update -> ``[b, l, h, d_out]``."""
+def restart_state(params: dict, config: MemoryConfig):
+    """Where a restart (a packed document's first token) takes the memory: ``((weights, momentum), conv_tail)``,
+    the memory's weights and momentum ``[h, ...]`` per layer after the persistent tokens (their open chunk
+    applied) and the conv tail ``[conv_kernel - 1, 3 * inner]`` they leave."""
+    fresh = fresh_state(params, config, 1)
+    weights, momentum = jax.tree.map(lambda a: a[0], _flushed(fresh, config))
+    return (weights, momentum), fresh.conv_tail[0]
+
+
+def current_weights(state: MemoryState, config: MemoryConfig, start=None) -> mlp.Weights:
+    """The memory after every token streamed so far (open chunk included), ``[b, h, ...]`` per layer.
+
+    ``start``: for a packed stream, the restart state (``restart_state(...)[0]``) of the open chunk's restarts.
+    """
+    return _flushed(state, config, start)[0]
+
+
+def retrieve(state: MemoryState, q: jax.Array, *, config: MemoryConfig, start=None) -> jax.Array:
+    """``M*(q)``: read the current memory with queries ``q [b, l, h, dim]``, no update -> ``[b, l, h, d_out]``
+    (``start`` as in :func:`current_weights`)."""
+    return read(current_weights(state, config, start), q, config=config)
+
+
+def read(weights: mlp.Weights, q: jax.Array, *, config: MemoryConfig) -> jax.Array:
+    """``M(q)`` for memory ``weights`` (``[b, h, ...]`` or ``[h, ...]`` per layer) and queries ``q [b, l, h, dim]``
+    -> ``[b, l, h, d_out]``."""
     if q.ndim != 4 or q.shape[2:] != (config.num_heads, config.dim):
         raise ValueError(
             f"retrieve q must be [batch, length, num_heads={config.num_heads}, dim={config.dim}], got {q.shape}"
         )
-    weights = current_weights(state, config)
-    read = jax.vmap(lambda w, qh: mlp.apply(w, qh, config.act), in_axes=(0, 1), out_axes=1)  # over heads
-    return jax.vmap(read)(weights, q)
+    weights = tuple(jnp.broadcast_to(w, q.shape[:1] + w.shape[-3:]) for w in weights)
+    per_head = jax.vmap(lambda w, qh: mlp.apply(w, qh, config.act), in_axes=(0, 1), out_axes=1)
+    return jax.vmap(per_head)(weights, q)

@@ -28,12 +28,13 @@ BATCH = 2
 
 def _lmm():
     config = TitansLmmConfig(**MEMORY).memory(MODEL.d_model)
-    layer = lambda p, x, pos, split: fresh_memory(p, x, config=config, split=split)  # noqa: E731
+    layer = lambda p, x, pos, split, seg=None: fresh_memory(p, x, config=config, split=split, segment_ids=seg)  # noqa: E731
     return nm.init_params, config, layer
 
 
 def _mixed(module, layer_fn, config):
-    return module.init_params, config, lambda p, x, pos, split: layer_fn(p, x, pos, config=config, split=split)
+    return module.init_params, config, lambda p, x, pos, split, seg=None: layer_fn(p, x, pos, seg, config=config,
+                                                                                    split=split)
 
 
 ARCHITECTURES = {
@@ -84,3 +85,17 @@ def test_context_split_gradients_equal_one_device(arch):
     want = jax.jit(jax.grad(loss(None), argnums=(0, 1)))(params, x)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_packed_rows_context_split_equal_one_device(arch):
+    """Documents starting mid-shard and on a shard boundary: the restart flags and the open chunk's travel."""
+    init, config, layer = ARCHITECTURES[arch]()
+    params = init(jax.random.PRNGKey(0), config)
+    lengths = (3, 5, 8)  # starts at 3 (inside the first 4-token shard) and 8 (a shard boundary)
+    x = jax.random.normal(jax.random.PRNGKey(1), (BATCH, 16, MODEL.d_model))
+    positions = jnp.broadcast_to(jnp.concatenate([jnp.arange(n) for n in lengths]), (BATCH, 16))
+    segments = jnp.broadcast_to(jnp.repeat(jnp.arange(1, 4), jnp.array(lengths), total_repeat_length=16), (BATCH, 16))
+    one = jax.jit(lambda p, x: layer(p, x, positions, None, segments))
+    pipelined = jax.jit(lambda p, x: layer(p, x, positions, _split(4), segments))
+    np.testing.assert_allclose(pipelined(params, x), one(params, x), rtol=1e-5, atol=1e-6)

@@ -190,3 +190,48 @@ def test_chunk_state_after_any_row(row):
     else:
         want = chunk_step(w, s, jax.tree.map(lambda x: x[: row + 1], tokens), ACT)[1]
     _close(got, want)
+
+
+RESTARTS = (0, 3, 5, 8, 13)  # the first token, mid-chunk, two in one chunk (size 4), a chunk start
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("chunk_size", [1, 4, 8])
+def test_restarts_chunked_equal_sequential_forward_and_gradients(depth, chunk_size):
+    """Packed documents: flagged tokens return to the restart state, both paths alike (clipped, too)."""
+    w, s = _state(jax.random.PRNGKey(depth), depth)
+    start = _state(jax.random.PRNGKey(30 + depth), depth, momentum_scale=0.05)
+    restart = jnp.zeros(16, bool).at[jnp.array(RESTARTS)].set(True)
+    tokens = _tokens(jax.random.PRNGKey(40 + chunk_size), 16)._replace(restart=restart)
+    n = 16 // chunk_size
+    for stop in map(jnp.int32, (0, n // 2, n)):
+        got = memorize_chunked(w, s, tokens, chunk_size=chunk_size, act=ACT, stop=stop, max_grad_norm=1.0, start=start)
+        want = memorize_sequential(w, s, tokens, chunk_size=chunk_size, act=ACT, stop=stop, max_grad_norm=1.0,
+                                   start=start)
+        _close(got, want)
+    plain = memorize_chunked(w, s, tokens._replace(restart=None), chunk_size=chunk_size, act=ACT, stop=jnp.int32(n))
+    assert float(jnp.abs(plain[0] - got[0]).max()) > 1e-3  # the restarts acted
+
+    probe = jax.random.normal(jax.random.PRNGKey(5), (16, DIM))
+
+    def objective(memorize):
+        def f(w, s, start, floats):  # the gradient of every input but the flags
+            y, end = memorize(w, s, floats._replace(restart=restart), chunk_size=chunk_size, act=ACT, stop=n,
+                              start=start)
+            return jnp.sum(y * probe) + sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(end))
+
+        return jax.grad(f, argnums=(0, 1, 2, 3))(w, s, start, tokens._replace(restart=None))
+
+    _close(objective(memorize_chunked), objective(memorize_sequential), rtol=2e-4, atol=2e-5)
+
+
+def test_a_restart_forgets_everything_before_it():
+    """After a restart the outputs and state do not depend on the chunk-start state or on earlier tokens."""
+    w, s = _state(jax.random.PRNGKey(1), 2)
+    start = _state(jax.random.PRNGKey(2), 2)
+    tokens = _tokens(jax.random.PRNGKey(3), 8)._replace(restart=jnp.zeros(8, bool).at[5].set(True))
+    other = tokens._replace(k=tokens.k.at[:5].multiply(-2.0), v=tokens.v.at[:5].add(1.0))
+    w2, s2 = _state(jax.random.PRNGKey(4), 2)
+    y, end = memorize_chunked(w, s, tokens, chunk_size=8, act=ACT, stop=1, start=start)
+    y2, end2 = memorize_chunked(w2, s2, other, chunk_size=8, act=ACT, stop=1, start=start)
+    _close((y[5:], end), (y2[5:], end2), rtol=0, atol=1e-6)
