@@ -19,7 +19,8 @@ class Attends:
     * ``prefix``: keys every query also sees (Titans' persistent tokens);
     * ``segment``: Titans MAC: causal within the row's consecutive segments of this many tokens,
       over two key sets of a segment's length (the memory's retrieval and the segment itself). It
-      cuts rows, not documents (MAC attends across packed documents), and ``window`` is then unused.
+      cuts rows, not documents: MAC's dense segment attention masks packed documents apart but computes
+      every pair of the segment all the same; ``window`` is then unused.
     """
 
     width: int

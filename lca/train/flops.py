@@ -80,7 +80,8 @@ def document_lengths(segment_ids) -> np.ndarray:
 
 def layer_pairs(attends: Attends, lengths, rows: int, row_length: int) -> float:
     """Attended (query, key) pairs of one layer over document pieces of ``lengths`` (host ints) that fill
-    ``rows`` rows of ``row_length`` tokens (a MAC layer counts the rows: it attends across documents)."""
+    ``rows`` rows of ``row_length`` tokens (a MAC layer counts the rows: its dense segment attention computes
+    every pair of a segment, across the packed documents it masks apart)."""
     if attends.segment is not None:
         whole, rest = divmod(row_length, attends.segment)
         per_row = whole * attends.segment ** 2 + rest ** 2 + attends.prefix * row_length
