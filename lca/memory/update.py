@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from lca.memory import mlp
+from lca.parallel.vma import varying_like
 
 
 class MemoryTokens(NamedTuple):
@@ -189,6 +190,11 @@ def memorize_chunked(weights, momentum, tokens: MemoryTokens, *, chunk_size: int
                                     jax.checkpoint(lambda st, ch: update(st, ch, None)), state, chunk)
         return (state, saved), y
 
+    if start is not None:
+        # Inside shard_map: a restart state the same on every device (from replicated params) would turn
+        # varying inside the branch, and its gradient's psum with it: a collective only the devices
+        # taking the branch reach (they hung). Turn it varying here, outside the cond.
+        start = varying_like(start, weights, momentum, tokens)
     begin = (weights, momentum)
     flags = jnp.ones(n, bool) if busy is None else busy
     (end, saved), ys = jax.lax.scan(body, (begin, begin), (jnp.arange(n), chunks, flags))

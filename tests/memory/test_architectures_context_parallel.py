@@ -99,3 +99,10 @@ def test_packed_rows_context_split_equal_one_device(arch):
     one = jax.jit(lambda p, x: layer(p, x, positions, None, segments))
     pipelined = jax.jit(lambda p, x: layer(p, x, positions, _split(4), segments))
     np.testing.assert_allclose(pipelined(params, x), one(params, x), rtol=1e-5, atol=1e-6)
+    # the backward too: devices whose chunks hold no restart skip that branch, and must not skip a
+    # collective with it (a psum inside the branch hung the pipelined MAC's training step)
+    probe = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+    grad = lambda split: jax.jit(jax.grad(  # noqa: E731
+        lambda p, x: jnp.sum(layer(p, x, positions, split, segments) * probe), argnums=(0, 1)))
+    for a, b in zip(jax.tree.leaves(grad(_split(4))(params, x)), jax.tree.leaves(grad(None)(params, x)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
