@@ -87,8 +87,7 @@ def test_context_split_gradients_equal_one_device(arch):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_packed_rows_context_split_equal_one_device(arch):
+def _packed_case(arch):
     """Documents starting mid-shard and on a shard boundary: the restart flags and the open chunk's travel."""
     init, config, layer = ARCHITECTURES[arch]()
     params = init(jax.random.PRNGKey(0), config)
@@ -96,13 +95,23 @@ def test_packed_rows_context_split_equal_one_device(arch):
     x = jax.random.normal(jax.random.PRNGKey(1), (BATCH, 16, MODEL.d_model))
     positions = jnp.broadcast_to(jnp.concatenate([jnp.arange(n) for n in lengths]), (BATCH, 16))
     segments = jnp.broadcast_to(jnp.repeat(jnp.arange(1, 4), jnp.array(lengths), total_repeat_length=16), (BATCH, 16))
-    one = jax.jit(lambda p, x: layer(p, x, positions, None, segments))
-    pipelined = jax.jit(lambda p, x: layer(p, x, positions, _split(4), segments))
-    np.testing.assert_allclose(pipelined(params, x), one(params, x), rtol=1e-5, atol=1e-6)
-    # the backward too: devices whose chunks hold no restart skip that branch, and must not skip a
-    # collective with it (a psum inside the branch hung the pipelined MAC's training step)
+    return params, x, lambda split: lambda p, x: layer(p, x, positions, split, segments)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_packed_rows_context_split_equal_one_device(arch):
+    params, x, layer = _packed_case(arch)
+    np.testing.assert_allclose(jax.jit(layer(_split(4)))(params, x), jax.jit(layer(None))(params, x),
+                               rtol=1e-5, atol=1e-6)
+
+
+# MAG and MAL pipeline the memory as LMM does: theirs run with the slow tests
+@pytest.mark.parametrize("arch", ["lmm", "mac", *(pytest.param(a, marks=pytest.mark.slow) for a in ("mag", "mal"))])
+def test_packed_rows_context_split_gradients_equal_one_device(arch):
+    """Devices whose chunks hold no restart skip that branch, and must not skip a collective with it
+    (a psum inside the branch hung the pipelined MAC's training step)."""
+    params, x, layer = _packed_case(arch)
     probe = jax.random.normal(jax.random.PRNGKey(2), x.shape)
-    grad = lambda split: jax.jit(jax.grad(  # noqa: E731
-        lambda p, x: jnp.sum(layer(p, x, positions, split, segments) * probe), argnums=(0, 1)))
+    grad = lambda split: jax.jit(jax.grad(lambda p, x: jnp.sum(layer(split)(p, x) * probe), argnums=(0, 1)))  # noqa: E731
     for a, b in zip(jax.tree.leaves(grad(_split(4))(params, x)), jax.tree.leaves(grad(None)(params, x)), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
