@@ -99,6 +99,21 @@ def test_pattern_mixing_titans_and_attention_is_causal():
     assert not np.allclose(changed[:, 9:], logits[:, 9:])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_packed_document_never_sees_another(kind):
+    """Two documents in a row (the second starting mid-chunk and mid-segment): changing the first leaves the
+    second's logits alone, through the mixer (its memory restarts) and the global layer."""
+    model = make_model(load_config("tiny", _overrides(kind)))
+    tokens, _, _ = _inputs(b=2)
+    segments = jnp.broadcast_to(jnp.repeat(jnp.array([1, 2]), jnp.array([7, 9]), total_repeat_length=16), (2, 16))
+    positions = jnp.where(segments == 1, jnp.arange(16), jnp.arange(16) - 7)
+    forward = jax.jit(lambda t: model(t, positions, segments))
+    logits = forward(tokens)
+    changed = forward(tokens.at[:, :7].set((tokens[:, :7] + 7) % 200))
+    np.testing.assert_allclose(changed[:, 7:], logits[:, 7:], rtol=0, atol=1e-6)
+    assert not np.allclose(changed[:, :7], logits[:, :7])
+
+
 @pytest.mark.parametrize("kind", ["titans_lmm", "titans_mag", "titans_mac"])  # MAL's memory runs as MAG's
 def test_context_split_model_equals_one_device(kind):
     """On data=2 x context=4 with ring attention: LMM/MAG/MAL pipeline the memory over 'context',
