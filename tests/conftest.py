@@ -20,3 +20,19 @@ os.environ["XLA_FLAGS"] = _flags.strip()
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    Each compiled CPU executable keeps memory mappings for its code. One pytest-xdist worker runs
+    hundreds of tests, and without this its mappings reached the kernel's limit (vm.max_map_count,
+    65,530): 17,000 after three minutes of tests/memory, and the next XLA compile died with a
+    segmentation fault (in tests/models/test_titans_mixers.py, twice in full runs, never alone).
+    """
+    yield
+    jax.clear_caches()
