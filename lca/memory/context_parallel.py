@@ -146,14 +146,11 @@ def context_parallel_memory(
     ``batch_axes`` and ``micro_batches`` as in :func:`context_parallel`; ``restarts [b, l]`` (packed
     documents) travel with ``x``, and the open chunk's flags with the state.
     """
-    if restarts is None:
-        run, xs = functools.partial(memory_layer, config=config), x
-    else:
-        run = lambda p, state, xr: memory_layer(p, state, xr[0], config=config, restarts=xr[1])  # noqa: E731
-        xs = (x, restarts)
     return context_parallel(
-        run, lambda p, rows: fresh_state(p, config, rows),
-        params, xs, mesh=mesh, axis_name=axis_name, micro_batches=micro_batches, batch_axes=batch_axes,
+        lambda p, state, xr: memory_layer(p, state, xr[0], config=config, restarts=xr[1]),
+        lambda p, rows: fresh_state(p, config, rows),
+        params, (x, restarts),  # restarts may be None: an empty subtree the pipeline passes through
+        mesh=mesh, axis_name=axis_name, micro_batches=micro_batches, batch_axes=batch_axes,
     )
 
 

@@ -211,17 +211,17 @@ def mac_segments(params: dict, state: nm.MemoryState, x, positions, *, config: M
     c = config.segment
     xs = rearrange(x, "b (n c) d -> n b c d", c=c)
     ps = rearrange(positions, "b (n c) -> n b c", c=c)
-    packed = restarts is not None
-    rs = rearrange(restarts if packed else jnp.zeros(positions.shape, bool), "b (n c) -> n b c", c=c)
-    start = nm.restart_state(params["memory"], config.memory)[0] if packed else None
+    rs = None if restarts is None else rearrange(restarts, "b (n c) -> n b c", c=c)
+    # once, not in every segment's memory_layer: the persistent tokens' pass and its flush
+    restart = None if restarts is None else nm.restart_state(params["memory"], config.memory)
 
     def step(state, inputs):
-        s, pos, r, index = inputs
-        r = r if packed else None
-        h = retrieve_context(params, state, s, config, None if r is None else (r, start))
+        s, pos, r, index = inputs  # r: None unless packed
+        h = retrieve_context(params, state, s, config, None if r is None else (r, restart[0]))
         y = segment_attention(params, s, h, pos, config, r)
         # the memory learns from the segment's residual stream after attention (see the module docstring)
-        m, new = nm.memory_layer(params["memory"], state, s + y, config=config.memory, restarts=r)
+        m, new = nm.memory_layer(params["memory"], state, s + y, config=config.memory, restarts=r,
+                                 restart_from=restart)
         if complete is not None:
             new = jax.tree.map(lambda a, b: jnp.where(index < complete, a, b), new, state)
         return new, y * jax.nn.sigmoid(m)
@@ -350,13 +350,9 @@ def mac_layer(
     if split is not None:
         devices = split.mesh.shape[split.axis]
         if length % (devices * c) == 0:
-            if restarts is None:
-                run = lambda p, state, xp: mac_segments(p, state, *xp, config=config)  # noqa: E731
-                xs = (x, positions)
-            else:
-                run = lambda p, state, xp: mac_segments(p, state, *xp[:2], config=config, restarts=xp[2])  # noqa: E731
-                xs = (x, positions, restarts)
-            return context_parallel(run, fresh, params, xs, mesh=split.mesh, axis_name=split.axis,
+            # restarts may be None: an empty subtree the pipeline passes through
+            run = lambda p, state, xp: mac_segments(p, state, xp[0], xp[1], config=config, restarts=xp[2])  # noqa: E731
+            return context_parallel(run, fresh, params, (x, positions, restarts), mesh=split.mesh, axis_name=split.axis,
                                     micro_batches=split.micro_batches, batch_axes=split.batch_axes)
         # Exact, but every device runs the whole scan: say so once per trace rather than slow down unseen.
         warnings.warn(f"titans_mac: a sequence of {length} tokens over {devices} devices of mesh axis "

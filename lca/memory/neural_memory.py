@@ -322,18 +322,20 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _chunk_buffer(pending: jax.Array, new: jax.Array, count, chunk: int) -> jax.Array:
+    """``pending [chunk, ...]``'s first ``count`` entries, then ``new [l, ...]``, zeros after them, along axis 0:
+    whole chunks of the stream an update runs over (``ceil((l + chunk - 1) / chunk)`` of them, whatever ``count``)."""
+    padded = _round_up(new.shape[0] + chunk - 1, chunk)
+    buf = jnp.zeros((padded,) + pending.shape[1:], pending.dtype).at[:chunk].set(pending)
+    return jax.lax.dynamic_update_slice_in_dim(buf, new, count, axis=0)
+
+
 def _stream_one(weights, momentum, pending, count, new, start, busy, *, config: MemoryConfig, memorize):
     """One (batch row, head): prepend the open chunk to ``new`` and run the update (``start``: the
     restart state, or None; ``busy``: :func:`_busy_chunks`)."""
     c = config.chunk_size
     length = new.q.shape[0]
-    padded = _round_up(length + c - 1, c)
-
-    def place(p, x):
-        buf = jnp.zeros((padded,) + p.shape[1:], p.dtype).at[:c].set(p)
-        return jax.lax.dynamic_update_slice_in_dim(buf, x, count, axis=0)
-
-    tokens = jax.tree.map(place, pending, new)
+    tokens = jax.tree.map(lambda p, x: _chunk_buffer(p, x, count, c), pending, new)
     end = count + length
     open_chunk = end // c
     y, (w, s) = memorize(weights, momentum, tokens, chunk_size=c, act=config.act, stop=open_chunk,
@@ -355,16 +357,14 @@ def _busy_chunks(state: MemoryState, restarts: jax.Array, config: MemoryConfig) 
     tokens) hold a restart in any row. One flag for the whole batch, so that the chunks without any skip the
     restart terms as a branch, not a select (about twice the memory update's work)."""
     c = config.chunk_size
-    length = restarts.shape[1]
-    buffer = jnp.zeros((restarts.shape[0], _round_up(length + c - 1, c)), bool)
-    buffer = buffer.at[:, :c].set(jnp.any(state.pending.restart, axis=1))
-    buffer = jax.lax.dynamic_update_slice_in_dim(buffer, restarts, state.count, axis=1)
+    pending = jnp.any(state.pending.restart, axis=1)  # the same for every head
+    buffer = jax.vmap(lambda p, r: _chunk_buffer(p, r, state.count, c))(pending, restarts)
     return jnp.any(buffer.reshape(buffer.shape[0], -1, c), axis=(0, 2))
 
 
 def memory_layer(
     params: dict, state: MemoryState, x: jax.Array, *, config: MemoryConfig, memorize=memorize_chunked,
-    restarts: jax.Array | None = None,
+    restarts: jax.Array | None = None, restart_from=None,
 ) -> tuple[jax.Array, MemoryState]:
     """Stream ``x [b, l, d_model]`` through the memory: ``(y [b, l, d_model], new state)``.
 
@@ -372,13 +372,15 @@ def memory_layer(
     ``restarts [b, l]`` (bool, e.g. :func:`document_starts`): the memory restarts at these tokens
     from :func:`restart_state` (packed documents; see the module docstring). Streaming a packed
     row in pieces needs ``restarts`` in every call: without it the open chunk's flags are ignored.
+    ``restart_from``: :func:`restart_state` of these ``params``, for a caller that streams many pieces
+    (MAC's segments) and computes it once; None: computed here when ``restarts`` is given.
     """
     _check_input(x, config, state)
     start, restart_tail = None, None
     if restarts is not None:
         if restarts.shape != x.shape[:2]:
             raise ValueError(f"restarts must be [batch, length] = {x.shape[:2]} like x, got shape {restarts.shape}")
-        start, restart_tail = restart_state(params, config)
+        start, restart_tail = restart_state(params, config) if restart_from is None else restart_from
         restarts = restarts.astype(bool)
     tokens, tail = project(params, config, state.conv_tail, x, restarts, restart_tail)
     busy = None if restarts is None else _busy_chunks(state, restarts, config)

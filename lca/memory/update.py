@@ -181,7 +181,7 @@ def memorize_chunked(weights, momentum, tokens: MemoryTokens, *, chunk_size: int
 
     def body(carry, xs):
         state, saved = carry
-        index, chunk, restarts_here = xs
+        index, chunk, restarts_here = xs  # restarts_here: None without busy
         saved = jax.tree.map(lambda s, x: jnp.where(index == stop, x, s), saved, state)
         if start is None or busy is None:
             y, state = update(state, chunk, start)
@@ -196,7 +196,6 @@ def memorize_chunked(weights, momentum, tokens: MemoryTokens, *, chunk_size: int
         # taking the branch reach (they hung). Turn it varying here, outside the cond.
         start = varying_like(start, weights, momentum, tokens)
     begin = (weights, momentum)
-    flags = jnp.ones(n, bool) if busy is None else busy
-    (end, saved), ys = jax.lax.scan(body, (begin, begin), (jnp.arange(n), chunks, flags))
+    (end, saved), ys = jax.lax.scan(body, (begin, begin), (jnp.arange(n), chunks, busy))
     saved = jax.tree.map(lambda s, e: jnp.where(stop == n, e, s), saved, end)
     return ys.reshape((t,) + ys.shape[2:]), saved
