@@ -95,7 +95,7 @@ from lca.attention import inputs, nonfinite
 from lca.attention.blocks import BlockSizes
 from lca.attention.impl import IMPLS, LocalImpl, get_impl
 from lca.attention.logits import LogitOptions
-from lca.attention.mask import Mask, default_positions
+from lca.attention.mask import Mask, default_positions, segment_begins
 from lca.attention.vjp import attention_vjp
 
 # How one call is computed (position_case): branch indices of the run-time switch.
@@ -349,7 +349,7 @@ def segment_runs(seg, max_runs: int = PACKED_MAX_RUNS):
     """
     b, n = seg.shape
     index = jnp.arange(n, dtype=jnp.int32)
-    begins = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    begins = segment_begins(seg)
     run = jnp.cumsum(begins, axis=1, dtype=jnp.int32) - 1
     runs = run[:, -1] + 1
     slot = jnp.where(begins, run, max_runs + 1)  # out of range: dropped

@@ -16,7 +16,9 @@ A query at position ``p`` sees a key at position ``s`` iff
 * ``causal``:  ``s <= p``
 * ``window=W``: ``|p - s| < W`` (with ``causal`` that is the W most recent keys,
   the query's own included)
-* segments: the two segment ids are equal (packed documents).
+* segments: the two segment ids are equal (packed documents). A document (or a
+  padding run) begins where a row's id differs from the one before it
+  (:func:`segment_begins`), the rule the packed-layout and memory code reads.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from lca.attention.static import positive_int
 
@@ -95,6 +98,18 @@ class Mask:
 def segment_visible(q_seg, kv_seg):
     """Boolean ``[b, q, kv]`` from segment ids ``[b, q]`` and ``[b, kv]``."""
     return q_seg[:, :, None] == kv_seg[:, None, :]
+
+
+def segment_begins(segment_ids):
+    """``[..., n]`` bool from segment ids ``[..., n]``: True where a run of equal ids begins, at index 0 and
+    wherever an id differs from the one before it.
+
+    The one rule for where a packed document (or padding run) starts. numpy in, numpy out (host-side data
+    and FLOP counting); a jax array in, a jax array out.
+    """
+    xp = np if isinstance(segment_ids, np.ndarray) else jnp
+    first = xp.ones(segment_ids.shape[:-1] + (1,), bool)
+    return xp.concatenate([first, segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
 
 
 def segment_ranges_meet(q_lo, q_hi, kv_lo, kv_hi):

@@ -37,6 +37,7 @@ import dataclasses
 import grain
 import numpy as np
 
+from lca.attention.mask import segment_begins
 from lca.data.tokenizer import LANDMARK_ID, PAD_ID
 
 FILL = {"inputs": LANDMARK_ID, "targets": PAD_ID, "loss_mask": 0}
@@ -78,8 +79,7 @@ def _run_positions(segments, positions_at_start):
 def _run_starts(segments):
     """``(index, run_start)`` ``[..., n]``: each token's row index, and the index where its run of equal ids begins."""
     index = np.broadcast_to(np.arange(segments.shape[-1]), segments.shape)
-    starts = np.ones(segments.shape, bool)
-    starts[..., 1:] = segments[..., 1:] != segments[..., :-1]
+    starts = segment_begins(np.asarray(segments))
     return index, np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
 
 

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from lca.attention.mask import segment_begins
 from lca.memory import mlp
 from lca.memory.update import MemoryTokens, chunk_step, memorize_chunked
 
@@ -288,7 +289,7 @@ def document_starts(segment_ids: jax.Array) -> jax.Array:
     sequence's, or continues it)."""
     if segment_ids.ndim != 2:
         raise ValueError(f"segment_ids must be [batch, length], got shape {segment_ids.shape}")
-    return jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
+    return segment_begins(segment_ids).at[:, 0].set(False)
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:

@@ -42,6 +42,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from lca.attention.mask import segment_begins
 from lca.config import Config, ModelConfig
 from lca.models.attends import Attends
 from lca.models.mixers import layer_mixers
@@ -71,9 +72,7 @@ def document_lengths(segment_ids) -> np.ndarray:
     A document piece is a run of one nonzero id; padding (id 0) is none.
     """
     ids = np.asarray(segment_ids)
-    starts = np.ones(ids.shape, bool)
-    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    run_id = np.cumsum(starts.ravel()) - 1  # rows never share a run: a row starts a run
+    run_id = np.cumsum(segment_begins(ids).ravel()) - 1  # rows never share a run: a row starts a run
     lengths = np.bincount(run_id, weights=(ids.ravel() != 0))  # padding runs count 0 tokens
     return lengths[lengths > 0]
 
