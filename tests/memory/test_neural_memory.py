@@ -201,6 +201,22 @@ def test_document_starts_flag_each_change_of_segment():
     np.testing.assert_array_equal(np.asarray(nm.document_starts(SEGMENTS)), np.asarray(want, bool))
 
 
+def test_document_starts_of_a_sequence_sharded_row_flag_no_shard_start():
+    """Jitted on rows split over 4 devices along the sequence (the training mesh's auto axes): no false
+    restart where a shard starts (a scatter after a concatenate put one at each on jax 0.10.2's CPU
+    partitioner)."""
+    from lca.parallel.mesh import make_mesh
+
+    mesh = make_mesh(context=4, data=2, axis_types="auto")
+    segments = jnp.repeat(jnp.array([[1] * 5 + [2] * 6 + [3] * 5]), 2, axis=0)
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(segments, jax.sharding.NamedSharding(mesh, jax.P("data", "context")))
+        got = jax.jit(nm.document_starts)(sharded)
+    want = np.zeros((2, 16), bool)
+    want[:, [5, 11]] = True
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "memorize"))
 def _run_packed(params, x, config=CONFIG, memorize=None):
     state = nm.fresh_state(params, config, x.shape[0])
