@@ -117,11 +117,11 @@ def evaluate_run(run_dir: str | Path, overrides=()) -> dict:
     """``lca-eval``: evaluate the newest good checkpoint of ``run_dir`` (read-only on its checkpoints)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, [*overrides, f"run_dir={run_dir}"])
+    mesh = build_mesh(cfg)
+    check_eval(cfg, mesh)  # what the config asks that cannot run here (impl=cudnn on CPU), before the checkpoints
     ckpt_dir = run_dir / "checkpoints"
     if not checkpoint_steps(ckpt_dir):
         raise ConfigError(f"{ckpt_dir} has no checkpoint to evaluate; train first (lca-train) or check the path.")
-    mesh = build_mesh(cfg)
-    check_eval(cfg, mesh)
     setup = make_setup(cfg, mesh)
     step, params = latest_params(setup)
     log.info("evaluating checkpoint %d of %s", step, run_dir)

@@ -1,5 +1,6 @@
 """A run that cannot start says why in one line, exits 2 and leaves nothing behind."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -105,13 +106,11 @@ def test_an_impl_these_devices_cannot_run_is_one_line_before_anything_is_written
     assert "'model.attention.impl': impl='cudnn' runs cuDNN's fused attention and needs a CUDA GPU" in (
         one_line_error(capsys))
     assert not run_dir.exists()
-    # lca-eval runs the same check once its mesh is built (after it finds a checkpoint).
-    from lca.config import ConfigError
-    from lca.train.setup import build_mesh, check_eval_fits
-
-    cfg = load_config("tiny", [f"run_dir={run_dir}", "model.attention.impl=cudnn"])
-    with pytest.raises(ConfigError, match=r"needs a CUDA GPU.*'blockwise', 'pallas'"):
-        check_eval_fits(cfg, build_mesh(cfg))
+    # lca-eval runs the same check before it looks for a checkpoint (this run has none).
+    save_config(load_config("tiny", [f"run_dir={run_dir}", "model.attention.impl=cudnn"]), run_dir)
+    assert eval_cli.main([str(run_dir)]) == 2
+    assert re.search(r"needs a CUDA GPU.*'blockwise', 'pallas'", one_line_error(capsys, "lca-eval"))
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
 
 
 def test_lca_eval_on_fewer_fake_devices_than_the_run_names_runtime_cpu_devices(tmp_path):
