@@ -16,6 +16,11 @@ Two shapes (``SETUPS``):
   memory heads, so head_dim 32, depth 2, expansion 2, chunk 16) at their batch 8:
   16 streams.
 
+A section on packed rows times the chunked update with the memory restarting at each
+document's first token (``MemoryTokens.restart``, as ``lca.memory.memory_layer`` runs packed
+batches): method ``packed/D`` restarts every D tokens (never chunk-aligned), ``packed/0`` is
+the same update without restarts, its baseline in the same run.
+
 Each point (setup, method, mode, T, chunk) runs in a fresh subprocess: compile,
 one execution for the peak extra memory (benchmarks/peak_memory.py), then the
 median time of further runs (at least 3). Chunked and sequential points of the
@@ -23,6 +28,7 @@ same (setup, mode, T) run back to back, so they see the same machine load.
 
     python benchmarks/titans_update.py                      # full sweep, writes results
     python benchmarks/titans_update.py --lengths 1024,4096 --out /tmp/r
+    python benchmarks/titans_update.py --packed-only        # rerun the packed section into the JSON
 
 Writes ``titans_update.md``, ``titans_update.png`` and ``titans_update.json`` under ``--out``.
 """
@@ -49,6 +55,7 @@ SWEEP_CHUNKS = (16, 32, 64, 128, 256)  # at T = 4k, the issue setup
 SWEEP_DIMS = (32, 64, 128, 256)  # head_dim at T = 4k, otherwise the issue setup
 SEQUENTIAL_BWD_MAX_DIM = 128  # its backward keeps 4096 tokens' weights: 3 GiB at 128, 12 GiB at 256
 CHUNK_T = 4096
+PACKED_DOCS = (0, 1000, 250, 40)  # document length of the packed section (0: no restarts), at T = CHUNK_T
 
 
 def shape_of(setup: str) -> dict:
@@ -89,7 +96,8 @@ def run_point(setup: str, method: str, mode: str, t: int, chunk: int) -> dict:
 
     shape = shape_of(setup)
     dim, streams = shape["dim"], shape["streams"]
-    memorize = memorize_chunked if method == "chunked" else memorize_sequential
+    method, _, doc = method.partition("/")
+    memorize = memorize_sequential if method == "sequential" else memorize_chunked
     rng = np.random.default_rng(0)
 
     def arr(*s, scale=1.0):
@@ -104,8 +112,15 @@ def run_point(setup: str, method: str, mode: str, t: int, chunk: int) -> dict:
     momentum = jax.tree.map(jnp.zeros_like, weights)
     stop = t // chunk
 
+    restart, busy = packed_flags(t, chunk, int(doc or 0))
+
     def one_stream(w, s, tok):
-        return memorize(w, s, tok, chunk_size=chunk, act=jax.nn.silu, stop=stop, max_grad_norm=MAX_GRAD_NORM)
+        if restart is None:
+            return memorize(w, s, tok, chunk_size=chunk, act=jax.nn.silu, stop=stop, max_grad_norm=MAX_GRAD_NORM)
+        # as a packed model row: each document restarts from the call's start state (in a model, the state
+        # after the persistent tokens), its gradient included; the flags are constants, never differentiated
+        return memorize(w, s, tok._replace(restart=restart), chunk_size=chunk, act=jax.nn.silu, stop=stop,
+                        max_grad_norm=MAX_GRAD_NORM, start=(w, s), busy=busy)
 
     if streams == 1:
         # the update itself: vmap would put the stream axis before the scanned one, and the scan
@@ -127,7 +142,7 @@ def run_point(setup: str, method: str, mode: str, t: int, chunk: int) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     # XLA counts one iteration of each loop: a chunk (chunked) or a token (sequential), per direction
-    per_step = chunk if method == "chunked" else 1
+    per_step = 1 if method == "sequential" else chunk
     flops_per_token = float(cost.get("flops", float("nan"))) / (streams * per_step)
     peak, first = measure(compiled, weights, momentum, tokens)  # also the warm-up run
     times, cpu = [], []
@@ -137,12 +152,32 @@ def run_point(setup: str, method: str, mode: str, t: int, chunk: int) -> dict:
         jax.block_until_ready(compiled(weights, momentum, tokens))
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
+    if doc:
+        method = f"{method}/{doc}"
     return {
         "setup": setup, "method": method, "mode": mode, "T": t, "chunk": chunk, "streams": streams,
         "peak_bytes": peak, "output_bytes": streams * t * dim * 4, "seconds": float(np.median(times)),
         "cpu_seconds": float(np.median(cpu)), "runs": len(times), "flops_per_token": flops_per_token,
         "max_grad_norm": MAX_GRAD_NORM,
     }
+
+
+def packed_flags(t: int, chunk: int, doc: int):
+    """``(restart [t], busy [t // chunk])`` for documents of ``doc`` tokens packed into one row (None, None
+    for ``doc`` 0): a restart at each document's first token but the row's, and the chunks that hold one."""
+    import jax.numpy as jnp
+
+    if not doc:
+        return None, None
+    index = jnp.arange(t)
+    restart = (index % doc == 0) & (index > 0)
+    return restart, jnp.any(restart.reshape(-1, chunk), axis=1)
+
+
+def busy_share(t: int, chunk: int, doc: int) -> float:
+    """The share of chunks holding a restart (the ones that take the restart branch)."""
+    starts = set(range(doc, t, doc)) if doc else set()
+    return len({i // chunk for i in starts}) / (t // chunk)
 
 
 def _spawn(setup, method, mode, t, chunk, timeout):
@@ -222,7 +257,45 @@ def _verdict(points) -> str:
             "(next section).")
 
 
-def write_results(points, machine, out_dir):
+def _packed_lines(points, machine) -> list[str]:
+    """The packed section: the chunked update with restarts vs without, run side by side."""
+    packed = [p for p in points if p["method"].startswith("packed/")]
+    if not packed:
+        return []
+    lines = [
+        "",
+        f"## Packed documents (T = {CHUNK_T:,})",
+        "",
+        "The chunked update on a packed row: the memory restarts at each document's first token (from the "
+        "call's start state, as `lca.memory.memory_layer` does with `restarts`), documents of the given "
+        "length back to back, so restarts fall mid-chunk. A chunk holding a restart takes each gradient "
+        "twice (at the chunk-start weights, and at the restart weights for the tokens after it); the others "
+        "take the plain branch. \"none\" is the same update without restarts, run just before the packed "
+        "points of its row. Peak: the extra memory of one execution.",
+        "",
+        *([f"Machine: {machine}."] if machine else []),
+        "",
+        "| setup | mode | document tokens | chunks with a restart | s | vs none | peak MiB | vs none |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for setup in SETUPS:
+        for mode in MODES:
+            chunk = SETUPS[setup]["chunk"]
+            base = _find(packed, setup=setup, mode=mode, method="packed/0")
+            for doc in PACKED_DOCS:
+                p = _find(packed, setup=setup, mode=mode, method=f"packed/{doc}")
+                if p is None:
+                    continue
+                ok = _ok(p) and _ok(base)
+                cells = [setup, mode, f"{doc:,}" if doc else "none", f"{busy_share(CHUNK_T, chunk, doc):.0%}",
+                         _secs(p), f"{p['seconds'] / base['seconds']:.2f}x" if ok else "—",
+                         _mib(p["peak_bytes"]) if _ok(p) else "—",
+                         f"{p['peak_bytes'] / base['peak_bytes']:.2f}x" if ok else "—"]
+                lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_results(points, machine, out_dir, packed_machine=None):
     os.makedirs(out_dir, exist_ok=True)
     lines = [
         "# Titans memory update: chunk-parallel vs sequential",
@@ -322,6 +395,7 @@ def write_results(points, machine, out_dir):
                 continue
             kib = weight_bytes(shape_of(setup)) / 1024
             lines.append(f"| {dim} | {kib:,.0f} | {mode} | {_secs(c)} | {_secs(s)} | {_ratio(s, c)} | {_rate(s)} |")
+    lines += _packed_lines(points, packed_machine)
     lines += [
         "",
         "## Peak memory vs sequence length (setup `issue`, forward)",
@@ -351,7 +425,8 @@ def write_results(points, machine, out_dir):
     with open(os.path.join(out_dir, "titans_update.md"), "w") as f:
         f.write("\n".join(lines))
     with open(os.path.join(out_dir, "titans_update.json"), "w") as f:
-        json.dump({"machine": machine, "setups": SETUPS, "points": points}, f, indent=1)
+        json.dump({"machine": machine, "packed_machine": packed_machine, "setups": SETUPS, "points": points}, f,
+                  indent=1)
     _plot(sweep, machine, os.path.join(out_dir, "titans_update.png"))
 
 
@@ -398,8 +473,15 @@ def plan(args) -> list[tuple[str, str, str, int, int]]:
             if method == "sequential" and t > args.sequential_max:
                 continue
             todo.append(("issue", method, "fwd", t, issue))
+    todo += packed_plan()
     seen = set()
     return [p for p in todo if not (p in seen or seen.add(p))]
+
+
+def packed_plan() -> list[tuple[str, str, str, int, int]]:
+    """The packed section's points, each row's baseline (``packed/0``) first."""
+    return [(setup, f"packed/{doc}", mode, CHUNK_T, shape["chunk"])
+            for setup, shape in SETUPS.items() for mode in MODES for doc in PACKED_DOCS]
 
 
 def main():
@@ -411,11 +493,14 @@ def main():
     parser.add_argument("--timeout", type=int, default=900, help="seconds per point")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--report", action="store_true", help="only rewrite titans_update.md/png from --out's JSON")
+    parser.add_argument("--packed-only", action="store_true",
+                        help="run only the packed section, replacing its points in --out's JSON")
     args = parser.parse_args()
+    saved = os.path.join(args.out, "titans_update.json")
     if args.report:
-        with open(os.path.join(args.out, "titans_update.json")) as f:
+        with open(saved) as f:
             data = json.load(f)
-        write_results(data["points"], data["machine"], args.out)
+        write_results(data["points"], data["machine"], args.out, data.get("packed_machine"))
         return
     if args.point:
         setup, method, mode, t, chunk = args.point.split(",")
@@ -427,13 +512,19 @@ def main():
 
     machine = f"{describe()}; load average at start {os.getloadavg()[0]:.1f}"
     points = []
-    for setup, method, mode, t, chunk in plan(args):
+    for setup, method, mode, t, chunk in packed_plan() if args.packed_only else plan(args):
         p = _spawn(setup, method, mode, t, chunk, args.timeout)
         points.append(p)
         shown = p.get("error") or f"{p['peak_bytes'] / 2**20:9.2f} MiB {p['seconds']:.4f} s"
         print(f"{setup:>6} {method:>10} {mode:>7} T={t:>6} chunk {chunk:>4}: {shown}", flush=True)
     machine += f", at end {os.getloadavg()[0]:.1f}"
-    write_results(points, machine, args.out)
+    if args.packed_only:  # the other sections keep their run and its machine line
+        with open(saved) as f:
+            data = json.load(f)
+        kept = [p for p in data["points"] if not p["method"].startswith("packed/")]
+        write_results(kept + points, data["machine"], args.out, packed_machine=machine)
+    else:
+        write_results(points, machine, args.out, packed_machine=machine)
     print(f"wrote {args.out}/titans_update.{{md,png,json}}")
 
 

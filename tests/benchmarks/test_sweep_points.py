@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 POINTS = [
     ("attention_memory.py", "blockwise,fwd+bwd,512", {"peak_bytes"}),
     ("titans_update.py", "issue,chunked,fwd+bwd,256,64", {"peak_bytes"}),
+    ("titans_update.py", "config,packed/40,fwd+bwd,256,16", {"peak_bytes"}),  # restarts, vmapped streams
     ("landmark_train.py", "memory,landmark,fwd+bwd,512", {"peak_bytes", "xla_temp_bytes"}),
     ("landmark_train.py", "timing,512,1", {"seconds"}),
     ("landmark_inference.py", "memory,retrieval,1,1024,4", {"peak_bytes", "xla_temp_bytes"}),
