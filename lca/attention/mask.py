@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -105,11 +106,17 @@ def segment_begins(segment_ids):
     wherever an id differs from the one before it.
 
     The one rule for where a packed document (or padding run) starts. numpy in, numpy out (host-side data
-    and FLOP counting); a jax array in, a jax array out.
+    and FLOP counting); a jax array in, a jax array out, sharded as it came (ids whose sequence explicit
+    mesh axes split are compared unsplit: JAX cannot slice a split axis by one).
     """
-    xp = np if isinstance(segment_ids, np.ndarray) else jnp
-    first = xp.ones(segment_ids.shape[:-1] + (1,), bool)
-    return xp.concatenate([first, segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    host = isinstance(segment_ids, np.ndarray)
+    spec = () if host else jax.typeof(segment_ids).sharding.spec
+    split = len(spec) == segment_ids.ndim and spec[-1] is not None
+    if split:  # explicit axes split the sequence, where a shifted compare cannot slice: unsplit the (small) ids
+        segment_ids = jax.sharding.reshard(segment_ids, jax.P(*spec[:-1], None))
+    changes = segment_ids[..., 1:] != segment_ids[..., :-1]
+    begins = (np if host else jnp).pad(changes, [(0, 0)] * (changes.ndim - 1) + [(1, 0)], constant_values=True)
+    return jax.sharding.reshard(begins, spec) if split else begins
 
 
 def segment_ranges_meet(q_lo, q_hi, kv_lo, kv_hi):

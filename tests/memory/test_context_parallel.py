@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lca.memory import neural_memory as nm
-from lca.memory.context_parallel import context_parallel_memory, idle_fraction
+from lca.memory.context_parallel import ContextSplit, context_parallel_memory, fresh_memory, idle_fraction
 from lca.parallel import make_mesh
 
 # 3 persistent tokens and chunk 4: the chunk grid does not align with the shards
@@ -26,6 +26,22 @@ def test_context_parallel_equals_single_device(devices, micro_batches):
         params, x
     )
     np.testing.assert_allclose(got, _single(params, x), rtol=1e-4, atol=1e-5)
+
+
+def test_packed_inputs_already_split_on_an_explicit_mesh_equal_single_device():
+    """Under ``jax.set_mesh`` of an explicit mesh with x and segment ids already sharded as the pipeline
+    splits them (a Colab user's layout): the restarts are found across the shard boundaries."""
+    params = nm.init_params(jax.random.PRNGKey(0), CONFIG)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 8))
+    segment_ids = jnp.repeat(jnp.array([[1] * 5 + [2] * 6 + [3] * 5]), 2, axis=0)  # starts at 5 and 11
+    want = fresh_memory(params, x, config=CONFIG, segment_ids=segment_ids)
+    mesh = make_mesh(data=2, context=4)
+    split = ContextSplit(mesh, "context", batch_axes=("data",))
+    with jax.set_mesh(mesh):
+        put = lambda a: jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.P("data", "context")))  # noqa: E731
+        got = jax.jit(lambda p, x, s: fresh_memory(p, x, config=CONFIG, split=split, segment_ids=s))(
+            params, put(x), put(segment_ids))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_idle_fraction_of_the_schedule():

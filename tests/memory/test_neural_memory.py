@@ -201,13 +201,14 @@ def test_document_starts_flag_each_change_of_segment():
     np.testing.assert_array_equal(np.asarray(nm.document_starts(SEGMENTS)), np.asarray(want, bool))
 
 
-def test_document_starts_of_a_sequence_sharded_row_flag_no_shard_start():
-    """Jitted on rows split over 4 devices along the sequence (the training mesh's auto axes): no false
-    restart where a shard starts (a scatter after a concatenate put one at each on jax 0.10.2's CPU
-    partitioner)."""
+@pytest.mark.parametrize("axis_types", ["auto", "explicit"])
+def test_document_starts_of_a_sequence_sharded_row_flag_no_shard_start(axis_types):
+    """Jitted on rows split over 4 devices along the sequence: no false restart where a shard starts (with
+    auto axes, a scatter after a concatenate put one at each on jax 0.10.2's CPU partitioner), and no
+    refusal to slice the split axis (explicit axes)."""
     from lca.parallel.mesh import make_mesh
 
-    mesh = make_mesh(context=4, data=2, axis_types="auto")
+    mesh = make_mesh(context=4, data=2, axis_types=axis_types)
     segments = jnp.repeat(jnp.array([[1] * 5 + [2] * 6 + [3] * 5]), 2, axis=0)
     with jax.set_mesh(mesh):
         sharded = jax.device_put(segments, jax.sharding.NamedSharding(mesh, jax.P("data", "context")))
