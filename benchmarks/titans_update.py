@@ -164,20 +164,21 @@ def run_point(setup: str, method: str, mode: str, t: int, chunk: int) -> dict:
 
 def packed_flags(t: int, chunk: int, doc: int):
     """``(restart [t], busy [t // chunk])`` for documents of ``doc`` tokens packed into one row (None, None
-    for ``doc`` 0): a restart at each document's first token but the row's, and the chunks that hold one."""
-    import jax.numpy as jnp
+    for ``doc`` 0): the models' restarts (``document_starts``), and the chunks that hold one."""
+    import numpy as np
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from lca.memory.neural_memory import document_starts
 
     if not doc:
         return None, None
-    index = jnp.arange(t)
-    restart = (index % doc == 0) & (index > 0)
-    return restart, jnp.any(restart.reshape(-1, chunk), axis=1)
+    restart = np.asarray(document_starts(np.arange(t)[None] // doc))[0]
+    return restart, restart.reshape(-1, chunk).any(axis=1)
 
 
 def busy_share(t: int, chunk: int, doc: int) -> float:
     """The share of chunks holding a restart (the ones that take the restart branch)."""
-    starts = set(range(doc, t, doc)) if doc else set()
-    return len({i // chunk for i in starts}) / (t // chunk)
+    return float(packed_flags(t, chunk, doc)[1].mean()) if doc else 0.0
 
 
 def _spawn(setup, method, mode, t, chunk, timeout):
@@ -510,6 +511,9 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from machine import describe
 
+    if args.packed_only:  # the other sections keep their run and its machine line: read them first
+        with open(saved) as f:
+            data = json.load(f)
     machine = f"{describe()}; load average at start {os.getloadavg()[0]:.1f}"
     points = []
     for setup, method, mode, t, chunk in packed_plan() if args.packed_only else plan(args):
@@ -518,9 +522,7 @@ def main():
         shown = p.get("error") or f"{p['peak_bytes'] / 2**20:9.2f} MiB {p['seconds']:.4f} s"
         print(f"{setup:>6} {method:>10} {mode:>7} T={t:>6} chunk {chunk:>4}: {shown}", flush=True)
     machine += f", at end {os.getloadavg()[0]:.1f}"
-    if args.packed_only:  # the other sections keep their run and its machine line
-        with open(saved) as f:
-            data = json.load(f)
+    if args.packed_only:
         kept = [p for p in data["points"] if not p["method"].startswith("packed/")]
         write_results(kept + points, data["machine"], args.out, packed_machine=machine)
     else:

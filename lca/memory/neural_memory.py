@@ -289,9 +289,9 @@ def document_starts(segment_ids: jax.Array) -> jax.Array:
     sequence's, or continues it)."""
     if segment_ids.ndim != 2:
         raise ValueError(f"segment_ids must be [batch, length], got shape {segment_ids.shape}")
-    # Not ``.at[:, 0].set(False)``: on jax 0.10.2's CPU SPMD partitioner, that scatter after the concatenate in
-    # segment_begins wrote the concatenated first column into every shard's first column of a sequence-sharded
-    # row (false restarts at each shard start; tests/memory/test_neural_memory.py checks the sharded call).
+    # Elementwise, not ``.at[:, 0].set(False)``: on jax 0.10.2's CPU SPMD partitioner that scatter, after the
+    # concatenate segment_begins then used, wrote the first column into every shard's first column of a
+    # sequence-sharded row (false restarts at each shard start; test_neural_memory.py checks the sharded call).
     return segment_begins(segment_ids) & (jnp.arange(segment_ids.shape[1]) > 0)
 
 
