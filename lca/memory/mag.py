@@ -174,7 +174,7 @@ def attention_branch_cached(params, x, positions, cache: KVCache, config: MagCon
     """
     q, k, v = _projected(params, x, positions, config)
     (out, lse), cache = attend_cached(q, k, v, cache, window=config.window, return_lse=True)
-    # Dense, as attend_cached: a decoding step's few queries gain nothing from a kernel's tiles.
+    # The persistent prefix dense: its few keys make [t, persistent] logits, small even for a long prefill.
     return _output(params, q, out, lse, config, x.dtype, dict(impl="reference")), cache
 
 
