@@ -132,16 +132,21 @@ class Decoder(nnx.Module):
             caches.append(block.attn.start_cache(batch, max_len, self.embed.dtype))
         return caches
 
-    def extend(self, tokens, positions, caches: list):
+    def extend(self, tokens, positions, caches: list, logits_at=None):
         """The next tokens ``[b, t]`` (one document, at ``positions [b, t]``) after those in ``caches``.
 
         Returns ``(logits [b, t, vocab] float32, caches)``; chunk by chunk this equals one full call.
+        ``logits_at``: an int32 index into the ``t`` tokens (traced or not): only that token's logits,
+        ``[b, vocab]``. A prefill needs one token's, and a long prompt's ``[t, vocab]`` float32 logits
+        would be its largest array (32k tokens x 32k vocab: 4 GiB).
         """
         x = self._embed(tokens)
         new_caches = []
         for block, cache in zip(self.blocks(), caches):
             x, cache = block.extend(x, positions, cache)
             new_caches.append(cache)
+        if logits_at is not None:
+            return self._logits(jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1))[:, 0], new_caches
         return self._logits(x), new_caches
 
 

@@ -31,12 +31,13 @@ from lca.data.tokenizer import LANDMARK_ID
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _extend_compiled(graphdef, state, tokens, positions, caches):
-    return nnx.merge(graphdef, state).extend(tokens, positions, caches)
+def _extend_compiled(graphdef, state, tokens, positions, caches, logits_at):
+    return nnx.merge(graphdef, state).extend(tokens, positions, caches, logits_at)
 
 
 def _extend_fn(model, jit: bool):
-    """``(tokens [b, t], positions [b, t], caches) -> (logits, caches)``, compiled per shape when ``jit``.
+    """``(tokens [b, t], positions [b, t], caches, logits_at) -> (logits [b, vocab] of token logits_at, caches)``,
+    compiled per shape when ``jit`` (``logits_at`` is traced: every chunk of one length shares a compile).
 
     One module-level compiled function keyed by the model's graph, so later calls with the same model and
     shapes (e.g. every example of one context length) reuse the compiled step.
@@ -44,7 +45,7 @@ def _extend_fn(model, jit: bool):
     if not jit:
         return model.extend
     graphdef, state = nnx.split(model)
-    return lambda tokens, positions, caches: _extend_compiled(graphdef, state, tokens, positions, caches)
+    return lambda *args: _extend_compiled(graphdef, state, *args)
 
 
 def _is_landmark(index: int, landmark_every: int | None) -> bool:
@@ -87,7 +88,9 @@ def generate(model, prompt, max_new_tokens: int, *, landmark_every: int | None =
       prompt: ``[b, p]`` token ids without landmarks, ``p >= 1``.
       max_new_tokens: how many tokens to generate (landmarks not counted).
       landmark_every: the ``L`` of ``data.landmark_every`` the model was trained with, or None.
-      prefill_chunk: tokens per prefill call (landmarks included); None: the whole prompt at once.
+      prefill_chunk: tokens per prefill call (landmarks included); None: the whole prompt at once. Attention
+        layers' key/value caches attend a long chunk blockwise (:mod:`lca.models.kv_cache`), so their memory
+        grows with the chunk's length, not with its length times the cache's.
       jit: compile each step, once per distinct chunk length (the caches have fixed shapes); ``jit=False``
         runs eagerly.
       temperature, top_k: 0 (the default) decodes greedily; above 0 each token is sampled from the
@@ -112,15 +115,17 @@ def generate(model, prompt, max_new_tokens: int, *, landmark_every: int | None =
     step = _extend_fn(model, jit)
     caches = model.start_caches(batch, max_len)
 
-    def run(tokens, start, caches):
+    def run(tokens, start, caches, logits_at=0):
+        """Logits of token ``logits_at`` of ``tokens`` only: a chunk's others are never needed."""
         positions = jnp.broadcast_to(jnp.arange(start, start + tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        return step(jnp.asarray(tokens, jnp.int32), positions, caches)
+        return step(jnp.asarray(tokens, jnp.int32), positions, caches, jnp.int32(logits_at))
 
     last = max(i for i in range(length) if not _is_landmark(i, L))  # predicts the first new token
     for start in range(0, length, chunk):
-        logits, caches = run(frame[:, start:start + chunk], start, caches)
+        piece = frame[:, start:start + chunk]
+        logits, caches = run(piece, start, caches, logits_at=min(max(last - start, 0), piece.shape[1] - 1))
         if start <= last < start + chunk:
-            next_logits = logits[:, last - start]
+            next_logits = logits
 
     out = np.zeros((batch, max_new_tokens), np.int32)
     position = length
@@ -129,8 +134,8 @@ def generate(model, prompt, max_new_tokens: int, *, landmark_every: int | None =
         out[:, i] = np.asarray(pick_tokens(next_logits, temperature=temperature, top_k=top_k, key=draw))
         if i == max_new_tokens - 1:
             break
-        logits, caches = run(out[:, i:i + 1], position, caches)
-        next_logits, position = logits[:, 0], position + 1
+        next_logits, caches = run(out[:, i:i + 1], position, caches)
+        position += 1
         if _is_landmark(position, L):
             _, caches = run(np.full((batch, 1), LANDMARK_ID, np.int32), position, caches)
             position += 1

@@ -58,3 +58,33 @@ def test_bad_sampling_options_are_value_errors(options, message):
     model = make_model(load_config("tiny"), seed=0)
     with pytest.raises(ValueError, match=message):
         generate(model, np.zeros((1, 3), np.int32), 2, **options)
+
+
+def test_extend_gives_one_tokens_logits_at_a_traced_index():
+    model = make_model(load_config("tiny"), seed=0)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 200)
+    positions = jnp.broadcast_to(jnp.arange(9), tokens.shape)
+    every, _ = model.extend(tokens, positions, model.start_caches(2, 9))
+    one = jax.jit(lambda at: model.extend(tokens, positions, model.start_caches(2, 9), at)[0])
+    for at in (0, 4, 8):
+        np.testing.assert_allclose(one(jnp.int32(at)), every[:, at], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("landmark_every, chunk", [(None, None), (None, 3), (4, 5)])
+def test_generate_asks_each_call_for_one_tokens_logits(landmark_every, chunk):
+    """A prefill chunk's logits are one token's, never [t, vocab], and greedy decoding is unchanged by it."""
+    model = make_model(load_config("tiny"), seed=0)
+    prompt = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, 11), 0, 200))
+    shapes, extend = [], model.extend
+
+    def spy(tokens, positions, caches, logits_at=None):
+        logits, caches = extend(tokens, positions, caches, logits_at)
+        shapes.append(logits.shape)
+        return logits, caches
+
+    model.extend = spy
+    out = generate(model, prompt, 4, landmark_every=landmark_every, prefill_chunk=chunk, jit=False)
+    assert shapes and all(shape == (2, model.embed.num_embeddings) for shape in shapes), shapes
+    del model.extend
+    np.testing.assert_array_equal(out, generate(model, prompt, 4, landmark_every=landmark_every,
+                                                prefill_chunk=chunk))

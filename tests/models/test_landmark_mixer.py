@@ -112,15 +112,17 @@ def test_chunked_prefill_and_generation_equal_one_forward_pass(landmark, jit, mo
     model = make_model(cfg, seed=1)
     prompt = np.random.default_rng(0).integers(0, 256, (2, 13))
     every = L if landmark else None
-    steps = []  # (positions, logits) of every cached step generate() takes, landmark steps included
+    # (positions, logits_at, logits) of every cached step generate() takes, landmark steps included; each
+    # step asks for one token's logits.
+    steps = []
     compiled = generate_module._extend_fn
 
     def recording(model, jit):
         step = compiled(model, jit)
 
-        def run(tokens, positions, caches):
-            logits, caches = step(tokens, positions, caches)
-            steps.append((np.asarray(positions[0]), np.asarray(logits)))
+        def run(tokens, positions, caches, logits_at):
+            logits, caches = step(tokens, positions, caches, logits_at)
+            steps.append((np.asarray(positions[0]), int(logits_at), np.asarray(logits)))
             return logits, caches
         return run
 
@@ -132,10 +134,10 @@ def test_chunked_prefill_and_generation_equal_one_forward_pass(landmark, jit, mo
     full = np.concatenate([prompt, out], axis=1)
     frame = insert_landmarks({"inputs": full}, every)["inputs"] if every else full
     want = np.asarray(forward(model, frame))
-    seen = np.concatenate([positions for positions, _ in steps])
+    seen = np.concatenate([positions for positions, _, _ in steps])
     np.testing.assert_array_equal(seen, np.arange(frame.shape[1] - 1))
-    for positions, logits in steps:
-        np.testing.assert_allclose(logits, want[:, positions], rtol=2e-4, atol=2e-4)
+    for positions, at, logits in steps:
+        np.testing.assert_allclose(logits, want[:, positions[at]], rtol=2e-4, atol=2e-4)
 
 
 def test_retrieval_of_every_cached_block_equals_training_output():
