@@ -83,12 +83,10 @@ def _compiled(method: str, t: int, context: int, top_k: int):
 def run_memory_point(method: str, t: int, context: int, top_k: int) -> dict:
     """In this (fresh) process: build the cache, compile, then the peak extra memory of one step."""
     sys.path.insert(0, HERE)
-    from peak_memory import measure
+    from peak_memory import memory_point
 
     compiled, args = _compiled(method, t, context, top_k)
-    peak, seconds = measure(compiled, *args)
-    return {"method": method, "t": t, "context": context, "top_k": top_k, "peak_bytes": peak,
-            "seconds_alone": seconds, "xla_temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
+    return {"method": method, "t": t, "context": context, "top_k": top_k, **memory_point(compiled, *args)}
 
 
 def run_timing_point(t: int, context: int, rounds: int) -> list[dict]:
@@ -302,7 +300,7 @@ def _plot(points, top_k_points, machine, path):
 
 def main():
     sys.path.insert(0, HERE)
-    from peak_memory import point_or_rewrite, run_fresh, sweep_parser
+    from peak_memory import attach_seconds, point_or_rewrite, run_fresh, sweep_parser
 
     parser = sweep_parser(__doc__, timeout=600, out=os.path.join(HERE, "results"))
     parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="cached tokens (multiples of 64)")
@@ -328,12 +326,9 @@ def main():
                 shown = p.get("error") or f"peak {_mib(p['peak_bytes'])} MiB, XLA temp {_mib(p['xla_temp_bytes'])} MiB"
                 print(f"t={t:>3} context={c:>7} {m:>15}: {shown}", flush=True)
             timed = run_fresh(__file__, f"timing,{t},{c},{args.rounds}", args.timeout, {"t": t, "context": c})
-            for s in [timed] if isinstance(timed, dict) else timed:
-                if "error" in s:
-                    print(f"t={t:>3} context={c:>7} timing: {s['error']}", flush=True)
-                    continue
-                next(p for p in points if (p["method"], p["t"], p["context"]) == (s["method"], t, c))["seconds"] = s["seconds"]
-                print(f"t={t:>3} context={c:>7} {s['method']:>15}: {s['seconds']:.4f} s", flush=True)
+            for s in attach_seconds(points, timed, ("method", "t", "context")):
+                shown = s.get("error") or f"{s['method']:>15}: {s['seconds']:.4f} s"
+                print(f"t={t:>3} context={c:>7} {shown}", flush=True)
     top_k_points = []
     for t in QUERIES:
         for k in map(int, args.top_ks.split(",")):

@@ -64,12 +64,10 @@ def _compiled(method: str, mode: str, t: int):
 def run_memory_point(method: str, mode: str, t: int) -> dict:
     """In this (fresh) process: compile, then the peak extra memory of one execution."""
     sys.path.insert(0, HERE)
-    from peak_memory import measure
+    from peak_memory import memory_point
 
     compiled, args = _compiled(method, mode, t)
-    peak, seconds = measure(compiled, *args)
-    return {"method": method, "mode": mode, "T": t, "peak_bytes": peak, "seconds_alone": seconds,
-            "xla_temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
+    return {"method": method, "mode": mode, "T": t, **memory_point(compiled, *args)}
 
 
 def run_timing_point(t: int, rounds: int) -> list[dict]:
@@ -179,7 +177,7 @@ def _plot(points, machine, path):
 
 def main():
     sys.path.insert(0, HERE)
-    from peak_memory import point_or_rewrite, run_fresh, sweep_parser
+    from peak_memory import attach_seconds, point_or_rewrite, run_fresh, sweep_parser
 
     parser = sweep_parser(__doc__, timeout=1200, out=os.path.join(HERE, "results"))
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
@@ -203,12 +201,9 @@ def main():
                 print(f"T={t:>6} {method:>15} {mode:>7}: {p.get('error') or _mib(p['peak_bytes']) + ' MiB'}",
                       flush=True)
         timed = run_fresh(__file__, f"timing,{t},{args.rounds}", args.timeout, {"T": t})
-        if isinstance(timed, dict):  # the whole timing process failed
-            print(f"T={t:>6} timing: {timed['error']}", flush=True)
-            continue
-        for s in timed:
-            next(p for p in points if (p["method"], p["mode"], p["T"]) == (s["method"], s["mode"], t))["seconds"] = s["seconds"]
-            print(f"T={t:>6} {s['method']:>15} {s['mode']:>7}: {s['seconds']:.3f} s", flush=True)
+        for s in attach_seconds(points, timed, ("method", "mode", "T")):
+            shown = s.get("error") or f"{s['method']:>15} {s['mode']:>7}: {s['seconds']:.3f} s"
+            print(f"T={t:>6} {shown}", flush=True)
     machine += f", at end {os.getloadavg()[0]:.1f}"
     write_results(points, machine, args.out)
     print(f"wrote {args.out}/landmark_train.{{md,png,json}}")

@@ -12,7 +12,8 @@ def style_log_log(ax, xlabel: str, ylabel: str) -> None:
     ax.legend(fontsize=8)
 
 
-def plot_memory_and_time(curves, title: str, path: str, *, reference=None, title_size: int = 8) -> None:
+def plot_memory_and_time(curves, title: str, path: str, *, reference=None, title_size: int = 8,
+                         xlabel: str = "sequence length T") -> None:
     """Two log-log panels, peak extra memory and time vs sequence length T.
 
     ``curves``: ``(label, style, points)`` with points dicts holding ``T``,
@@ -36,7 +37,7 @@ def plot_memory_and_time(curves, title: str, path: str, *, reference=None, title
         label, ts, mib = reference
         axes[0].plot(ts, mib, ":", color="gray", label=label)
     for ax, ylabel in zip(axes, ("peak extra memory (MiB)", "time per call (s)")):
-        style_log_log(ax, "sequence length T", ylabel)
+        style_log_log(ax, xlabel, ylabel)
     fig.suptitle(title, fontsize=title_size)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -67,6 +67,27 @@ def measure(compiled, *args) -> tuple[int, float]:
     return max(peak - before, 0), seconds
 
 
+def memory_point(compiled, *args) -> dict:
+    """A sweep's memory fields for one compiled call: ``peak_bytes`` and ``seconds_alone`` of one execution
+    (:func:`measure`), and ``xla_temp_bytes``, XLA's temporaries of ``compiled`` (exact, noise-free)."""
+    peak, seconds = measure(compiled, *args)
+    return {"peak_bytes": peak, "seconds_alone": seconds,
+            "xla_temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
+
+
+def attach_seconds(points: list[dict], timed, keys: tuple[str, ...]) -> list[dict]:
+    """Set ``seconds`` on the point of ``points`` that matches each timed row on ``keys``.
+
+    ``timed``: what :func:`run_fresh` read back from a timing point, a list of rows or one error dict.
+    Returns the rows, errors included (those set nothing), for the caller to print.
+    """
+    rows = [timed] if isinstance(timed, dict) else timed
+    for row in rows:
+        if "error" not in row:
+            next(p for p in points if all(p[key] == row[key] for key in keys))["seconds"] = row["seconds"]
+    return rows
+
+
 def env() -> dict:
     return {**os.environ, **SUBPROCESS_ENV}
 

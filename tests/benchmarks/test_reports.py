@@ -39,6 +39,21 @@ def test_page_rewrites_from_its_json(script, page, tmp_path):
     assert (tmp_path / f"{name}.png").stat().st_size > 10_000
 
 
+# Sweeps built on peak_memory.sweep_parser rewrite their page with --from-json.
+FROM_JSON_PAGES = [("prefill.py", "prefill")]
+
+
+@pytest.mark.parametrize("script, page", FROM_JSON_PAGES, ids=[p for _, p in FROM_JSON_PAGES])
+def test_sweep_page_rewrites_from_its_json(script, page, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--from-json",
+                           str(RESULTS / f"{page}.json"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / f"{page}.md").read_text() == (RESULTS / f"{page}.md").read_text()
+    assert (tmp_path / f"{page}.png").stat().st_size > 10_000
+
+
 def test_kernel_page_redraws_its_plot_from_its_table(tmp_path):
     """benchmarks/kernels.py keeps no JSON: ``--report`` reads the GPU run's table back and redraws the plot."""
     page = RESULTS / "kernels_nvidia_h100_80gb_hbm3.md"

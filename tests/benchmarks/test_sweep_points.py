@@ -24,6 +24,8 @@ POINTS = [
     ("landmark_inference.py", "timing,1,1024,1", {"seconds"}),
     ("titans_decode.py", "16,2", {"token_seconds", "rerun_seconds", "token_cache_bytes"}),
     ("window_decode.py", "1024", {"ring_seconds", "full_seconds", "ring_cache_bytes"}),
+    ("prefill.py", "memory,blockwise,local,1024", {"peak_bytes", "xla_temp_bytes"}),
+    ("prefill.py", "timing,dense,global,1024,1", {"seconds"}),
 ]
 
 
