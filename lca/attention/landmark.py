@@ -880,9 +880,10 @@ def landmark_retrieval_attention(
         after them are unused room, so a fixed-size window buffer serves every step.
       return_indices: also return the retrieved buffer slots ``[batch, t, num_heads, R]`` (age order),
         ``R = top_k`` for a capped cache, else ``min(top_k, count)``; ``-1`` marks a rank with no used block.
-      q_tile: retrieve for at most this many queries at a time (a ``lax.map`` over query tiles), so that a long
-        prefill chunk gathers ``q_tile x num_heads x R`` blocks at once instead of ``t x num_heads x R``; None
-        (default): all ``t`` queries at once. The result does not depend on it.
+      q_tile: attend for at most this many queries at a time (a ``lax.map`` over query tiles), so that a long
+        prefill chunk holds ``q_tile x s`` local logits per head and gathers ``q_tile x num_heads x R`` blocks
+        at once, instead of ``t x s`` and ``t x num_heads x R``; None (default): all ``t`` queries at once.
+        The result does not depend on it.
 
     Returns:
       ``out [batch, t, num_heads, head_dim]`` in q's dtype (and the indices). Memory grows with ``k``
@@ -927,25 +928,25 @@ def landmark_retrieval_attention(
     v_blk = rearrange(jnp.pad(v, widths).astype(jnp.float32), "b (n l) h d -> b n l h d", l=L)
     pos_blk = jnp.arange(padded, dtype=jnp.int32).reshape(-1, L)
     qg = rearrange(q_rot, "b t (hk g) d -> b hk g t d", hk=h_kv).astype(jnp.float32)
-    terms = _chunk_terms(qg, k_blk, v_blk, q_local, pos_blk, pos_blk < s, None, None, L, logit.scale)
-    init = _empty_state(qg)
-    carry = _online_update(init, terms, v_blk)
-
-    idx = jnp.zeros((b, t, h, 0), jnp.int32)
     if retrieved:
         used = jnp.arange(cache.slots) < cache.count
         slots = _stingy_slots(cache.count, kk, cache.slots)
         score_keys = rope(cache.landmark_keys, jnp.broadcast_to(slots * L + L - 1, (b, cache.slots)))
 
-        def retrieve(q_rot, qg, carry):
-            idx = _select_blocks(q_rot, score_keys, used, retrieved, selection, logit.scale)  # [b, t, h, R]
-            return _fold_retrieved(carry, qg, cache, idx, kk, rope, logit.scale), idx
+    def attend(q_rot, qg, q_local):
+        """Some of the queries: the local window's grouped softmax, then the retrieved blocks folded in."""
+        terms = _chunk_terms(qg, k_blk, v_blk, q_local, pos_blk, pos_blk < s, None, None, L, logit.scale)
+        carry = _online_update(_empty_state(qg), terms, v_blk)
+        if not retrieved:
+            return carry, jnp.zeros((b, q_rot.shape[1], h, 0), jnp.int32)
+        idx = _select_blocks(q_rot, score_keys, used, retrieved, selection, logit.scale)  # [b, t, h, R]
+        return _fold_retrieved(carry, qg, cache, idx, kk, rope, logit.scale), idx
 
-        if q_tile is None or q_tile >= t:
-            carry, idx = retrieve(q_rot, qg, carry)
-        else:
-            carry, idx = _by_query_tiles(retrieve, q_tile, q_rot, qg, carry)
-        idx = jnp.where(idx < cache.count, idx, -1)
+    if q_tile is None or q_tile >= t:
+        carry, idx = attend(q_rot, qg, q_local)
+    else:
+        carry, idx = _by_query_tiles(attend, q_tile, q_rot, qg, q_local)
+    idx = jnp.where(idx < cache.count, idx, -1)
 
     out, _ = _finish(*carry)
     out = rearrange(out, "b hk g t d -> b t (hk g) d").astype(q.dtype)
@@ -1044,15 +1045,15 @@ def _pick_slot(x, slot):
     return out
 
 
-def _by_query_tiles(retrieve, tile: int, q_rot, qg, carry):
-    """``retrieve(q_rot, qg, carry) -> (carry, idx)`` over tiles of ``tile < t`` queries in turn (``lax.map``).
+def _by_query_tiles(attend, tile: int, q_rot, qg, q_pos):
+    """``attend(q_rot, qg, q_pos) -> (carry, idx)`` over tiles of ``tile < t`` queries in turn (``lax.map``).
 
     Queries are axis 1 of ``q_rot [b, t, h, d]`` and of idx, axis 3 of ``qg [b, hk, g, t, d]`` and of the
-    running softmax state ``carry``; the last tile is padded with zero queries, whose rows are dropped.
+    softmax state ``carry``, axis 0 of their window positions ``q_pos [t]``; the last tile is padded with zero
+    queries at position 0, whose rows are dropped.
     """
     t = q_rot.shape[1]
-    tiles = _q_tiles(tile, t, (q_rot, 1), (qg, 3), *((c, 3) for c in carry))
-    carry, idx = jax.lax.map(lambda x: retrieve(x[0], x[1], x[2:]), tiles)
+    carry, idx = jax.lax.map(lambda x: attend(*x), _q_tiles(tile, t, (q_rot, 1), (qg, 3), (q_pos, 0)))
     return tuple(_untile(c, 3, t) for c in carry), _untile(idx, 1, t)
 
 

@@ -82,7 +82,8 @@ class LandmarkConfig:
     cache_blocks: Optional[int] = None  # blocks the inference cache keeps (oldest dropped); None: all of them
     selection: str = "per_head"  # per_head (the reference code's) | shared (one set for all heads, the paper's)
     impl: str = "blockwise"  # training-time grouped softmax: blockwise (lax.scan, custom VJP) | pallas
-    # inference: queries that retrieve at a time in a prefill chunk (each gathers top_k blocks per head); null: all
+    # inference: queries attended at a time in a prefill chunk (each holds the chunk's local logits and gathers
+    # top_k blocks per head); null: all
     q_tile: Optional[int] = 64
     # share of each batch's rows (rounded) attended as decoding attends them: block by block, top_k retrieved
     # blocks at the paper's positions (landmark_decoded_attention) instead of the grouped softmax; 0: the paper's

@@ -387,8 +387,7 @@ def _intermediate_sizes(jaxpr):
 
 
 def test_query_tiles_bound_the_gathered_blocks():
-    # A 64-query prefill chunk gathers [64, heads, top_k, L, d] at once; in tiles of 8, an eighth of that, and
-    # then the largest value left is the local window's [64 queries, 64 keys] logits (per head), a quarter.
+    # A 64-query prefill chunk gathers [64, heads, top_k, L, d] at once; in tiles of 8, an eighth of that.
     L, d, t, h, top_k = 8, 16, 64, 2, 4
     q, k, v = _qkv(0, 1, t, t, h, h, d)
     cache = append_blocks(empty_block_cache(1, L, h, d), *_qkv(1, 1, 16 * L, 16 * L, h, h, d)[1:])
@@ -400,7 +399,24 @@ def test_query_tiles_bound_the_gathered_blocks():
         return max(_intermediate_sizes(jax.make_jaxpr(run)(q, k, v, cache).jaxpr))
 
     assert biggest() >= gathered
-    assert biggest(q_tile=8) <= gathered // 4
+    assert biggest(q_tile=8) <= gathered // 8
+
+
+def test_query_tiles_bound_the_local_window_logits():
+    # A 512-token prefill chunk into an empty cache: its local window is the chunk, and all queries at once
+    # hold [512 queries, 512 keys] logits per head (the whole prompt's square); tiles of 16 hold 16 rows of it.
+    L, d, t, h = 8, 8, 512, 2
+    q, k, v = _qkv(0, 1, t, t, h, h, d)
+    cache = empty_block_cache(1, L, h, d)
+    logits = t * t * h
+
+    def biggest(**options):
+        def run(q, k, v, c):
+            return landmark_retrieval_attention(q, k, v, c, block_size=L, top_k=2, **options)
+        return max(_intermediate_sizes(jax.make_jaxpr(run)(q, k, v, cache).jaxpr))
+
+    assert biggest() >= logits
+    assert biggest(q_tile=16) <= logits // 16
 
 
 def test_retrieval_memory_follows_k_not_the_cache():
