@@ -26,6 +26,7 @@ from tests.attention.landmark_checks import assert_close as _close
 from tests.attention.landmark_checks import packed as _packed
 from tests.attention.landmark_checks import qkv as _qkv
 from tests.attention.landmark_checks import value_and_grads as _value_and_grads
+from tests.jaxpr_sizes import intermediate_sizes
 
 
 def _jit(fn, **options):
@@ -376,16 +377,6 @@ def test_query_tiles_give_the_same_retrieval(selection, q_tile):
     _close(got, want, 1e-6)
 
 
-def _intermediate_sizes(jaxpr):
-    """Element counts of every value a jaxpr computes, inside loop bodies too."""
-    for eqn in jaxpr.eqns:
-        yield from (int(np.prod(var.aval.shape)) for var in eqn.outvars)
-        for param in eqn.params.values():
-            inner = getattr(param, "jaxpr", param)
-            if hasattr(inner, "eqns"):
-                yield from _intermediate_sizes(inner)
-
-
 def test_query_tiles_bound_the_gathered_blocks():
     # A 64-query prefill chunk gathers [64, heads, top_k, L, d] at once; in tiles of 8, an eighth of that.
     L, d, t, h, top_k = 8, 16, 64, 2, 4
@@ -396,7 +387,7 @@ def test_query_tiles_bound_the_gathered_blocks():
     def biggest(**options):
         def run(q, k, v, c):
             return landmark_retrieval_attention(q, k, v, c, block_size=L, top_k=top_k, **options)
-        return max(_intermediate_sizes(jax.make_jaxpr(run)(q, k, v, cache).jaxpr))
+        return max(intermediate_sizes(jax.make_jaxpr(run)(q, k, v, cache).jaxpr))
 
     assert biggest() >= gathered
     assert biggest(q_tile=8) <= gathered // 8
@@ -413,7 +404,7 @@ def test_query_tiles_bound_the_local_window_logits():
     def biggest(**options):
         def run(q, k, v, c):
             return landmark_retrieval_attention(q, k, v, c, block_size=L, top_k=2, **options)
-        return max(_intermediate_sizes(jax.make_jaxpr(run)(q, k, v, cache).jaxpr))
+        return max(intermediate_sizes(jax.make_jaxpr(run)(q, k, v, cache).jaxpr))
 
     assert biggest() >= logits
     assert biggest(q_tile=16) <= logits // 16

@@ -88,3 +88,24 @@ def test_generate_asks_each_call_for_one_tokens_logits(landmark_every, chunk):
     del model.extend
     np.testing.assert_array_equal(out, generate(model, prompt, 4, landmark_every=landmark_every,
                                                 prefill_chunk=chunk))
+
+
+@pytest.mark.parametrize("name", ["tiny", "titans_lmm", "titans_mag", "titans_mal", "titans_mac", "landmark"])
+def test_a_long_prompt_prefills_without_its_square(name):
+    """One prefill call of a 2,048-token prompt, every cached mixer kind (GQA global and local, Titans, landmark):
+    no value it computes holds p^2 / 2 elements; one head's [p, p] logits would be p^2, all four heads' 4 p^2."""
+    from flax import nnx
+
+    from tests.jaxpr_sizes import intermediate_sizes
+
+    model = make_model(load_config(name, ["model.num_layers=2"]), seed=0)
+    p = 2048
+    tokens = jnp.zeros((1, p), jnp.int32)
+    positions = jnp.arange(p, dtype=jnp.int32)[None]
+    graphdef, state = nnx.split(model)
+
+    def prefill(state, caches):
+        return nnx.merge(graphdef, state).extend(tokens, positions, caches, jnp.int32(p - 1))
+
+    jaxpr = jax.make_jaxpr(prefill)(state, model.start_caches(1, p + 8))
+    assert max(intermediate_sizes(jaxpr.jaxpr)) < p * p // 2
