@@ -18,6 +18,11 @@ warm-up, each method in a fresh process of its own, the two one right after the 
 dense call's gigabytes slowed the blockwise call after it: ``run_timing_point``). ``dense`` is not run past
 ``DENSE_MAX_P``: its logits alone would take most of a 24 GB machine.
 
+Then whole models (``MODELS``: each config's model with 2 layers, one per kind of a two-kind pattern): one
+``Decoder.extend`` call of the prompt, as ``generate`` makes it (the whole prompt at once, the logits of its
+last token), peak extra memory and XLA's temporaries in a fresh process per point, for ``MODEL_LENGTHS``:
+every cached mixer kind should grow linearly in ``p``.
+
     python benchmarks/prefill.py                          # full sweep, writes results
     python benchmarks/prefill.py --lengths 1024,4096 --out /tmp/r
 
@@ -38,6 +43,8 @@ METHODS = ("dense", "blockwise")
 LENGTHS = tuple(1024 * 2**i for i in range(7))  # 1k .. 64k prompt tokens
 DENSE_MAX_P = 8192  # dense holds [8, p, p + 256] float32 logits and their softmax: 4 GB at 8k, 16 GB at 16k
 F32 = 4
+MODELS = ("tiny", "titans_lmm", "titans_mag", "titans_mal", "titans_mac", "landmark")
+MODEL_LENGTHS = (2048, 8192, 32768)
 
 
 def _kv_len(layout: str, p: int) -> int:
@@ -87,6 +94,39 @@ def run_timing_point(method: str, layout: str, p: int, rounds: int) -> list[dict
     return [{"method": method, "layout": layout, "p": p, "seconds": median_seconds(compiled, args, rounds)}]
 
 
+def _compiled_model(name: str, p: int):
+    """One jitted ``Decoder.extend`` of ``p`` prompt tokens into fresh caches (config ``name``, 2 layers)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from lca.config import load_config
+    from lca.models import make_model
+
+    cfg = load_config(name, ["model.num_layers=2"])
+    graphdef, state = nnx.split(make_model(cfg, seed=0))
+    model = nnx.merge(graphdef, state)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, p)), jnp.int32)
+    positions = jnp.arange(p, dtype=jnp.int32)[None]
+
+    def prefill(state, tokens, positions, caches):
+        return nnx.merge(graphdef, state).extend(tokens, positions, caches, jnp.int32(p - 1))
+
+    args = (state, tokens, positions, model.start_caches(1, p + NEW_TOKENS))
+    return jax.jit(prefill).lower(*args).compile(), args, cfg.model
+
+
+def run_model_point(name: str, p: int) -> dict:
+    """In this (fresh) process: compile one model's prefill, then the peak extra memory of one call."""
+    sys.path.insert(0, HERE)
+    from peak_memory import memory_point
+
+    compiled, args, model = _compiled_model(name, p)
+    return {"model": name, "p": p, "pattern": list(model.pattern), "d_model": model.d_model,
+            **memory_point(compiled, *args)}
+
+
 def dense_logit_bytes(layout: str, p: int) -> int:
     """The dense pass's ``[heads, p, kv_len]`` float32 logits (once; the softmax holds more)."""
     return HEADS * p * _kv_len(layout, p) * F32
@@ -103,12 +143,13 @@ def _ok(p) -> bool:
     return p is not None and "error" not in p
 
 
-def write_results(points, machine, out_dir, rounds: int):
+def write_results(points, machine, out_dir, rounds: int, model_points=(), model_machine: str = ""):
     import json
 
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "prefill.json"), "w") as f:
-        json.dump({"points": points, "machine": machine, "rounds": rounds}, f, indent=1)
+        json.dump({"points": points, "machine": machine, "rounds": rounds, "model_points": list(model_points),
+                   "model_machine": model_machine}, f, indent=1)
     by = {(p["method"], p["layout"], p["p"]): p for p in points}
     lines = [
         "# Prefilling a prompt through a KV cache: dense over the cache vs blockwise",
@@ -148,9 +189,36 @@ def write_results(points, machine, out_dir, rounds: int):
                 f"{cell(block, 'xla_temp_bytes', _mib)} | {cell(dense, 'seconds', lambda s: f'{s:.3f}')} | "
                 f"{cell(block, 'seconds', lambda s: f'{s:.3f}')} | {speed} |")
     lines += ["", "![peak memory and time vs prompt length](prefill.png)", ""]
+    if model_points:
+        lines += _model_table(model_points, model_machine)
     with open(os.path.join(out_dir, "prefill.md"), "w") as f:
         f.write("\n".join(lines))
     _plot(points, machine, os.path.join(out_dir, "prefill.png"))
+
+
+def _model_table(model_points, machine: str) -> list[str]:
+    lengths = sorted({p["p"] for p in model_points})
+    lines = [
+        "## Whole models: one prefill call",
+        "",
+        f"Machine: {machine}.",
+        "",
+        "Each config's model with 2 layers (`model.num_layers=2`: a two-kind pattern has one layer of each), one "
+        "jitted `Decoder.extend` of the whole prompt into fresh caches with room for 256 more tokens, the logits "
+        "of its last token only (as `generate` makes it): peak extra memory (VmHWM) and XLA's temporaries, a "
+        "fresh process per point. Small models (d_model 32-128), so what grows with p is the mixers' own state.",
+        "",
+        "| config | pattern | d_model | " + " | ".join(f"p = {p:,} peak / XLA temp (MiB)" for p in lengths) + " |",
+        "|---|---|---:|" + "---:|" * len(lengths),
+    ]
+    for name in dict.fromkeys(p["model"] for p in model_points):
+        rows = {p["p"]: p for p in model_points if p["model"] == name}
+        first = next((p for p in rows.values() if _ok(p)), {})  # one measured point names the pattern
+        cells = [f"{_mib(rows[p]['peak_bytes'])} / {_mib(rows[p]['xla_temp_bytes'])}" if _ok(rows.get(p))
+                 else (f"failed: {rows[p]['error'][:40]}" if p in rows else "not run") for p in lengths]
+        lines.append(f"| {name} | {', '.join(first.get('pattern', []))} | {first.get('d_model', '')} | "
+                     + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _plot(points, machine, path):
@@ -176,14 +244,28 @@ def main():
     parser = sweep_parser(__doc__, timeout=900, out=os.path.join(HERE, "results"))
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="prompt lengths p")
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per method and row")
+    parser.add_argument("--model-lengths", default=",".join(map(str, MODEL_LENGTHS)),
+                        help="prompt lengths of the whole-model section (empty: skip it)")
+    parser.add_argument("--models-only", action="store_true",
+                        help="run only the whole-model section, into the prefill.json already in --out")
     args = parser.parse_args()
     points = {"memory": lambda method, layout, p: run_memory_point(method, layout, int(p)),
+              "model": lambda name, p: run_model_point(name, int(p)),
               "timing": lambda method, layout, p, rounds: run_timing_point(method, layout, int(p), int(rounds))}
     if point_or_rewrite(args, write_results, points):
         return
 
     from machine import describe
 
+    if args.models_only:
+        import json
+
+        with open(os.path.join(args.out, "prefill.json")) as f:
+            saved = json.load(f)
+        model_points, model_machine = _run_models(args, run_fresh, describe)
+        write_results(saved["points"], saved["machine"], args.out, saved["rounds"], model_points, model_machine)
+        print(f"wrote {args.out}/prefill.{{md,png,json}}")
+        return
     machine = f"{describe()}; load average at start {os.getloadavg()[0]:.1f}"
     points = []
     for layout in LAYOUTS:
@@ -207,8 +289,23 @@ def main():
                     shown = s.get("error") or f"{s['seconds']:.3f} s"
                     print(f"{layout:>6} p={p:>6} {method:>9}: {shown}", flush=True)
     machine += f", at end {os.getloadavg()[0]:.1f}"
-    write_results(points, machine, args.out, args.rounds)
+    model_points, model_machine = _run_models(args, run_fresh, describe)
+    write_results(points, machine, args.out, args.rounds, model_points, model_machine)
     print(f"wrote {args.out}/prefill.{{md,png,json}}")
+
+
+def _run_models(args, run_fresh, describe):
+    """The whole-model section's points (fresh process each) and its machine line."""
+    machine = f"{describe()}; load average at start {os.getloadavg()[0]:.1f}"
+    model_points = []
+    for name in MODELS:
+        for p in (int(x) for x in args.model_lengths.split(",") if x):
+            point = run_fresh(__file__, f"model,{name},{p}", args.timeout, {"model": name, "p": p})
+            model_points.append(point)
+            shown = point.get("error") or (f"peak {_mib(point['peak_bytes'])} MiB, "
+                                           f"XLA temp {_mib(point['xla_temp_bytes'])} MiB")
+            print(f"{name:>10} p={p:>6}: {shown}", flush=True)
+    return model_points, machine + f", at end {os.getloadavg()[0]:.1f}"
 
 
 if __name__ == "__main__":

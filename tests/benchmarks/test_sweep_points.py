@@ -26,6 +26,7 @@ POINTS = [
     ("window_decode.py", "1024", {"ring_seconds", "full_seconds", "ring_cache_bytes"}),
     ("prefill.py", "memory,blockwise,local,1024", {"peak_bytes", "xla_temp_bytes"}),
     ("prefill.py", "timing,dense,global,1024,1", {"seconds"}),
+    ("prefill.py", "model,titans_mac,512", {"peak_bytes", "xla_temp_bytes"}),
 ]
 
 
