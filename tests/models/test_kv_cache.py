@@ -102,12 +102,13 @@ def test_a_window_as_long_as_max_len_keeps_the_full_buffer():
     assert empty_kv_cache(B, T, H_KV, D, jnp.float32, window=T + 5).keys.shape[1] == T
 
 
-def test_a_ring_runs_past_max_len_in_bf16():
+@pytest.mark.parametrize("tiles", TILES)
+def test_a_ring_runs_past_max_len_in_bf16(tiles):
     """Generation beyond the length the cache was made for: the ring has no end (bf16 keys and values)."""
     q, k, v = _qkv(jnp.bfloat16)
     want = reference_attention(q, k, v, causal=True, window=3)
     cache = empty_kv_cache(B, 4, H_KV, D, jnp.bfloat16, window=3)  # made for 4 tokens, fed 13
-    out, _, _ = _in_pieces(cache, (1,) * T, q, k, v, window=3)
+    out, _, _ = _in_pieces(cache, (1, 5, 1, 6), q, k, v, window=3, **TILES[tiles])
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(out.astype(jnp.float32), want.astype(jnp.float32), rtol=2e-2, atol=2e-2)
 
