@@ -17,8 +17,9 @@ How the ``t`` new queries attend: when their logits over the slots would hold mo
 ``block_q x block_kv`` tile (a prefill chunk), blockwise (:func:`lca.attention.blockwise_attention`):
 memory ``O(t x block_kv)`` per head instead of ``O(t x slots)``, and key blocks the queries cannot see (the
 slots past the fill, those outside a window) are skipped, so a prefill of ``p`` tokens does ``O(p^2 / 2)``
-work, not ``O(p x max_len)``. Otherwise (decoding a few tokens) dense: one small ``[t, slots]`` product per
-head, which a loop over blocks would only slow down.
+work, not ``O(p x max_len)``. Otherwise (decoding a few tokens) dense, as before: one small ``[t, slots]``
+product per head. Both read every slot; on a CPU the blockwise pass was no slower for one token, but on an
+accelerator its loop costs kernels per key block, which nobody has timed, so decoding keeps the product.
 """
 
 from __future__ import annotations
