@@ -143,6 +143,15 @@ def _ok(p) -> bool:
     return p is not None and "error" not in p
 
 
+def _cell(point, key: str, fmt) -> str:
+    """One table cell: ``fmt(point[key])``, or why there is no number."""
+    if point is None:
+        return "not run"
+    if "error" in point:
+        return f"failed: {point['error'][:60]}"
+    return fmt(point[key]) if key in point else "—"
+
+
 def write_results(points, machine, out_dir, rounds: int, model_points=(), model_machine: str = ""):
     import json
 
@@ -172,22 +181,14 @@ def write_results(points, machine, out_dir, rounds: int, model_points=(), model_
     for layout in LAYOUTS:
         for p in sorted({q["p"] for q in points if q["layout"] == layout}):
             dense, block = by.get(("dense", layout, p)), by.get(("blockwise", layout, p))
-
-            def cell(point, key, fmt):
-                if point is None:
-                    return "not run"
-                if "error" in point:
-                    return f"failed: {point['error'][:60]}"
-                return fmt(point[key]) if key in point else "—"
-
             speed = "—"
             if _ok(dense) and _ok(block) and "seconds" in dense and "seconds" in block:
                 speed = f"**{dense['seconds'] / block['seconds']:.1f}x**"
             lines.append(
-                f"| {layout} | {p:,} | {_mib(dense_logit_bytes(layout, p))} | {cell(dense, 'peak_bytes', _mib)} | "
-                f"{cell(block, 'peak_bytes', _mib)} | {cell(dense, 'xla_temp_bytes', _mib)} | "
-                f"{cell(block, 'xla_temp_bytes', _mib)} | {cell(dense, 'seconds', lambda s: f'{s:.3f}')} | "
-                f"{cell(block, 'seconds', lambda s: f'{s:.3f}')} | {speed} |")
+                f"| {layout} | {p:,} | {_mib(dense_logit_bytes(layout, p))} | {_cell(dense, 'peak_bytes', _mib)} | "
+                f"{_cell(block, 'peak_bytes', _mib)} | {_cell(dense, 'xla_temp_bytes', _mib)} | "
+                f"{_cell(block, 'xla_temp_bytes', _mib)} | {_cell(dense, 'seconds', lambda s: f'{s:.3f}')} | "
+                f"{_cell(block, 'seconds', lambda s: f'{s:.3f}')} | {speed} |")
     lines += ["", "![peak memory and time vs prompt length](prefill.png)", ""]
     if model_points:
         lines += _model_table(model_points, model_machine)

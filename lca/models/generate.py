@@ -122,9 +122,9 @@ def generate(model, prompt, max_new_tokens: int, *, landmark_every: int | None =
 
     last = max(i for i in range(length) if not _is_landmark(i, L))  # predicts the first new token
     for start in range(0, length, chunk):
-        piece = frame[:, start:start + chunk]
-        logits, caches = run(piece, start, caches, logits_at=min(max(last - start, 0), piece.shape[1] - 1))
-        if start <= last < start + chunk:
+        holds_last = start <= last < start + chunk  # other chunks' logits go unused: any index will do
+        logits, caches = run(frame[:, start:start + chunk], start, caches, last - start if holds_last else 0)
+        if holds_last:
             next_logits = logits
 
     out = np.zeros((batch, max_new_tokens), np.int32)
